@@ -1,0 +1,120 @@
+//! `biogate bench`: probes/s and gallery GB/s per dtype and batch size, measured on a
+//! gallery held in memory (random unit vectors, or a given .npy such as the one
+//! `../shared/bench/cpu_peers.py --save` writes, so peers are timed on the same data).
+
+use crate::engine::{Engine, SearchParams};
+use crate::error::{Error, Result};
+use crate::gallery::Snapshot;
+use crate::gallery::memtable::MemTable;
+use crate::template::{Dtype, row_stride};
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+use rand_distr::StandardNormal;
+use rayon::prelude::*;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// One line of the table.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub backend: String,
+    pub dtype: Dtype,
+    pub rows: usize,
+    pub dim: usize,
+    pub batch: usize,
+    pub k: usize,
+    /// Median wall time of one batch, from submit to results on the host.
+    pub batch_ms: f64,
+    pub probes_per_s: f64,
+    /// Gallery bytes scanned per second (one pass per batch).
+    pub gallery_gb_per_s: f64,
+}
+
+/// Random unit vectors, `rows * dim`, reproducible from `seed`.
+pub fn random_unit_rows(rows: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows * dim];
+    out.par_chunks_mut(dim * 1024).enumerate().for_each(|(c, chunk)| {
+        let mut rng = SmallRng::seed_from_u64(seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for row in chunk.chunks_exact_mut(dim) {
+            let mut n = 0.0f64;
+            for x in row.iter_mut() {
+                *x = rng.sample(StandardNormal);
+                n += f64::from(*x) * f64::from(*x);
+            }
+            let inv = (1.0 / n.sqrt()) as f32;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    });
+    out
+}
+
+/// Build an in-memory snapshot with one subject per row.
+pub fn snapshot_of(rows: &[f32], dim: usize, dtype: Dtype) -> Snapshot {
+    let mut table = MemTable::new(dtype, dim);
+    for (i, row) in rows.chunks_exact(dim).enumerate() {
+        table.push(&format!("r{i:09}"), row);
+    }
+    Snapshot::in_memory(table, dim, dtype)
+}
+
+/// Time `engine` on `snapshot` for each batch size; every batch is repeated until
+/// `min_time` has passed (at least 3 times) and the median is reported.
+pub fn run(
+    engine: &Engine,
+    snapshot: &Snapshot,
+    probes: &[f32],
+    batches: &[usize],
+    k: usize,
+    min_time: Duration,
+) -> Result<Vec<BenchRow>> {
+    let dim = snapshot.dim();
+    let rows: usize = snapshot.slabs().iter().map(|s| s.rows()).sum();
+    let params = SearchParams { k, threshold: None };
+    let mut out = Vec::new();
+    for &batch in batches {
+        if batch * dim > probes.len() {
+            return Err(Error::invalid(format!(
+                "batch {batch} needs more probes than the {} given",
+                probes.len() / dim
+            )));
+        }
+        let q = &probes[..batch * dim];
+        engine.search(snapshot, q, &params)?; // warm-up: page in the gallery
+        let mut times = Vec::new();
+        let start = Instant::now();
+        while times.len() < 3 || (start.elapsed() < min_time && times.len() < 1000) {
+            let t = Instant::now();
+            engine.search(snapshot, q, &params)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let bytes = (rows * row_stride(snapshot.dtype(), dim)) as f64;
+        out.push(BenchRow {
+            backend: engine.backend_name().to_owned(),
+            dtype: snapshot.dtype(),
+            rows,
+            dim,
+            batch,
+            k,
+            batch_ms: median * 1e3,
+            probes_per_s: batch as f64 / median,
+            gallery_gb_per_s: bytes / median / 1e9,
+        });
+    }
+    Ok(out)
+}
+
+/// The table as text.
+pub fn format_table(rows: &[BenchRow]) -> String {
+    let mut s = format!(
+        "{:<7} {:<5} {:>10} {:>5} {:>6} {:>12} {:>14} {:>12}\n",
+        "backend", "dtype", "rows", "dim", "batch", "batch ms", "probes/s", "gallery GB/s"
+    );
+    for r in rows {
+        s += &format!(
+            "{:<7} {:<5} {:>10} {:>5} {:>6} {:>12.3} {:>14.1} {:>12.2}\n",
+            r.backend, r.dtype, r.rows, r.dim, r.batch, r.batch_ms, r.probes_per_s, r.gallery_gb_per_s
+        );
+    }
+    s
+}

@@ -1,0 +1,140 @@
+//! The CPU backend: exact, multi-threaded (rayon), SIMD where the CPU has it, and
+//! batch-aware. The gallery is walked in cache-sized blocks of rows; every probe of the
+//! batch is scored against a block while it is hot in cache, four probes per pass,
+//! so a batch costs far less than its probes one at a time. It is also the oracle the
+//! GPU backend is tested against.
+
+use super::kernels::{Isa, tile_f16, tile_f32, tile_i8};
+use super::topk::{Hit, TopSubjects};
+use super::{Backend, EncodedProbes};
+use crate::error::Result;
+use crate::gallery::Slab;
+use crate::template::{Dtype, i8_score};
+use rayon::prelude::*;
+
+/// Bytes of gallery rows scored as one block (sized for a core's L2 cache).
+const BLOCK_BYTES: usize = 192 * 1024;
+/// Probes per register tile.
+const PROBE_GROUP: usize = 4;
+
+/// Exact search on the CPU.
+pub struct CpuBackend {
+    isa: Isa,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend::new()
+    }
+}
+
+impl CpuBackend {
+    /// The fastest kernels this CPU supports.
+    pub fn new() -> CpuBackend {
+        CpuBackend { isa: Isa::detect() }
+    }
+
+    /// Force the portable kernels (tests compare them with the SIMD ones).
+    pub fn portable() -> CpuBackend {
+        CpuBackend { isa: Isa::Portable }
+    }
+
+    /// Which kernels are in use.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Score every probe against rows `start..end` of `slab` and offer the scores.
+    fn scan_block(
+        &self,
+        slab: &Slab<'_>,
+        probes: &EncodedProbes,
+        start: usize,
+        end: usize,
+        tops: &mut [TopSubjects],
+        scratch: &mut Scratch,
+    ) {
+        let n = end - start;
+        let bytes = &slab.data[start * slab.stride..end * slab.stride];
+        let subjects = &slab.row_subject[start..end];
+        let scales = &slab.scales[start..end];
+        for g in (0..probes.count).step_by(PROBE_GROUP) {
+            let group = g..(g + PROBE_GROUP).min(probes.count);
+            let m = group.len();
+            scratch.scores.resize(m * n, 0.0);
+            match slab.dtype {
+                Dtype::F32 => {
+                    let rows: &[f32] = bytemuck::cast_slice(bytes);
+                    let p: Vec<&[f32]> = group.clone().map(|q| probes.float_probe(q)).collect();
+                    tile_f32(self.isa, &p, rows, probes.len, &mut scratch.scores);
+                }
+                Dtype::F16 => {
+                    let rows: &[half::f16] = bytemuck::cast_slice(bytes);
+                    let p: Vec<&[f32]> = group.clone().map(|q| probes.float_probe(q)).collect();
+                    tile_f16(self.isa, &p, rows, probes.len, &mut scratch.scores);
+                }
+                Dtype::I8 => {
+                    let rows: &[i8] = bytemuck::cast_slice(bytes);
+                    let p: Vec<&[i16]> = group.clone().map(|q| probes.i8_probe(q)).collect();
+                    scratch.raw.resize(m * n, 0);
+                    tile_i8(self.isa, &p, rows, probes.len, &mut scratch.raw);
+                    for (j, q) in group.clone().enumerate() {
+                        let ps = probes.scales[q];
+                        let raw = &scratch.raw[j * n..(j + 1) * n];
+                        for ((out, &raw), &rs) in scratch.scores[j * n..(j + 1) * n].iter_mut().zip(raw).zip(scales) {
+                            *out = i8_score(raw, ps, rs);
+                        }
+                    }
+                }
+            }
+            for (j, q) in group.enumerate() {
+                let top = &mut tops[q];
+                for (r, &score) in scratch.scores[j * n..(j + 1) * n].iter().enumerate() {
+                    if score >= top.bar() {
+                        let subject = subjects[r];
+                        if !slab.is_dead(subject) {
+                            top.offer(score, subject, slab.rank(subject));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    raw: Vec<i32>,
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn search_slab(&self, slab: &Slab<'_>, probes: &EncodedProbes, k: usize, floor: f32) -> Result<Vec<Vec<Hit>>> {
+        let rows = slab.rows();
+        let block = (BLOCK_BYTES / slab.stride).max(4);
+        let blocks = rows.div_ceil(block);
+        let fresh = || vec![TopSubjects::new(k, floor); probes.count];
+        let tops = (0..blocks)
+            .into_par_iter()
+            .fold(
+                || (fresh(), Scratch::default()),
+                |(mut tops, mut scratch), b| {
+                    let start = b * block;
+                    self.scan_block(slab, probes, start, (start + block).min(rows), &mut tops, &mut scratch);
+                    (tops, scratch)
+                },
+            )
+            .map(|(tops, _)| tops)
+            .reduce(fresh, |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    x.merge(y);
+                }
+                a
+            });
+        Ok(tops.into_iter().map(TopSubjects::into_sorted).collect())
+    }
+}

@@ -1,0 +1,208 @@
+//! The search engine: validates a batch of probes, runs a backend over every slab of a
+//! snapshot, merges per-slab selections into candidate lists of distinct subjects, and
+//! applies the threshold.
+//!
+//! Data flows one way: probes -> [`EncodedProbes`] -> `Backend::search_slab` per slab
+//! -> merge by subject id -> [`ProbeResult`]s.
+
+pub mod cpu;
+pub mod kernels;
+pub mod topk;
+
+use crate::error::{Error, Result};
+use crate::gallery::{Slab, Snapshot};
+use crate::template::{Dtype, i8_scale, normalize_rows, padded_dim, quantize_i8};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+pub use topk::Hit;
+
+/// Largest k accepted.
+pub const MAX_K: usize = 1000;
+
+/// A scoring backend. Implementations score one slab for a batch of probes and return,
+/// per probe, its best `k` distinct subjects (slab-local ordinals) scoring at least
+/// `floor`, best first, ordered as [`Hit::beats`] defines.
+pub trait Backend: Send + Sync {
+    /// Short name for logs and reports ("cpu", "gpu").
+    fn name(&self) -> &'static str;
+    /// See the trait docs.
+    fn search_slab(&self, slab: &Slab<'_>, probes: &EncodedProbes, k: usize, floor: f32) -> Result<Vec<Vec<Hit>>>;
+}
+
+/// Probes prepared for one storage dtype: normalised, zero padded to the row length,
+/// and for i8 quantised (widened to i16 for the kernels) with their scales.
+pub struct EncodedProbes {
+    pub dtype: Dtype,
+    pub count: usize,
+    /// Padded components per probe (what the kernels loop over).
+    pub len: usize,
+    /// f32/f16 galleries: `count * len` normalised values.
+    pub values: Vec<f32>,
+    /// i8 galleries: `count * len` quantised values.
+    pub quantized: Vec<i16>,
+    /// i8 galleries: per-probe scale (1.0 otherwise).
+    pub scales: Vec<f32>,
+}
+
+impl EncodedProbes {
+    /// Normalise and encode `probes` (`count * dim` values) for a `dtype` gallery.
+    pub fn new(dtype: Dtype, dim: usize, probes: &[f32]) -> Result<EncodedProbes> {
+        let unit = normalize_rows(probes, dim, "probe")?;
+        let count = unit.len() / dim;
+        let len = padded_dim(dtype, dim);
+        let mut out = EncodedProbes {
+            dtype,
+            count,
+            len,
+            values: Vec::new(),
+            quantized: Vec::new(),
+            scales: vec![1.0; count],
+        };
+        match dtype {
+            Dtype::F32 | Dtype::F16 => {
+                out.values = vec![0.0; count * len];
+                for (src, dst) in unit.chunks_exact(dim).zip(out.values.chunks_exact_mut(len)) {
+                    dst[..dim].copy_from_slice(src);
+                }
+            }
+            Dtype::I8 => {
+                out.quantized = vec![0; count * len];
+                let mut q = vec![0i8; dim];
+                for (i, (src, dst)) in unit
+                    .chunks_exact(dim)
+                    .zip(out.quantized.chunks_exact_mut(len))
+                    .enumerate()
+                {
+                    let scale = i8_scale(src);
+                    quantize_i8(src, scale, &mut q);
+                    for (d, &v) in dst.iter_mut().zip(&q) {
+                        *d = i16::from(v);
+                    }
+                    out.scales[i] = scale;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Probe `i` for float galleries.
+    pub fn float_probe(&self, i: usize) -> &[f32] {
+        &self.values[i * self.len..(i + 1) * self.len]
+    }
+    /// Probe `i` for i8 galleries.
+    pub fn i8_probe(&self, i: usize) -> &[i16] {
+        &self.quantized[i * self.len..(i + 1) * self.len]
+    }
+}
+
+/// What to search for.
+#[derive(Clone, Copy, Debug)]
+pub struct SearchParams {
+    /// Candidates per probe (distinct subjects), 1..=[`MAX_K`].
+    pub k: usize,
+    /// Open-set decision threshold: only candidates scoring at least this are returned.
+    pub threshold: Option<f32>,
+}
+
+impl SearchParams {
+    /// Check k and the threshold.
+    pub fn validate(&self) -> Result<()> {
+        if self.k == 0 || self.k > MAX_K {
+            return Err(Error::invalid(format!("k = {} is out of range 1..={MAX_K}", self.k)));
+        }
+        if let Some(t) = self.threshold
+            && !(-1.0..=1.0).contains(&t)
+        {
+            return Err(Error::invalid(format!("threshold {t} is out of range [-1, 1]")));
+        }
+        Ok(())
+    }
+}
+
+/// One entry of a candidate list.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Candidate {
+    pub subject: String,
+    /// Cosine similarity of the subject's best template.
+    pub score: f32,
+}
+
+/// The answer for one probe.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProbeResult {
+    /// With a threshold: whether any candidate reached it. Without one: no decision.
+    pub matched: Option<bool>,
+    /// Best first; ties by subject id ascending.
+    pub candidates: Vec<Candidate>,
+}
+
+/// Routes searches to a backend and merges the results.
+#[derive(Clone)]
+pub struct Engine {
+    backend: Arc<dyn Backend>,
+}
+
+impl Engine {
+    /// An engine over the given backend.
+    pub fn new(backend: Arc<dyn Backend>) -> Engine {
+        Engine { backend }
+    }
+
+    /// An engine over the CPU backend.
+    pub fn cpu() -> Engine {
+        Engine::new(Arc::new(cpu::CpuBackend::new()))
+    }
+
+    /// The backend's name.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// Search `probes` (row-major, `count * dim` f32 values) against `snapshot`.
+    pub fn search(&self, snapshot: &Snapshot, probes: &[f32], params: &SearchParams) -> Result<Vec<ProbeResult>> {
+        params.validate()?;
+        let dim = snapshot.dim();
+        if probes.is_empty() {
+            return Err(Error::invalid("the probe batch is empty"));
+        }
+        if !probes.len().is_multiple_of(dim) {
+            return Err(Error::invalid(format!(
+                "probes have {} values, not a multiple of the gallery dimension {dim}",
+                probes.len()
+            )));
+        }
+        let encoded = EncodedProbes::new(snapshot.dtype(), dim, probes)?;
+        let floor = params.threshold.unwrap_or(f32::NEG_INFINITY);
+        let slabs = snapshot.slabs();
+        let mut per_slab = Vec::with_capacity(slabs.len());
+        for slab in &slabs {
+            per_slab.push(self.backend.search_slab(slab, &encoded, params.k, floor)?);
+        }
+        Ok((0..encoded.count)
+            .map(|q| {
+                let mut best: HashMap<&str, f32> = HashMap::new();
+                for (slab, hits) in slabs.iter().zip(&per_slab) {
+                    for h in &hits[q] {
+                        let id = slab.subject_id(h.subject);
+                        let e = best.entry(id).or_insert(h.score);
+                        *e = e.max(h.score);
+                    }
+                }
+                let mut candidates: Vec<Candidate> = best
+                    .into_iter()
+                    .map(|(subject, score)| Candidate {
+                        subject: subject.to_owned(),
+                        score,
+                    })
+                    .collect();
+                candidates.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.subject.cmp(&b.subject)));
+                candidates.truncate(params.k);
+                ProbeResult {
+                    matched: params.threshold.map(|_| !candidates.is_empty()),
+                    candidates,
+                }
+            })
+            .collect())
+    }
+}

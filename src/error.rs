@@ -1,0 +1,68 @@
+//! The one error type of the library: every failure names the input or file that caused it.
+
+use std::path::Path;
+
+/// Everything that can go wrong in biogate, with enough context to act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system I/O failure, with what we were doing at the time.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The caller's input is wrong (dimension, NaN, empty batch, bad k, bad id...).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A file on disk is not what biogate wrote: bad magic, checksum, truncation.
+    #[error("corrupt gallery data: {0}")]
+    Corrupt(String),
+    /// Another process holds the gallery's writer lock.
+    #[error("gallery {0} is locked by another writer process")]
+    Locked(String),
+    /// A named thing (gallery, subject) does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A named thing already exists where a new one was asked for.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+}
+
+/// Result with biogate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Shorthand for [`Error::InvalidInput`].
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidInput(msg.into())
+    }
+
+    /// Prefix an input error's message with where the input came from.
+    pub fn in_context(self, place: &str) -> Self {
+        match self {
+            Error::InvalidInput(m) => Error::InvalidInput(format!("{place}: {m}")),
+            other => other,
+        }
+    }
+
+    /// Shorthand for [`Error::Corrupt`] naming the file.
+    pub fn corrupt(path: &Path, msg: impl std::fmt::Display) -> Self {
+        Error::Corrupt(format!("{}: {msg}", path.display()))
+    }
+}
+
+/// Attach "what we were doing" to an `io::Result`.
+pub trait IoContext<T> {
+    /// Wrap an I/O error with a description of the operation, usually naming a path.
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            context: what(),
+            source,
+        })
+    }
+}

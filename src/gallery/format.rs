@@ -1,0 +1,87 @@
+//! The on-disk layout of a sealed segment file (`seg-NNNNNN.bgs`).
+//!
+//! ```text
+//! offset 0       SegmentHeader (4096 bytes, #[repr(C)], read with bytemuck)
+//! data_offset    rows x row_stride bytes: the encoded templates, each row zero padded
+//!                to a 64-byte multiple (data_offset is 4096-aligned, so rows are too)
+//! scales_offset  rows x f32: per-row dequantisation scale (1.0 for f32/f16)
+//! row_subject    rows x u32: each row's subject ordinal in this segment
+//! subject_offs   (subjects + 1) x u64: byte offsets into the subject-id bytes
+//! subject_bytes  the subject ids, UTF-8, sorted ascending, unique
+//! chunk_crcs     chunks x u32: CRC32 of each `chunk_rows` block of row data
+//! ```
+//!
+//! Subject ordinals are assigned in sorted id order, so comparing ordinals inside a
+//! segment is the same as comparing ids (the engine's tie-break). `meta_crc` covers
+//! every byte from `scales_offset` to the end of the file and is verified on open;
+//! the chunk CRCs cover the row data and are verified by `gallery check` in parallel.
+//! All integers are little-endian.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Identifies a biogate segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"BIOGSEG\0";
+/// Bumped on any incompatible layout change.
+pub const SEGMENT_VERSION: u32 = 1;
+/// Size of the header; the row data starts at this (page-aligned) offset.
+pub const HEADER_BYTES: usize = 4096;
+/// Target size of one checksummed chunk of row data.
+pub const CHUNK_TARGET_BYTES: usize = 1 << 20;
+
+/// The fixed-size header at the start of every segment file.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct SegmentHeader {
+    pub magic: [u8; 8],
+    pub version: u32,
+    pub dtype: u32,
+    pub dim: u32,
+    /// CRC32 of the header with this field set to zero.
+    pub header_crc: u32,
+    pub rows: u64,
+    pub row_stride: u64,
+    pub chunk_rows: u64,
+    pub subjects: u64,
+    pub data_offset: u64,
+    pub scales_offset: u64,
+    pub row_subject_offset: u64,
+    pub subject_offsets_offset: u64,
+    pub subject_bytes_offset: u64,
+    pub subject_bytes_len: u64,
+    pub chunk_crcs_offset: u64,
+    pub file_len: u64,
+    /// CRC32 of bytes `scales_offset..file_len`.
+    pub meta_crc: u32,
+    pub _pad: u32,
+    pub _reserved: [u8; HEADER_BYTES - 128],
+}
+
+const _: () = assert!(std::mem::size_of::<SegmentHeader>() == HEADER_BYTES);
+
+impl SegmentHeader {
+    /// CRC32 of the header bytes with `header_crc` zeroed.
+    pub fn compute_crc(&self) -> u32 {
+        let mut copy = *self;
+        copy.header_crc = 0;
+        crc32fast::hash(bytemuck::bytes_of(&copy))
+    }
+
+    /// Number of checksummed chunks of row data.
+    pub fn chunks(&self) -> u64 {
+        if self.rows == 0 {
+            0
+        } else {
+            self.rows.div_ceil(self.chunk_rows)
+        }
+    }
+}
+
+/// Rows per checksummed chunk for a given stride (about 1 MiB of data per chunk).
+pub fn chunk_rows_for(stride: usize) -> u64 {
+    (CHUNK_TARGET_BYTES / stride).max(1) as u64
+}
+
+/// Round `x` up to a multiple of `align` (a power of two).
+pub fn align_up(x: u64, align: u64) -> u64 {
+    x.div_ceil(align) * align
+}

@@ -1,0 +1,391 @@
+//! Sealed segments: written once by [`SegmentWriter`], then memory-mapped read-only by
+//! [`Segment`] and scored in place (no copy into the heap).
+
+use super::format::{HEADER_BYTES, SEGMENT_MAGIC, SEGMENT_VERSION, SegmentHeader, align_up, chunk_rows_for};
+use crate::error::{Error, IoContext, Result};
+use crate::template::{Dtype, check_dim, row_stride};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// A sealed, memory-mapped segment. Cheap to share behind an `Arc`.
+pub struct Segment {
+    path: PathBuf,
+    header: SegmentHeader,
+    map: Mmap,
+}
+
+impl Segment {
+    /// Map a segment and verify its header and metadata checksums (not the row data:
+    /// that is [`Segment::check`]'s job, so opening stays fast for large galleries).
+    pub fn open(path: &Path) -> Result<Segment> {
+        let file = File::open(path).ctx(|| format!("opening segment {}", path.display()))?;
+        let len = file
+            .metadata()
+            .ctx(|| format!("reading size of {}", path.display()))?
+            .len();
+        if len < HEADER_BYTES as u64 {
+            return Err(Error::corrupt(
+                path,
+                format!("truncated: {len} bytes is shorter than the {HEADER_BYTES}-byte header"),
+            ));
+        }
+        // SAFETY: segment files are immutable once sealed (written to a temporary name,
+        // fsynced, renamed); biogate never writes to a mapped segment, and the gallery
+        // lock keeps other biogate writers out.
+        let map = unsafe { Mmap::map(&file) }.ctx(|| format!("mapping {}", path.display()))?;
+        let header: SegmentHeader = bytemuck::pod_read_unaligned(&map[..HEADER_BYTES]);
+        if header.magic != SEGMENT_MAGIC {
+            return Err(Error::corrupt(path, "bad magic: not a biogate segment"));
+        }
+        if header.header_crc != header.compute_crc() {
+            return Err(Error::corrupt(path, "header checksum mismatch"));
+        }
+        if header.version != SEGMENT_VERSION {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "format version {} is not supported (expected {SEGMENT_VERSION})",
+                    header.version
+                ),
+            ));
+        }
+        if header.file_len != len {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "truncated or extended: header says {} bytes, file has {len}",
+                    header.file_len
+                ),
+            ));
+        }
+        let segment = Segment {
+            path: path.to_path_buf(),
+            header,
+            map,
+        };
+        segment.validate_layout()?;
+        let meta = &segment.map[header.scales_offset as usize..];
+        if crc32fast::hash(meta) != header.meta_crc {
+            return Err(Error::corrupt(path, "metadata checksum mismatch"));
+        }
+        segment.validate_subjects()?;
+        Ok(segment)
+    }
+
+    fn validate_layout(&self) -> Result<()> {
+        let h = &self.header;
+        let bad = |what: &str| Err(Error::corrupt(&self.path, format!("inconsistent header: {what}")));
+        let Some(dtype) = Dtype::from_code(h.dtype) else {
+            return bad("unknown dtype");
+        };
+        if check_dim(h.dim as usize).is_err() {
+            return bad("dimension out of range");
+        }
+        if h.row_stride != row_stride(dtype, h.dim as usize) as u64 || h.chunk_rows == 0 {
+            return bad("row stride");
+        }
+        let data_end = h
+            .rows
+            .checked_mul(h.row_stride)
+            .and_then(|b| b.checked_add(h.data_offset));
+        let sections = [
+            (h.data_offset, Some(HEADER_BYTES as u64)),
+            (h.scales_offset, data_end),
+            (h.row_subject_offset, Some(h.scales_offset + 4 * h.rows)),
+            (h.subject_offsets_offset, Some(h.row_subject_offset + 4 * h.rows)),
+            (
+                h.subject_bytes_offset,
+                Some(h.subject_offsets_offset + 8 * (h.subjects + 1)),
+            ),
+            (h.chunk_crcs_offset, Some(h.subject_bytes_offset + h.subject_bytes_len)),
+            (h.file_len, Some(h.chunk_crcs_offset + 4 * h.chunks())),
+        ];
+        for (offset, min) in sections {
+            match min {
+                Some(min) if offset >= min && offset <= h.file_len => {}
+                _ => return bad("section offsets"),
+            }
+        }
+        if !h.data_offset.is_multiple_of(4096)
+            || !h.scales_offset.is_multiple_of(8)
+            || !h.subject_offsets_offset.is_multiple_of(8)
+            || !h.chunk_crcs_offset.is_multiple_of(4)
+        {
+            return bad("section alignment");
+        }
+        Ok(())
+    }
+
+    fn validate_subjects(&self) -> Result<()> {
+        let offsets = self.subject_offsets();
+        if offsets.first() != Some(&0)
+            || offsets.last() != Some(&self.header.subject_bytes_len)
+            || offsets.windows(2).any(|w| w[0] > w[1])
+        {
+            return Err(Error::corrupt(&self.path, "subject id table offsets"));
+        }
+        let ids = self.subject_bytes();
+        if std::str::from_utf8(ids).is_err() {
+            return Err(Error::corrupt(&self.path, "subject ids are not UTF-8"));
+        }
+        for i in 1..self.subjects() {
+            if self.subject_id(i as u32 - 1) >= self.subject_id(i as u32) {
+                return Err(Error::corrupt(&self.path, "subject ids are not sorted and unique"));
+            }
+        }
+        let n = self.header.subjects as u32;
+        if let Some(row) = self.row_subjects().iter().position(|&s| s >= n) {
+            return Err(Error::corrupt(
+                &self.path,
+                format!("row {row} names a subject out of range"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Verify every chunk of row data against its CRC, in parallel. Names the first bad chunk.
+    pub fn check(&self) -> Result<()> {
+        let h = &self.header;
+        let crcs: &[u32] = self.section(h.chunk_crcs_offset, 4 * h.chunks());
+        let data = self.data();
+        let chunk_bytes = (h.chunk_rows * h.row_stride) as usize;
+        let bad = crcs
+            .par_iter()
+            .enumerate()
+            .find_first(|&(i, &crc)| {
+                let start = i * chunk_bytes;
+                let end = (start + chunk_bytes).min(data.len());
+                crc32fast::hash(&data[start..end]) != crc
+            })
+            .map(|(i, _)| i);
+        match bad {
+            None => Ok(()),
+            Some(i) => {
+                let first = i as u64 * h.chunk_rows;
+                let last = (first + h.chunk_rows).min(h.rows) - 1;
+                Err(Error::corrupt(
+                    &self.path,
+                    format!("row data checksum mismatch in chunk {i} (rows {first}..={last})"),
+                ))
+            }
+        }
+    }
+
+    fn section<T: bytemuck::Pod>(&self, offset: u64, len: u64) -> &[T] {
+        bytemuck::cast_slice(&self.map[offset as usize..(offset + len) as usize])
+    }
+
+    /// Where this segment lives on disk.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Storage dtype of the rows.
+    pub fn dtype(&self) -> Dtype {
+        Dtype::from_code(self.header.dtype).expect("validated on open")
+    }
+    /// Template dimension.
+    pub fn dim(&self) -> usize {
+        self.header.dim as usize
+    }
+    /// Number of rows (templates).
+    pub fn rows(&self) -> usize {
+        self.header.rows as usize
+    }
+    /// Number of distinct subjects.
+    pub fn subjects(&self) -> usize {
+        self.header.subjects as usize
+    }
+    /// Size of the file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.header.file_len
+    }
+    /// The encoded rows, `rows * stride` bytes, 4096-aligned in memory.
+    pub fn data(&self) -> &[u8] {
+        let h = &self.header;
+        &self.map[h.data_offset as usize..(h.data_offset + h.rows * h.row_stride) as usize]
+    }
+    /// Per-row scales.
+    pub fn scales(&self) -> &[f32] {
+        self.section(self.header.scales_offset, 4 * self.header.rows)
+    }
+    /// Per-row subject ordinal.
+    pub fn row_subjects(&self) -> &[u32] {
+        self.section(self.header.row_subject_offset, 4 * self.header.rows)
+    }
+    fn subject_offsets(&self) -> &[u64] {
+        self.section(self.header.subject_offsets_offset, 8 * (self.header.subjects + 1))
+    }
+    fn subject_bytes(&self) -> &[u8] {
+        let h = &self.header;
+        &self.map[h.subject_bytes_offset as usize..(h.subject_bytes_offset + h.subject_bytes_len) as usize]
+    }
+    /// The id of subject `ordinal` (ordinals are in ascending id order).
+    pub fn subject_id(&self, ordinal: u32) -> &str {
+        let offs = self.subject_offsets();
+        let (a, b) = (offs[ordinal as usize] as usize, offs[ordinal as usize + 1] as usize);
+        std::str::from_utf8(&self.subject_bytes()[a..b]).expect("validated on open")
+    }
+    /// The ordinal of a subject id, if this segment has it (binary search, no allocation).
+    pub fn find_subject(&self, id: &str) -> Option<u32> {
+        let (mut lo, mut hi) = (0u32, self.header.subjects as u32);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.subject_id(mid).cmp(id) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(mid),
+            }
+        }
+        None
+    }
+}
+
+/// Streams encoded rows into a new segment file; nothing is visible until the caller
+/// renames the finished file into place and records it in the manifest.
+pub struct SegmentWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+    header: SegmentHeader,
+    scales: Vec<f32>,
+    row_subject: Vec<u32>,
+    subject_index: HashMap<String, u32>,
+    chunk_crcs: Vec<u32>,
+    chunk_hasher: crc32fast::Hasher,
+    rows_in_chunk: u64,
+}
+
+impl SegmentWriter {
+    /// Create (truncate) `path` for a segment of `dtype` rows of `dim` components.
+    pub fn create(path: &Path, dtype: Dtype, dim: usize) -> Result<SegmentWriter> {
+        check_dim(dim)?;
+        let file = File::create(path).ctx(|| format!("creating segment {}", path.display()))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        out.seek(SeekFrom::Start(HEADER_BYTES as u64))
+            .ctx(|| format!("writing {}", path.display()))?;
+        let stride = row_stride(dtype, dim);
+        let header = SegmentHeader {
+            magic: SEGMENT_MAGIC,
+            version: SEGMENT_VERSION,
+            dtype: dtype.code(),
+            dim: dim as u32,
+            row_stride: stride as u64,
+            chunk_rows: chunk_rows_for(stride),
+            data_offset: HEADER_BYTES as u64,
+            ..bytemuck::Zeroable::zeroed()
+        };
+        Ok(SegmentWriter {
+            path: path.to_path_buf(),
+            out,
+            header,
+            scales: Vec::new(),
+            row_subject: Vec::new(),
+            subject_index: HashMap::new(),
+            chunk_crcs: Vec::new(),
+            chunk_hasher: crc32fast::Hasher::new(),
+            rows_in_chunk: 0,
+        })
+    }
+
+    /// Bytes of one encoded row.
+    pub fn stride(&self) -> usize {
+        self.header.row_stride as usize
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> usize {
+        self.scales.len()
+    }
+
+    /// Append one already-encoded row (exactly one stride) with its scale and subject.
+    pub fn push(&mut self, encoded: &[u8], scale: f32, subject: &str) -> Result<()> {
+        assert_eq!(encoded.len(), self.stride(), "encoded row must be one stride");
+        let next = self.subject_index.len() as u32;
+        let ordinal = *self.subject_index.entry(subject.to_owned()).or_insert(next);
+        self.out
+            .write_all(encoded)
+            .ctx(|| format!("writing {}", self.path.display()))?;
+        self.chunk_hasher.update(encoded);
+        self.rows_in_chunk += 1;
+        if self.rows_in_chunk == self.header.chunk_rows {
+            let hasher = std::mem::take(&mut self.chunk_hasher);
+            self.chunk_crcs.push(hasher.finalize());
+            self.rows_in_chunk = 0;
+        }
+        self.scales.push(scale);
+        self.row_subject.push(ordinal);
+        Ok(())
+    }
+
+    /// Write the metadata and header, fsync, and return the finished file's path.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        if self.rows_in_chunk > 0 {
+            let hasher = std::mem::take(&mut self.chunk_hasher);
+            self.chunk_crcs.push(hasher.finalize());
+        }
+        // Assign ordinals in sorted id order and remap the rows.
+        let mut ids: Vec<(String, u32)> = self.subject_index.drain().collect();
+        ids.sort_unstable();
+        let mut remap = vec![0u32; ids.len()];
+        for (sorted, (_, old)) in ids.iter().enumerate() {
+            remap[*old as usize] = sorted as u32;
+        }
+        for s in &mut self.row_subject {
+            *s = remap[*s as usize];
+        }
+        let rows = self.scales.len() as u64;
+        let h = &mut self.header;
+        h.rows = rows;
+        h.subjects = ids.len() as u64;
+        h.scales_offset = align_up(h.data_offset + rows * h.row_stride, 64);
+        h.row_subject_offset = h.scales_offset + 4 * rows;
+        h.subject_offsets_offset = align_up(h.row_subject_offset + 4 * rows, 8);
+        let mut offsets = Vec::with_capacity(ids.len() + 1);
+        let mut bytes = Vec::new();
+        offsets.push(0u64);
+        for (id, _) in &ids {
+            bytes.extend_from_slice(id.as_bytes());
+            offsets.push(bytes.len() as u64);
+        }
+        h.subject_bytes_offset = h.subject_offsets_offset + 8 * (ids.len() as u64 + 1);
+        h.subject_bytes_len = bytes.len() as u64;
+        h.chunk_crcs_offset = align_up(h.subject_bytes_offset + h.subject_bytes_len, 4);
+        h.file_len = h.chunk_crcs_offset + 4 * self.chunk_crcs.len() as u64;
+
+        // The metadata tail, with zero padding between sections, as one buffer.
+        let mut meta = vec![0u8; (h.file_len - h.scales_offset) as usize];
+        let base = h.scales_offset;
+        let mut put = |offset: u64, src: &[u8]| {
+            let at = (offset - base) as usize;
+            meta[at..at + src.len()].copy_from_slice(src);
+        };
+        put(h.scales_offset, bytemuck::cast_slice(&self.scales));
+        put(h.row_subject_offset, bytemuck::cast_slice(&self.row_subject));
+        put(h.subject_offsets_offset, bytemuck::cast_slice(&offsets));
+        put(h.subject_bytes_offset, &bytes);
+        put(h.chunk_crcs_offset, bytemuck::cast_slice(&self.chunk_crcs));
+        h.meta_crc = crc32fast::hash(&meta);
+        h.header_crc = h.compute_crc();
+
+        let path = self.path.clone();
+        let io = |what: &str| format!("{what} {}", path.display());
+        let data_end = h.data_offset + rows * h.row_stride;
+        let pad = (h.scales_offset - data_end) as usize;
+        self.out.write_all(&vec![0u8; pad]).ctx(|| io("writing"))?;
+        self.out.write_all(&meta).ctx(|| io("writing"))?;
+        self.out.seek(SeekFrom::Start(0)).ctx(|| io("writing"))?;
+        self.out
+            .write_all(bytemuck::bytes_of(&self.header))
+            .ctx(|| io("writing"))?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .ctx(|| io("flushing"))?;
+        file.sync_all().ctx(|| io("syncing"))?;
+        Ok(path)
+    }
+}

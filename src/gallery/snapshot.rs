@@ -1,0 +1,195 @@
+//! An immutable view of a gallery at one instant: what a search reads.
+//!
+//! Enrollment builds a new snapshot and swaps it in; a search keeps the one it started
+//! with, so searches never block writers and never see half an update.
+
+use super::memtable::MemTable;
+use super::segment::Segment;
+use crate::template::Dtype;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// A sealed segment plus the ordinals of its subjects deleted since it was sealed.
+#[derive(Clone)]
+pub struct SegmentView {
+    pub segment: Arc<Segment>,
+    /// Sorted, unique.
+    pub dead_subjects: Vec<u32>,
+}
+
+/// Everything a search needs, frozen.
+#[derive(Clone)]
+pub struct Snapshot {
+    dim: usize,
+    dtype: Dtype,
+    segments: Vec<SegmentView>,
+    memtable: Arc<MemTable>,
+}
+
+/// Where a slab's subject ids come from.
+#[derive(Clone, Copy)]
+pub enum SubjectIds<'a> {
+    Segment(&'a Segment),
+    List(&'a [String]),
+}
+
+/// A run of encoded rows the engine scans in one go: a segment or the log's rows.
+#[derive(Clone, Copy)]
+pub struct Slab<'a> {
+    pub dtype: Dtype,
+    pub dim: usize,
+    /// Bytes per row (a multiple of 64).
+    pub stride: usize,
+    /// `rows * stride` bytes.
+    pub data: &'a [u8],
+    /// Per-row scale (i8 dequantisation; 1.0 otherwise).
+    pub scales: &'a [f32],
+    /// Per-row subject ordinal (local to this slab).
+    pub row_subject: &'a [u32],
+    /// Sorted-id rank per ordinal; `None` when ordinals are already in id order.
+    pub subject_rank: Option<&'a [u32]>,
+    /// Sorted ordinals whose rows must be skipped (deleted subjects).
+    pub dead_subjects: &'a [u32],
+    /// Ordinal to id.
+    pub ids: SubjectIds<'a>,
+}
+
+impl<'a> Slab<'a> {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.scales.len()
+    }
+    /// The id of a subject ordinal.
+    pub fn subject_id(&self, ordinal: u32) -> &'a str {
+        match self.ids {
+            SubjectIds::Segment(s) => s.subject_id(ordinal),
+            SubjectIds::List(l) => &l[ordinal as usize],
+        }
+    }
+    /// The tie-break rank of a subject ordinal (smaller id, smaller rank).
+    #[inline]
+    pub fn rank(&self, ordinal: u32) -> u32 {
+        match self.subject_rank {
+            Some(r) => r[ordinal as usize],
+            None => ordinal,
+        }
+    }
+    /// Whether the subject's rows here are deleted.
+    #[inline]
+    pub fn is_dead(&self, ordinal: u32) -> bool {
+        !self.dead_subjects.is_empty() && self.dead_subjects.binary_search(&ordinal).is_ok()
+    }
+    /// A sub-range of rows (for sharding); ids and ranks stay those of the whole slab.
+    pub fn rows_range(&self, range: std::ops::Range<usize>) -> Slab<'a> {
+        Slab {
+            data: &self.data[range.start * self.stride..range.end * self.stride],
+            scales: &self.scales[range.clone()],
+            row_subject: &self.row_subject[range],
+            ..*self
+        }
+    }
+}
+
+impl Snapshot {
+    /// Assemble a snapshot (the gallery does this after every change).
+    pub fn new(dim: usize, dtype: Dtype, segments: Vec<SegmentView>, memtable: Arc<MemTable>) -> Snapshot {
+        Snapshot {
+            dim,
+            dtype,
+            segments,
+            memtable,
+        }
+    }
+
+    /// A snapshot of rows held only in memory (benchmarks, tests, demos).
+    pub fn in_memory(mut memtable: MemTable, dim: usize, dtype: Dtype) -> Snapshot {
+        memtable.refresh_ranks();
+        Snapshot::new(dim, dtype, Vec::new(), Arc::new(memtable))
+    }
+
+    /// Template dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+    /// Storage dtype.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    /// The slabs to scan: every segment, then the log's rows.
+    pub fn slabs(&self) -> Vec<Slab<'_>> {
+        let mut slabs: Vec<Slab<'_>> = self
+            .segments
+            .iter()
+            .map(|v| Slab {
+                dtype: self.dtype,
+                dim: self.dim,
+                stride: crate::template::row_stride(self.dtype, self.dim),
+                data: v.segment.data(),
+                scales: v.segment.scales(),
+                row_subject: v.segment.row_subjects(),
+                subject_rank: None,
+                dead_subjects: &v.dead_subjects,
+                ids: SubjectIds::Segment(&v.segment),
+            })
+            .collect();
+        if self.memtable.rows() > 0 {
+            slabs.push(Slab {
+                dtype: self.dtype,
+                dim: self.dim,
+                stride: self.memtable.stride(),
+                data: self.memtable.data(),
+                scales: self.memtable.scales(),
+                row_subject: self.memtable.row_subjects(),
+                subject_rank: Some(self.memtable.ranks()),
+                dead_subjects: &[],
+                ids: SubjectIds::List(self.memtable.subject_ids()),
+            });
+        }
+        slabs
+    }
+    /// Sealed segments with their deletion marks.
+    pub fn segments(&self) -> &[SegmentView] {
+        &self.segments
+    }
+    /// The log's rows.
+    pub fn memtable(&self) -> &MemTable {
+        &self.memtable
+    }
+
+    /// Live rows (templates) searchable in this snapshot.
+    pub fn live_rows(&self) -> usize {
+        self.slabs()
+            .iter()
+            .map(|s| {
+                if s.dead_subjects.is_empty() {
+                    s.rows()
+                } else {
+                    s.row_subject.iter().filter(|&&o| !s.is_dead(o)).count()
+                }
+            })
+            .sum()
+    }
+
+    /// Whether `subject` has any live row.
+    pub fn has_subject(&self, subject: &str) -> bool {
+        self.memtable.has_subject(subject)
+            || self.segments.iter().any(|v| {
+                v.segment
+                    .find_subject(subject)
+                    .is_some_and(|o| v.dead_subjects.binary_search(&o).is_err())
+            })
+    }
+
+    /// Number of distinct live subjects (reads every id: for reports, not hot paths).
+    pub fn live_subjects(&self) -> usize {
+        let mut seen: HashSet<&str> = self.memtable.live_subjects().collect();
+        for v in &self.segments {
+            for o in 0..v.segment.subjects() as u32 {
+                if v.dead_subjects.binary_search(&o).is_err() {
+                    seen.insert(v.segment.subject_id(o));
+                }
+            }
+        }
+        seen.len()
+    }
+}

@@ -1,0 +1,18 @@
+//! biogate: exact 1:N biometric identification over a memory-mapped gallery.
+//!
+//! The types a user needs: [`gallery::Gallery`] (the on-disk store and its writer),
+//! [`gallery::Snapshot`] (what searches read), [`engine::Engine`] (searches a snapshot
+//! with a backend), and [`template::Dtype`] (how rows are stored).
+
+pub mod bench;
+pub mod engine;
+pub mod error;
+pub mod gallery;
+pub mod npy;
+pub mod synth;
+pub mod template;
+
+pub use engine::{Candidate, Engine, ProbeResult, SearchParams};
+pub use error::{Error, Result};
+pub use gallery::{Enrollment, Gallery, Snapshot};
+pub use template::Dtype;

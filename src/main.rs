@@ -1,0 +1,523 @@
+//! The `biogate` command line: a thin layer over the library. Every verb parses its
+//! flags, calls one library function, and prints the result.
+
+use biogate::engine::{Engine, SearchParams};
+use biogate::error::{Error, Result};
+use biogate::gallery::{self, Gallery, ImportOptions};
+use biogate::npy::{MemoryImport, NpyImport, read_matrix};
+use biogate::synth::{SynthSpec, generate, write_dir};
+use biogate::template::Dtype;
+use biogate::{ProbeResult, bench};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "biogate",
+    version,
+    about = "Exact 1:N biometric identification over a memory-mapped gallery"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Synthesise a gallery, enroll it, identify mated and non-mated probes, print accuracy and speed.
+    Demo(DemoArgs),
+    /// Write identity-structured synthetic templates (gallery, mated and non-mated probes).
+    Synth(SynthArgs),
+    /// Create, import into, inspect, check, compact and edit galleries.
+    #[command(subcommand)]
+    Gallery(GalleryCommand),
+    /// Search probes against a gallery; one JSON line (or CSV rows) per probe.
+    Identify(IdentifyArgs),
+    /// Measure probes/s and gallery GB/s per dtype and batch size.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Enrolled subjects.
+    #[arg(long, default_value_t = 5000)]
+    subjects: usize,
+    /// Template dimension.
+    #[arg(long, default_value_t = 512)]
+    dim: usize,
+    /// Storage dtype of the demo gallery.
+    #[arg(long, value_enum, default_value_t = Dtype::I8)]
+    dtype: Dtype,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Number of enrolled subjects.
+    #[arg(long)]
+    subjects: usize,
+    /// Templates per enrolled subject.
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    /// Template dimension.
+    #[arg(long, default_value_t = 512)]
+    dim: usize,
+    /// Mated probes (and as many non-mated probes).
+    #[arg(long, default_value_t = 1000)]
+    probes: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum GalleryCommand {
+    /// Create an empty gallery.
+    Create {
+        dir: PathBuf,
+        #[arg(long)]
+        dim: usize,
+        #[arg(long, value_enum, default_value_t = Dtype::F32)]
+        dtype: Dtype,
+    },
+    /// Import templates (.npy, float32 or float16) with one subject id per row.
+    Import {
+        dir: PathBuf,
+        /// (rows, dim) matrix.
+        #[arg(long)]
+        templates: PathBuf,
+        /// Text file, one subject id per line, one line per row.
+        #[arg(long)]
+        ids: PathBuf,
+        /// Allow adding templates to subjects already enrolled.
+        #[arg(long)]
+        add_to_existing: bool,
+    },
+    /// Print the gallery's size and shape.
+    Info {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every checksum (metadata and row data).
+    Check { dir: PathBuf },
+    /// Seal the log and drop deleted rows into one new segment.
+    Compact { dir: PathBuf },
+    /// Delete a subject and all its templates.
+    Delete {
+        dir: PathBuf,
+        #[arg(long)]
+        subject: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendChoice {
+    /// The CPU engine.
+    Cpu,
+    /// The best backend available for the work (the CPU until a GPU backend exists).
+    Auto,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Json,
+    Csv,
+}
+
+#[derive(Args)]
+struct IdentifyArgs {
+    dir: PathBuf,
+    /// (n, dim) probe matrix (.npy).
+    #[arg(long)]
+    probes: PathBuf,
+    /// Candidates per probe.
+    #[arg(short, default_value_t = 10)]
+    k: usize,
+    /// Decision threshold (cosine similarity); only candidates at or above it are listed.
+    #[arg(long)]
+    threshold: Option<f32>,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
+    format: OutputFormat,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Gallery rows to synthesise (ignored with --gallery-npy).
+    #[arg(long, default_value_t = 200_000)]
+    rows: usize,
+    #[arg(long, default_value_t = 512)]
+    dim: usize,
+    /// Batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    batches: Vec<usize>,
+    /// Storage dtypes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,i8")]
+    dtypes: Vec<Dtype>,
+    #[arg(short, default_value_t = 10)]
+    k: usize,
+    /// Bench on this gallery matrix instead (e.g. from cpu_peers.py --save).
+    #[arg(long, requires = "probes_npy")]
+    gallery_npy: Option<PathBuf>,
+    /// Probes for --gallery-npy.
+    #[arg(long)]
+    probes_npy: Option<PathBuf>,
+    /// Minimum seconds per measurement.
+    #[arg(long, default_value_t = 2.0)]
+    min_seconds: f64,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "biogate=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli.command) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Demo(a) => demo(a),
+        Command::Synth(a) => {
+            let spec = SynthSpec {
+                subjects: a.subjects,
+                samples: a.samples,
+                dim: a.dim,
+                probes: a.probes,
+                seed: a.seed,
+            };
+            let bar = progress((a.subjects * a.samples) as u64, "synth");
+            write_dir(&spec, &a.out, &|n| bar.set_position(n))?;
+            bar.finish_and_clear();
+            println!(
+                "wrote {} gallery rows ({} subjects x {}), {} mated and {} non-mated probes to {}",
+                a.subjects * a.samples,
+                a.subjects,
+                a.samples,
+                a.probes,
+                a.probes,
+                a.out.display()
+            );
+            Ok(())
+        }
+        Command::Gallery(g) => gallery_command(g),
+        Command::Identify(a) => identify(a),
+        Command::Bench(a) => bench_command(a),
+    }
+}
+
+fn progress(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+fn gallery_command(command: GalleryCommand) -> Result<()> {
+    match command {
+        GalleryCommand::Create { dir, dim, dtype } => {
+            Gallery::create(&dir, dim, dtype)?;
+            tracing::info!(gallery = %dir.display(), dim, %dtype, "created gallery");
+            println!("created gallery {} (dim {dim}, dtype {dtype})", dir.display());
+        }
+        GalleryCommand::Import {
+            dir,
+            templates,
+            ids,
+            add_to_existing,
+        } => {
+            let mut g = Gallery::open(&dir)?;
+            let mut source = NpyImport::open(&templates, &ids)?;
+            let bar = progress(
+                biogate::gallery::ImportSource::rows_hint(&source).unwrap_or(0),
+                "import",
+            );
+            let t = Instant::now();
+            let report = g.import(&mut source, ImportOptions { add_to_existing }, &|n| bar.set_position(n))?;
+            bar.finish_and_clear();
+            tracing::info!(gallery = %dir.display(), rows = report.rows, subjects = report.subjects, "imported");
+            println!(
+                "imported {} templates of {} subjects into {} in {:.2} s ({})",
+                report.rows,
+                report.subjects,
+                dir.display(),
+                t.elapsed().as_secs_f64(),
+                report.segment
+            );
+        }
+        GalleryCommand::Info { dir, json } => {
+            let info = gallery::info(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string(&info).expect("serialises"));
+            } else {
+                println!("gallery    {}", info.path);
+                println!("dim        {}", info.dim);
+                println!("dtype      {}", info.dtype);
+                println!("templates  {}", info.rows);
+                println!("subjects   {}", info.subjects);
+                println!("segments   {}", info.segments);
+                println!("log rows   {} (not yet compacted)", info.log_rows);
+                println!("deletions  {} (not yet compacted)", info.deleted_subjects_pending);
+                println!("disk       {:.1} MB", info.bytes_on_disk as f64 / 1e6);
+            }
+        }
+        GalleryCommand::Check { dir } => {
+            let t = Instant::now();
+            let info = gallery::check(&dir)?;
+            println!(
+                "ok: {} templates of {} subjects, every checksum verified in {:.2} s",
+                info.rows,
+                info.subjects,
+                t.elapsed().as_secs_f64()
+            );
+        }
+        GalleryCommand::Compact { dir } => {
+            let mut g = Gallery::open(&dir)?;
+            let r = g.compact()?;
+            tracing::info!(gallery = %dir.display(), kept = r.rows_kept, dropped = r.rows_dropped, "compacted");
+            println!(
+                "compacted {}: kept {} rows, dropped {} deleted rows, {} segment(s) -> {}",
+                dir.display(),
+                r.rows_kept,
+                r.rows_dropped,
+                r.segments_before,
+                r.segments_after
+            );
+        }
+        GalleryCommand::Delete { dir, subject } => {
+            let mut g = Gallery::open(&dir)?;
+            g.delete_subject(&subject)?;
+            tracing::info!(gallery = %dir.display(), subject = %subject, "deleted subject");
+            println!("deleted subject {subject:?} from {}", dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn engine_for(choice: BackendChoice) -> Engine {
+    match choice {
+        BackendChoice::Cpu | BackendChoice::Auto => Engine::cpu(),
+    }
+}
+
+fn identify(a: IdentifyArgs) -> Result<()> {
+    let snapshot = gallery::open_snapshot(&a.dir)?;
+    let (count, dim, probes) = read_matrix(&a.probes)?;
+    if dim != snapshot.dim() {
+        return Err(Error::invalid(format!(
+            "{}: probes have dimension {dim}, the gallery has dimension {}",
+            a.probes.display(),
+            snapshot.dim()
+        )));
+    }
+    if count == 0 {
+        return Err(Error::invalid(format!("{}: no probes", a.probes.display())));
+    }
+    let engine = engine_for(a.backend);
+    let params = SearchParams {
+        k: a.k,
+        threshold: a.threshold,
+    };
+    params.validate()?;
+    tracing::info!(gallery = %a.dir.display(), probes = count, k = a.k, threshold = ?a.threshold, backend = engine.backend_name(), "identify");
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if let OutputFormat::Csv = a.format {
+        writeln!(out, "probe,rank,subject,score,matched").ok();
+    }
+    const BATCH: usize = 1024;
+    for (b, chunk) in probes.chunks(BATCH * dim).enumerate() {
+        let results = engine.search(&snapshot, chunk, &params)?;
+        for (i, r) in results.iter().enumerate() {
+            write_result(&mut out, b * BATCH + i, r, a.format).map_err(|e| Error::Io {
+                context: "writing results".into(),
+                source: e,
+            })?;
+        }
+    }
+    out.flush().map_err(|e| Error::Io {
+        context: "writing results".into(),
+        source: e,
+    })
+}
+
+fn write_result(out: &mut impl Write, probe: usize, r: &ProbeResult, format: OutputFormat) -> std::io::Result<()> {
+    match format {
+        OutputFormat::Json => {
+            let line = serde_json::json!({"probe": probe, "matched": r.matched, "candidates": r.candidates});
+            writeln!(out, "{line}")
+        }
+        OutputFormat::Csv => {
+            let matched = r.matched.map(|m| m.to_string()).unwrap_or_default();
+            for (rank, c) in r.candidates.iter().enumerate() {
+                // Ids never hold control characters; quote them for commas and quotes.
+                let id = c.subject.replace('"', "\"\"");
+                writeln!(out, "{probe},{},\"{id}\",{},{matched}", rank + 1, c.score)?;
+            }
+            if r.candidates.is_empty() {
+                writeln!(out, "{probe},,,,{matched}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn bench_command(a: BenchArgs) -> Result<()> {
+    let engine = engine_for(a.backend);
+    let max_batch = a.batches.iter().copied().max().unwrap_or(1);
+    let (gallery, probes, dim) = match (&a.gallery_npy, &a.probes_npy) {
+        (Some(g), Some(p)) => {
+            let (_, dim, gallery) = read_matrix(g)?;
+            let (_, pdim, probes) = read_matrix(p)?;
+            if pdim != dim {
+                return Err(Error::invalid("gallery and probes have different dimensions"));
+            }
+            (gallery, probes, dim)
+        }
+        _ => (
+            bench::random_unit_rows(a.rows, a.dim, 7),
+            bench::random_unit_rows(max_batch, a.dim, 8),
+            a.dim,
+        ),
+    };
+    let mut all = Vec::new();
+    for &dtype in &a.dtypes {
+        let snapshot = bench::snapshot_of(&gallery, dim, dtype);
+        let rows = bench::run(
+            &engine,
+            &snapshot,
+            &probes,
+            &a.batches,
+            a.k,
+            Duration::from_secs_f64(a.min_seconds),
+        )?;
+        if a.json {
+            for r in &rows {
+                println!("{}", serde_json::to_string(r).expect("serialises"));
+            }
+        }
+        all.extend(rows);
+    }
+    if !a.json {
+        println!("threads: {}", rayon::current_num_threads());
+        print!("{}", bench::format_table(&all));
+    }
+    Ok(())
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let spec = SynthSpec {
+        subjects: a.subjects,
+        samples: 2,
+        dim: a.dim,
+        probes: 500,
+        seed: 42,
+    };
+    println!(
+        "biogate demo: {} subjects x {} templates, d = {}, dtype {}",
+        spec.subjects, spec.samples, spec.dim, a.dtype
+    );
+    let data = generate(&spec)?;
+    let dir = std::env::temp_dir().join(format!("biogate-demo-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let mut g = Gallery::create(&dir, spec.dim, a.dtype)?;
+    let t = Instant::now();
+    let mut source = MemoryImport::new(spec.dim, &data.gallery, &data.gallery_ids)?;
+    let report = g.import(&mut source, ImportOptions::default(), &|_| {})?;
+    println!(
+        "enrolled {} templates in {:.1} ms (gallery at {})",
+        report.rows,
+        t.elapsed().as_secs_f64() * 1e3,
+        dir.display()
+    );
+    let snapshot = g.snapshot();
+    let engine = Engine::cpu();
+
+    let k = 5;
+    let t = Instant::now();
+    let mated = engine.search(&snapshot, &data.mated, &SearchParams { k, threshold: None })?;
+    let mated_s = t.elapsed().as_secs_f64();
+    let nonmated = engine.search(&snapshot, &data.nonmated, &SearchParams { k: 1, threshold: None })?;
+    let rank1 = mated
+        .iter()
+        .zip(&data.mated_ids)
+        .filter(|(r, id)| r.candidates.first().is_some_and(|c| &c.subject == *id))
+        .count();
+    let rankk = mated
+        .iter()
+        .zip(&data.mated_ids)
+        .filter(|(r, id)| r.candidates.iter().any(|c| &c.subject == *id))
+        .count();
+    let n = data.mated_ids.len() as f64;
+    println!(
+        "closed-set: rank-1 {:.1}%, rank-{k} {:.1}% of {} mated probes",
+        100.0 * rank1 as f64 / n,
+        100.0 * rankk as f64 / n,
+        n
+    );
+
+    let threshold = 0.4;
+    let false_matches = nonmated.iter().filter(|r| r.candidates[0].score >= threshold).count();
+    let misses = mated
+        .iter()
+        .zip(&data.mated_ids)
+        .filter(|(r, id)| {
+            !r.candidates
+                .first()
+                .is_some_and(|c| &c.subject == *id && c.score >= threshold)
+        })
+        .count();
+    println!(
+        "open-set at threshold {threshold}: FNIR {:.2}% (mated probes not matched to their subject), FPIR {:.2}% (non-mated probes matched)",
+        100.0 * misses as f64 / n,
+        100.0 * false_matches as f64 / nonmated.len() as f64
+    );
+    let one = &data.mated[..spec.dim];
+    let reps = 20;
+    let t = Instant::now();
+    for _ in 0..reps {
+        engine.search(&snapshot, one, &SearchParams { k, threshold: None })?;
+    }
+    let single = t.elapsed().as_secs_f64() / reps as f64;
+    println!(
+        "speed (cpu, {} threads): one probe in {:.2} ms; a batch of {} probes at {:.0} probes/s",
+        rayon::current_num_threads(),
+        single * 1e3,
+        data.mated_ids.len(),
+        n / mated_s
+    );
+    if rank1 as f64 / n < 0.95 {
+        return Err(Error::invalid("demo accuracy is unexpectedly low"));
+    }
+    Ok(())
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
