@@ -1,1 +1,37 @@
-fn main() {}
+//! Criterion benches of the CPU engine per storage dtype and batch size.
+//!
+//!     cargo bench --bench engine            (N = 200,000, d = 512, k = 10)
+//!     BIOGATE_BENCH_ROWS=50000 cargo bench --bench engine
+
+use biogate::bench::{random_unit_rows, snapshot_of};
+use biogate::template::Dtype;
+use biogate::{Engine, SearchParams};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use std::time::Duration;
+
+fn engine(c: &mut Criterion) {
+    let rows: usize = std::env::var("BIOGATE_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let dim = 512;
+    let gallery = random_unit_rows(rows, dim, 7);
+    let probes = random_unit_rows(256, dim, 8);
+    let engine = Engine::cpu();
+    let params = SearchParams { k: 10, threshold: None };
+    for dtype in Dtype::ALL {
+        let snapshot = snapshot_of(&gallery, dim, dtype);
+        let mut group = c.benchmark_group(format!("cpu_{dtype}_{rows}x{dim}"));
+        group.sample_size(10).measurement_time(Duration::from_secs(4));
+        for batch in [1, 16, 256] {
+            group.throughput(Throughput::Elements(batch as u64));
+            group.bench_with_input(BenchmarkId::new("batch", batch), &batch, |b, &batch| {
+                b.iter(|| engine.search(&snapshot, &probes[..batch * dim], &params).unwrap())
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, engine);
+criterion_main!(benches);

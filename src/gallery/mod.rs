@@ -32,6 +32,8 @@ use std::sync::Arc;
 use wal::{WalRecord, WalWriter};
 
 const LOCK_FILE: &str = "LOCK";
+/// How long to wait for a lock that looks held before reporting another writer.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Templates for one subject, as given by a caller (not yet normalised).
 #[derive(Clone, Debug)]
@@ -271,10 +273,19 @@ fn lock_dir(dir: &Path) -> Result<File> {
         .write(true)
         .open(&path)
         .ctx(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked(dir.display().to_string())),
-        Err(std::fs::TryLockError::Error(e)) => Err(e).ctx(|| format!("locking {}", path.display())),
+    // The lock belongs to the open file description, which a child forked by any thread
+    // of the holder shares until it execs; so a lock just released can look held for a
+    // moment. Retry briefly before reporting another writer.
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked(dir.display().to_string())),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e).ctx(|| format!("locking {}", path.display())),
+        }
     }
 }
 

@@ -1,0 +1,235 @@
+//! The command line end to end, as a user runs it: synth -> create -> import -> info ->
+//! identify (JSON and CSV) -> delete -> compact -> check, plus the demo and errors.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn biogate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_biogate")).args(args).output().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = biogate(args);
+    assert!(
+        out.status.success(),
+        "biogate {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str], needle: &str) {
+    let out = biogate(args);
+    assert!(!out.status.success(), "biogate {args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(needle),
+        "biogate {args:?}: {err:?} should mention {needle:?}"
+    );
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn the_whole_command_line_journey() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let g = work.path().join("gallery");
+    ok(&[
+        "synth",
+        "--subjects",
+        "300",
+        "--samples",
+        "2",
+        "--dim",
+        "256",
+        "--probes",
+        "50",
+        "--out",
+        p(&data),
+    ]);
+    for f in [
+        "gallery.npy",
+        "gallery_ids.txt",
+        "mated.npy",
+        "mated_ids.txt",
+        "nonmated.npy",
+    ] {
+        assert!(data.join(f).exists(), "{f}");
+    }
+    ok(&["gallery", "create", p(&g), "--dim", "256", "--dtype", "i8"]);
+    let out = ok(&[
+        "gallery",
+        "import",
+        p(&g),
+        "--templates",
+        p(&data.join("gallery.npy")),
+        "--ids",
+        p(&data.join("gallery_ids.txt")),
+    ]);
+    assert!(out.contains("imported 600 templates of 300 subjects"), "{out}");
+    fails(
+        &[
+            "gallery",
+            "import",
+            p(&g),
+            "--templates",
+            p(&data.join("gallery.npy")),
+            "--ids",
+            p(&data.join("gallery_ids.txt")),
+        ],
+        "already enrolled",
+    );
+    let info: serde_json::Value = serde_json::from_str(&ok(&["gallery", "info", p(&g), "--json"])).unwrap();
+    assert_eq!(
+        (info["rows"].as_u64(), info["subjects"].as_u64(), info["dtype"].as_str()),
+        (Some(600), Some(300), Some("i8"))
+    );
+
+    // Identify mated probes: rank 1 is the right subject, above a 0.4 threshold.
+    let mated_ids: Vec<String> = std::fs::read_to_string(data.join("mated_ids.txt"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let out = ok(&[
+        "identify",
+        p(&g),
+        "--probes",
+        p(&data.join("mated.npy")),
+        "-k",
+        "3",
+        "--threshold",
+        "0.4",
+    ]);
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 50);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["probe"].as_u64(), Some(i as u64));
+        assert_eq!(l["matched"].as_bool(), Some(true));
+        assert_eq!(
+            l["candidates"][0]["subject"].as_str(),
+            Some(mated_ids[i].as_str()),
+            "probe {i}"
+        );
+    }
+    // Non-mated probes: nobody above the threshold.
+    let out = ok(&[
+        "identify",
+        p(&g),
+        "--probes",
+        p(&data.join("nonmated.npy")),
+        "-k",
+        "3",
+        "--threshold",
+        "0.4",
+    ]);
+    for l in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["matched"].as_bool(), Some(false));
+        assert_eq!(v["candidates"].as_array().unwrap().len(), 0);
+    }
+    // CSV, and no threshold: no decision.
+    let out = ok(&[
+        "identify",
+        p(&g),
+        "--probes",
+        p(&data.join("mated.npy")),
+        "-k",
+        "2",
+        "--format",
+        "csv",
+    ]);
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows[0], "probe,rank,subject,score,matched");
+    assert_eq!(rows.len(), 1 + 50 * 2);
+    assert!(
+        rows[1].starts_with(&format!("0,1,\"{}\",", mated_ids[0])),
+        "{}",
+        rows[1]
+    );
+
+    // Delete the first probe's subject: it is no longer found, before and after compaction.
+    ok(&["gallery", "delete", p(&g), "--subject", &mated_ids[0]]);
+    fails(&["gallery", "delete", p(&g), "--subject", &mated_ids[0]], "not found");
+    let first = |out: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        v["candidates"][0]["subject"].as_str().unwrap_or("").to_owned()
+    };
+    let out = ok(&["identify", p(&g), "--probes", p(&data.join("mated.npy")), "-k", "1"]);
+    assert_ne!(first(&out), mated_ids[0]);
+    let out = ok(&["gallery", "compact", p(&g)]);
+    assert!(out.contains("kept 598 rows, dropped 2"), "{out}");
+    let out = ok(&["identify", p(&g), "--probes", p(&data.join("mated.npy")), "-k", "1"]);
+    assert_ne!(first(&out), mated_ids[0]);
+    let out = ok(&["gallery", "check", p(&g)]);
+    assert!(out.contains("ok: 598 templates of 299 subjects"), "{out}");
+    let out = ok(&["gallery", "info", p(&g)]);
+    assert!(out.contains("segments   1"), "{out}");
+
+    // Errors a user can make.
+    fails(
+        &["identify", p(&g), "--probes", p(&data.join("mated.npy")), "-k", "0"],
+        "k = 0",
+    );
+    fails(
+        &[
+            "identify",
+            p(&work.path().join("nope")),
+            "--probes",
+            p(&data.join("mated.npy")),
+        ],
+        "not a biogate gallery",
+    );
+    ok(&[
+        "synth",
+        "--subjects",
+        "3",
+        "--dim",
+        "65",
+        "--probes",
+        "2",
+        "--out",
+        p(&work.path().join("d65")),
+    ]);
+    fails(
+        &["identify", p(&g), "--probes", p(&work.path().join("d65/mated.npy"))],
+        "dimension 65",
+    );
+    fails(&["gallery", "create", p(&g), "--dim", "256"], "already exists");
+    fails(
+        &["gallery", "create", p(&work.path().join("g2")), "--dim", "5000"],
+        "out of range",
+    );
+}
+
+#[test]
+fn the_demo_runs_with_no_setup() {
+    let out = ok(&["demo", "--subjects", "500"]);
+    assert!(out.contains("rank-1 100.0%"), "{out}");
+    assert!(out.contains("probes/s"), "{out}");
+}
+
+#[test]
+fn bench_prints_a_table() {
+    let out = ok(&[
+        "bench",
+        "--rows",
+        "3000",
+        "--dim",
+        "32",
+        "--batches",
+        "1,4",
+        "--min-seconds",
+        "0.01",
+    ]);
+    for dtype in ["f32", "f16", "i8"] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(&format!(" {dtype} ")) && l.contains("3000")),
+            "{out}"
+        );
+    }
+}
