@@ -5,10 +5,12 @@
 //! with a backend), and [`template::Dtype`] (how rows are stored).
 
 pub mod bench;
+pub mod client;
 pub mod engine;
 pub mod error;
 pub mod gallery;
 pub mod npy;
+pub mod server;
 pub mod synth;
 pub mod template;
 

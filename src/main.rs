@@ -5,6 +5,7 @@ use biogate::engine::{Engine, SearchParams};
 use biogate::error::{Error, Result};
 use biogate::gallery::{self, Gallery, ImportOptions};
 use biogate::npy::{MemoryImport, NpyImport, read_matrix};
+use biogate::server::config::Config;
 use biogate::synth::{SynthSpec, generate, write_dir};
 use biogate::template::Dtype;
 use biogate::{ProbeResult, bench};
@@ -38,6 +39,102 @@ enum Command {
     Identify(IdentifyArgs),
     /// Measure probes/s and gallery GB/s per dtype and batch size.
     Bench(BenchArgs),
+    /// Serve galleries over gRPC (defaults: ./biogate-data on 127.0.0.1:50051).
+    Serve(ServeArgs),
+    /// Talk to a running server.
+    Client(ClientArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file (flags and environment variables override it).
+    #[arg(long, env = "BIOGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where galleries and the audit log live.
+    #[arg(long, env = "BIOGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "BIOGATE_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Prometheus metrics address, or "off".
+    #[arg(long, env = "BIOGATE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Most probes per engine batch.
+    #[arg(long, env = "BIOGATE_MAX_BATCH")]
+    max_batch: Option<usize>,
+    /// Microseconds the engine waits for more work before running a partial batch.
+    #[arg(long, env = "BIOGATE_MAX_WAIT_US")]
+    max_wait_us: Option<u64>,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Server address.
+    #[arg(long, env = "BIOGATE_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Bearer token.
+    #[arg(long, env = "BIOGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate; enables TLS.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long)]
+    client_key: Option<PathBuf>,
+    #[command(subcommand)]
+    command: ClientCommand,
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Identify probes; one JSON line per probe.
+    Identify {
+        #[arg(long, default_value = "default")]
+        gallery: String,
+        #[arg(long)]
+        probes: PathBuf,
+        #[arg(short, default_value_t = 10)]
+        k: u32,
+        #[arg(long)]
+        threshold: Option<f32>,
+    },
+    /// Verify one probe (a row of a .npy) against a claimed subject.
+    Verify {
+        #[arg(long, default_value = "default")]
+        gallery: String,
+        #[arg(long)]
+        probes: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        row: usize,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        threshold: Option<f32>,
+    },
+    /// Enroll templates (.npy) with one subject id per row.
+    Enroll {
+        #[arg(long, default_value = "default")]
+        gallery: String,
+        #[arg(long)]
+        templates: PathBuf,
+        #[arg(long)]
+        ids: PathBuf,
+    },
+    /// List galleries.
+    Galleries,
+    /// Create a gallery.
+    CreateGallery {
+        name: String,
+        #[arg(long)]
+        dim: u32,
+        #[arg(long, value_enum, default_value_t = Dtype::F32)]
+        dtype: Dtype,
+    },
+    /// Drop a gallery and delete its data.
+    DropGallery { name: String },
 }
 
 #[derive(Args)]
@@ -224,7 +321,209 @@ fn run(command: Command) -> Result<()> {
         Command::Gallery(g) => gallery_command(g),
         Command::Identify(a) => identify(a),
         Command::Bench(a) => bench_command(a),
+        Command::Serve(a) => runtime()?.block_on(serve(a)),
+        Command::Client(a) => runtime()?.block_on(client(a)),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().map_err(|e| Error::Io {
+        context: "starting the async runtime".into(),
+        source: e,
+    })
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let mut config = match &a.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = a.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(l) = a.listen {
+        config.listen = l;
+    }
+    if let Some(m) = a.metrics_listen {
+        config.metrics_listen = match m.as_str() {
+            "off" | "" => None,
+            other => Some(
+                other
+                    .parse()
+                    .map_err(|e| Error::invalid(format!("--metrics-listen {other:?}: {e}")))?,
+            ),
+        };
+    }
+    if let Some(b) = a.max_batch {
+        config.max_batch = b;
+    }
+    if let Some(w) = a.max_wait_us {
+        config.max_wait_us = w;
+    }
+    let data_dir = config.data_dir.clone();
+    let handle = biogate::server::start(config).await?;
+    let scheme = "http";
+    println!(
+        "biogate serving {} on {} (metrics: {})",
+        data_dir.display(),
+        handle.addr,
+        handle
+            .metrics_addr
+            .map(|m| format!("http://{m}/metrics"))
+            .unwrap_or_else(|| "off".into())
+    );
+    println!(
+        "try: biogate client --addr {scheme}://{} galleries   (or: grpcurl -plaintext {} list)",
+        handle.addr, handle.addr
+    );
+    wait_for_signal().await;
+    handle.shutdown().await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn client(a: ClientArgs) -> Result<()> {
+    use biogate::client::{Client, ConnectOptions, pack};
+    use biogate::server::proto;
+    let options = ConnectOptions {
+        addr: a.addr.clone(),
+        token: a.token.clone(),
+        ca_cert: a.ca_cert.clone(),
+        client_cert: a.client_cert.clone(),
+        client_key: a.client_key.clone(),
+        domain: None,
+    };
+    let c = Client::connect(&options).await?;
+    let rpc = biogate::client::rpc_error;
+    match a.command {
+        ClientCommand::Identify {
+            gallery,
+            probes,
+            k,
+            threshold,
+        } => {
+            let (_, dim, values) = read_matrix(&probes)?;
+            for (b, chunk) in values.chunks(256 * dim).enumerate() {
+                let results = c.identify(&gallery, chunk, dim, k, threshold).await?;
+                for (i, r) in results.iter().enumerate() {
+                    let candidates: Vec<_> = r
+                        .candidates
+                        .iter()
+                        .map(|c| serde_json::json!({"subject": c.subject, "score": c.score}))
+                        .collect();
+                    let matched = if r.decided {
+                        serde_json::json!(r.matched)
+                    } else {
+                        serde_json::Value::Null
+                    };
+                    println!(
+                        "{}",
+                        serde_json::json!({"probe": b * 256 + i, "matched": matched, "candidates": candidates})
+                    );
+                }
+            }
+        }
+        ClientCommand::Verify {
+            gallery,
+            probes,
+            row,
+            subject,
+            threshold,
+        } => {
+            let (rows, dim, values) = read_matrix(&probes)?;
+            if row >= rows {
+                return Err(Error::invalid(format!(
+                    "--row {row}: {} has {rows} rows",
+                    probes.display()
+                )));
+            }
+            let req = proto::VerifyRequest {
+                gallery,
+                probe: pack(&values[row * dim..(row + 1) * dim]),
+                subject,
+                threshold,
+            };
+            let r = c.inner.clone().verify(c.request(req)).await.map_err(rpc)?.into_inner();
+            let matched = if r.decided {
+                serde_json::json!(r.matched)
+            } else {
+                serde_json::Value::Null
+            };
+            println!("{}", serde_json::json!({"score": r.score, "matched": matched}));
+        }
+        ClientCommand::Enroll {
+            gallery,
+            templates,
+            ids,
+        } => {
+            let (_, dim, values) = read_matrix(&templates)?;
+            let ids = biogate::npy::read_ids(&ids)?;
+            if ids.len() * dim != values.len() {
+                return Err(Error::invalid(format!(
+                    "{} ids for {} rows",
+                    ids.len(),
+                    values.len() / dim
+                )));
+            }
+            let r = c.enroll(&gallery, &values, dim, &ids).await?;
+            println!("enrolled {} subjects ({} templates) durably", r.subjects, r.templates);
+        }
+        ClientCommand::Galleries => {
+            let r = c
+                .inner
+                .clone()
+                .list_galleries(c.request(proto::ListGalleriesRequest {}))
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            println!(
+                "{:<24} {:>5} {:>5} {:>12} {:>12} {:>8}",
+                "name", "dim", "dtype", "templates", "subjects", "backend"
+            );
+            for g in r.galleries {
+                println!(
+                    "{:<24} {:>5} {:>5} {:>12} {:>12} {:>8}",
+                    g.name, g.dim, g.dtype, g.rows, g.subjects, g.backend
+                );
+            }
+        }
+        ClientCommand::CreateGallery { name, dim, dtype } => {
+            let req = proto::CreateGalleryRequest {
+                name,
+                dim,
+                dtype: dtype.name().into(),
+            };
+            let g = c
+                .inner
+                .clone()
+                .create_gallery(c.request(req))
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            println!("created gallery {} (dim {}, dtype {})", g.name, g.dim, g.dtype);
+        }
+        ClientCommand::DropGallery { name } => {
+            c.inner
+                .clone()
+                .drop_gallery(c.request(proto::DropGalleryRequest { name: name.clone() }))
+                .await
+                .map_err(rpc)?;
+            println!("dropped gallery {name}");
+        }
+    }
+    Ok(())
 }
 
 fn progress(total: u64, what: &str) -> ProgressBar {

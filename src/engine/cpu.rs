@@ -102,6 +102,47 @@ impl CpuBackend {
     }
 }
 
+impl CpuBackend {
+    /// Score one probe against the given rows of a slab with the same kernels a search
+    /// uses, so that 1:1 verification agrees bit for bit with identification.
+    pub fn score_rows(&self, slab: &Slab<'_>, probes: &EncodedProbes, probe: usize, rows: &[usize]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(rows.len());
+        let mut one = [0.0f32];
+        for &r in rows {
+            let bytes = &slab.data[r * slab.stride..(r + 1) * slab.stride];
+            match slab.dtype {
+                Dtype::F32 => tile_f32(
+                    self.isa,
+                    &[probes.float_probe(probe)],
+                    bytemuck::cast_slice(bytes),
+                    probes.len,
+                    &mut one,
+                ),
+                Dtype::F16 => tile_f16(
+                    self.isa,
+                    &[probes.float_probe(probe)],
+                    bytemuck::cast_slice(bytes),
+                    probes.len,
+                    &mut one,
+                ),
+                Dtype::I8 => {
+                    let mut raw = [0i32];
+                    tile_i8(
+                        self.isa,
+                        &[probes.i8_probe(probe)],
+                        bytemuck::cast_slice(bytes),
+                        probes.len,
+                        &mut raw,
+                    );
+                    one[0] = i8_score(raw[0], probes.scales[probe], slab.scales[r]);
+                }
+            }
+            out.push(one[0]);
+        }
+        out
+    }
+}
+
 #[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,

@@ -141,12 +141,16 @@ pub struct ProbeResult {
 #[derive(Clone)]
 pub struct Engine {
     backend: Arc<dyn Backend>,
+    cpu: Arc<cpu::CpuBackend>,
 }
 
 impl Engine {
     /// An engine over the given backend.
     pub fn new(backend: Arc<dyn Backend>) -> Engine {
-        Engine { backend }
+        Engine {
+            backend,
+            cpu: Arc::new(cpu::CpuBackend::new()),
+        }
     }
 
     /// An engine over the CPU backend.
@@ -157,6 +161,33 @@ impl Engine {
     /// The backend's name.
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
+    }
+
+    /// 1:1 verification: the score of `probe` against `subject`'s best live template, or
+    /// `None` if the subject has none in this snapshot.
+    pub fn verify(&self, snapshot: &Snapshot, probe: &[f32], subject: &str) -> Result<Option<f32>> {
+        let dim = snapshot.dim();
+        if probe.len() != dim {
+            return Err(Error::invalid(format!(
+                "probe has {} values, the gallery dimension is {dim}",
+                probe.len()
+            )));
+        }
+        let encoded = EncodedProbes::new(snapshot.dtype(), dim, probe)?;
+        let mut best: Option<f32> = None;
+        for slab in snapshot.slabs() {
+            let Some(ordinal) = slab.find_subject(subject) else {
+                continue;
+            };
+            if slab.is_dead(ordinal) {
+                continue;
+            }
+            let rows: Vec<usize> = (0..slab.rows()).filter(|&r| slab.row_subject[r] == ordinal).collect();
+            for score in self.cpu.score_rows(&slab, &encoded, 0, &rows) {
+                best = Some(best.map_or(score, |b| b.max(score)));
+            }
+        }
+        Ok(best)
     }
 
     /// Search `probes` (row-major, `count * dim` f32 values) against `snapshot`.

@@ -131,6 +131,11 @@ impl MemTable {
         assert_eq!(self.rank.len(), self.subjects.len(), "refresh_ranks() after pushing");
         &self.rank
     }
+    /// The ordinal of a subject id (it may have no rows left after a deletion).
+    pub fn find_subject(&self, subject: &str) -> Option<u32> {
+        self.index.get(subject).copied()
+    }
+
     /// Whether `subject` has rows here.
     pub fn has_subject(&self, subject: &str) -> bool {
         self.index

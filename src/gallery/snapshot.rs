@@ -30,7 +30,7 @@ pub struct Snapshot {
 #[derive(Clone, Copy)]
 pub enum SubjectIds<'a> {
     Segment(&'a Segment),
-    List(&'a [String]),
+    Memtable(&'a MemTable),
 }
 
 /// A run of encoded rows the engine scans in one go: a segment or the log's rows.
@@ -63,9 +63,17 @@ impl<'a> Slab<'a> {
     pub fn subject_id(&self, ordinal: u32) -> &'a str {
         match self.ids {
             SubjectIds::Segment(s) => s.subject_id(ordinal),
-            SubjectIds::List(l) => &l[ordinal as usize],
+            SubjectIds::Memtable(m) => &m.subject_ids()[ordinal as usize],
         }
     }
+    /// The ordinal of a subject id in this slab, if it has one.
+    pub fn find_subject(&self, id: &str) -> Option<u32> {
+        match self.ids {
+            SubjectIds::Segment(s) => s.find_subject(id),
+            SubjectIds::Memtable(m) => m.find_subject(id),
+        }
+    }
+
     /// The tie-break rank of a subject ordinal (smaller id, smaller rank).
     #[inline]
     pub fn rank(&self, ordinal: u32) -> u32 {
@@ -142,7 +150,7 @@ impl Snapshot {
                 row_subject: self.memtable.row_subjects(),
                 subject_rank: Some(self.memtable.ranks()),
                 dead_subjects: &[],
-                ids: SubjectIds::List(self.memtable.subject_ids()),
+                ids: SubjectIds::Memtable(&self.memtable),
             });
         }
         slabs

@@ -1,0 +1,244 @@
+//! Coalesces concurrent identify requests into engine batches. One engine thread per
+//! device takes every request that is queued (up to `max_batch` probes, waiting at most
+//! `max_wait` for more), groups them by gallery, runs one search per group with the
+//! largest k and the lowest threshold asked for, and cuts each request's answer out of
+//! it (exact: a top-K list holds every top-k list for k <= K). Requests whose deadline
+//! has passed are answered DEADLINE_EXCEEDED before they reach the engine. The queue is
+//! bounded; a full queue is refused at once.
+
+use super::metrics::Metrics;
+use super::registry::GalleryEntry;
+use crate::engine::{Engine, ProbeResult, SearchParams};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Why a job did not get results.
+#[derive(Debug)]
+pub enum JobError {
+    DeadlineExceeded,
+    Engine(String),
+}
+
+/// One request's probes.
+pub struct Job {
+    pub gallery: Arc<GalleryEntry>,
+    /// Validated, `count * dim` values.
+    pub probes: Vec<f32>,
+    pub k: usize,
+    pub threshold: Option<f32>,
+    pub deadline: Option<Instant>,
+    pub reply: oneshot::Sender<Result<Vec<ProbeResult>, JobError>>,
+}
+
+/// The submitting side.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: SyncSender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+/// Batching knobs.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchConfig {
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    pub queue_capacity: usize,
+}
+
+impl Batcher {
+    /// Start the engine thread.
+    pub fn start(engine: Engine, config: BatchConfig, metrics: Arc<Metrics>) -> Batcher {
+        let (tx, rx) = mpsc::sync_channel(config.queue_capacity);
+        let m = metrics.clone();
+        std::thread::Builder::new()
+            .name("biogate-engine".into())
+            .spawn(move || run(rx, engine, config, m))
+            .expect("spawn the engine thread");
+        Batcher { tx, metrics }
+    }
+
+    /// Queue a job; `Err(job)` when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                self.metrics.queue_depth.inc();
+                Ok(())
+            }
+            Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => Err(Box::new(job)),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Batcher {
+    /// A batcher whose queue nobody drains (tests of the full-queue path).
+    fn unstarted(capacity: usize) -> (Batcher, mpsc::Receiver<Job>) {
+        let (tx, rx) = mpsc::sync_channel(capacity);
+        (
+            Batcher {
+                tx,
+                metrics: Metrics::new(),
+            },
+            rx,
+        )
+    }
+}
+
+fn run(rx: mpsc::Receiver<Job>, engine: Engine, config: BatchConfig, metrics: Arc<Metrics>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let mut probes = jobs[0].probes.len() / jobs[0].gallery.snapshot().dim();
+        let until = Instant::now() + config.max_wait;
+        while probes < config.max_batch {
+            let job = match rx.try_recv() {
+                Ok(job) => job,
+                Err(_) => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(left) {
+                        Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
+            probes += job.probes.len() / job.gallery.snapshot().dim();
+            jobs.push(job);
+        }
+        metrics.queue_depth.dec_by(jobs.len() as i64);
+        let mut by_gallery: HashMap<String, Vec<Job>> = HashMap::new();
+        for job in jobs {
+            by_gallery.entry(job.gallery.name.clone()).or_default().push(job);
+        }
+        for (_, group) in by_gallery {
+            run_group(&engine, group, &metrics);
+        }
+    }
+}
+
+fn run_group(engine: &Engine, group: Vec<Job>, metrics: &Metrics) {
+    let now = Instant::now();
+    let (live, expired): (Vec<Job>, Vec<Job>) = group.into_iter().partition(|j| j.deadline.is_none_or(|d| d > now));
+    for job in expired {
+        let _ = job.reply.send(Err(JobError::DeadlineExceeded));
+    }
+    if live.is_empty() {
+        return;
+    }
+    let snapshot = live[0].gallery.snapshot();
+    let dim = snapshot.dim();
+    let k = live.iter().map(|j| j.k).max().expect("non-empty");
+    let threshold = if live.iter().all(|j| j.threshold.is_some()) {
+        live.iter().filter_map(|j| j.threshold).reduce(f32::min)
+    } else {
+        None
+    };
+    let mut probes = Vec::with_capacity(live.iter().map(|j| j.probes.len()).sum());
+    for j in &live {
+        probes.extend_from_slice(&j.probes);
+    }
+    metrics.batch_probes.observe((probes.len() / dim) as f64);
+    metrics.batch_requests.observe(live.len() as f64);
+    let t = Instant::now();
+    let result = engine.search(&snapshot, &probes, &SearchParams { k, threshold });
+    metrics.engine_seconds.observe(t.elapsed().as_secs_f64());
+    match result {
+        Ok(results) => {
+            let mut results = results.into_iter();
+            for job in live {
+                let n = job.probes.len() / dim;
+                let mine = results
+                    .by_ref()
+                    .take(n)
+                    .map(|mut r| {
+                        if let Some(t) = job.threshold {
+                            r.candidates.retain(|c| c.score >= t);
+                        }
+                        r.candidates.truncate(job.k);
+                        r.matched = job.threshold.map(|_| !r.candidates.is_empty());
+                        r
+                    })
+                    .collect();
+                let _ = job.reply.send(Ok(mine));
+            }
+        }
+        Err(e) => {
+            // Probes are validated before they are queued, so this is not one request's
+            // fault; every request in the group hears about it.
+            let msg = e.to_string();
+            for job in live {
+                let _ = job.reply.send(Err(JobError::Engine(msg.clone())));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::registry::Registry;
+    use crate::template::Dtype;
+
+    fn job(
+        gallery: Arc<GalleryEntry>,
+        deadline: Option<Instant>,
+    ) -> (Job, oneshot::Receiver<Result<Vec<ProbeResult>, JobError>>) {
+        let (reply, rx) = oneshot::channel();
+        let probes = vec![1.0, 0.0, 0.0, 0.0];
+        (
+            Job {
+                gallery,
+                probes,
+                k: 1,
+                threshold: None,
+                deadline,
+                reply,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn expired_work_never_reaches_the_engine_and_a_full_queue_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        let g = registry.create("g", 4, Dtype::F32).unwrap();
+        g.write(|w| {
+            w.enroll(&[crate::gallery::Enrollment {
+                subject: "a".into(),
+                templates: vec![1.0, 0.0, 0.0, 0.0],
+            }])
+        })
+        .unwrap();
+        let metrics = Metrics::new();
+        let config = BatchConfig {
+            max_batch: 8,
+            max_wait: Duration::ZERO,
+            queue_capacity: 4,
+        };
+        let b = Batcher::start(Engine::cpu(), config, metrics.clone());
+        let (expired, rx1) = job(g.clone(), Some(Instant::now() - Duration::from_millis(1)));
+        let (fresh, rx2) = job(g.clone(), Some(Instant::now() + Duration::from_secs(5)));
+        b.submit(expired).map_err(|_| ()).unwrap();
+        b.submit(fresh).map_err(|_| ()).unwrap();
+        assert!(matches!(rx1.blocking_recv().unwrap(), Err(JobError::DeadlineExceeded)));
+        let ok = rx2.blocking_recv().unwrap().map_err(|_| ()).unwrap();
+        assert_eq!(ok[0].candidates[0].subject, "a");
+        // One engine batch at most held the fresh job; the expired one was not searched.
+        assert!(
+            metrics.encode().contains("biogate_batch_probes_sum 1.0"),
+            "{}",
+            metrics.encode()
+        );
+
+        let (stalled, _rx) = Batcher::unstarted(1);
+        let (a, _) = job(g.clone(), None);
+        let (c, _) = job(g, None);
+        assert!(stalled.submit(a).is_ok());
+        assert!(stalled.submit(c).is_err(), "a full queue refuses at once");
+    }
+}

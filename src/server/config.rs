@@ -1,0 +1,148 @@
+//! Server configuration: a TOML file, overridden by flags and environment variables
+//! (the CLI applies those), with defaults that need no file at all.
+
+use crate::error::{Error, IoContext, Result};
+use crate::template::Dtype;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Everything `biogate serve` can be told.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where galleries (and the audit log) live.
+    pub data_dir: PathBuf,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Prometheus metrics listen address (`GET /metrics`); none disables.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Gallery created on first start when the data directory has none.
+    pub default_gallery: Option<DefaultGallery>,
+    /// Most probes in one engine batch.
+    pub max_batch: usize,
+    /// How long the engine thread waits for more work before running a batch that is
+    /// not full. Zero: run whatever is queued at once (no added latency when idle;
+    /// batches still form under load while the engine is busy).
+    pub max_wait_us: u64,
+    /// Requests waiting for the engine; more are refused with RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+    /// Largest request message accepted.
+    pub max_message_bytes: usize,
+    /// Largest k a request may ask for.
+    pub max_k: usize,
+    /// Most probes in one Identify request.
+    pub max_probes_per_request: usize,
+    /// How long a graceful shutdown waits for in-flight requests (and open streams, such
+    /// as health watches) before it cuts them off.
+    pub shutdown_grace_ms: u64,
+    /// TLS (and mutual TLS when `client_ca` is set).
+    pub tls: Option<TlsConfig>,
+    /// Bearer tokens. Empty: no authentication (every caller is "anonymous" with every
+    /// role), which the server logs loudly; fine on loopback, not on a network.
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// The gallery made on first start.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultGallery {
+    pub name: String,
+    pub dim: usize,
+    pub dtype: Dtype,
+}
+
+/// PEM files for TLS.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// One bearer token and what it may do.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who this is, for logs and the audit trail (e.g. "gate-A12").
+    pub name: String,
+    pub token: String,
+    pub roles: Vec<Role>,
+}
+
+/// What a caller may do. `admin` includes the other two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Identify,
+    Enroll,
+    Admin,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./biogate-data"),
+            listen: "127.0.0.1:50051".parse().expect("valid address"),
+            metrics_listen: Some("127.0.0.1:9464".parse().expect("valid address")),
+            default_gallery: Some(DefaultGallery {
+                name: "default".into(),
+                dim: 512,
+                dtype: Dtype::F32,
+            }),
+            max_batch: 256,
+            max_wait_us: 0,
+            queue_capacity: 4096,
+            max_message_bytes: 16 << 20,
+            max_k: 100,
+            max_probes_per_request: 1024,
+            shutdown_grace_ms: 10_000,
+            tls: None,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Read a TOML file; fields it leaves out keep their defaults.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).ctx(|| format!("reading config {}", path.display()))?;
+        let config: Config =
+            toml::from_str(&text).map_err(|e| Error::invalid(format!("config {}: {e}", path.display())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check values that TOML's types cannot.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_batch == 0 || self.queue_capacity == 0 || self.max_probes_per_request == 0 {
+            return Err(Error::invalid(
+                "max_batch, queue_capacity and max_probes_per_request must be positive",
+            ));
+        }
+        if self.max_k == 0 || self.max_k > crate::engine::MAX_K {
+            return Err(Error::invalid(format!("max_k must be in 1..={}", crate::engine::MAX_K)));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in &self.tokens {
+            if t.token.len() < 16 {
+                return Err(Error::invalid(format!(
+                    "token for {:?} is shorter than 16 characters",
+                    t.name
+                )));
+            }
+            if !seen.insert(&t.token) {
+                return Err(Error::invalid(format!("token for {:?} is listed twice", t.name)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The batching wait as a duration.
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_micros(self.max_wait_us)
+    }
+}

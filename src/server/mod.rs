@@ -1,0 +1,197 @@
+//! The gRPC front end. `start` loads the galleries, starts the engine thread, the audit
+//! writer, the metrics endpoint, health and reflection, and serves until told to stop;
+//! stopping flips health to NOT_SERVING, stops accepting, and drains in-flight requests.
+//!
+//! Request flow: tonic -> [`service::Service`] (auth, validation) -> [`batcher`] (one
+//! engine thread, coalesced batches) -> `Engine::search` -> response + audit line.
+
+pub mod audit;
+pub mod auth;
+pub mod batcher;
+pub mod config;
+pub mod metrics;
+pub mod registry;
+pub mod service;
+
+/// Code generated from proto/biogate/v1/biogate.proto.
+pub mod proto {
+    #![allow(clippy::all)]
+    tonic::include_proto!("biogate.v1");
+    /// The encoded descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("biogate_descriptor");
+}
+
+use crate::engine::Engine;
+use crate::error::{Error, IoContext, Result};
+use config::Config;
+use proto::biogate_server::BiogateServer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// A running server.
+pub struct ServerHandle {
+    /// Where gRPC listens (the real port when the config asked for port 0).
+    pub addr: SocketAddr,
+    /// Where `GET /metrics` listens, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+    grace: std::time::Duration,
+}
+
+impl ServerHandle {
+    /// Graceful shutdown: NOT_SERVING, stop accepting, finish in-flight requests; after
+    /// the grace period, cut off whatever is still open.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match tokio::time::timeout(self.grace, &mut self.task).await {
+            Ok(joined) => joined.map_err(|e| Error::invalid(format!("server task: {e}")))?,
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "requests still open after the grace period; closing them");
+                self.task.abort();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Start serving `config`.
+pub async fn start(config: Config) -> Result<ServerHandle> {
+    config.validate()?;
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.data_dir).ctx(|| format!("creating {}", config.data_dir.display()))?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<BiogateServer<Arc<service::Service>>>().await;
+
+    let registry = Arc::new(registry::Registry::open(&config.data_dir)?);
+    if registry.is_empty()
+        && let Some(d) = &config.default_gallery
+    {
+        registry.create(&d.name, d.dim, d.dtype)?;
+        tracing::info!(gallery = %d.name, dim = d.dim, dtype = %d.dtype, "created the default gallery");
+    }
+    let metrics = metrics::Metrics::new();
+    let engine = Engine::cpu();
+    let batcher = batcher::Batcher::start(
+        engine.clone(),
+        batcher::BatchConfig {
+            max_batch: config.max_batch,
+            max_wait: config.max_wait(),
+            queue_capacity: config.queue_capacity,
+        },
+        metrics.clone(),
+    );
+    let auth = Arc::new(auth::Auth::new(&config.tokens));
+    if !auth.enabled() {
+        tracing::warn!("no tokens configured: authentication is off (every caller has every role)");
+    }
+    let service = Arc::new(service::Service {
+        registry: registry.clone(),
+        batcher,
+        engine,
+        audit: audit::AuditLog::open(&config.data_dir.join("audit.log"))?,
+        metrics: metrics.clone(),
+        auth,
+        config: config.clone(),
+    });
+
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        let read = |p: &std::path::Path| std::fs::read(p).ctx(|| format!("reading {}", p.display()));
+        let mut tls_config = ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+        if let Some(ca) = &tls.client_ca {
+            tls_config = tls_config.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        builder = builder
+            .tls_config(tls_config)
+            .map_err(|e| Error::invalid(format!("TLS configuration: {e}")))?;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::invalid(format!("reflection: {e}")))?;
+    let biogate = BiogateServer::new(service)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(biogate);
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .ctx(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr().ctx(|| "reading the bound address".into())?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (metrics_stop_tx, metrics_stop_rx) = oneshot::channel::<()>();
+    let metrics_addr = match config.metrics_listen {
+        Some(at) => Some(serve_metrics(at, metrics, metrics_stop_rx).await?),
+        None => None,
+    };
+    health.set_serving::<BiogateServer<Arc<service::Service>>>().await;
+    let galleries: Vec<String> = registry.all().iter().map(|g| g.name.clone()).collect();
+    tracing::info!(%addr, ?metrics_addr, ?galleries, tls = config.tls.is_some(), "serving");
+
+    let shutdown = async move {
+        let _ = stop_rx.await;
+        tracing::info!("shutting down: NOT_SERVING, draining in-flight requests");
+        health.set_not_serving::<BiogateServer<Arc<service::Service>>>().await;
+    };
+    let task = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let result = router
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(|e| Error::invalid(format!("gRPC server: {e}")));
+        let _ = metrics_stop_tx.send(());
+        tracing::info!("stopped");
+        result
+    });
+    Ok(ServerHandle {
+        addr,
+        metrics_addr,
+        stop: Some(stop_tx),
+        task,
+        grace: std::time::Duration::from_millis(config.shutdown_grace_ms),
+    })
+}
+
+async fn serve_metrics(
+    at: SocketAddr,
+    metrics: Arc<metrics::Metrics>,
+    stop: oneshot::Receiver<()>,
+) -> Result<SocketAddr> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(at)
+        .await
+        .ctx(|| format!("listening on {at}"))?;
+    let addr = listener.local_addr().ctx(|| "reading the metrics address".into())?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    m.encode(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.await;
+            })
+            .await;
+    });
+    Ok(addr)
+}

@@ -1,0 +1,714 @@
+//! The gRPC server on loopback with a real client: read-your-writes per gallery,
+//! answers equal to the engine's, concurrency equal to sequential with batching
+//! visible in the metrics, auth and mTLS refusals, bad input, health and graceful
+//! shutdown, and kill -9 of a server process mid-enroll.
+
+mod common;
+
+use biogate::client::{Client, ConnectOptions, pack};
+use biogate::gallery;
+use biogate::server::config::{Config, Role, TlsConfig, TokenConfig};
+use biogate::server::proto;
+use biogate::server::{ServerHandle, start};
+use biogate::{Engine, SearchParams};
+use common::{random_rows, rng, unit};
+use rand::Rng;
+use std::path::Path;
+use std::time::Duration;
+use tonic::Code;
+
+const DIM: usize = 64;
+
+fn config(data: &Path) -> Config {
+    Config {
+        data_dir: data.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        default_gallery: None,
+        ..Config::default()
+    }
+}
+
+async fn connect(h: &ServerHandle, token: Option<&str>) -> Client {
+    Client::connect(&ConnectOptions {
+        addr: format!("http://{}", h.addr),
+        token: token.map(str::to_owned),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn create(c: &Client, name: &str, dtype: &str) {
+    let req = proto::CreateGalleryRequest {
+        name: name.into(),
+        dim: DIM as u32,
+        dtype: dtype.into(),
+    };
+    c.inner.clone().create_gallery(c.request(req)).await.unwrap();
+}
+
+async fn metrics(h: &ServerHandle) -> String {
+    // A tiny HTTP/1.0 GET, to keep an HTTP client out of the dependencies.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(h.metrics_addr.unwrap()).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_per_gallery_and_answers_equal_the_engine() {
+    let data = tempfile::tempdir().unwrap();
+    let h = start(config(data.path())).await.unwrap();
+    let c = connect(&h, None).await;
+    create(&c, "flight-LH123", "f32").await;
+    create(&c, "watchlist", "i8").await;
+    let mut r = rng(1);
+    for (gallery, prefix) in [("flight-LH123", "pax"), ("watchlist", "wl")] {
+        for round in 0..3 {
+            let rows = random_rows(&mut r, 20, DIM);
+            let names = ids(&format!("{prefix}{round}"), 20);
+            let e = c.enroll(gallery, &rows, DIM, &names).await.unwrap();
+            assert_eq!((e.subjects, e.templates), (20, 20));
+            // The very next request sees every one of them.
+            let res = c.identify(gallery, &rows, DIM, 1, None).await.unwrap();
+            for (i, p) in res.iter().enumerate() {
+                assert_eq!(p.candidates[0].subject, names[i], "{gallery} round {round} probe {i}");
+            }
+        }
+        // Other gallery is not affected.
+        let other = if gallery == "watchlist" {
+            "flight-LH123"
+        } else {
+            "watchlist"
+        };
+        let info = c
+            .inner
+            .clone()
+            .get_gallery(c.request(proto::GetGalleryRequest { name: other.into() }))
+            .await
+            .unwrap();
+        assert!(info.into_inner().rows == 60 || gallery == "flight-LH123");
+    }
+    // Server answers equal the engine's own answers on the same data.
+    let probes = random_rows(&mut r, 7, DIM);
+    for gallery in ["flight-LH123", "watchlist"] {
+        let served = c.identify(gallery, &probes, DIM, 10, Some(-0.5)).await.unwrap();
+        let snapshot = gallery::open_snapshot(&data.path().join("galleries").join(gallery)).unwrap();
+        let local = Engine::cpu()
+            .search(
+                &snapshot,
+                &probes,
+                &SearchParams {
+                    k: 10,
+                    threshold: Some(-0.5),
+                },
+            )
+            .unwrap();
+        for (s, l) in served.iter().zip(&local) {
+            let s: Vec<(&str, f32)> = s.candidates.iter().map(|c| (c.subject.as_str(), c.score)).collect();
+            let l: Vec<(&str, f32)> = l.candidates.iter().map(|c| (c.subject.as_str(), c.score)).collect();
+            assert_eq!(s, l, "{gallery}");
+        }
+    }
+    // Verify agrees with identify's score for the same pair.
+    let row = random_rows(&mut r, 1, DIM);
+    let first = c.identify("watchlist", &row, DIM, 1, None).await.unwrap();
+    let best = &first[0].candidates[0];
+    let v = c
+        .inner
+        .clone()
+        .verify(c.request(proto::VerifyRequest {
+            gallery: "watchlist".into(),
+            probe: pack(&row),
+            subject: best.subject.clone(),
+            threshold: Some(best.score),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((v.score, v.decided, v.matched), (best.score, true, true));
+    let list = c
+        .inner
+        .clone()
+        .list_galleries(c.request(proto::ListGalleriesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = list.galleries.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["flight-LH123", "watchlist"]);
+    // Dropping a gallery removes it and its files.
+    c.inner
+        .clone()
+        .drop_gallery(c.request(proto::DropGalleryRequest {
+            name: "flight-LH123".into(),
+        }))
+        .await
+        .unwrap();
+    assert!(!data.path().join("galleries/flight-LH123").exists());
+    let e = c.identify("flight-LH123", &row, DIM, 1, None).await.unwrap_err();
+    assert!(
+        e.to_string().contains("NotFound") || e.to_string().contains("not found"),
+        "{e}"
+    );
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_concurrent_calls_equal_sequential_calls_and_are_batched() {
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.max_wait_us = 2000;
+    let h = start(cfg).await.unwrap();
+    let c = connect(&h, None).await;
+    create(&c, "g", "f16").await;
+    let mut r = rng(2);
+    let rows = random_rows(&mut r, 3000, DIM);
+    let names: Vec<String> = (0..3000).map(|i| format!("s{:04}", i / 3)).collect();
+    c.enroll("g", &rows, DIM, &names).await.unwrap();
+    let probes = random_rows(&mut r, 300, DIM);
+    let mut sequential = Vec::new();
+    for i in 0..300 {
+        let k = 1 + (i % 12) as u32;
+        let t = if i % 3 == 0 { Some(0.1) } else { None };
+        sequential.push(
+            c.identify("g", &probes[i * DIM..(i + 1) * DIM], DIM, k, t)
+                .await
+                .unwrap(),
+        );
+    }
+    let before = metrics(&h).await;
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let c = c.clone();
+        let p = probes[i * DIM..(i + 1) * DIM].to_vec();
+        tasks.push(tokio::spawn(async move {
+            let k = 1 + (i % 12) as u32;
+            let t = if i % 3 == 0 { Some(0.1) } else { None };
+            c.identify("g", &p, DIM, k, t).await.unwrap()
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap(), sequential[i], "probe {i}");
+    }
+    let after = metrics(&h).await;
+    let batches = metric(&after, "biogate_batch_requests_count") - metric(&before, "biogate_batch_requests_count");
+    let requests = metric(&after, "biogate_batch_requests_sum") - metric(&before, "biogate_batch_requests_sum");
+    assert_eq!(requests, 300.0);
+    assert!(
+        batches < 150.0,
+        "300 concurrent requests ran in {batches} batches: batching is not active"
+    );
+    assert!(
+        after.contains("biogate_requests_total{method=\"Identify\",code=\"Ok\"} 600"),
+        "{after}"
+    );
+    h.shutdown().await.unwrap();
+}
+
+fn tokens() -> Vec<TokenConfig> {
+    let t = |name: &str, token: &str, roles: &[Role]| TokenConfig {
+        name: name.into(),
+        token: token.into(),
+        roles: roles.to_vec(),
+    };
+    vec![
+        t("gate-A12", "gate-token-0123456789", &[Role::Identify]),
+        t("officer-7", "officer-token-0123456789", &[Role::Identify, Role::Enroll]),
+        t("ops", "admin-token-0123456789", &[Role::Admin]),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_roles_are_enforced_and_refusals_change_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.tokens = tokens();
+    let h = start(cfg).await.unwrap();
+    let admin = connect(&h, Some("admin-token-0123456789")).await;
+    let officer = connect(&h, Some("officer-token-0123456789")).await;
+    let gate = connect(&h, Some("gate-token-0123456789")).await;
+    let nobody = connect(&h, None).await;
+    let wrong = connect(&h, Some("not-a-real-token-at-all")).await;
+    create(&admin, "g", "f32").await;
+    let rows = random_rows(&mut rng(3), 4, DIM);
+    officer.enroll("g", &rows, DIM, &ids("s", 4)).await.unwrap();
+    assert_eq!(
+        gate.identify("g", &rows[..DIM], DIM, 1, None).await.unwrap()[0].candidates[0].subject,
+        "s-00000"
+    );
+
+    let code = |e: biogate::Error| e.to_string();
+    assert!(code(nobody.identify("g", &rows[..DIM], DIM, 1, None).await.unwrap_err()).contains("Unauthenticated"));
+    assert!(code(wrong.identify("g", &rows[..DIM], DIM, 1, None).await.unwrap_err()).contains("Unauthenticated"));
+    let e = code(gate.enroll("g", &rows, DIM, &ids("x", 4)).await.unwrap_err());
+    assert!(e.contains("PermissionDenied") && e.contains("gate-A12"), "{e}");
+    let e = gate
+        .inner
+        .clone()
+        .create_gallery(gate.request(proto::CreateGalleryRequest {
+            name: "h".into(),
+            dim: 8,
+            dtype: "f32".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = officer
+        .inner
+        .clone()
+        .drop_gallery(officer.request(proto::DropGalleryRequest { name: "g".into() }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = gate
+        .inner
+        .clone()
+        .delete_subject(gate.request(proto::DeleteSubjectRequest {
+            gallery: "g".into(),
+            subject: "s-00000".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Nothing changed.
+    let g = admin
+        .inner
+        .clone()
+        .get_gallery(admin.request(proto::GetGalleryRequest { name: "g".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((g.rows, g.subjects), (4, 4));
+    let list = admin
+        .inner
+        .clone()
+        .list_galleries(admin.request(proto::ListGalleriesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.galleries.len(), 1);
+    // The audit trail names callers and never holds template values.
+    let audit = std::fs::read_to_string(data.path().join("audit.log")).unwrap();
+    assert!(
+        audit.contains("\"caller\":\"officer-7\"") && audit.contains("\"caller\":\"gate-A12\""),
+        "{audit}"
+    );
+    assert!(
+        !audit.contains(&format!("{}", rows[0])),
+        "a template value leaked into the audit log"
+    );
+    h.shutdown().await.unwrap();
+}
+
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        write("ca.pem", ca_cert.pem());
+        for (who, names) in [
+            ("server", vec!["localhost".to_string()]),
+            ("client", vec!["gate-A12".to_string()]),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(names).unwrap().signed_by(&key, &issuer).unwrap();
+            write(&format!("{who}.pem"), cert.pem());
+            write(&format!("{who}.key"), key.serialize_pem());
+        }
+        Pki { dir }
+    }
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_refuses_clients_without_a_certificate() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.tls = Some(TlsConfig {
+        cert: pki.path("server.pem"),
+        key: pki.path("server.key"),
+        client_ca: Some(pki.path("ca.pem")),
+    });
+    cfg.default_gallery = Some(biogate::server::config::DefaultGallery {
+        name: "default".into(),
+        dim: DIM,
+        dtype: biogate::Dtype::F32,
+    });
+    let h = start(cfg).await.unwrap();
+    let addr = format!("https://localhost:{}", h.addr.port());
+    let with_cert = Client::connect(&ConnectOptions {
+        addr: addr.clone(),
+        ca_cert: Some(pki.path("ca.pem")),
+        client_cert: Some(pki.path("client.pem")),
+        client_key: Some(pki.path("client.key")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let rows = random_rows(&mut rng(4), 2, DIM);
+    with_cert.enroll("default", &rows, DIM, &ids("t", 2)).await.unwrap();
+    // TLS without a client certificate: the handshake or the first call fails.
+    let without = Client::connect(&ConnectOptions {
+        addr: addr.clone(),
+        ca_cert: Some(pki.path("ca.pem")),
+        ..Default::default()
+    })
+    .await;
+    if let Ok(c) = without {
+        assert!(
+            c.identify("default", &rows[..DIM], DIM, 1, None).await.is_err(),
+            "a client without a certificate was served"
+        );
+        assert!(c.enroll("default", &rows, DIM, &ids("x", 2)).await.is_err());
+    }
+    // Plain text to a TLS server fails too.
+    let plain = Client::connect(&ConnectOptions {
+        addr: format!("http://127.0.0.1:{}", h.addr.port()),
+        ..Default::default()
+    })
+    .await;
+    if let Ok(c) = plain {
+        assert!(c.identify("default", &rows[..DIM], DIM, 1, None).await.is_err());
+    }
+    let g = with_cert
+        .inner
+        .clone()
+        .get_gallery(with_cert.request(proto::GetGalleryRequest { name: "default".into() }))
+        .await
+        .unwrap();
+    assert_eq!(g.into_inner().rows, 2, "refused clients changed nothing");
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_status_naming_the_field_and_changes_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.max_message_bytes = 64 * 1024;
+    let h = start(cfg).await.unwrap();
+    let c = connect(&h, None).await;
+    create(&c, "g", "f32").await;
+    let rows = random_rows(&mut rng(5), 3, DIM);
+    c.enroll("g", &rows, DIM, &ids("s", 3)).await.unwrap();
+    let identify = |probes: Vec<Vec<u8>>, k: u32, threshold: Option<f32>, gallery: &str| {
+        let req = proto::IdentifyRequest {
+            gallery: gallery.into(),
+            probes,
+            k,
+            threshold,
+        };
+        let c = c.clone();
+        async move { c.inner.clone().identify(c.request(req)).await.unwrap_err() }
+    };
+    let good = pack(&rows[..DIM]);
+    let mut nan = rows[..DIM].to_vec();
+    nan[3] = f32::NAN;
+    let cases: Vec<(tonic::Status, Code, &str)> = vec![
+        (
+            identify(vec![good[..good.len() - 4].to_vec()], 5, None, "g").await,
+            Code::InvalidArgument,
+            "probes[0]",
+        ),
+        (
+            identify(vec![good.clone(), pack(&nan)], 5, None, "g").await,
+            Code::InvalidArgument,
+            "probes[1] has a non-finite value",
+        ),
+        (
+            identify(vec![pack(&[0.0; DIM])], 5, None, "g").await,
+            Code::InvalidArgument,
+            "zero vector",
+        ),
+        (identify(vec![], 5, None, "g").await, Code::InvalidArgument, "no probes"),
+        (
+            identify(vec![good.clone()], 0, None, "g").await,
+            Code::InvalidArgument,
+            "k: 0",
+        ),
+        (
+            identify(vec![good.clone()], 100_000, None, "g").await,
+            Code::InvalidArgument,
+            "k: 100000",
+        ),
+        (
+            identify(vec![good.clone()], 5, Some(2.0), "g").await,
+            Code::InvalidArgument,
+            "threshold",
+        ),
+        (
+            identify(vec![good.clone()], 5, None, "nope").await,
+            Code::NotFound,
+            "nope",
+        ),
+        (
+            identify(vec![good.clone()], 5, None, "").await,
+            Code::InvalidArgument,
+            "gallery",
+        ),
+        // Larger than max_message_bytes: tonic's codec refuses it before any handler runs.
+        (
+            identify(vec![vec![0u8; 70 * 1024]], 5, None, "g").await,
+            Code::OutOfRange,
+            "too large",
+        ),
+    ];
+    for (status, code, needle) in cases {
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{:?} should name {needle:?}",
+            status.message()
+        );
+    }
+    // Verify of an unknown subject; delete of an unknown subject; a bad dtype.
+    let v = c
+        .inner
+        .clone()
+        .verify(c.request(proto::VerifyRequest {
+            gallery: "g".into(),
+            probe: good.clone(),
+            subject: "ghost".into(),
+            threshold: None,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(v.code(), Code::NotFound);
+    let d = c
+        .inner
+        .clone()
+        .delete_subject(c.request(proto::DeleteSubjectRequest {
+            gallery: "g".into(),
+            subject: "ghost".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(d.code(), Code::NotFound);
+    let g = c
+        .inner
+        .clone()
+        .create_gallery(c.request(proto::CreateGalleryRequest {
+            name: "h".into(),
+            dim: 8,
+            dtype: "f64".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert!(g.code() == Code::InvalidArgument && g.message().contains("dtype"));
+    let g = c
+        .inner
+        .clone()
+        .create_gallery(c.request(proto::CreateGalleryRequest {
+            name: "../evil".into(),
+            dim: 8,
+            dtype: "f32".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(g.code(), Code::InvalidArgument);
+    // An enroll stream with a bad second message: the first is durable and reported.
+    let msgs = vec![
+        proto::EnrollRequest {
+            gallery: "g".into(),
+            subject: "ok-1".into(),
+            templates: vec![good.clone()],
+        },
+        proto::EnrollRequest {
+            gallery: "g".into(),
+            subject: "bad".into(),
+            templates: vec![pack(&nan)],
+        },
+    ];
+    let e = c
+        .inner
+        .clone()
+        .enroll(c.request(tokio_stream::iter(msgs)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("message 1") && e.message().contains("1 subjects (1 templates)"),
+        "{}",
+        e.message()
+    );
+    let info = c
+        .inner
+        .clone()
+        .get_gallery(c.request(proto::GetGalleryRequest { name: "g".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.rows, info.subjects), (4, 4), "only the good enrollment landed");
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_serving_then_not_serving_and_shutdown_drains() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.shutdown_grace_ms = 5000;
+    let h = start(cfg).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", h.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let service = "biogate.v1.Biogate".to_string();
+    let s = health
+        .check(HealthCheckRequest {
+            service: service.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.status(), ServingStatus::Serving);
+    let mut watch = health.watch(HealthCheckRequest { service }).await.unwrap().into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+
+    let c = connect(&h, None).await;
+    create(&c, "g", "f32").await;
+    let rows = random_rows(&mut rng(6), 2000, DIM);
+    c.enroll("g", &rows, DIM, &ids("s", 2000)).await.unwrap();
+    // Start a burst of requests, then shut down while they are in flight.
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let c = c.clone();
+        let p = rows[i * DIM..(i + 1) * DIM].to_vec();
+        tasks.push(tokio::spawn(async move { c.identify("g", &p, DIM, 5, None).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let shutdown = tokio::spawn(h.shutdown());
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
+    drop(watch);
+    let mut served = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(r[0].candidates[0].subject, format!("s-{i:05}"));
+                served += 1;
+            }
+            // A request that had not reached the server before it stopped accepting.
+            Err(e) => assert!(!e.to_string().contains("Internal"), "{e}"),
+        }
+    }
+    assert!(served > 0, "in-flight requests must be drained, not dropped");
+    shutdown.await.unwrap().unwrap();
+}
+
+#[test]
+// The enrolling server is killed and waited for in the loop's only exit.
+#[allow(clippy::zombie_processes)]
+fn kill_9_during_enroll_streams_loses_nothing_acknowledged() {
+    let data = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_biogate");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spawn = || {
+        std::process::Command::new(bin)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--metrics-listen",
+                "off",
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = format!("http://127.0.0.1:{port}");
+    let connect = |addr: String| async move {
+        for _ in 0..200 {
+            if let Ok(c) = Client::connect(&ConnectOptions {
+                addr: addr.clone(),
+                ..Default::default()
+            })
+            .await
+            {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("server did not come up");
+    };
+    let mut acked: Vec<(String, Vec<f32>)> = Vec::new();
+    let mut r = rng(7);
+    for round in 0..3 {
+        let mut server = spawn();
+        let c = rt.block_on(connect(addr.clone()));
+        let kill_after = r.random_range(3..12);
+        for call in 0.. {
+            let rows = random_rows(&mut r, 5, 512);
+            let names = ids(&format!("r{round}c{call}"), 5);
+            if call == kill_after {
+                // Kill -9 while this stream is being enrolled.
+                let c = c.clone();
+                let handle = rt.spawn(async move { c.enroll("default", &rows, 512, &names).await });
+                std::thread::sleep(Duration::from_millis(r.random_range(0..15)));
+                server.kill().unwrap();
+                server.wait().unwrap();
+                let _ = rt.block_on(handle);
+                break;
+            }
+            rt.block_on(c.enroll("default", &rows, 512, &names)).unwrap();
+            for (i, n) in names.into_iter().enumerate() {
+                acked.push((n, rows[i * 512..(i + 1) * 512].to_vec()));
+            }
+        }
+        // Restart: every acknowledged subject is there and is its own best match.
+        let mut server = spawn();
+        let c = rt.block_on(connect(addr.clone()));
+        for chunk in acked.chunks(64) {
+            let probes: Vec<f32> = chunk.iter().flat_map(|(_, t)| unit(t)).collect();
+            let res = rt.block_on(c.identify("default", &probes, 512, 1, None)).unwrap();
+            for ((name, _), r) in chunk.iter().zip(&res) {
+                assert_eq!(
+                    &r.candidates[0].subject, name,
+                    "round {round}: acknowledged {name} lost"
+                );
+            }
+        }
+        server.kill().unwrap();
+        server.wait().unwrap();
+    }
+    assert!(acked.len() >= 45);
+}
