@@ -5,6 +5,7 @@
 //! with a backend), and [`template::Dtype`] (how rows are stored).
 
 pub mod bench;
+pub mod bench_grpc;
 pub mod client;
 pub mod engine;
 pub mod error;

@@ -277,6 +277,13 @@ struct BenchArgs {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
+    /// Load-test the gRPC server on loopback instead (--rows x --dim gallery of the first
+    /// --dtypes entry; concurrency levels from --concurrency).
+    #[arg(long)]
+    grpc: bool,
+    /// Concurrent single-probe clients for --grpc.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    concurrency: Vec<usize>,
 }
 
 fn main() {
@@ -691,6 +698,30 @@ fn write_result(out: &mut impl Write, probe: usize, r: &ProbeResult, format: Out
 }
 
 fn bench_command(a: BenchArgs) -> Result<()> {
+    if a.grpc {
+        let dtype = a.dtypes.first().copied().unwrap_or(Dtype::F32);
+        let rows = runtime()?.block_on(biogate::bench_grpc::run(
+            a.rows,
+            a.dim,
+            dtype,
+            &a.concurrency,
+            a.min_seconds,
+        ))?;
+        if a.json {
+            for r in &rows {
+                println!("{}", serde_json::to_string(r).expect("serialises"));
+            }
+        } else {
+            println!(
+                "gallery: {} x {} {dtype}, k = 10, cpu engine, {} threads",
+                a.rows,
+                a.dim,
+                rayon::current_num_threads()
+            );
+            print!("{}", biogate::bench_grpc::format_table(&rows));
+        }
+        return Ok(());
+    }
     let engine = engine_for(a.backend);
     let max_batch = a.batches.iter().copied().max().unwrap_or(1);
     let min_time = Duration::from_secs_f64(a.min_seconds);
@@ -748,8 +779,9 @@ fn demo(a: DemoArgs) -> Result<()> {
         spec.subjects, spec.samples, spec.dim, a.dtype
     );
     let data = generate(&spec)?;
-    let dir = std::env::temp_dir().join(format!("biogate-demo-{}", std::process::id()));
-    let _cleanup = RemoveOnDrop(dir.clone());
+    let data_dir = std::env::temp_dir().join(format!("biogate-demo-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(data_dir.clone());
+    let dir = data_dir.join("galleries").join("demo");
     let mut g = Gallery::create(&dir, spec.dim, a.dtype)?;
     let t = Instant::now();
     let mut source = MemoryImport::new(spec.dim, &data.gallery, &data.gallery_ids)?;
@@ -819,7 +851,54 @@ fn demo(a: DemoArgs) -> Result<()> {
     if rank1 as f64 / n < 0.95 {
         return Err(Error::invalid("demo accuracy is unexpectedly low"));
     }
-    Ok(())
+    drop(g);
+    runtime()?.block_on(demo_over_grpc(&data_dir, &data, k))
+}
+
+/// The same gallery served over gRPC on loopback: identify through a real client.
+async fn demo_over_grpc(data_dir: &std::path::Path, data: &biogate::synth::SynthData, k: usize) -> Result<()> {
+    use biogate::client::{Client, ConnectOptions};
+    let config = Config {
+        data_dir: data_dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().expect("address"),
+        metrics_listen: None,
+        default_gallery: None,
+        ..Config::default()
+    };
+    let server = biogate::server::start(config).await?;
+    let client = Client::connect(&ConnectOptions {
+        addr: format!("http://{}", server.addr),
+        ..Default::default()
+    })
+    .await?;
+    let dim = data.dim;
+    let t = Instant::now();
+    let mut right = 0;
+    let mut tasks = Vec::new();
+    for i in 0..data.mated_ids.len() {
+        let (client, probe) = (client.clone(), data.mated[i * dim..(i + 1) * dim].to_vec());
+        tasks.push(tokio::spawn(async move {
+            client.identify("demo", &probe, dim, k as u32, Some(0.4)).await
+        }));
+    }
+    for (t, id) in tasks.into_iter().zip(&data.mated_ids) {
+        let r = t.await.map_err(|e| Error::invalid(e.to_string()))??;
+        right += usize::from(r[0].matched && r[0].candidates.first().is_some_and(|c| &c.subject == id));
+    }
+    let wall = t.elapsed().as_secs_f64();
+    let one = Instant::now();
+    client
+        .identify("demo", &data.mated[..dim], dim, k as u32, Some(0.4))
+        .await?;
+    println!(
+        "over gRPC (server on {}): {} concurrent single-probe requests, {right} matched to their subject, {:.0} probes/s; one request {:.2} ms",
+        server.addr,
+        data.mated_ids.len(),
+        data.mated_ids.len() as f64 / wall,
+        one.elapsed().as_secs_f64() * 1e3
+    );
+    println!("to serve your own galleries: biogate serve   (then: biogate client galleries)");
+    server.shutdown().await
 }
 
 struct RemoveOnDrop(PathBuf);

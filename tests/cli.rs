@@ -210,6 +210,10 @@ fn the_demo_runs_with_no_setup() {
     let out = ok(&["demo", "--subjects", "500"]);
     assert!(out.contains("rank-1 100.0%"), "{out}");
     assert!(out.contains("probes/s"), "{out}");
+    assert!(
+        out.contains("over gRPC") && out.contains("500 matched to their subject"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -146,3 +146,31 @@ impl Config {
         Duration::from_micros(self.max_wait_us)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_and_unknown_fields_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, include_str!("../../biogate.example.toml")).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.listen.port(), 50051);
+        assert_eq!(c.tokens.len(), 3);
+        assert_eq!(c.tokens[1].roles, [Role::Identify, Role::Enroll]);
+        assert_eq!(c.default_gallery.unwrap().dtype, Dtype::I8);
+        assert!(c.tls.unwrap().client_ca.is_some());
+
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\nmax_batsh = 3\n").unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("max_batsh"), "{e}");
+        std::fs::write(
+            &path,
+            "[[tokens]]\nname = \"x\"\ntoken = \"short\"\nroles = [\"identify\"]\n",
+        )
+        .unwrap();
+        assert!(Config::load(&path).unwrap_err().to_string().contains("shorter than 16"));
+    }
+}

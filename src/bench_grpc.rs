@@ -1,0 +1,154 @@
+//! `biogate bench --grpc`: the server under load on loopback. Builds a gallery, times
+//! the engine alone at batch 1 and batch 256 on it, then starts the real server and
+//! runs 1, 16 and 256 concurrent clients that each send single-probe Identify calls,
+//! reporting throughput and p50/p99 latency beside the engine's own numbers.
+
+use crate::bench::random_unit_rows;
+use crate::client::{Client, ConnectOptions};
+use crate::engine::{Engine, SearchParams};
+use crate::error::{Error, Result};
+use crate::gallery::{Gallery, ImportOptions};
+use crate::npy::MemoryImport;
+use crate::server::config::Config;
+use crate::template::Dtype;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One line of the report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LoadRow {
+    pub what: String,
+    pub concurrency: usize,
+    pub requests: usize,
+    pub probes_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Run the load benchmark on a `rows x dim` gallery of `dtype`.
+pub async fn run(rows: usize, dim: usize, dtype: Dtype, concurrency: &[usize], seconds: f64) -> Result<Vec<LoadRow>> {
+    let dir = std::env::temp_dir().join(format!("biogate-grpc-bench-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let gallery_dir = dir.join("galleries").join("bench");
+    std::fs::create_dir_all(dir.join("galleries")).map_err(|e| Error::Io {
+        context: "bench dir".into(),
+        source: e,
+    })?;
+    {
+        let mut g = Gallery::create(&gallery_dir, dim, dtype)?;
+        let data = random_unit_rows(rows, dim, 7);
+        let ids: Vec<String> = (0..rows).map(|i| format!("r{i:09}")).collect();
+        g.import(
+            &mut MemoryImport::new(dim, &data, &ids)?,
+            ImportOptions::default(),
+            &|_| {},
+        )?;
+    }
+    let probes = Arc::new(random_unit_rows(1024, dim, 8));
+    let params = SearchParams { k: 10, threshold: None };
+    let mut out = Vec::new();
+
+    // The engine alone, on the same gallery.
+    let snapshot = crate::gallery::open_snapshot(&gallery_dir)?;
+    let engine = Engine::cpu();
+    for batch in [1usize, 256] {
+        engine.search(&snapshot, &probes[..batch * dim], &params)?;
+        let mut times = Vec::new();
+        let start = Instant::now();
+        while times.len() < 3 || start.elapsed().as_secs_f64() < seconds {
+            let t = Instant::now();
+            engine.search(&snapshot, &probes[..batch * dim], &params)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        out.push(LoadRow {
+            what: format!("engine batch {batch}"),
+            concurrency: 1,
+            requests: times.len(),
+            probes_per_s: batch as f64 * 1e3 / percentile(&times, 0.5),
+            p50_ms: percentile(&times, 0.5),
+            p99_ms: percentile(&times, 0.99),
+        });
+    }
+    drop(snapshot);
+
+    // The real server on loopback.
+    let config = Config {
+        data_dir: dir.clone(),
+        listen: "127.0.0.1:0".parse().expect("address"),
+        metrics_listen: None,
+        default_gallery: None,
+        ..Config::default()
+    };
+    let server = crate::server::start(config).await?;
+    let client = Client::connect(&ConnectOptions {
+        addr: format!("http://{}", server.addr),
+        ..Default::default()
+    })
+    .await?;
+    for &c in concurrency {
+        // Warm up the connection and the gallery's pages.
+        client.identify("bench", &probes[..dim], dim, 10, None).await?;
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..c {
+            let (client, probes) = (client.clone(), probes.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut i = t;
+                while latencies.len() < 2 || Instant::now() < deadline {
+                    let p = &probes[(i % 1024) * dim..(i % 1024 + 1) * dim];
+                    let t0 = Instant::now();
+                    client.identify("bench", p, dim, 10, None).await?;
+                    latencies.push(t0.elapsed().as_secs_f64() * 1e3);
+                    i += c;
+                }
+                Ok::<_, Error>(latencies)
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.map_err(|e| Error::invalid(e.to_string()))??);
+        }
+        let wall = start.elapsed().as_secs_f64();
+        all.sort_by(f64::total_cmp);
+        out.push(LoadRow {
+            what: "grpc single-probe clients".into(),
+            concurrency: c,
+            requests: all.len(),
+            probes_per_s: all.len() as f64 / wall,
+            p50_ms: percentile(&all, 0.5),
+            p99_ms: percentile(&all, 0.99),
+        });
+    }
+    server.shutdown().await?;
+    Ok(out)
+}
+
+/// The report as text.
+pub fn format_table(rows: &[LoadRow]) -> String {
+    let mut s = format!(
+        "{:<26} {:>11} {:>9} {:>11} {:>9} {:>9}\n",
+        "what", "concurrency", "requests", "probes/s", "p50 ms", "p99 ms"
+    );
+    for r in rows {
+        s += &format!(
+            "{:<26} {:>11} {:>9} {:>11.1} {:>9.2} {:>9.2}\n",
+            r.what, r.concurrency, r.requests, r.probes_per_s, r.p50_ms, r.p99_ms
+        );
+    }
+    s
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
