@@ -712,3 +712,53 @@ fn kill_9_during_enroll_streams_loses_nothing_acknowledged() {
     }
     assert!(acked.len() >= 45);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_streams_probes_and_gets_tagged_answers_and_errors() {
+    let data = tempfile::tempdir().unwrap();
+    let h = start(config(data.path())).await.unwrap();
+    let c = connect(&h, None).await;
+    create(&c, "g", "i8").await;
+    let rows = random_rows(&mut rng(9), 50, DIM);
+    c.enroll("g", &rows, DIM, &ids("s", 50)).await.unwrap();
+    let mut requests: Vec<proto::IdentifyStreamRequest> = (0..50)
+        .map(|i| proto::IdentifyStreamRequest {
+            request_id: format!("gate7-{i}"),
+            gallery: "g".into(),
+            probe: pack(&rows[i * DIM..(i + 1) * DIM]),
+            k: 3,
+            threshold: Some(0.5),
+        })
+        .collect();
+    // Two bad probes in the middle: their errors come back tagged, the rest are served.
+    requests[10].probe.truncate(8);
+    requests[20].gallery = "nope".into();
+    let mut responses = c
+        .inner
+        .clone()
+        .identify_stream(c.request(tokio_stream::iter(requests)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = std::collections::HashMap::new();
+    while let Some(r) = responses.message().await.unwrap() {
+        seen.insert(r.request_id.clone(), r);
+    }
+    assert_eq!(seen.len(), 50);
+    for i in 0..50 {
+        let r = &seen[&format!("gate7-{i}")];
+        match i {
+            10 => assert!(
+                r.error_code == Code::InvalidArgument as i32 && r.error_message.contains("probe"),
+                "{r:?}"
+            ),
+            20 => assert_eq!(r.error_code, Code::NotFound as i32),
+            _ => {
+                let res = r.result.as_ref().unwrap();
+                assert!(res.decided && res.matched);
+                assert_eq!(res.candidates[0].subject, format!("s-{i:05}"));
+            }
+        }
+    }
+    h.shutdown().await.unwrap();
+}

@@ -221,60 +221,105 @@ impl Service {
         Ok(results)
     }
 
+    /// Enroll a client stream in groups: every message that has already arrived (up to
+    /// `ENROLL_GROUP`) is validated and made durable with one log fsync and one audit
+    /// line. If a message is bad, the messages before it are still enrolled and the
+    /// error says how many were.
     async fn enroll_stream(
         &self,
         caller: &Caller,
         mut stream: Streaming<proto::EnrollRequest>,
     ) -> Result<proto::EnrollResponse, Status> {
+        const ENROLL_GROUP: usize = 256;
         let mut done = proto::EnrollResponse::default();
         let mut index = 0usize;
-        while let Some(msg) = stream.message().await? {
-            let fail = |s: Status| {
-                Status::new(
+        let mut ended = false;
+        while !ended {
+            // Wait for one message, then take whatever else is already here.
+            let Some(first) = stream.message().await? else { break };
+            let mut group = vec![first];
+            while group.len() < ENROLL_GROUP {
+                match tokio::time::timeout(Duration::ZERO, stream.message()).await {
+                    Ok(Ok(Some(m))) => group.push(m),
+                    Ok(Ok(None)) => {
+                        ended = true;
+                        break;
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => break, // nothing more has arrived yet
+                }
+            }
+            // Validate in order; a bad message cuts the group there.
+            let mut valid: Vec<(Arc<GalleryEntry>, proto::EnrollRequest, Enrollment)> = Vec::new();
+            let mut failure = None;
+            for msg in group {
+                match self.check_enrollment(&msg) {
+                    Ok((entry, enrollment)) => valid.push((entry, msg, enrollment)),
+                    Err(s) => {
+                        failure = Some((index + valid.len(), s));
+                        break;
+                    }
+                }
+            }
+            // Commit per gallery (a stream usually names one), in order.
+            let mut at = 0;
+            while at < valid.len() {
+                let gallery = valid[at].0.clone();
+                let end = at + valid[at..].iter().take_while(|v| Arc::ptr_eq(&v.0, &gallery)).count();
+                let batch: Vec<Enrollment> = valid[at..end].iter().map(|v| v.2.clone()).collect();
+                let templates: usize = valid[at..end].iter().map(|v| v.1.templates.len()).sum();
+                let writer = gallery.clone();
+                tokio::task::spawn_blocking(move || writer.write(|g| g.enroll(&batch)))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(status_of)?;
+                done.subjects += (end - at) as u64;
+                done.templates += templates as u64;
+                self.audit(AuditEntry {
+                    caller: &caller.name,
+                    gallery: &gallery.name,
+                    operation: "enroll",
+                    outcome: "ok",
+                    subjects: valid[at..end].iter().map(|v| (v.1.subject.as_str(), None)).collect(),
+                    count: templates,
+                })
+                .await?;
+                at = end;
+            }
+            index += valid.len();
+            if let Some((i, s)) = failure {
+                return Err(Status::new(
                     s.code(),
                     format!(
-                        "message {index}: {}; {} subjects ({} templates) from earlier messages are enrolled",
+                        "message {i}: {}; {} subjects ({} templates) from earlier messages are enrolled",
                         s.message(),
                         done.subjects,
                         done.templates
                     ),
-                )
-            };
-            let entry = self.gallery(&msg.gallery).map_err(fail)?;
-            check_subject_id(&msg.subject).map_err(status_of).map_err(fail)?;
-            if msg.templates.is_empty() {
-                return Err(fail(Status::invalid_argument("templates: no templates given")));
+                ));
             }
-            let dim = entry.snapshot().dim();
-            let mut templates = Vec::with_capacity(msg.templates.len() * dim);
-            for (i, t) in msg.templates.iter().enumerate() {
-                templates.extend(decode_template(t, dim, &format!("templates[{i}]")).map_err(fail)?);
-            }
-            let n = msg.templates.len();
-            let batch = [Enrollment {
-                subject: msg.subject.clone(),
-                templates,
-            }];
-            let writer = entry.clone();
-            tokio::task::spawn_blocking(move || writer.write(|g| g.enroll(&batch)))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(status_of)
-                .map_err(fail)?;
-            done.subjects += 1;
-            done.templates += n as u64;
-            index += 1;
-            self.audit(AuditEntry {
-                caller: &caller.name,
-                gallery: &msg.gallery,
-                operation: "enroll",
-                outcome: "ok",
-                subjects: vec![(msg.subject.as_str(), None)],
-                count: n,
-            })
-            .await?;
         }
         Ok(done)
+    }
+
+    fn check_enrollment(&self, msg: &proto::EnrollRequest) -> Result<(Arc<GalleryEntry>, Enrollment), Status> {
+        let entry = self.gallery(&msg.gallery)?;
+        check_subject_id(&msg.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
+        if msg.templates.is_empty() {
+            return Err(Status::invalid_argument("templates: no templates given"));
+        }
+        let dim = entry.snapshot().dim();
+        let mut templates = Vec::with_capacity(msg.templates.len() * dim);
+        for (i, t) in msg.templates.iter().enumerate() {
+            templates.extend(decode_template(t, dim, &format!("templates[{i}]"))?);
+        }
+        Ok((
+            entry,
+            Enrollment {
+                subject: msg.subject.clone(),
+                templates,
+            },
+        ))
     }
 
     fn info(entry: &GalleryEntry, backend: &str) -> Result<proto::GalleryInfo, Status> {
@@ -564,5 +609,86 @@ impl Biogate for Arc<Service> {
         }
         .await;
         self.finish("GetGallery", start, r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::batcher::BatchConfig;
+
+    async fn service(dir: &std::path::Path) -> Arc<Service> {
+        let config = Arc::new(Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        });
+        let registry = Arc::new(Registry::open(dir).unwrap());
+        let g = registry.create("g", 4, Dtype::F32).unwrap();
+        g.write(|w| {
+            w.enroll(&[Enrollment {
+                subject: "a".into(),
+                templates: vec![1.0, 0.0, 0.0, 0.0],
+            }])
+        })
+        .unwrap();
+        let metrics = Metrics::new();
+        let engine = Engine::cpu();
+        let batch = BatchConfig {
+            max_batch: 64,
+            max_wait: Duration::ZERO,
+            queue_capacity: 16,
+        };
+        Arc::new(Service {
+            registry,
+            batcher: Batcher::start(engine.clone(), batch, metrics.clone()),
+            engine,
+            audit: AuditLog::open(&dir.join("audit.log")).unwrap(),
+            metrics,
+            auth: Arc::new(Auth::new(&[])),
+            config,
+        })
+    }
+
+    fn identify_request(timeout: &str) -> Request<proto::IdentifyRequest> {
+        let probe = pack_f32(&[1.0, 0.0, 0.0, 0.0]);
+        let mut r = Request::new(proto::IdentifyRequest {
+            gallery: "g".into(),
+            probes: vec![probe],
+            k: 1,
+            threshold: None,
+        });
+        r.metadata_mut().insert("grpc-timeout", timeout.parse().unwrap());
+        r
+    }
+
+    fn pack_f32(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_deadline_that_passes_before_the_search_is_deadline_exceeded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = service(dir.path()).await;
+        let e = s.identify(identify_request("1n")).await.unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+        let ok = s.identify(identify_request("10S")).await.unwrap().into_inner();
+        assert_eq!(ok.results[0].candidates[0].subject, "a");
+        // Expired work is not audited as served.
+        let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        assert_eq!(audit.lines().count(), 1, "{audit}");
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let r = |v: &str| {
+            let mut r = Request::new(());
+            r.metadata_mut().insert("grpc-timeout", v.parse().unwrap());
+            deadline_of(&r).map(|d| d.saturating_duration_since(Instant::now()))
+        };
+        assert!(r("5S").unwrap() > Duration::from_millis(4900));
+        assert!(r("100m").unwrap() <= Duration::from_millis(100));
+        assert!(r("2H").unwrap() > Duration::from_secs(7000));
+        assert_eq!(r("5x"), None);
+        assert_eq!(r("S"), None);
     }
 }
