@@ -7,10 +7,13 @@
 pub mod bench;
 pub mod bench_grpc;
 pub mod client;
+pub mod dedup;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod gallery;
 pub mod npy;
+pub mod report;
 pub mod server;
 pub mod synth;
 pub mod template;

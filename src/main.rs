@@ -39,10 +39,57 @@ enum Command {
     Identify(IdentifyArgs),
     /// Measure probes/s and gallery GB/s per dtype and batch size.
     Bench(BenchArgs),
+    /// Accuracy report: rank-1/rank-k rates, FNIR at FPIR 0.001/0.003/0.01, DET and score plots.
+    Eval(EvalArgs),
+    /// N:N de-duplication: pairs of different subjects with near-identical templates.
+    Dedup(DedupArgs),
     /// Serve galleries over gRPC (defaults: ./biogate-data on 127.0.0.1:50051).
     Serve(ServeArgs),
     /// Talk to a running server.
     Client(ClientArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    dir: PathBuf,
+    /// Probes of enrolled subjects (.npy).
+    #[arg(long)]
+    mated: PathBuf,
+    /// Subject id of each mated probe, one per line.
+    #[arg(long)]
+    mated_ids: PathBuf,
+    /// Probes of people who are not enrolled (.npy).
+    #[arg(long)]
+    nonmated: PathBuf,
+    /// Candidate list length (rank-k rate, recall@k).
+    #[arg(short, default_value_t = 20)]
+    k: usize,
+    /// Rank criterion R for FNIR (1: identification mode; k: investigation mode).
+    #[arg(long, default_value_t = 1)]
+    rank: usize,
+    /// Also re-encode the gallery as f32, f16 and i8 in memory and report what each costs.
+    #[arg(long)]
+    compare_dtypes: bool,
+    /// Directory for report.md, report.json and the plots.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct DedupArgs {
+    dir: PathBuf,
+    /// Report pairs of different subjects scoring at or above this.
+    #[arg(long)]
+    threshold: Option<f32>,
+    /// Report each template's K nearest other subjects.
+    #[arg(long)]
+    top: Option<usize>,
+    /// Probes per engine batch.
+    #[arg(long, default_value_t = 1024)]
+    batch: usize,
+    /// Output CSV (subject_a,subject_b,score), sorted by score; OUT.checkpoint holds progress.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -328,9 +375,88 @@ fn run(command: Command) -> Result<()> {
         Command::Gallery(g) => gallery_command(g),
         Command::Identify(a) => identify(a),
         Command::Bench(a) => bench_command(a),
+        Command::Eval(a) => eval_command(a),
+        Command::Dedup(a) => dedup_command(a),
         Command::Serve(a) => runtime()?.block_on(serve(a)),
         Command::Client(a) => runtime()?.block_on(client(a)),
     }
+}
+
+fn eval_command(a: EvalArgs) -> Result<()> {
+    let snapshot = gallery::open_snapshot(&a.dir)?;
+    let (_, mdim, mated) = read_matrix(&a.mated)?;
+    let (_, ndim, nonmated) = read_matrix(&a.nonmated)?;
+    for (d, p) in [(mdim, &a.mated), (ndim, &a.nonmated)] {
+        if d != snapshot.dim() {
+            return Err(Error::invalid(format!(
+                "{}: dimension {d}, the gallery has {}",
+                p.display(),
+                snapshot.dim()
+            )));
+        }
+    }
+    let ids = biogate::npy::read_ids(&a.mated_ids)?;
+    let engine = Engine::cpu();
+    tracing::info!(gallery = %a.dir.display(), mated = ids.len(), nonmated = nonmated.len() / ndim, "eval");
+    let mut reports = Vec::new();
+    if a.compare_dtypes {
+        for dtype in Dtype::ALL {
+            let s = biogate::eval::reencode(&snapshot, dtype)?;
+            reports.push(biogate::eval::evaluate(
+                &engine, &s, &mated, &ids, &nonmated, a.k, a.rank,
+            )?);
+        }
+    } else {
+        reports.push(biogate::eval::evaluate(
+            &engine, &snapshot, &mated, &ids, &nonmated, a.k, a.rank,
+        )?);
+    }
+    biogate::report::write_report(&a.out, &reports)?;
+    print!("{}", biogate::report::summary_table(&reports));
+    println!("report: {}", a.out.join("report.md").display());
+    Ok(())
+}
+
+fn dedup_command(a: DedupArgs) -> Result<()> {
+    let options = biogate::dedup::DedupOptions {
+        threshold: a.threshold,
+        top: a.top,
+        batch: a.batch,
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("dedup [{bar:40}] {pos}/{len} templates ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    tracing::info!(gallery = %a.dir.display(), threshold = ?a.threshold, top = ?a.top, "dedup");
+    let t = Instant::now();
+    let outcome = biogate::dedup::dedup(&Engine::cpu(), &a.dir, options, &a.out, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+        true
+    })?;
+    bar.finish_and_clear();
+    match outcome {
+        biogate::dedup::DedupOutcome::Finished {
+            pairs,
+            rows,
+            resumed_from,
+        } => println!(
+            "searched {rows} templates against the gallery in {:.1} s{}: {pairs} pairs written to {}",
+            t.elapsed().as_secs_f64(),
+            if resumed_from > 0 {
+                format!(" (resumed at {resumed_from})")
+            } else {
+                String::new()
+            },
+            a.out.display()
+        ),
+        biogate::dedup::DedupOutcome::Interrupted { rows_done, rows } => {
+            println!("stopped at {rows_done} of {rows}; run again to resume")
+        }
+    }
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

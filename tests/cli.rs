@@ -237,3 +237,99 @@ fn bench_prints_a_table() {
         );
     }
 }
+
+#[test]
+fn eval_writes_a_report_and_dedup_writes_pairs() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let g = work.path().join("g");
+    ok(&[
+        "synth",
+        "--subjects",
+        "400",
+        "--samples",
+        "2",
+        "--dim",
+        "128",
+        "--probes",
+        "300",
+        "--out",
+        p(&data),
+    ]);
+    ok(&["gallery", "create", p(&g), "--dim", "128"]);
+    ok(&[
+        "gallery",
+        "import",
+        p(&g),
+        "--templates",
+        p(&data.join("gallery.npy")),
+        "--ids",
+        p(&data.join("gallery_ids.txt")),
+    ]);
+    let report = work.path().join("report");
+    let out = ok(&[
+        "eval",
+        p(&g),
+        "--mated",
+        p(&data.join("mated.npy")),
+        "--mated-ids",
+        p(&data.join("mated_ids.txt")),
+        "--nonmated",
+        p(&data.join("nonmated.npy")),
+        "-k",
+        "5",
+        "--compare-dtypes",
+        "--out",
+        p(&report),
+    ]);
+    assert!(
+        out.contains("| f32 | 1.0000 | 1.0000 |") && out.contains("| i8 |"),
+        "{out}"
+    );
+    for f in [
+        "report.md",
+        "report.json",
+        "det.svg",
+        "det.png",
+        "scores.svg",
+        "scores.png",
+    ] {
+        let bytes = std::fs::read(report.join(f)).unwrap_or_else(|_| panic!("{f} missing"));
+        assert!(bytes.len() > 1000, "{f} is too small");
+    }
+    assert!(std::fs::read(report.join("det.png")).unwrap().starts_with(b"\x89PNG"));
+    assert!(
+        std::fs::read_to_string(report.join("det.svg"))
+            .unwrap()
+            .contains("<svg")
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 3);
+    assert_eq!(json[0]["operating_points"][1]["target_fpir"].as_f64(), Some(0.003));
+
+    // No duplicates in this gallery at 0.5 (each subject's two samples share one id)...
+    let pairs = work.path().join("pairs.csv");
+    let out = ok(&["dedup", p(&g), "--threshold", "0.5", "--out", p(&pairs)]);
+    assert!(
+        out.contains("searched 800 templates") && out.contains(": 0 pairs"),
+        "{out}"
+    );
+    // ...until someone is enrolled twice under another id.
+    ok(&[
+        "gallery",
+        "import",
+        p(&g),
+        "--templates",
+        p(&data.join("mated.npy")),
+        "--ids",
+        p(&data.join("mated_ids.txt")),
+        "--add-to-existing",
+    ]);
+    let out = ok(&["dedup", p(&g), "--threshold", "0.5", "--out", p(&pairs)]);
+    assert!(
+        out.contains(": 0 pairs"),
+        "same ids are the same subject, not duplicates: {out}"
+    );
+    fails(&["dedup", p(&g), "--out", p(&pairs)], "needs --threshold, --top");
+}
