@@ -44,7 +44,7 @@ pub struct Enrollment {
 }
 
 /// A source of rows to import in bulk (a .npy file plus an id list, or memory).
-pub trait ImportSource {
+pub trait ImportSource: Send {
     /// Template dimension of the source.
     fn dim(&self) -> usize;
     /// Total rows, if known (for progress).
@@ -518,53 +518,69 @@ impl Gallery {
         let (dim, dtype) = (self.manifest.dim, self.manifest.dtype);
         let stride = row_stride(dtype, dim);
         let mut writer = SegmentWriter::create(tmp, dtype, dim)?;
-        let mut seen = HashSet::new();
-        let (mut values, mut ids) = (Vec::new(), Vec::new());
         let mut encoded = vec![0u8; CHUNK * stride];
         let mut scales = vec![0.0f32; CHUNK];
         let mut done = 0u64;
         let label = source.label();
-        loop {
-            values.clear();
-            ids.clear();
-            let n = source.read_chunk(CHUNK, &mut values, &mut ids)?;
-            if n == 0 {
-                break;
-            }
-            for (i, id) in ids.iter().enumerate() {
-                let row = done + i as u64;
-                check_subject_id(id).map_err(|e| e.in_context(&format!("{label} row {row}")))?;
-                if seen.insert(id.clone()) && !options.add_to_existing && self.snapshot.has_subject(id) {
-                    return Err(Error::AlreadyExists(format!(
-                        "subject {id:?} ({label} row {row}) is already enrolled in {}; nothing was imported \
-                         (pass --add-to-existing to add templates to enrolled subjects)",
-                        self.dir.display()
-                    )));
+        // A reader thread fills the next chunk while this one is encoded and written, so
+        // reading the input and writing the segment overlap (two chunks in flight at most).
+        std::thread::scope(|scope| {
+            let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel::<Result<(Vec<f32>, Vec<String>)>>(1);
+            scope.spawn(move || {
+                loop {
+                    let (mut values, mut ids) = (Vec::with_capacity(CHUNK * dim), Vec::with_capacity(CHUNK));
+                    let read = source.read_chunk(CHUNK, &mut values, &mut ids);
+                    let last = !matches!(read, Ok(n) if n > 0);
+                    if chunks_tx.send(read.map(|_| (values, ids))).is_err() || last {
+                        return;
+                    }
                 }
+            });
+            for chunk in chunks_rx {
+                let (values, ids) = chunk?;
+                let n = ids.len();
+                if n == 0 {
+                    break;
+                }
+                for (i, id) in ids.iter().enumerate() {
+                    check_subject_id(id).map_err(|e| e.in_context(&format!("{label} row {}", done + i as u64)))?;
+                }
+                let describe = |i: usize| format!("{label} row {}", done + i as u64);
+                encoded[..n * stride]
+                    .par_chunks_exact_mut(stride)
+                    .zip(values.par_chunks_exact(dim))
+                    .zip(scales[..n].par_iter_mut())
+                    .enumerate()
+                    .try_for_each_init(
+                        || vec![0.0f32; dim],
+                        |unit, (i, ((out, row), scale))| {
+                            normalize_into(row, unit, || describe(i))?;
+                            *scale = encode_row(dtype, unit, out);
+                            Ok::<(), Error>(())
+                        },
+                    )?;
+                for (i, id) in ids.iter().enumerate() {
+                    let first_row = writer.push(&encoded[i * stride..(i + 1) * stride], scales[i], id)?;
+                    if first_row && !options.add_to_existing && self.snapshot.has_subject(id) {
+                        return Err(Error::AlreadyExists(format!(
+                            "subject {id:?} ({label} row {}) is already enrolled in {}; nothing was imported \
+                             (pass --add-to-existing to add templates to enrolled subjects)",
+                            done + i as u64,
+                            self.dir.display()
+                        )));
+                    }
+                }
+                done += n as u64;
+                progress(done);
             }
-            let describe = |i: usize| format!("{label} row {}", done + i as u64);
-            encoded[..n * stride]
-                .par_chunks_exact_mut(stride)
-                .zip(values.par_chunks_exact(dim))
-                .zip(scales[..n].par_iter_mut())
-                .enumerate()
-                .try_for_each(|(i, ((out, row), scale))| {
-                    let mut unit = vec![0.0f32; dim];
-                    normalize_into(row, &mut unit, || describe(i))?;
-                    *scale = encode_row(dtype, &unit, out);
-                    Ok::<(), Error>(())
-                })?;
-            for i in 0..n {
-                writer.push(&encoded[i * stride..(i + 1) * stride], scales[i], &ids[i])?;
-            }
-            done += n as u64;
-            progress(done);
-        }
+            Ok(())
+        })?;
         if done == 0 {
             return Err(Error::invalid("the import source has no templates"));
         }
+        let subjects = writer.subjects() as u64;
         writer.finish()?;
-        Ok((done, seen.len() as u64))
+        Ok((done, subjects))
     }
 
     /// Rewrite every live row (segments minus deletions, plus the log's rows) into one

@@ -301,10 +301,17 @@ impl SegmentWriter {
     }
 
     /// Append one already-encoded row (exactly one stride) with its scale and subject.
-    pub fn push(&mut self, encoded: &[u8], scale: f32, subject: &str) -> Result<()> {
+    /// Returns whether this is the subject's first row in the segment.
+    pub fn push(&mut self, encoded: &[u8], scale: f32, subject: &str) -> Result<bool> {
         assert_eq!(encoded.len(), self.stride(), "encoded row must be one stride");
-        let next = self.subject_index.len() as u32;
-        let ordinal = *self.subject_index.entry(subject.to_owned()).or_insert(next);
+        let (ordinal, new) = match self.subject_index.get(subject) {
+            Some(&o) => (o, false),
+            None => {
+                let o = self.subject_index.len() as u32;
+                self.subject_index.insert(subject.to_owned(), o);
+                (o, true)
+            }
+        };
         self.out
             .write_all(encoded)
             .ctx(|| format!("writing {}", self.path.display()))?;
@@ -317,7 +324,12 @@ impl SegmentWriter {
         }
         self.scales.push(scale);
         self.row_subject.push(ordinal);
-        Ok(())
+        Ok(new)
+    }
+
+    /// Distinct subjects written so far.
+    pub fn subjects(&self) -> usize {
+        self.subject_index.len()
     }
 
     /// Write the metadata and header, fsync, and return the finished file's path.

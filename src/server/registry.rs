@@ -78,6 +78,12 @@ impl Registry {
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
+            if name.starts_with(".dropped-") {
+                // A drop that crashed after moving the gallery aside: finish it.
+                tracing::info!(dir = %entry.path().display(), "removing a dropped gallery");
+                std::fs::remove_dir_all(entry.path()).ctx(|| format!("removing {}", entry.path().display()))?;
+                continue;
+            }
             if check_gallery_name(&name).is_err() || !entry.path().is_dir() {
                 continue;
             }
