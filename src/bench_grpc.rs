@@ -77,13 +77,7 @@ pub async fn run(rows: usize, dim: usize, dtype: Dtype, concurrency: &[usize], s
     drop(snapshot);
 
     // The real server on loopback.
-    let config = Config {
-        data_dir: dir.clone(),
-        listen: "127.0.0.1:0".parse().expect("address"),
-        metrics_listen: None,
-        default_gallery: None,
-        ..Config::default()
-    };
+    let config = Config::loopback(&dir);
     let server = crate::server::start(config).await?;
     let client = Client::connect(&ConnectOptions {
         addr: format!("http://{}", server.addr),

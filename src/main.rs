@@ -984,13 +984,7 @@ fn demo(a: DemoArgs) -> Result<()> {
 /// The same gallery served over gRPC on loopback: identify through a real client.
 async fn demo_over_grpc(data_dir: &std::path::Path, data: &biogate::synth::SynthData, k: usize) -> Result<()> {
     use biogate::client::{Client, ConnectOptions};
-    let config = Config {
-        data_dir: data_dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().expect("address"),
-        metrics_listen: None,
-        default_gallery: None,
-        ..Config::default()
-    };
+    let config = Config::loopback(data_dir);
     let server = biogate::server::start(config).await?;
     let client = Client::connect(&ConnectOptions {
         addr: format!("http://{}", server.addr),

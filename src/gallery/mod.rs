@@ -119,6 +119,17 @@ struct LoadedState {
     wal_torn_bytes: u64,
 }
 
+impl LoadedState {
+    fn into_snapshot(self) -> Snapshot {
+        Snapshot::new(
+            self.manifest.dim,
+            self.manifest.dtype,
+            self.segments,
+            Arc::new(self.memtable),
+        )
+    }
+}
+
 fn load_state(dir: &Path) -> Result<LoadedState> {
     let manifest = Manifest::load(dir)?;
     check_dim(manifest.dim)?;
@@ -195,14 +206,7 @@ pub fn open_snapshot(dir: &Path) -> Result<Snapshot> {
     let mut attempt = 0;
     loop {
         match load_state(dir) {
-            Ok(s) => {
-                return Ok(Snapshot::new(
-                    s.manifest.dim,
-                    s.manifest.dtype,
-                    s.segments,
-                    Arc::new(s.memtable),
-                ));
-            }
+            Ok(s) => return Ok(s.into_snapshot()),
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && attempt < 3 => {
                 attempt += 1;
             }
@@ -225,13 +229,8 @@ pub fn check(dir: &Path) -> Result<GalleryInfo> {
             state.wal_torn_bytes
         )));
     }
-    let snapshot = Snapshot::new(
-        state.manifest.dim,
-        state.manifest.dtype,
-        state.segments,
-        Arc::new(state.memtable),
-    );
-    info_of(dir, &snapshot, state.tombstones)
+    let tombstones = state.tombstones;
+    info_of(dir, &state.into_snapshot(), tombstones)
 }
 
 fn info_of(dir: &Path, snapshot: &Snapshot, tombstones: usize) -> Result<GalleryInfo> {
@@ -256,13 +255,8 @@ fn info_of(dir: &Path, snapshot: &Snapshot, tombstones: usize) -> Result<Gallery
 /// Gallery info without the writer lock.
 pub fn info(dir: &Path) -> Result<GalleryInfo> {
     let state = load_state(dir)?;
-    let snapshot = Snapshot::new(
-        state.manifest.dim,
-        state.manifest.dtype,
-        state.segments,
-        Arc::new(state.memtable),
-    );
-    info_of(dir, &snapshot, state.tombstones)
+    let tombstones = state.tombstones;
+    info_of(dir, &state.into_snapshot(), tombstones)
 }
 
 fn lock_dir(dir: &Path) -> Result<File> {
@@ -325,23 +319,23 @@ impl Gallery {
         }
         let wal = WalWriter::open(&dir.join(&state.manifest.wal), state.wal_valid_len)?;
         remove_orphans(dir, &state.manifest)?;
-        let mut gallery = Gallery {
+        let memtable = Arc::new(state.memtable);
+        let snapshot = Arc::new(Snapshot::new(
+            state.manifest.dim,
+            state.manifest.dtype,
+            state.segments.clone(),
+            memtable.clone(),
+        ));
+        Ok(Gallery {
             dir: dir.to_path_buf(),
             _lock: lock,
             manifest: state.manifest,
             segments: state.segments,
             tombstones: state.tombstones,
-            memtable: Arc::new(state.memtable),
+            memtable,
             wal,
-            snapshot: Arc::new(Snapshot::new(
-                1,
-                Dtype::F32,
-                Vec::new(),
-                Arc::new(MemTable::new(Dtype::F32, 1)),
-            )),
-        };
-        gallery.publish();
-        Ok(gallery)
+            snapshot,
+        })
     }
 
     fn publish(&mut self) {

@@ -141,6 +141,18 @@ impl Config {
         Ok(())
     }
 
+    /// A server on an ephemeral loopback port over `data_dir`, with no metrics endpoint
+    /// and no default gallery (demos, benchmarks, tests).
+    pub fn loopback(data_dir: &Path) -> Config {
+        Config {
+            data_dir: data_dir.to_path_buf(),
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            metrics_listen: None,
+            default_gallery: None,
+            ..Config::default()
+        }
+    }
+
     /// The batching wait as a duration.
     pub fn max_wait(&self) -> Duration {
         Duration::from_micros(self.max_wait_us)

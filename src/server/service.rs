@@ -115,6 +115,17 @@ struct IdentifyQuery<'a> {
     field: &'a str,
 }
 
+/// Run a blocking library call (disk writes, a verify scan) off the async threads and map
+/// its error to a status.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(status_of)
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<proto::IdentifyStreamResponse, Status>> + Send>>;
 
 impl Service {
@@ -269,10 +280,7 @@ impl Service {
                 let batch: Vec<Enrollment> = valid[at..end].iter().map(|v| v.2.clone()).collect();
                 let templates: usize = valid[at..end].iter().map(|v| v.1.templates.len()).sum();
                 let writer = gallery.clone();
-                tokio::task::spawn_blocking(move || writer.write(|g| g.enroll(&batch)))
-                    .await
-                    .map_err(|e| Status::internal(e.to_string()))?
-                    .map_err(status_of)?;
+                blocking(move || writer.write(|g| g.enroll(&batch))).await?;
                 done.subjects += (end - at) as u64;
                 done.templates += templates as u64;
                 self.audit(AuditEntry {
@@ -443,10 +451,8 @@ impl Biogate for Arc<Service> {
             let probe = decode_template(&req.probe, snapshot.dim(), "probe")?;
             let engine = self.engine.clone();
             let subject = req.subject.clone();
-            let score = tokio::task::spawn_blocking(move || engine.verify(&snapshot, &probe, &subject))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(status_of)?
+            let score = blocking(move || engine.verify(&snapshot, &probe, &subject))
+                .await?
                 .ok_or_else(|| {
                     Status::not_found(format!(
                         "subject: {:?} is not enrolled in {:?}",
@@ -496,10 +502,7 @@ impl Biogate for Arc<Service> {
             check_subject_id(&req.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
             let entry = self.gallery(&req.gallery)?;
             let subject = req.subject.clone();
-            tokio::task::spawn_blocking(move || entry.write(|g| g.delete_subject(&subject)))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(status_of)?;
+            blocking(move || entry.write(|g| g.delete_subject(&subject))).await?;
             self.audit(AuditEntry {
                 caller: &caller.name,
                 gallery: &req.gallery,
@@ -528,10 +531,7 @@ impl Biogate for Arc<Service> {
             })?;
             let registry = self.registry.clone();
             let name = req.name.clone();
-            let entry = tokio::task::spawn_blocking(move || registry.create(&name, req.dim as usize, dtype))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(status_of)?;
+            let entry = blocking(move || registry.create(&name, req.dim as usize, dtype)).await?;
             self.audit(AuditEntry {
                 caller: &caller.name,
                 gallery: &req.name,
@@ -558,10 +558,7 @@ impl Biogate for Arc<Service> {
             let req = request.into_inner();
             let registry = self.registry.clone();
             let name = req.name.clone();
-            tokio::task::spawn_blocking(move || registry.drop_gallery(&name))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(status_of)?;
+            blocking(move || registry.drop_gallery(&name)).await?;
             self.audit(AuditEntry {
                 caller: &caller.name,
                 gallery: &req.name,
