@@ -122,6 +122,38 @@ fn engine_matches_reference_on_odd_sizes() {
 }
 
 #[test]
+fn sealing_the_log_keeps_every_answer_and_pending_deletions() {
+    for dtype in Dtype::ALL {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments, log rows, deletions against segments and a re-enrolled subject.
+        let (mut g, mut model) = build(dir.path(), 17, dtype, 2057, 5);
+        let probes = random_rows(&mut rng(6), 9, 17);
+        let log_before = g.log_rows();
+        assert!(log_before > 0);
+        assert_eq!(g.seal_log().unwrap(), log_before);
+        assert_eq!(g.log_rows(), 0);
+        check_engine(&Engine::cpu(), &g.snapshot(), &model, &probes, dtype);
+        // Deleting and enrolling after the seal, then reopening, still agrees.
+        let victim = model.subjects()[3].clone();
+        g.delete_subject(&victim).unwrap();
+        model.delete(&victim);
+        let t = random_rows(&mut rng(7), 2, 17);
+        g.enroll(&[Enrollment {
+            subject: victim.clone(),
+            templates: t.clone(),
+        }])
+        .unwrap();
+        model.add(&victim, &t, 17);
+        g.seal_log().unwrap();
+        drop(g);
+        let g = Gallery::open(dir.path()).unwrap();
+        check_engine(&Engine::cpu(), &g.snapshot(), &model, &probes, dtype);
+        assert_eq!(g.info().unwrap().segments, 4, "two imports and two seals");
+        biogate::gallery::check(dir.path()).unwrap();
+    }
+}
+
+#[test]
 fn ties_are_broken_by_subject_id_everywhere() {
     // Identical templates under many ids, spread over a segment and the log: every
     // score ties, so the list must be the smallest ids in order.

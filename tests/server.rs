@@ -762,3 +762,33 @@ async fn a_gate_streams_probes_and_gets_tagged_answers_and_errors() {
     }
     h.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_server_seals_the_log_and_loses_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.seal_log_rows = 16;
+    let h = start(cfg.clone()).await.unwrap();
+    let c = connect(&h, None).await;
+    create(&c, "g", "f16").await;
+    let rows = random_rows(&mut rng(12), 60, DIM);
+    let names = ids("s", 60);
+    for chunk in 0..6 {
+        let r = chunk * 10..(chunk + 1) * 10;
+        c.enroll("g", &rows[r.start * DIM..r.end * DIM], DIM, &names[r])
+            .await
+            .unwrap();
+    }
+    let info = biogate::gallery::info(&data.path().join("galleries/g")).unwrap();
+    assert!(info.segments >= 2 && info.log_rows < 16, "the log was sealed: {info:?}");
+    let res = c.identify("g", &rows, DIM, 1, None).await.unwrap();
+    for (i, r) in res.iter().enumerate() {
+        assert_eq!(r.candidates[0].subject, names[i]);
+    }
+    h.shutdown().await.unwrap();
+    let h = start(cfg).await.unwrap();
+    let c = connect(&h, None).await;
+    let res = c.identify("g", &rows, DIM, 1, None).await.unwrap();
+    assert!(res.iter().zip(&names).all(|(r, n)| &r.candidates[0].subject == n));
+    h.shutdown().await.unwrap();
+}

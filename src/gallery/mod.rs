@@ -577,6 +577,81 @@ impl Gallery {
         Ok((done, subjects))
     }
 
+    /// Rows held in the log (and in memory) since the last seal or compaction.
+    pub fn log_rows(&self) -> usize {
+        self.memtable.rows()
+    }
+
+    /// Seal the log: write its rows into a new segment and start a new log that holds
+    /// only the deletions still pending against older segments. Cheap (proportional to
+    /// the log, not the gallery), so a server can do it while running; commits
+    /// atomically through the manifest. Returns the number of rows sealed.
+    pub fn seal_log(&mut self) -> Result<usize> {
+        let rows = self.memtable.rows();
+        if rows == 0 {
+            return Ok(0);
+        }
+        let (dim, dtype) = (self.manifest.dim, self.manifest.dtype);
+        let id = self.manifest.next_file_id;
+        let wal_id = id + 1;
+        let file = segment_file_name(id);
+        let tmp = self.dir.join(format!("{file}.tmp"));
+        let mut writer = SegmentWriter::create(&tmp, dtype, dim)?;
+        let table = self.memtable.clone();
+        let stride = table.stride();
+        for r in 0..rows {
+            let subject = &table.subject_ids()[table.row_subjects()[r] as usize];
+            if let Err(e) = writer.push(&table.data()[r * stride..(r + 1) * stride], table.scales()[r], subject) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        writer.finish()?;
+        let path = self.dir.join(&file);
+        std::fs::rename(&tmp, &path).ctx(|| format!("renaming {}", tmp.display()))?;
+        // Deletions pending against the older segments, once per subject, marked so they
+        // reach every segment that existed when the subject was deleted (and none newer).
+        let mut pending: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+        for (view, entry) in self.segments.iter().zip(&self.manifest.segments) {
+            for &o in &view.dead_subjects {
+                let mark = pending.entry(view.segment.subject_id(o)).or_insert(0);
+                *mark = (*mark).max(entry.id + 1);
+            }
+        }
+        let records: Vec<WalRecord> = pending
+            .iter()
+            .map(|(s, &before)| WalRecord::Delete {
+                subject: (*s).to_owned(),
+                segments_before: before,
+            })
+            .collect();
+        let mut manifest = self.manifest.clone();
+        manifest.segments.push(SegmentEntry {
+            id,
+            file,
+            rows: rows as u64,
+        });
+        manifest.wal = wal_file_name(wal_id);
+        manifest.next_file_id = wal_id + 1;
+        let wal_path = self.dir.join(&manifest.wal);
+        let mut wal = WalWriter::open(&wal_path, 0)?;
+        wal.append(&records)?;
+        sync_dir(&self.dir)?;
+        manifest.store(&self.dir)?;
+        // Committed: the new segment replaces the log's rows.
+        self.manifest = manifest;
+        self.wal = wal;
+        self.segments.push(SegmentView {
+            segment: Arc::new(Segment::open(&path)?),
+            dead_subjects: Vec::new(),
+        });
+        self.tombstones = records.len();
+        self.memtable = Arc::new(MemTable::new(dtype, dim));
+        self.publish();
+        remove_orphans(&self.dir, &self.manifest)?;
+        Ok(rows)
+    }
+
     /// Rewrite every live row (segments minus deletions, plus the log's rows) into one
     /// new segment and start an empty log; commits atomically through the manifest.
     pub fn compact(&mut self) -> Result<CompactReport> {

@@ -34,6 +34,9 @@ pub struct Config {
     pub max_k: usize,
     /// Most probes in one Identify request.
     pub max_probes_per_request: usize,
+    /// Seal a gallery's log into a segment once it holds this many templates (keeps
+    /// memory, log size and start-up replay bounded while the server runs).
+    pub seal_log_rows: usize,
     /// How long a graceful shutdown waits for in-flight requests (and open streams, such
     /// as health watches) before it cuts them off.
     pub shutdown_grace_ms: u64,
@@ -100,6 +103,7 @@ impl Default for Config {
             max_k: 100,
             max_probes_per_request: 1024,
             shutdown_grace_ms: 10_000,
+            seal_log_rows: 100_000,
             tls: None,
             tokens: Vec::new(),
         }

@@ -280,7 +280,24 @@ impl Service {
                 let batch: Vec<Enrollment> = valid[at..end].iter().map(|v| v.2.clone()).collect();
                 let templates: usize = valid[at..end].iter().map(|v| v.1.templates.len()).sum();
                 let writer = gallery.clone();
-                blocking(move || writer.write(|g| g.enroll(&batch))).await?;
+                let seal_at = self.config.seal_log_rows;
+                blocking(move || {
+                    writer.write(|g| {
+                        let n = g.enroll(&batch)?;
+                        if g.log_rows() >= seal_at {
+                            // The enrollment is durable either way: a failed seal is
+                            // logged and retried on the next enroll, not reported.
+                            match g.seal_log() {
+                                Ok(rows) => tracing::info!(gallery = %g.dir().display(), rows, "sealed the log"),
+                                Err(e) => {
+                                    tracing::error!(gallery = %g.dir().display(), error = %e, "sealing the log failed")
+                                }
+                            }
+                        }
+                        Ok(n)
+                    })
+                })
+                .await?;
                 done.subjects += (end - at) as u64;
                 done.templates += templates as u64;
                 self.audit(AuditEntry {
