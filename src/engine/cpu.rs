@@ -65,19 +65,21 @@ impl CpuBackend {
             match slab.dtype {
                 Dtype::F32 => {
                     let rows: &[f32] = bytemuck::cast_slice(bytes);
-                    let p: Vec<&[f32]> = group.clone().map(|q| probes.float_probe(q)).collect();
-                    tile_f32(self.isa, &p, rows, probes.len, &mut scratch.scores);
+                    let p: [&[f32]; PROBE_GROUP] =
+                        std::array::from_fn(|j| probes.float_probe(group.start + j.min(m - 1)));
+                    tile_f32(self.isa, &p[..m], rows, probes.len, &mut scratch.scores);
                 }
                 Dtype::F16 => {
                     let rows: &[half::f16] = bytemuck::cast_slice(bytes);
-                    let p: Vec<&[f32]> = group.clone().map(|q| probes.float_probe(q)).collect();
-                    tile_f16(self.isa, &p, rows, probes.len, &mut scratch.scores);
+                    let p: [&[f32]; PROBE_GROUP] =
+                        std::array::from_fn(|j| probes.float_probe(group.start + j.min(m - 1)));
+                    tile_f16(self.isa, &p[..m], rows, probes.len, &mut scratch.scores);
                 }
                 Dtype::I8 => {
                     let rows: &[i8] = bytemuck::cast_slice(bytes);
-                    let p: Vec<&[i16]> = group.clone().map(|q| probes.i8_probe(q)).collect();
+                    let p: [&[i16]; PROBE_GROUP] = std::array::from_fn(|j| probes.i8_probe(group.start + j.min(m - 1)));
                     scratch.raw.resize(m * n, 0);
-                    tile_i8(self.isa, &p, rows, probes.len, &mut scratch.raw);
+                    tile_i8(self.isa, &p[..m], rows, probes.len, &mut scratch.raw);
                     for (j, q) in group.clone().enumerate() {
                         let ps = probes.scales[q];
                         let raw = &scratch.raw[j * n..(j + 1) * n];

@@ -7,7 +7,7 @@ use super::memtable::MemTable;
 use super::segment::Segment;
 use crate::template::Dtype;
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A sealed segment plus the ordinals of its subjects deleted since it was sealed.
 #[derive(Clone)]
@@ -24,6 +24,8 @@ pub struct Snapshot {
     dtype: Dtype,
     segments: Vec<SegmentView>,
     memtable: Arc<MemTable>,
+    /// Counted once per snapshot (a snapshot never changes): (live rows, live subjects).
+    counts: OnceLock<(usize, usize)>,
 }
 
 /// Where a slab's subject ids come from.
@@ -106,6 +108,7 @@ impl Snapshot {
             dtype,
             segments,
             memtable,
+            counts: OnceLock::new(),
         }
     }
 
@@ -166,6 +169,16 @@ impl Snapshot {
 
     /// Live rows (templates) searchable in this snapshot.
     pub fn live_rows(&self) -> usize {
+        self.counts().0
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        *self
+            .counts
+            .get_or_init(|| (self.count_live_rows(), self.count_live_subjects()))
+    }
+
+    fn count_live_rows(&self) -> usize {
         self.slabs()
             .iter()
             .map(|s| {
@@ -188,8 +201,12 @@ impl Snapshot {
             })
     }
 
-    /// Number of distinct live subjects (reads every id: for reports, not hot paths).
+    /// Number of distinct live subjects (reads every id once per snapshot, then cached).
     pub fn live_subjects(&self) -> usize {
+        self.counts().1
+    }
+
+    fn count_live_subjects(&self) -> usize {
         let mut seen: HashSet<&str> = self.memtable.live_subjects().collect();
         for v in &self.segments {
             for o in 0..v.segment.subjects() as u32 {
