@@ -27,6 +27,10 @@ pub enum Error {
     /// A named thing already exists where a new one was asked for.
     #[error("already exists: {0}")]
     AlreadyExists(String),
+    /// The GPU failed: no adapter where one was required, a device error, a lost device,
+    /// or a kernel that did not fill its results.
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 /// Result with biogate's [`Error`].

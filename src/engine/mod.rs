@@ -6,6 +6,7 @@
 //! -> merge by subject id -> [`ProbeResult`]s.
 
 pub mod cpu;
+pub mod gpu;
 pub mod kernels;
 pub mod topk;
 

@@ -2,6 +2,7 @@
 //! rows but held in memory. Snapshots share it through an `Arc`; a writer copies it
 //! only if a search still holds the old version (`Arc::make_mut`).
 
+use super::snapshot::Origin;
 use crate::template::{Dtype, encode_row, row_stride};
 use std::collections::HashMap;
 
@@ -19,6 +20,10 @@ pub struct MemTable {
     rows_per_subject: Vec<u32>,
     /// `rank[ordinal]` = position of the subject's id in sorted order (the tie-break).
     rank: Vec<u32>,
+    /// Shared by clones: a clone only appends to the rows it shares with the original.
+    origin: Origin,
+    /// Deletions so far (they remove rows, so resident copies must start again).
+    removals: u64,
 }
 
 impl MemTable {
@@ -35,6 +40,8 @@ impl MemTable {
             index: HashMap::new(),
             rows_per_subject: Vec::new(),
             rank: Vec::new(),
+            origin: Origin::new(),
+            removals: 0,
         }
     }
 
@@ -85,6 +92,7 @@ impl MemTable {
         self.scales.truncate(keep);
         self.row_subject.truncate(keep);
         self.rows_per_subject[ordinal as usize] = 0;
+        self.removals += 1;
         removed
     }
 
@@ -100,6 +108,15 @@ impl MemTable {
         for (r, &o) in order.iter().enumerate() {
             self.rank[o as usize] = r as u32;
         }
+    }
+
+    /// Identity for caches of these rows.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+    /// Deletions applied so far.
+    pub fn removals(&self) -> u64 {
+        self.removals
     }
 
     /// Rows held.

@@ -24,7 +24,7 @@ use manifest::{Manifest, SegmentEntry, segment_file_name, sync_dir, wal_file_nam
 use memtable::MemTable;
 use rayon::prelude::*;
 use segment::{Segment, SegmentWriter};
-pub use snapshot::{SegmentView, Slab, Snapshot, SubjectIds};
+pub use snapshot::{Origin, SegmentView, Slab, SlabIdentity, Snapshot, SubjectIds};
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 //! [`Segment`] and scored in place (no copy into the heap).
 
 use super::format::{HEADER_BYTES, SEGMENT_MAGIC, SEGMENT_VERSION, SegmentHeader, align_up, chunk_rows_for};
+use super::snapshot::Origin;
 use crate::error::{Error, IoContext, Result};
 use crate::template::{Dtype, check_dim, row_stride};
 use memmap2::Mmap;
@@ -16,6 +17,7 @@ pub struct Segment {
     path: PathBuf,
     header: SegmentHeader,
     map: Mmap,
+    origin: Origin,
 }
 
 impl Segment {
@@ -66,6 +68,7 @@ impl Segment {
             path: path.to_path_buf(),
             header,
             map,
+            origin: Origin::new(),
         };
         segment.validate_layout()?;
         let meta = &segment.map[header.scales_offset as usize..];
@@ -190,6 +193,10 @@ impl Segment {
     /// Template dimension.
     pub fn dim(&self) -> usize {
         self.header.dim as usize
+    }
+    /// Identity for caches of these rows (the GPU's resident copy).
+    pub fn origin(&self) -> &Origin {
+        &self.origin
     }
     /// Number of rows (templates).
     pub fn rows(&self) -> usize {

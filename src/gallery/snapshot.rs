@@ -7,7 +7,8 @@ use super::memtable::MemTable;
 use super::segment::Segment;
 use crate::template::Dtype;
 use std::collections::HashSet;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 
 /// A sealed segment plus the ordinals of its subjects deleted since it was sealed.
 #[derive(Clone)]
@@ -26,6 +27,53 @@ pub struct Snapshot {
     memtable: Arc<MemTable>,
     /// Counted once per snapshot (a snapshot never changes): (live rows, live subjects).
     counts: OnceLock<(usize, usize)>,
+}
+
+/// The identity of a segment or of the log's rows, for caches that outlive one search
+/// (the GPU's resident copy of the gallery). Unique per process; clones of one memtable
+/// share it, because a clone only ever appends to the rows they share.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    uid: u64,
+    alive: Arc<()>,
+}
+
+impl Default for Origin {
+    fn default() -> Self {
+        Origin::new()
+    }
+}
+
+impl Origin {
+    /// A new identity.
+    pub fn new() -> Origin {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Origin {
+            uid: NEXT.fetch_add(1, Ordering::Relaxed),
+            alive: Arc::new(()),
+        }
+    }
+    /// The process-unique number.
+    pub fn uid(&self) -> u64 {
+        self.uid
+    }
+    /// A handle that stops upgrading once every holder of this origin is gone.
+    pub fn watch(&self) -> Weak<()> {
+        Arc::downgrade(&self.alive)
+    }
+}
+
+/// What a cache needs to know to reuse rows it copied from a slab earlier.
+#[derive(Clone, Debug)]
+pub struct SlabIdentity {
+    pub uid: u64,
+    /// Rows `0..n` are the same for equal `uid` and `removals` (a segment never changes;
+    /// the log's rows only grow until a deletion removes some, which bumps this).
+    pub removals: u64,
+    /// Subjects known to the slab: tie-break ranks of the log's rows change only when it grows.
+    pub subjects: usize,
+    /// Dead once no snapshot can hand out this slab again.
+    pub alive: Weak<()>,
 }
 
 /// Where a slab's subject ids come from.
@@ -89,13 +137,21 @@ impl<'a> Slab<'a> {
     pub fn is_dead(&self, ordinal: u32) -> bool {
         !self.dead_subjects.is_empty() && self.dead_subjects.binary_search(&ordinal).is_ok()
     }
-    /// A sub-range of rows (for sharding); ids and ranks stay those of the whole slab.
-    pub fn rows_range(&self, range: std::ops::Range<usize>) -> Slab<'a> {
-        Slab {
-            data: &self.data[range.start * self.stride..range.end * self.stride],
-            scales: &self.scales[range.clone()],
-            row_subject: &self.row_subject[range],
-            ..*self
+    /// Which rows these are, for caches (see [`SlabIdentity`]).
+    pub fn identity(&self) -> SlabIdentity {
+        match self.ids {
+            SubjectIds::Segment(s) => SlabIdentity {
+                uid: s.origin().uid(),
+                removals: 0,
+                subjects: s.subjects(),
+                alive: s.origin().watch(),
+            },
+            SubjectIds::Memtable(m) => SlabIdentity {
+                uid: m.origin().uid(),
+                removals: m.removals(),
+                subjects: m.subject_ids().len(),
+                alive: m.origin().watch(),
+            },
         }
     }
 }

@@ -42,6 +42,7 @@ pub fn status_of(e: Error) -> Status {
         Error::Locked(m) => Status::failed_precondition(format!("gallery {m} is locked by another process")),
         Error::Corrupt(m) => Status::data_loss(m),
         Error::Io { .. } => Status::internal(e.to_string()),
+        Error::Gpu(m) => Status::internal(format!("GPU: {m}")),
     }
 }
 

@@ -2,8 +2,10 @@
 //! the engine is checked against (float64 for f32/f16, exact integers for i8).
 #![allow(dead_code)]
 
+use biogate::gallery::{Enrollment, Gallery, ImportOptions};
+use biogate::npy::MemoryImport;
 use biogate::template::{Dtype, i8_scale, i8_score, normalize_into, quantize_i8};
-use biogate::{Candidate, ProbeResult};
+use biogate::{Candidate, Engine, ProbeResult, SearchParams, Snapshot};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use rand_distr::StandardNormal;
 use std::collections::HashMap;
@@ -162,5 +164,92 @@ pub fn assert_matches_reference(
             "probe {probe_index}: subject {s} (reference {v}) is missing from {:?}",
             c.iter().map(|c| (&c.subject, c.score)).collect::<Vec<_>>()
         );
+    }
+}
+
+/// Score tolerance against the reference: f32 1e-5, f16 storage 2e-3, i8 exact.
+pub fn tolerance(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::F32 => 1e-5,
+        Dtype::F16 => 2e-3,
+        Dtype::I8 => 0.0,
+    }
+}
+
+/// Build a gallery of `rows` templates over about rows/3 subjects, split across two
+/// imported segments and the log, with a few subjects deleted.
+pub fn build(dir: &std::path::Path, dim: usize, dtype: Dtype, rows: usize, seed: u64) -> (Gallery, Model) {
+    let mut r = rng(seed);
+    let mut g = Gallery::create(dir, dim, dtype).unwrap();
+    let mut model = Model::default();
+    let subjects = (rows / 3).max(1);
+    let data = random_rows(&mut r, rows, dim);
+    let ids: Vec<String> = (0..rows)
+        .map(|_| format!("s{:05}", r.random_range(0..subjects)))
+        .collect();
+    let (a, b) = (rows / 2, rows * 5 / 6);
+    // Segment 1: rows [0, a); segment 2: rows [a, b) (adds to existing subjects);
+    // the log: rows [b, rows) through enroll.
+    if a > 0 {
+        let mut src = MemoryImport::new(dim, &data[..a * dim], &ids[..a]).unwrap();
+        g.import(&mut src, ImportOptions::default(), &|_| {}).unwrap();
+    }
+    if b > a {
+        let mut src = MemoryImport::new(dim, &data[a * dim..b * dim], &ids[a..b]).unwrap();
+        g.import(&mut src, ImportOptions { add_to_existing: true }, &|_| {})
+            .unwrap();
+    }
+    for i in 0..a {
+        model.add(&ids[i], &data[i * dim..(i + 1) * dim], dim);
+    }
+    for i in a..b {
+        model.add(&ids[i], &data[i * dim..(i + 1) * dim], dim);
+    }
+    let batch: Vec<Enrollment> = (b..rows)
+        .map(|i| Enrollment {
+            subject: ids[i].clone(),
+            templates: data[i * dim..(i + 1) * dim].to_vec(),
+        })
+        .collect();
+    if !batch.is_empty() {
+        g.enroll(&batch).unwrap();
+        for e in &batch {
+            model.add(&e.subject, &e.templates, dim);
+        }
+    }
+    // Delete a few subjects (rows in segments and in the log), then re-enroll one.
+    let subjects_now = model.subjects();
+    for s in subjects_now.iter().step_by(7).take(4) {
+        if subjects_now.len() > 1 {
+            g.delete_subject(s).unwrap();
+            model.delete(s);
+        }
+    }
+    if subjects_now.len() > 8 {
+        let back = &subjects_now[7];
+        let t = random_rows(&mut r, 1, dim);
+        g.enroll(&[Enrollment {
+            subject: back.clone(),
+            templates: t.clone(),
+        }])
+        .unwrap();
+        model.add(back, &t, dim);
+    }
+    (g, model)
+}
+
+pub fn check_engine(engine: &Engine, snapshot: &Snapshot, model: &Model, probes: &[f32], dtype: Dtype) {
+    let dim = snapshot.dim();
+    let mut r = rng(99);
+    for k in [1, 7, 100] {
+        for threshold in [None, Some(0.0f32), Some(r.random_range(-0.2..0.3))] {
+            let params = SearchParams { k, threshold };
+            let results = engine.search(snapshot, probes, &params).unwrap();
+            assert_eq!(results.len(), probes.len() / dim);
+            for (i, got) in results.iter().enumerate() {
+                let scores = reference_scores(model, &probes[i * dim..(i + 1) * dim], dtype);
+                assert_matches_reference(i, got, &scores, k, threshold, tolerance(dtype));
+            }
+        }
     }
 }

@@ -1,0 +1,143 @@
+//! The wgpu device biogate computes on: instance and adapter chosen from the
+//! environment, limits taken from the adapter, optional features when present, and
+//! device errors turned into [`Error`]s instead of panics.
+//!
+//! Environment (wgpu's own names): `WGPU_BACKEND` (e.g. `vulkan`, `metal`, `dx12`)
+//! restricts the backends tried; `WGPU_ADAPTER_NAME` picks the first adapter whose name
+//! contains it (case-insensitive); otherwise the high-performance adapter is used.
+
+use crate::error::{Error, Result};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Device, queue and what the adapter allows.
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    lost: Arc<AtomicBool>,
+}
+
+fn gpu_error(what: impl std::fmt::Display) -> Error {
+    Error::Gpu(what.to_string())
+}
+
+impl GpuContext {
+    /// Open the adapter the environment asks for; `Ok(None)` when there is none.
+    pub fn open() -> Result<Option<GpuContext>> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+        let adapter = match std::env::var("WGPU_ADAPTER_NAME") {
+            Ok(wanted) => {
+                let wanted = wanted.to_lowercase();
+                let adapters = pollster::block_on(instance.enumerate_adapters(backends));
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                match adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
+                {
+                    Some(a) => a,
+                    None => {
+                        return Err(gpu_error(format!(
+                            "WGPU_ADAPTER_NAME={wanted:?} matches none of the adapters found: {names:?}"
+                        )));
+                    }
+                }
+            }
+            Err(_) => {
+                let options = wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    ..Default::default()
+                };
+                match pollster::block_on(instance.request_adapter(&options)) {
+                    Ok(a) => a,
+                    Err(_) => return Ok(None),
+                }
+            }
+        };
+        GpuContext::on_adapter(&adapter).map(Some)
+    }
+
+    fn on_adapter(adapter: &wgpu::Adapter) -> Result<GpuContext> {
+        let info = adapter.get_info();
+        let offered = adapter.limits();
+        // Ask for what the adapter has where it matters (wgpu grants exactly what is
+        // asked for, and its defaults are far below what GPUs offer).
+        let limits = wgpu::Limits {
+            max_storage_buffer_binding_size: offered.max_storage_buffer_binding_size,
+            max_buffer_size: offered.max_buffer_size,
+            max_compute_workgroup_storage_size: offered.max_compute_workgroup_storage_size,
+            max_storage_buffers_per_shader_stage: offered.max_storage_buffers_per_shader_stage,
+            ..wgpu::Limits::downlevel_defaults().using_resolution(offered.clone())
+        };
+        let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        let features = adapter.features() & wanted;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("biogate"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| gpu_error(format!("opening {} ({:?}): {e}", info.name, info.backend)))?;
+        let lost = Arc::new(AtomicBool::new(false));
+        let flag = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            flag.store(true, Ordering::SeqCst);
+            tracing::error!(?reason, %message, "GPU device lost");
+        });
+        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
+            tracing::error!(error = %e, "uncaptured GPU error");
+        }));
+        tracing::info!(adapter = %info.name, backend = ?info.backend, driver = %info.driver, "GPU opened");
+        Ok(GpuContext {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            lost,
+        })
+    }
+
+    /// The card's name and how it is reached, for reports.
+    pub fn describe(&self) -> String {
+        let driver = if self.info.driver.is_empty() {
+            String::new()
+        } else {
+            format!(", {} {}", self.info.driver, self.info.driver_info)
+        };
+        format!("{} ({:?}{driver})", self.info.name, self.info.backend)
+    }
+
+    /// Fails once the device is lost.
+    pub fn check_alive(&self) -> Result<()> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(gpu_error(format!("the GPU device {} was lost", self.info.name)));
+        }
+        Ok(())
+    }
+
+    /// Run `f`, turning validation and out-of-memory errors it causes into an error.
+    pub fn checked<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        self.check_alive()?;
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let v = pollster::block_on(validation.pop());
+        let o = pollster::block_on(oom.pop());
+        if let Some(e) = v.or(o) {
+            return Err(gpu_error(format!("{what}: {e}")));
+        }
+        Ok(out)
+    }
+
+    /// Block until the queue is idle.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| gpu_error(format!("waiting for the GPU: {e}")))?;
+        self.check_alive()
+    }
+}

@@ -1,0 +1,357 @@
+//! The gallery's resident copy on the GPU.
+//!
+//! Each slab (a sealed segment, or the log's rows) is uploaded once, split into shards
+//! no larger than one storage binding, and streamed through wgpu's staging belt in
+//! bounded chunks, so host memory is never doubled. Later searches reuse it:
+//!
+//! - rows enrolled into the log since the last search are appended to the last shard
+//!   (growing it on the GPU, copying buffer to buffer) and then to new shards;
+//! - deletions of subjects in sealed segments reach the GPU as a tombstone mask: the
+//!   per-row key (the subject's tie-break rank) of their rows is set to [`DEAD`];
+//! - the log's tie-break ranks change when a new subject arrives; the keys are then
+//!   rewritten (4 bytes per row, never the rows themselves);
+//! - a slab no snapshot can hand out any more (compacted, sealed, gallery closed) is
+//!   dropped at the next search.
+
+use super::context::GpuContext;
+use crate::error::Result;
+use crate::gallery::{Slab, SubjectIds};
+use crate::template::Dtype;
+use std::sync::Weak;
+
+/// The key of a row whose subject is deleted (the kernels skip it).
+pub const DEAD: u32 = u32::MAX;
+/// Bytes written to the GPU between waits for the staging memory to drain.
+const UPLOAD_CHUNK: usize = 32 << 20;
+/// Rows a growing log shard starts with.
+const LOG_SHARD_START_ROWS: usize = 1024;
+
+/// A run of rows that fits one storage binding.
+pub struct Shard {
+    /// Index in the slab of the shard's first row.
+    pub first_row: usize,
+    /// Rows resident (the first `rows` of `capacity`).
+    pub rows: usize,
+    capacity: usize,
+    pub gallery: wgpu::Buffer,
+    pub keys: wgpu::Buffer,
+    /// i8 galleries only.
+    pub scales: Option<wgpu::Buffer>,
+}
+
+/// One slab's resident copy.
+pub struct ResidentSlab {
+    uid: u64,
+    removals: u64,
+    subjects: usize,
+    alive: Weak<()>,
+    is_log: bool,
+    pub dtype: Dtype,
+    pub stride: usize,
+    pub shards: Vec<Shard>,
+    /// Host copy of every row's key (to find what a change must rewrite).
+    keys: Vec<u32>,
+    /// Segment ordinals whose rows carry [`DEAD`].
+    dead: Vec<u32>,
+    rows_per_subject: Vec<u32>,
+    /// The most rows any one subject has here (bounds the rows a search must keep).
+    pub max_rows_per_subject: usize,
+}
+
+impl ResidentSlab {
+    /// Rows resident.
+    pub fn rows(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+/// Every resident slab, and the largest shard allowed.
+pub struct Residency {
+    slabs: Vec<ResidentSlab>,
+    shard_bytes: u64,
+}
+
+/// How a search may use a slab's resident copy.
+pub enum Resident<'a> {
+    Ready(&'a ResidentSlab),
+    /// The slab is an older version of the log than the one resident (a search holding
+    /// an old snapshot): the caller scores it elsewhere rather than thrash the GPU copy.
+    Stale,
+}
+
+fn key_of(slab: &Slab<'_>, ordinal: u32) -> u32 {
+    if slab.is_dead(ordinal) {
+        DEAD
+    } else {
+        slab.rank(ordinal)
+    }
+}
+
+impl Residency {
+    /// Shards of at most `shard_bytes` (the binding limit, or less to test sharding).
+    pub fn new(shard_bytes: u64) -> Residency {
+        Residency {
+            slabs: Vec::new(),
+            shard_bytes,
+        }
+    }
+
+    /// Bytes resident on the GPU.
+    pub fn bytes(&self) -> u64 {
+        self.slabs
+            .iter()
+            .flat_map(|s| &s.shards)
+            .map(|s| s.gallery.size() + s.keys.size() + s.scales.as_ref().map_or(0, |b| b.size()))
+            .sum()
+    }
+
+    /// The resident copy of `slab`, uploading or updating it first.
+    pub fn sync(&mut self, ctx: &GpuContext, slab: &Slab<'_>) -> Result<Resident<'_>> {
+        self.slabs.retain(|s| s.alive.strong_count() > 0);
+        let id = slab.identity();
+        let found = self.slabs.iter().position(|s| s.uid == id.uid);
+        let index = match found {
+            Some(i) if self.slabs[i].removals == id.removals => {
+                if self.slabs[i].rows() > slab.rows() {
+                    return Ok(Resident::Stale);
+                }
+                let shard_rows = self.shard_rows(slab.stride);
+                let r = &mut self.slabs[i];
+                ctx.checked("updating the resident gallery", || r.update(ctx, slab, shard_rows))??;
+                i
+            }
+            _ => {
+                if let Some(i) = found {
+                    self.slabs.swap_remove(i);
+                }
+                let shard_rows = self.shard_rows(slab.stride);
+                let r = ctx.checked("uploading the gallery", || ResidentSlab::upload(ctx, slab, shard_rows))??;
+                self.slabs.push(r);
+                self.slabs.len() - 1
+            }
+        };
+        Ok(Resident::Ready(&self.slabs[index]))
+    }
+
+    fn shard_rows(&self, stride: usize) -> usize {
+        ((self.shard_bytes / stride as u64) as usize).max(1)
+    }
+}
+
+impl ResidentSlab {
+    fn upload(ctx: &GpuContext, slab: &Slab<'_>, shard_rows: usize) -> Result<ResidentSlab> {
+        let id = slab.identity();
+        let mut r = ResidentSlab {
+            uid: id.uid,
+            removals: id.removals,
+            subjects: id.subjects,
+            alive: id.alive,
+            is_log: matches!(slab.ids, SubjectIds::Memtable(_)),
+            dtype: slab.dtype,
+            stride: slab.stride,
+            shards: Vec::new(),
+            keys: Vec::with_capacity(slab.rows()),
+            dead: slab.dead_subjects.to_vec(),
+            rows_per_subject: Vec::new(),
+            max_rows_per_subject: 0,
+        };
+        r.append(ctx, slab, shard_rows)?;
+        Ok(r)
+    }
+
+    /// Bring the resident copy up to `slab` (same rows so far, maybe more, other marks).
+    fn update(&mut self, ctx: &GpuContext, slab: &Slab<'_>, shard_rows: usize) -> Result<()> {
+        if self.rows() < slab.rows() {
+            self.append(ctx, slab, shard_rows)?;
+        }
+        let id = slab.identity();
+        if self.is_log && id.subjects != self.subjects {
+            // A new subject shifts the ranks of those after it: rewrite every key.
+            self.subjects = id.subjects;
+            let mut changed = false;
+            for (row, key) in self.keys.iter_mut().enumerate() {
+                let k = key_of(slab, slab.row_subject[row]);
+                changed |= *key != k;
+                *key = k;
+            }
+            if changed {
+                self.write_keys(ctx, 0..self.rows());
+            }
+        }
+        if self.dead != slab.dead_subjects {
+            self.apply_tombstones(ctx, slab);
+        }
+        Ok(())
+    }
+
+    /// Mark the rows of subjects deleted (or re-enrolled) since the last search.
+    fn apply_tombstones(&mut self, ctx: &GpuContext, slab: &Slab<'_>) {
+        let changed: Vec<u32> = symmetric_difference(&self.dead, slab.dead_subjects);
+        let mut first = usize::MAX;
+        let mut last = 0;
+        for (row, &ordinal) in slab.row_subject.iter().enumerate() {
+            if changed.binary_search(&ordinal).is_ok() {
+                self.keys[row] = key_of(slab, ordinal);
+                first = first.min(row);
+                last = row;
+            }
+        }
+        self.dead = slab.dead_subjects.to_vec();
+        if first <= last {
+            self.write_keys(ctx, first..last + 1);
+        }
+        tracing::debug!(subjects = changed.len(), "GPU tombstones updated");
+    }
+
+    /// Upload rows `rows()..slab.rows()`.
+    fn append(&mut self, ctx: &GpuContext, slab: &Slab<'_>, shard_rows: usize) -> Result<()> {
+        let start = self.rows();
+        let end = slab.rows();
+        for row in start..end {
+            let ordinal = slab.row_subject[row] as usize;
+            if ordinal >= self.rows_per_subject.len() {
+                self.rows_per_subject.resize(ordinal + 1, 0);
+            }
+            self.rows_per_subject[ordinal] += 1;
+            self.max_rows_per_subject = self.max_rows_per_subject.max(self.rows_per_subject[ordinal] as usize);
+            self.keys.push(key_of(slab, ordinal as u32));
+        }
+        let mut row = start;
+        while row < end {
+            let needs_shard = self.shards.last().is_none_or(|s| s.rows == shard_rows);
+            if needs_shard {
+                let remaining = end - row;
+                let capacity = if self.is_log {
+                    remaining.next_power_of_two().max(LOG_SHARD_START_ROWS).min(shard_rows)
+                } else {
+                    remaining.min(shard_rows)
+                };
+                let shard = Shard::new(ctx, row, capacity, self.stride, self.dtype);
+                self.shards.push(shard);
+            }
+            let shard = self.shards.last_mut().expect("a shard was just ensured");
+            if shard.rows == shard.capacity {
+                shard.grow(ctx, (shard.capacity * 2).min(shard_rows), self.stride);
+            }
+            let take = (shard.capacity - shard.rows).min(end - row);
+            shard.write(ctx, slab, row, take, &self.keys[row..row + take]);
+            row += take;
+        }
+        Ok(())
+    }
+
+    fn write_keys(&self, ctx: &GpuContext, range: std::ops::Range<usize>) {
+        for shard in &self.shards {
+            let lo = range.start.max(shard.first_row);
+            let hi = range.end.min(shard.first_row + shard.rows);
+            if lo < hi {
+                let bytes: &[u8] = bytemuck::cast_slice(&self.keys[lo..hi]);
+                ctx.queue
+                    .write_buffer(&shard.keys, ((lo - shard.first_row) * 4) as u64, bytes);
+            }
+        }
+    }
+}
+
+impl Shard {
+    fn new(ctx: &GpuContext, first_row: usize, capacity: usize, stride: usize, dtype: Dtype) -> Shard {
+        let buffer = |label: &str, bytes: usize| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes as u64,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        Shard {
+            first_row,
+            rows: 0,
+            capacity,
+            gallery: buffer("gallery rows", capacity * stride),
+            keys: buffer("row keys", capacity * 4),
+            scales: (dtype == Dtype::I8).then(|| buffer("row scales", capacity * 4)),
+        }
+    }
+
+    /// Move to buffers of `capacity` rows, copying the resident rows on the GPU.
+    fn grow(&mut self, ctx: &GpuContext, capacity: usize, stride: usize) {
+        let dtype = if self.scales.is_some() { Dtype::I8 } else { Dtype::F32 };
+        let bigger = Shard::new(ctx, self.first_row, capacity, stride, dtype);
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&self.gallery, 0, &bigger.gallery, 0, (self.rows * stride) as u64);
+        encoder.copy_buffer_to_buffer(&self.keys, 0, &bigger.keys, 0, (self.rows * 4) as u64);
+        if let (Some(a), Some(b)) = (&self.scales, &bigger.scales) {
+            encoder.copy_buffer_to_buffer(a, 0, b, 0, (self.rows * 4) as u64);
+        }
+        ctx.queue.submit([encoder.finish()]);
+        *self = Shard {
+            rows: self.rows,
+            ..bigger
+        };
+    }
+
+    /// Write slab rows `row..row + count` after the resident ones.
+    fn write(&mut self, ctx: &GpuContext, slab: &Slab<'_>, row: usize, count: usize, keys: &[u32]) {
+        let stride = slab.stride;
+        let local = self.rows;
+        let data = &slab.data[row * stride..(row + count) * stride];
+        let rows_per_chunk = (UPLOAD_CHUNK / stride).max(1);
+        for (i, chunk) in data.chunks(rows_per_chunk * stride).enumerate() {
+            let offset = (local + i * rows_per_chunk) * stride;
+            ctx.queue.write_buffer(&self.gallery, offset as u64, chunk);
+            // Let the staging memory drain before queueing more.
+            ctx.queue.submit([]);
+            let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+        }
+        ctx.queue
+            .write_buffer(&self.keys, (local * 4) as u64, bytemuck::cast_slice(keys));
+        if let Some(scales) = &self.scales {
+            ctx.queue.write_buffer(
+                scales,
+                (local * 4) as u64,
+                bytemuck::cast_slice(&slab.scales[row..row + count]),
+            );
+        }
+        self.rows += count;
+    }
+}
+
+/// Elements in exactly one of two sorted lists, sorted.
+fn symmetric_difference(a: &[u32], b: &[u32]) -> Vec<u32> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x == y => {
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if x < y => {
+                out.push(*x);
+                i += 1;
+            }
+            (Some(_), Some(y)) => {
+                out.push(*y);
+                j += 1;
+            }
+            (Some(x), None) => {
+                out.push(*x);
+                i += 1;
+            }
+            (None, Some(y)) => {
+                out.push(*y);
+                j += 1;
+            }
+            (None, None) => unreachable!(),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn symmetric_difference_of_sorted_lists() {
+        assert_eq!(super::symmetric_difference(&[1, 3, 5], &[3, 4, 5, 9]), vec![1, 4, 9]);
+        assert_eq!(super::symmetric_difference(&[], &[2]), vec![2]);
+    }
+}

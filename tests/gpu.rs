@@ -1,0 +1,236 @@
+//! The GPU backend (the real WGSL, on whatever adapter wgpu finds: lavapipe in CI)
+//! against the float64 / exact-integer reference and against the CPU engine, on odd
+//! sizes, with tiny shards so that every gallery spans several of them.
+//!
+//! Without an adapter these tests print a notice and pass, unless
+//! `BIOGATE_REQUIRE_GPU=1` (CI sets it), in which case they fail.
+
+mod common;
+
+use biogate::engine::gpu::{GpuBackend, GpuOptions};
+use biogate::gallery::{Enrollment, Gallery, ImportOptions};
+use biogate::npy::MemoryImport;
+use biogate::template::{Dtype, row_stride};
+use biogate::{Engine, SearchParams};
+use common::{Model, build, check_engine, random_rows, rng};
+use std::sync::{Arc, OnceLock};
+
+/// Shards of at most 4 KiB (1 to 64 rows): every gallery here spans several.
+const SHARD_BYTES: u64 = 4096;
+
+/// One GPU shared by the tests of this binary (kernels compile once per shape).
+fn gpu() -> Option<Arc<GpuBackend>> {
+    static GPU: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
+    GPU.get_or_init(open_gpu).clone()
+}
+
+/// A GPU backend of its own (for tests that count what is resident).
+fn open_gpu() -> Option<Arc<GpuBackend>> {
+    {
+        let options = GpuOptions {
+            max_shard_bytes: Some(SHARD_BYTES),
+        };
+        match GpuBackend::open(options) {
+            Ok(Some(g)) => {
+                eprintln!("GPU tests on {}", g.describe());
+                Some(Arc::new(g))
+            }
+            Ok(None) if std::env::var("BIOGATE_REQUIRE_GPU").as_deref() == Ok("1") => {
+                panic!("BIOGATE_REQUIRE_GPU=1 but no GPU adapter was found (install mesa-vulkan-drivers for lavapipe)")
+            }
+            Ok(None) => {
+                eprintln!(
+                    "NOTICE: no GPU adapter found; GPU tests skipped (set BIOGATE_REQUIRE_GPU=1 to fail instead)"
+                );
+                None
+            }
+            Err(e) => panic!("opening the GPU failed: {e}"),
+        }
+    }
+}
+
+fn gpu_engine() -> Option<Engine> {
+    gpu().map(|g| Engine::new(g))
+}
+
+#[test]
+fn gpu_matches_reference_and_cpu_on_odd_sizes() {
+    let Some(engine) = gpu_engine() else { return };
+    for dtype in Dtype::ALL {
+        for (dim, rows) in [(1, 40), (17, 2057), (513, 300), (64, 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (g, model) = build(dir.path(), dim, dtype, rows, dim as u64 * 31 + rows as u64);
+            assert!(
+                rows < 300 || (rows * row_stride(dtype, dim)) as u64 > SHARD_BYTES * 2,
+                "several shards"
+            );
+            for batch in [1, 9, 37] {
+                let probes = random_rows(&mut rng(batch as u64), batch, dim);
+                check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
+                same_as_cpu(&engine, &g, &probes, dtype);
+            }
+        }
+    }
+}
+
+/// i8: the very same lists and score bits as the CPU engine; floats: the same subjects
+/// in the same order wherever the scores are not within rounding of each other.
+fn same_as_cpu(engine: &Engine, g: &Gallery, probes: &[f32], dtype: Dtype) {
+    let snapshot = g.snapshot();
+    for k in [1, 7, 100] {
+        let params = SearchParams { k, threshold: None };
+        let gpu = engine.search(&snapshot, probes, &params).unwrap();
+        let cpu = Engine::cpu().search(&snapshot, probes, &params).unwrap();
+        for (q, (a, b)) in gpu.iter().zip(&cpu).enumerate() {
+            assert_eq!(a.candidates.len(), b.candidates.len(), "probe {q}, k {k}: list length");
+            for (rank, (x, y)) in a.candidates.iter().zip(&b.candidates).enumerate() {
+                match dtype {
+                    Dtype::I8 => assert!(
+                        x.subject == y.subject && x.score.to_bits() == y.score.to_bits(),
+                        "probe {q}, rank {rank}, k {k}: GPU {x:?} vs CPU {y:?}"
+                    ),
+                    _ => assert!(
+                        (x.score - y.score).abs() <= 1e-5,
+                        "probe {q}, rank {rank}, k {k}: GPU {x:?} vs CPU {y:?}"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn resident_copy_follows_enrollments_deletions_and_compaction() {
+    let Some(gpu) = open_gpu() else { return };
+    let engine = Engine::new(gpu.clone());
+    for dtype in Dtype::ALL {
+        let dim = 17;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut g, mut model) = build(dir.path(), dim, dtype, 700, 11);
+        let probes = random_rows(&mut rng(12), 5, dim);
+        check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
+        let resident = gpu.resident_bytes();
+        // New subjects (ids sorting before and after the others) and more rows for old
+        // ones go to the log: appended on the GPU, ranks rewritten.
+        let mut r = rng(13);
+        for (i, subject) in ["a-first", "zz-last", model.subjects()[2].as_str()].iter().enumerate() {
+            let t = random_rows(&mut r, 1 + i, dim);
+            g.enroll(&[Enrollment {
+                subject: subject.to_string(),
+                templates: t.clone(),
+            }])
+            .unwrap();
+            model.add(subject, &t, dim);
+            check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
+        }
+        // Deletions in segments (tombstones) and in the log; a probe equal to a deleted
+        // template must not find it.
+        for victim in [model.subjects()[5].clone(), "a-first".to_string()] {
+            g.delete_subject(&victim).unwrap();
+            model.delete(&victim);
+            check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
+        }
+        // Compaction replaces every segment: the old resident copies are dropped.
+        g.compact().unwrap();
+        check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
+        let after = gpu.resident_bytes();
+        assert!(
+            after < resident * 3,
+            "old slabs are released ({resident} -> {after} bytes)"
+        );
+    }
+}
+
+#[test]
+fn many_templates_per_subject_and_ties() {
+    let Some(engine) = gpu_engine() else { return };
+    for dtype in Dtype::ALL {
+        let dim = 24;
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = Gallery::create(dir.path(), dim, dtype).unwrap();
+        let mut model = Model::default();
+        let mut r = rng(21);
+        // One subject with 40 templates, 30 with one each, and 12 ids sharing one
+        // template (every score ties) split between a segment and the log.
+        let crowd = random_rows(&mut r, 40, dim);
+        let mut ids: Vec<String> = vec!["crowd".to_string(); 40];
+        let mut values = crowd.clone();
+        let singles = random_rows(&mut r, 30, dim);
+        ids.extend((0..30).map(|i| format!("single-{i:02}")));
+        values.extend_from_slice(&singles);
+        let twin = random_rows(&mut r, 1, dim);
+        for i in (0..12).step_by(2) {
+            ids.push(format!("twin-{i:02}"));
+            values.extend_from_slice(&twin);
+        }
+        g.import(
+            &mut MemoryImport::new(dim, &values, &ids).unwrap(),
+            ImportOptions::default(),
+            &|_| {},
+        )
+        .unwrap();
+        for (i, s) in ids.iter().enumerate() {
+            model.add(s, &values[i * dim..(i + 1) * dim], dim);
+        }
+        for i in (1..12).step_by(2) {
+            let s = format!("twin-{i:02}");
+            g.enroll(&[Enrollment {
+                subject: s.clone(),
+                templates: twin.clone(),
+            }])
+            .unwrap();
+            model.add(&s, &twin, dim);
+        }
+        let mut probes = crowd[..3 * dim].to_vec();
+        probes.extend_from_slice(&twin);
+        probes.extend(random_rows(&mut r, 2, dim));
+        // k = 100 with 40 rows for one subject needs 3961 rows per probe kept: more than
+        // workgroup memory holds, so that slab is scored on the CPU; k = 1 and 7 stay on
+        // the GPU. Either way the answers are exact.
+        check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
+        let res = engine
+            .search(&g.snapshot(), &twin, &SearchParams { k: 7, threshold: None })
+            .unwrap();
+        let got: Vec<&str> = res[0].candidates.iter().map(|c| c.subject.as_str()).collect();
+        assert_eq!(
+            got,
+            [
+                "twin-00", "twin-01", "twin-02", "twin-03", "twin-04", "twin-05", "twin-06"
+            ],
+            "{dtype}"
+        );
+    }
+}
+
+#[test]
+fn large_k_over_a_tiny_gallery_fills_every_slot_with_nothing() {
+    // k = 100 over 3 rows: 97 slots per probe must come back empty, written by the
+    // kernels (result buffers are poisoned first; an unwritten slot fails the search).
+    let Some(engine) = gpu_engine() else { return };
+    for dtype in Dtype::ALL {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = Gallery::create(dir.path(), 5, dtype).unwrap();
+        let rows = random_rows(&mut rng(31), 3, 5);
+        let batch: Vec<Enrollment> = (0..3)
+            .map(|i| Enrollment {
+                subject: format!("s{i}"),
+                templates: rows[i * 5..(i + 1) * 5].to_vec(),
+            })
+            .collect();
+        g.enroll(&batch).unwrap();
+        let res = engine
+            .search(
+                &g.snapshot(),
+                &rows,
+                &SearchParams {
+                    k: 100,
+                    threshold: None,
+                },
+            )
+            .unwrap();
+        for (q, r) in res.iter().enumerate() {
+            assert_eq!(r.candidates.len(), 3, "probe {q}");
+            assert_eq!(r.candidates[0].subject, format!("s{q}"), "probe {q}");
+        }
+    }
+}
