@@ -1,7 +1,7 @@
 //! The `biogate` command line: a thin layer over the library. Every verb parses its
 //! flags, calls one library function, and prints the result.
 
-use biogate::engine::{Engine, SearchParams};
+use biogate::engine::{BackendChoice, Engine, SearchParams, open_engine};
 use biogate::error::{Error, Result};
 use biogate::gallery::{self, Gallery, ImportOptions};
 use biogate::npy::{MemoryImport, NpyImport, read_matrix};
@@ -73,6 +73,9 @@ struct EvalArgs {
     /// Directory for report.md, report.json and the plots.
     #[arg(long)]
     out: PathBuf,
+    /// cpu, gpu, or auto (the GPU where a cost model measured at start-up says it is faster).
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
 }
 
 #[derive(Args)]
@@ -90,6 +93,9 @@ struct DedupArgs {
     /// Output CSV (subject_a,subject_b,score), sorted by score; OUT.checkpoint holds progress.
     #[arg(long)]
     out: PathBuf,
+    /// cpu, gpu, or auto (the GPU where a cost model measured at start-up says it is faster).
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
 }
 
 #[derive(Args)]
@@ -112,6 +118,9 @@ struct ServeArgs {
     /// Microseconds the engine waits for more work before running a partial batch.
     #[arg(long, env = "BIOGATE_MAX_WAIT_US")]
     max_wait_us: Option<u64>,
+    /// cpu, gpu or auto (default: the configuration's `backend`, else auto).
+    #[arg(long, env = "BIOGATE_BACKEND")]
+    backend: Option<BackendChoice>,
 }
 
 #[derive(Args)]
@@ -195,6 +204,9 @@ struct DemoArgs {
     /// Storage dtype of the demo gallery.
     #[arg(long, value_enum, default_value_t = Dtype::I8)]
     dtype: Dtype,
+    /// cpu, gpu, or auto (the GPU where a cost model measured at start-up says it is faster).
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
 }
 
 #[derive(Args)]
@@ -261,14 +273,6 @@ enum GalleryCommand {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum BackendChoice {
-    /// The CPU engine.
-    Cpu,
-    /// The best backend available for the work (the CPU until a GPU backend exists).
-    Auto,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
 enum OutputFormat {
     Json,
     Csv,
@@ -286,7 +290,8 @@ struct IdentifyArgs {
     /// Decision threshold (cosine similarity); only candidates at or above it are listed.
     #[arg(long)]
     threshold: Option<f32>,
-    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    /// cpu, gpu, or auto (the GPU where a cost model measured at start-up says it is faster).
+    #[arg(long, default_value = "auto")]
     backend: BackendChoice,
     #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
     format: OutputFormat,
@@ -300,7 +305,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 512)]
     dim: usize,
     /// Batch sizes, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256,1024")]
     batches: Vec<usize>,
     /// Storage dtypes, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "f32,f16,i8")]
@@ -319,7 +324,8 @@ struct BenchArgs {
     /// Minimum seconds per measurement.
     #[arg(long, default_value_t = 2.0)]
     min_seconds: f64,
-    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    /// cpu, gpu, or auto (the GPU where a cost model measured at start-up says it is faster).
+    #[arg(long, default_value = "auto")]
     backend: BackendChoice,
     /// Print JSON lines instead of a table.
     #[arg(long)]
@@ -396,7 +402,7 @@ fn eval_command(a: EvalArgs) -> Result<()> {
         }
     }
     let ids = biogate::npy::read_ids(&a.mated_ids)?;
-    let engine = Engine::cpu();
+    let engine = engine_for(a.backend)?;
     tracing::info!(gallery = %a.dir.display(), mated = ids.len(), nonmated = nonmated.len() / ndim, "eval");
     let mut reports = Vec::new();
     if a.compare_dtypes {
@@ -431,7 +437,7 @@ fn dedup_command(a: DedupArgs) -> Result<()> {
     );
     tracing::info!(gallery = %a.dir.display(), threshold = ?a.threshold, top = ?a.top, "dedup");
     let t = Instant::now();
-    let outcome = biogate::dedup::dedup(&Engine::cpu(), &a.dir, options, &a.out, &mut |done, total| {
+    let outcome = biogate::dedup::dedup(&engine_for(a.backend)?, &a.dir, options, &a.out, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
         true
@@ -492,6 +498,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
     }
     if let Some(w) = a.max_wait_us {
         config.max_wait_us = w;
+    }
+    if let Some(b) = a.backend {
+        config.backend = b;
     }
     let data_dir = config.data_dir.clone();
     let handle = biogate::server::start(config).await?;
@@ -755,10 +764,12 @@ fn gallery_command(command: GalleryCommand) -> Result<()> {
     Ok(())
 }
 
-fn engine_for(choice: BackendChoice) -> Engine {
-    match choice {
-        BackendChoice::Cpu | BackendChoice::Auto => Engine::cpu(),
+fn engine_for(choice: BackendChoice) -> Result<Engine> {
+    let (engine, gpu) = open_engine(choice)?;
+    if let Some(gpu) = gpu {
+        tracing::info!(backend = %choice, gpu = %gpu.describe(), "engine");
     }
+    Ok(engine)
 }
 
 fn identify(a: IdentifyArgs) -> Result<()> {
@@ -774,7 +785,7 @@ fn identify(a: IdentifyArgs) -> Result<()> {
     if count == 0 {
         return Err(Error::invalid(format!("{}: no probes", a.probes.display())));
     }
-    let engine = engine_for(a.backend);
+    let engine = engine_for(a.backend)?;
     let params = SearchParams {
         k: a.k,
         threshold: a.threshold,
@@ -848,14 +859,18 @@ fn bench_command(a: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let engine = engine_for(a.backend);
+    let (engine, gpu) = open_engine(a.backend)?;
+    let device = match &gpu {
+        Some(g) => format!("GPU {} (backend {})", g.describe(), a.backend),
+        None => format!("CPU, {} threads", rayon::current_num_threads()),
+    };
     let max_batch = a.batches.iter().copied().max().unwrap_or(1);
     let min_time = Duration::from_secs_f64(a.min_seconds);
     if let Some(dir) = &a.gallery {
         let snapshot = gallery::open_snapshot(dir)?;
         let probes = bench::random_unit_rows(max_batch, snapshot.dim(), 8);
-        let rows = bench::run(&engine, &snapshot, &probes, &a.batches, a.k, min_time)?;
-        return print_bench(&rows, a.json);
+        let rows = bench::run(&engine, gpu.as_deref(), &snapshot, &probes, &a.batches, a.k, min_time)?;
+        return print_bench(&device, &rows, a.json);
     }
     let (gallery, probes, dim) = match (&a.gallery_npy, &a.probes_npy) {
         (Some(g), Some(p)) => {
@@ -875,18 +890,26 @@ fn bench_command(a: BenchArgs) -> Result<()> {
     let mut all = Vec::new();
     for &dtype in &a.dtypes {
         let snapshot = bench::snapshot_of(&gallery, dim, dtype);
-        all.extend(bench::run(&engine, &snapshot, &probes, &a.batches, a.k, min_time)?);
+        all.extend(bench::run(
+            &engine,
+            gpu.as_deref(),
+            &snapshot,
+            &probes,
+            &a.batches,
+            a.k,
+            min_time,
+        )?);
     }
-    print_bench(&all, a.json)
+    print_bench(&device, &all, a.json)
 }
 
-fn print_bench(rows: &[bench::BenchRow], json: bool) -> Result<()> {
+fn print_bench(device: &str, rows: &[bench::BenchRow], json: bool) -> Result<()> {
     if json {
         for r in rows {
             println!("{}", serde_json::to_string(r).expect("serialises"));
         }
     } else {
-        println!("threads: {}", rayon::current_num_threads());
+        println!("device: {device}");
         print!("{}", bench::format_table(rows));
     }
     Ok(())
@@ -919,7 +942,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         dir.display()
     );
     let snapshot = g.snapshot();
-    let engine = Engine::cpu();
+    let engine = engine_for(a.backend)?;
 
     let k = 5;
     let t = Instant::now();

@@ -333,3 +333,110 @@ fn eval_writes_a_report_and_dedup_writes_pairs() {
     );
     fails(&["dedup", p(&g), "--out", p(&pairs)], "needs --threshold, --top");
 }
+
+/// `biogate ARGS` with extra environment variables.
+fn biogate_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_biogate"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn identify_on_the_gpu_prints_what_the_cpu_prints() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let g = work.path().join("g");
+    ok(&[
+        "synth",
+        "--subjects",
+        "400",
+        "--samples",
+        "3",
+        "--dim",
+        "96",
+        "--probes",
+        "40",
+        "--out",
+        p(&data),
+    ]);
+    ok(&["gallery", "create", p(&g), "--dim", "96", "--dtype", "i8"]);
+    ok(&[
+        "gallery",
+        "import",
+        p(&g),
+        "--templates",
+        p(&data.join("gallery.npy")),
+        "--ids",
+        p(&data.join("gallery_ids.txt")),
+    ]);
+    let identify = |backend: &str| {
+        biogate_env(
+            &[
+                "identify",
+                p(&g),
+                "--probes",
+                p(&data.join("mated.npy")),
+                "-k",
+                "7",
+                "--backend",
+                backend,
+            ],
+            // Shards of 64 rows: the 1200-row gallery spans 19 of them.
+            &[("BIOGATE_GPU_SHARD_BYTES", "8192")],
+        )
+    };
+    let gpu = identify("gpu");
+    if !gpu.status.success() {
+        let err = String::from_utf8_lossy(&gpu.stderr);
+        assert!(
+            err.contains("no GPU adapter") && std::env::var("BIOGATE_REQUIRE_GPU").as_deref() != Ok("1"),
+            "identify --backend gpu failed: {err}"
+        );
+        eprintln!("NOTICE: no GPU adapter; GPU command-line test skipped");
+        return;
+    }
+    let cpu = identify("cpu");
+    assert!(cpu.status.success());
+    assert_eq!(
+        String::from_utf8(gpu.stdout).unwrap(),
+        String::from_utf8(cpu.stdout).unwrap(),
+        "i8 candidate lists and scores are bit-identical"
+    );
+    // The bench names the card and reports the kernels' time when it can.
+    let out = ok(&[
+        "bench",
+        "--backend",
+        "gpu",
+        "--rows",
+        "3000",
+        "--dim",
+        "32",
+        "--batches",
+        "1,4",
+        "--dtypes",
+        "i8",
+        "--min-seconds",
+        "0.01",
+    ]);
+    assert!(out.starts_with("device: GPU "), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("gpu ") && l.contains(" i8 ")),
+        "{out}"
+    );
+    // Asking for an adapter that is not there is an error naming it.
+    let out = biogate_env(
+        &[
+            "identify",
+            p(&g),
+            "--probes",
+            p(&data.join("mated.npy")),
+            "--backend",
+            "gpu",
+        ],
+        &[("WGPU_ADAPTER_NAME", "no-such-card")],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-card"));
+}

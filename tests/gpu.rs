@@ -26,10 +26,13 @@ fn gpu() -> Option<Arc<GpuBackend>> {
 
 /// A GPU backend of its own (for tests that count what is resident).
 fn open_gpu() -> Option<Arc<GpuBackend>> {
+    open_gpu_with(GpuOptions {
+        max_shard_bytes: Some(SHARD_BYTES),
+    })
+}
+
+fn open_gpu_with(options: GpuOptions) -> Option<Arc<GpuBackend>> {
     {
-        let options = GpuOptions {
-            max_shard_bytes: Some(SHARD_BYTES),
-        };
         match GpuBackend::open(options) {
             Ok(Some(g)) => {
                 eprintln!("GPU tests on {}", g.describe());
@@ -233,4 +236,40 @@ fn large_k_over_a_tiny_gallery_fills_every_slot_with_nothing() {
             assert_eq!(r.candidates[0].subject, format!("s{q}"), "probe {q}");
         }
     }
+}
+
+#[test]
+fn auto_keeps_a_flight_sized_gallery_on_the_cpu_and_answers_the_same() {
+    use biogate::engine::route::AutoBackend;
+    // Calibrated with shards as large as the device allows, as in production.
+    let Some(gpu) = open_gpu_with(GpuOptions::default()) else {
+        return;
+    };
+    let auto = Arc::new(AutoBackend::calibrate(gpu).unwrap());
+    for dtype in Dtype::ALL {
+        // One flight's manifest: a few hundred travellers, one gate at a time.
+        assert!(
+            !auto.prefers_gpu(dtype, 300, 512, 1),
+            "{dtype}: {:?}",
+            auto.costs(dtype)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (g, model) = build(dir.path(), 33, dtype, 500, 41);
+        let probes = random_rows(&mut rng(42), 4, 33);
+        check_engine(&Engine::new(auto.clone()), &g.snapshot(), &model, &probes, dtype);
+    }
+}
+
+#[test]
+fn a_lost_device_is_an_error_not_a_panic() {
+    let Some(gpu) = open_gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (g, _) = build(dir.path(), 8, Dtype::F32, 50, 51);
+    let engine = Engine::new(gpu.clone());
+    let probes = random_rows(&mut rng(52), 2, 8);
+    let params = SearchParams { k: 3, threshold: None };
+    engine.search(&g.snapshot(), &probes, &params).unwrap();
+    gpu.context().device.destroy();
+    let e = engine.search(&g.snapshot(), &probes, &params).unwrap_err();
+    assert!(e.to_string().contains("GPU"), "{e}");
 }

@@ -8,11 +8,13 @@
 pub mod cpu;
 pub mod gpu;
 pub mod kernels;
+pub mod route;
 pub mod topk;
 
 use crate::error::{Error, Result};
 use crate::gallery::{Slab, Snapshot};
 use crate::template::{Dtype, i8_scale, normalize_rows, padded_dim, quantize_i8};
+pub use route::{BackendChoice, open_engine};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! Server configuration: a TOML file, overridden by flags and environment variables
 //! (the CLI applies those), with defaults that need no file at all.
 
+use crate::engine::BackendChoice;
 use crate::error::{Error, IoContext, Result};
 use crate::template::Dtype;
 use serde::Deserialize;
@@ -20,6 +21,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Gallery created on first start when the data directory has none.
     pub default_gallery: Option<DefaultGallery>,
+    /// Which backend searches: cpu, gpu (fails to start without one) or auto.
+    pub backend: BackendChoice,
     /// Most probes in one engine batch.
     pub max_batch: usize,
     /// How long the engine thread waits for more work before running a batch that is
@@ -96,6 +99,7 @@ impl Default for Config {
                 dim: 512,
                 dtype: Dtype::F32,
             }),
+            backend: BackendChoice::Auto,
             max_batch: 256,
             max_wait_us: 0,
             queue_capacity: 4096,

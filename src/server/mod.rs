@@ -21,7 +21,6 @@ pub mod proto {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("biogate_descriptor");
 }
 
-use crate::engine::Engine;
 use crate::error::{Error, IoContext, Result};
 use config::Config;
 use proto::biogate_server::BiogateServer;
@@ -75,7 +74,8 @@ pub async fn start(config: Config) -> Result<ServerHandle> {
         tracing::info!(gallery = %d.name, dim = d.dim, dtype = %d.dtype, "created the default gallery");
     }
     let metrics = metrics::Metrics::new();
-    let engine = Engine::cpu();
+    let (engine, gpu) = crate::engine::open_engine(config.backend)?;
+    tracing::info!(backend = %config.backend, gpu = ?gpu.map(|g| g.describe()), "search engine");
     let batcher = batcher::Batcher::start(
         engine.clone(),
         batcher::BatchConfig {

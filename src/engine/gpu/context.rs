@@ -127,8 +127,11 @@ impl GpuContext {
         let out = f();
         let v = pollster::block_on(validation.pop());
         let o = pollster::block_on(oom.pop());
+        self.check_alive()?;
         if let Some(e) = v.or(o) {
-            return Err(gpu_error(format!("{what}: {e}")));
+            // wgpu's messages span lines ("Caused by: ..."): keep them on one.
+            let text = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            return Err(gpu_error(format!("{what}: {text}")));
         }
         Ok(out)
     }

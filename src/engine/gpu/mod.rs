@@ -58,6 +58,21 @@ pub struct GpuOptions {
     pub max_shard_bytes: Option<u64>,
 }
 
+impl GpuOptions {
+    /// Defaults, with `BIOGATE_GPU_SHARD_BYTES` (largest shard in bytes) when set.
+    pub fn from_env() -> Result<GpuOptions> {
+        let max_shard_bytes = match std::env::var("BIOGATE_GPU_SHARD_BYTES") {
+            Ok(v) => Some(v.parse::<u64>().ok().filter(|&b| b > 0).ok_or_else(|| {
+                Error::invalid(format!(
+                    "BIOGATE_GPU_SHARD_BYTES={v:?} is not a positive number of bytes"
+                ))
+            })?),
+            Err(_) => None,
+        };
+        Ok(GpuOptions { max_shard_bytes })
+    }
+}
+
 /// Exact search on a GPU.
 pub struct GpuBackend {
     ctx: GpuContext,
@@ -190,6 +205,11 @@ impl GpuBackend {
     /// The card and how it is reached.
     pub fn describe(&self) -> String {
         self.ctx.describe()
+    }
+
+    /// Whether the adapter is a software renderer running on the CPU (lavapipe, WARP).
+    pub fn is_software(&self) -> bool {
+        self.ctx.info.device_type == wgpu::DeviceType::Cpu
     }
 
     /// The device context (limits, features).

@@ -117,7 +117,14 @@ impl Residency {
                 }
                 let shard_rows = self.shard_rows(slab.stride);
                 let r = &mut self.slabs[i];
-                ctx.checked("updating the resident gallery", || r.update(ctx, slab, shard_rows))??;
+                let updated = ctx
+                    .checked("updating the resident gallery", || r.update(ctx, slab, shard_rows))
+                    .and_then(|r| r);
+                if let Err(e) = updated {
+                    // Half-applied: forget it; the next search uploads afresh.
+                    self.slabs.swap_remove(i);
+                    return Err(e);
+                }
                 i
             }
             _ => {
