@@ -1,5 +1,7 @@
 // Bindings shared by every biogate kernel. One dispatch covers one shard of one slab:
-// `gallery` holds its rows (`row_vec4s` vec4<u32> per row, zero padded), `row_keys` the
+// `gallery` holds its rows (`row_vec4s` vec4<u32> per row, zero padded) interleaved in
+// tiles of TILE_ROWS rows: word j of the tile's rows, then word j + 1 (see tile_base),
+// so the invocations scoring consecutive rows read consecutive words. `row_keys` the
 // tie-break rank of each row's subject (DEAD for deleted subjects: the tombstone mask),
 // `row_scales` the i8 dequantisation scale of each row.
 //
@@ -24,6 +26,7 @@ struct Candidate {
     row: u32,
 }
 
+const TILE_ROWS: u32 = 64u;
 const EMPTY: u32 = 0xffffffffu;
 const DEAD: u32 = 0xffffffffu;
 const MIN_SCORE: f32 = -3.40282347e38;
@@ -36,3 +39,8 @@ const MIN_SCORE: f32 = -3.40282347e38;
 @group(0) @binding(5) var<storage, read> probe_scales: array<f32>;
 @group(0) @binding(6) var<storage, read_write> block_best: array<Candidate>;
 @group(0) @binding(7) var<storage, read_write> best: array<Candidate>;
+
+// Index in `gallery` of word 0 of `row`; word j is at tile_base(row) + j * TILE_ROWS.
+fn tile_base(row: u32) -> u32 {
+    return (row / TILE_ROWS) * params.row_vec4s * TILE_ROWS + row % TILE_ROWS;
+}

@@ -3,9 +3,9 @@
 fn score_row(row: u32, probe0: u32) -> array<f32, PROBE_TILE> {
     var acc: array<f32, PROBE_TILE>;
     let n = params.row_vec4s;
-    let g0 = row * n;
+    let g0 = tile_base(row);
     for (var j = 0u; j < n; j++) {
-        let w = gallery[g0 + j];
+        let w = gallery[g0 + j * TILE_ROWS];
         let lo = vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
         let hi = vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));
         for (var p = 0u; p < PROBE_TILE; p++) {

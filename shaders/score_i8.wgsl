@@ -3,9 +3,9 @@
 fn score_row(row: u32, probe0: u32) -> array<f32, PROBE_TILE> {
     var raw: array<i32, PROBE_TILE>;
     let n = params.row_vec4s;
-    let g0 = row * n;
+    let g0 = tile_base(row);
     for (var j = 0u; j < n; j++) {
-        let g = gallery[g0 + j];
+        let g = gallery[g0 + j * TILE_ROWS];
         for (var p = 0u; p < PROBE_TILE; p++) {
             let q = probes[(probe0 + p) * n + j];
             raw[p] += dot4I8Packed(q.x, g.x) + dot4I8Packed(q.y, g.y) + dot4I8Packed(q.z, g.z) + dot4I8Packed(q.w, g.w);

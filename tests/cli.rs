@@ -383,7 +383,7 @@ fn identify_on_the_gpu_prints_what_the_cpu_prints() {
                 "--backend",
                 backend,
             ],
-            // Shards of 64 rows: the 1200-row gallery spans 19 of them.
+            // Shards of 64 rows (one interleaved tile): the 1200-row gallery spans 19.
             &[("BIOGATE_GPU_SHARD_BYTES", "8192")],
         )
     };

@@ -10,12 +10,13 @@ mod common;
 use biogate::engine::gpu::{GpuBackend, GpuOptions};
 use biogate::gallery::{Enrollment, Gallery, ImportOptions};
 use biogate::npy::MemoryImport;
-use biogate::template::{Dtype, row_stride};
+use biogate::template::Dtype;
 use biogate::{Engine, SearchParams};
 use common::{Model, build, check_engine, random_rows, rng};
 use std::sync::{Arc, OnceLock};
 
-/// Shards of at most 4 KiB (1 to 64 rows): every gallery here spans several.
+/// Shards of at most 4 KiB, but at least one 64-row tile: every gallery of more than
+/// 64 rows here spans several shards.
 const SHARD_BYTES: u64 = 4096;
 
 /// One GPU shared by the tests of this binary (kernels compile once per shape).
@@ -60,13 +61,10 @@ fn gpu_engine() -> Option<Engine> {
 fn gpu_matches_reference_and_cpu_on_odd_sizes() {
     let Some(engine) = gpu_engine() else { return };
     for dtype in Dtype::ALL {
+        // 2057 and 300 rows: 33 and 5 shards of one 64-row tile each.
         for (dim, rows) in [(1, 40), (17, 2057), (513, 300), (64, 1)] {
             let dir = tempfile::tempdir().unwrap();
             let (g, model) = build(dir.path(), dim, dtype, rows, dim as u64 * 31 + rows as u64);
-            assert!(
-                rows < 300 || (rows * row_stride(dtype, dim)) as u64 > SHARD_BYTES * 2,
-                "several shards"
-            );
             for batch in [1, 9, 37] {
                 let probes = random_rows(&mut rng(batch as u64), batch, dim);
                 check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
@@ -272,4 +270,36 @@ fn a_lost_device_is_an_error_not_a_panic() {
     gpu.context().device.destroy();
     let e = engine.search(&g.snapshot(), &probes, &params).unwrap_err();
     assert!(e.to_string().contains("GPU"), "{e}");
+}
+
+#[test]
+fn the_logs_resident_copy_grows_in_place_on_the_gpu() {
+    // Default shard size: the log's shard starts at 1024 rows and is grown on the GPU
+    // (buffer to buffer) as enrollments arrive, searches in between.
+    let Some(gpu) = open_gpu_with(GpuOptions::default()) else {
+        return;
+    };
+    let engine = Engine::new(gpu);
+    for dtype in Dtype::ALL {
+        let dim = 8;
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = Gallery::create(dir.path(), dim, dtype).unwrap();
+        let mut model = Model::default();
+        let mut r = rng(61);
+        let probes = random_rows(&mut rng(62), 3, dim);
+        for (round, n) in [1000, 30, 1100, 5].into_iter().enumerate() {
+            let rows = random_rows(&mut r, n, dim);
+            let batch: Vec<Enrollment> = (0..n)
+                .map(|i| Enrollment {
+                    subject: format!("r{round}-{i:05}"),
+                    templates: rows[i * dim..(i + 1) * dim].to_vec(),
+                })
+                .collect();
+            g.enroll(&batch).unwrap();
+            for e in &batch {
+                model.add(&e.subject, &e.templates, dim);
+            }
+            check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
+        }
+    }
 }

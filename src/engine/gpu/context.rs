@@ -1,6 +1,7 @@
 //! The wgpu device biogate computes on: instance and adapter chosen from the
 //! environment, limits taken from the adapter, optional features when present, and
-//! device errors turned into [`Error`]s instead of panics.
+//! device errors turned into [`Error`]s instead of panics. TIMESTAMP_QUERY is used when
+//! present (kernel time in `biogate bench`); nothing else optional is needed.
 //!
 //! Environment (wgpu's own names): `WGPU_BACKEND` (e.g. `vulkan`, `metal`, `dx12`)
 //! restricts the backends tried; `WGPU_ADAPTER_NAME` picks the first adapter whose name
@@ -72,8 +73,21 @@ impl GpuContext {
             max_storage_buffers_per_shader_stage: offered.max_storage_buffers_per_shader_stage,
             ..wgpu::Limits::downlevel_defaults().using_resolution(offered.clone())
         };
-        let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
-        let features = adapter.features() & wanted;
+        // Kernel timing when the adapter can. The kernels need nothing optional: f16 rows
+        // are widened exactly to f32 with unpack2x16float (what the CPU engine computes),
+        // and dot4I8Packed is core WGSL. What the card offers beyond that is logged.
+        let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
+        let offered_features = adapter.features();
+        tracing::info!(
+            adapter = %info.name,
+            shader_f16 = offered_features.contains(wgpu::Features::SHADER_F16),
+            subgroup = offered_features.contains(wgpu::Features::SUBGROUP),
+            cooperative_matrix = offered_features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+            timestamp_query = offered_features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            max_binding = offered.max_storage_buffer_binding_size,
+            workgroup_memory = offered.max_compute_workgroup_storage_size,
+            "GPU adapter"
+        );
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("biogate"),
             required_features: features,

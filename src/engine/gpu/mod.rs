@@ -45,6 +45,8 @@ const MAX_PROBES_PER_DISPATCH: usize = 4096;
 const MAX_BLOCK_BYTES: u64 = 256 << 20;
 /// Written into the result slots before a search; no kernel writes it.
 const POISON: u32 = 0xDEAD_BEEF;
+/// The row of a result slot with no candidate (layout.wgsl `EMPTY`).
+const EMPTY: u32 = u32::MAX;
 /// Bytes per candidate slot (score, key, row).
 const SLOT_BYTES: u64 = 12;
 /// Offsets of bindings into shared buffers must be multiples of this.
@@ -520,31 +522,7 @@ impl Dispatch<'_> {
         for plan in &plans {
             let at = plan.offset as usize;
             let slots: Vec<Slot> = bytemuck::pod_collect_to_vec(&bytes[at..at + results_bytes as usize]);
-            for q in 0..count {
-                for (rank, slot) in slots[q * keep..(q + 1) * keep].iter().enumerate() {
-                    if slot.row == POISON || slot.key == POISON {
-                        return Err(Error::Gpu(format!(
-                            "the kernels left result slot {rank} of probe {} (shard {}) unwritten",
-                            first + q,
-                            plan.shard
-                        )));
-                    }
-                    if slot.row == residency::DEAD {
-                        continue;
-                    }
-                    if slot.row >= plan.rows || !slot.score.is_finite() {
-                        return Err(Error::Gpu(format!(
-                            "the kernels wrote an impossible candidate (row {} of {}, score {}) at rank {rank} of probe {} (shard {})",
-                            slot.row,
-                            plan.rows,
-                            slot.score,
-                            first + q,
-                            plan.shard
-                        )));
-                    }
-                    out.push((q, plan.shard, *slot));
-                }
-            }
+            check_slots(&slots, count, keep, plan.rows, first, plan.shard, &mut out)?;
         }
         let time = self.timestamps.map(|_| {
             let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes[best_size as usize..best_size as usize + 16]);
@@ -555,6 +533,43 @@ impl Dispatch<'_> {
         readback.unmap();
         Ok((out, time))
     }
+}
+
+/// Validate one shard's result slots (`keep` per probe for `count` probes) and collect
+/// the filled ones as (probe, shard, slot). Every slot must have been written (none may
+/// still hold [`POISON`]) and name a row of the shard with a finite score.
+fn check_slots(
+    slots: &[Slot],
+    count: usize,
+    keep: usize,
+    rows: u32,
+    first: usize,
+    shard: usize,
+    out: &mut DispatchRows,
+) -> Result<()> {
+    for q in 0..count {
+        for (i, slot) in slots[q * keep..(q + 1) * keep].iter().enumerate() {
+            if slot.row == POISON || slot.key == POISON {
+                return Err(Error::Gpu(format!(
+                    "the kernels left result slot {i} of probe {} (shard {shard}) unwritten",
+                    first + q
+                )));
+            }
+            if slot.row == EMPTY {
+                continue;
+            }
+            if slot.row >= rows || !slot.score.is_finite() {
+                return Err(Error::Gpu(format!(
+                    "the kernels wrote an impossible candidate (row {} of {rows}, score {}) in result slot {i} of probe {} (shard {shard})",
+                    slot.row,
+                    slot.score,
+                    first + q
+                )));
+            }
+            out.push((q, shard, *slot));
+        }
+    }
+    Ok(())
 }
 
 /// Probes `first..first + count` as the kernels read them, padded to `padded` probes
@@ -607,5 +622,38 @@ impl Backend for GpuBackend {
                 self.cpu.search_slab(slab, probes, k, floor)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(score: f32, row: u32) -> Slot {
+        Slot { score, key: row, row }
+    }
+
+    #[test]
+    fn an_unwritten_slot_is_reported_with_its_probe_and_slot() {
+        let mut slots = vec![slot(0.5, 1), slot(0.25, 0), slot(f32::MIN, EMPTY), slot(0.1, 2)];
+        let mut out = Vec::new();
+        check_slots(&slots, 2, 2, 3, 0, 0, &mut out).unwrap();
+        assert_eq!(out.len(), 3, "the empty slot is skipped");
+        slots[3] = Slot {
+            score: 0.0,
+            key: POISON,
+            row: POISON,
+        };
+        let e = check_slots(&slots, 2, 2, 3, 10, 4, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("slot 1 of probe 11 (shard 4) unwritten"), "{e}");
+        slots[3] = slot(0.3, 7);
+        let e = check_slots(&slots, 2, 2, 3, 0, 0, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("row 7 of 3"), "{e}");
+        slots[3] = slot(f32::NAN, 1);
+        assert!(check_slots(&slots, 2, 2, 3, 0, 0, &mut Vec::new()).is_err());
     }
 }

@@ -1,8 +1,9 @@
 //! The gallery's resident copy on the GPU.
 //!
 //! Each slab (a sealed segment, or the log's rows) is uploaded once, split into shards
-//! no larger than one storage binding, and streamed through wgpu's staging belt in
-//! bounded chunks, so host memory is never doubled. Later searches reuse it:
+//! no larger than one storage binding (whole tiles of [`TILE_ROWS`] rows, interleaved
+//! for coalesced reads), and streamed through wgpu's staging memory in bounded chunks,
+//! so host memory is never doubled. Later searches reuse it:
 //!
 //! - rows enrolled into the log since the last search are appended to the last shard
 //!   (growing it on the GPU, copying buffer to buffer) and then to new shards;
@@ -19,6 +20,10 @@ use crate::gallery::{Slab, SubjectIds};
 use crate::template::Dtype;
 use std::sync::Weak;
 
+/// Rows interleaved together on the GPU (layout.wgsl `TILE_ROWS`): word `j` of the 64
+/// rows of a tile are adjacent, so the 64 invocations scoring a tile read consecutive
+/// 16-byte words (coalesced) instead of words a row apart. Shards hold whole tiles.
+pub const TILE_ROWS: usize = 64;
 /// The key of a row whose subject is deleted (the kernels skip it).
 pub const DEAD: u32 = u32::MAX;
 /// Bytes written to the GPU between waits for the staging memory to drain.
@@ -140,8 +145,9 @@ impl Residency {
         Ok(Resident::Ready(&self.slabs[index]))
     }
 
+    /// Rows per shard: whole tiles, at least one.
     fn shard_rows(&self, stride: usize) -> usize {
-        ((self.shard_bytes / stride as u64) as usize).max(1)
+        ((self.shard_bytes / stride as u64) as usize / TILE_ROWS).max(1) * TILE_ROWS
     }
 }
 
@@ -262,6 +268,7 @@ impl ResidentSlab {
 
 impl Shard {
     fn new(ctx: &GpuContext, first_row: usize, capacity: usize, stride: usize, dtype: Dtype) -> Shard {
+        let capacity = capacity.div_ceil(TILE_ROWS) * TILE_ROWS;
         let buffer = |label: &str, bytes: usize| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -297,18 +304,28 @@ impl Shard {
         };
     }
 
-    /// Write slab rows `row..row + count` after the resident ones.
+    /// Write slab rows `row..row + count` after the resident ones. Rows go up in whole
+    /// interleaved tiles: a tile the last write left partly filled is written again.
     fn write(&mut self, ctx: &GpuContext, slab: &Slab<'_>, row: usize, count: usize, keys: &[u32]) {
         let stride = slab.stride;
         let local = self.rows;
-        let data = &slab.data[row * stride..(row + count) * stride];
-        let rows_per_chunk = (UPLOAD_CHUNK / stride).max(1);
-        for (i, chunk) in data.chunks(rows_per_chunk * stride).enumerate() {
-            let offset = (local + i * rows_per_chunk) * stride;
-            ctx.queue.write_buffer(&self.gallery, offset as u64, chunk);
+        let first_tile = local / TILE_ROWS;
+        let end = row + count;
+        let tile_bytes = TILE_ROWS * stride;
+        let rows_per_chunk = (UPLOAD_CHUNK / tile_bytes).max(1) * TILE_ROWS;
+        let mut staging = Vec::new();
+        let mut at = self.first_row + first_tile * TILE_ROWS;
+        let mut tile = first_tile;
+        while at < end {
+            let take = rows_per_chunk.min(end - at);
+            interleave(&slab.data[at * stride..(at + take) * stride], stride, &mut staging);
+            ctx.queue
+                .write_buffer(&self.gallery, (tile * tile_bytes) as u64, &staging);
             // Let the staging memory drain before queueing more.
             ctx.queue.submit([]);
             let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+            at += take;
+            tile += take.div_ceil(TILE_ROWS);
         }
         ctx.queue
             .write_buffer(&self.keys, (local * 4) as u64, bytemuck::cast_slice(keys));
@@ -321,6 +338,28 @@ impl Shard {
         }
         self.rows += count;
     }
+}
+
+/// Rows (`stride` bytes each, whole 16-byte words) in the GPU's interleaved layout:
+/// tiles of [`TILE_ROWS`] rows, and within a tile word `j` of every row before word
+/// `j + 1` of any. A last partial tile is padded with zero rows.
+pub fn interleave(rows: &[u8], stride: usize, out: &mut Vec<u8>) {
+    use rayon::prelude::*;
+    let words = stride / 16;
+    let count = rows.len() / stride;
+    out.clear();
+    out.resize(count.div_ceil(TILE_ROWS) * TILE_ROWS * stride, 0);
+    out.par_chunks_mut(TILE_ROWS * stride)
+        .enumerate()
+        .for_each(|(t, tile)| {
+            for lane in 0..TILE_ROWS.min(count - t * TILE_ROWS) {
+                let src = &rows[(t * TILE_ROWS + lane) * stride..][..stride];
+                for j in 0..words {
+                    let dst = (j * TILE_ROWS + lane) * 16;
+                    tile[dst..dst + 16].copy_from_slice(&src[j * 16..j * 16 + 16]);
+                }
+            }
+        });
 }
 
 /// Elements in exactly one of two sorted lists, sorted.
@@ -356,6 +395,23 @@ fn symmetric_difference(a: &[u32], b: &[u32]) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn interleaving_puts_word_j_of_a_tiles_rows_together() {
+        let stride = 32; // two 16-byte words per row
+        let rows: Vec<u8> = (0..70 * stride).map(|i| (i / 16) as u8).collect(); // byte = global word index
+        let mut out = Vec::new();
+        super::interleave(&rows, stride, &mut out);
+        assert_eq!(out.len(), 128 * stride, "two tiles, the second padded");
+        let word = |w: usize| out[w * 16];
+        assert_eq!((word(0), word(1), word(63)), (0, 2, 126), "word 0 of rows 0, 1, 63");
+        assert_eq!((word(64), word(65)), (1, 3), "then word 1 of rows 0, 1");
+        assert_eq!(
+            (word(128), word(133), word(134)),
+            (128, 138, 0),
+            "tile 2: rows 64..69, then zeros"
+        );
+    }
+
     #[test]
     fn symmetric_difference_of_sorted_lists() {
         assert_eq!(super::symmetric_difference(&[1, 3, 5], &[3, 4, 5, 9]), vec![1, 4, 9]);
