@@ -241,31 +241,7 @@ fn bench_prints_a_table() {
 #[test]
 fn eval_writes_a_report_and_dedup_writes_pairs() {
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let g = work.path().join("g");
-    ok(&[
-        "synth",
-        "--subjects",
-        "400",
-        "--samples",
-        "2",
-        "--dim",
-        "128",
-        "--probes",
-        "300",
-        "--out",
-        p(&data),
-    ]);
-    ok(&["gallery", "create", p(&g), "--dim", "128"]);
-    ok(&[
-        "gallery",
-        "import",
-        p(&g),
-        "--templates",
-        p(&data.join("gallery.npy")),
-        "--ids",
-        p(&data.join("gallery_ids.txt")),
-    ]);
+    let (data, g) = synth_gallery(work.path(), 400, 2, 128, 300, "f32");
     let report = work.path().join("report");
     let out = ok(&[
         "eval",
@@ -334,6 +310,43 @@ fn eval_writes_a_report_and_dedup_writes_pairs() {
     fails(&["dedup", p(&g), "--out", p(&pairs)], "needs --threshold, --top");
 }
 
+/// Synthetic data in `work/data` imported into a new gallery `work/g`.
+fn synth_gallery(
+    work: &Path,
+    subjects: usize,
+    samples: usize,
+    dim: usize,
+    probes: usize,
+    dtype: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (data, g) = (work.join("data"), work.join("g"));
+    let n = |v: usize| v.to_string();
+    ok(&[
+        "synth",
+        "--subjects",
+        &n(subjects),
+        "--samples",
+        &n(samples),
+        "--dim",
+        &n(dim),
+        "--probes",
+        &n(probes),
+        "--out",
+        p(&data),
+    ]);
+    ok(&["gallery", "create", p(&g), "--dim", &n(dim), "--dtype", dtype]);
+    ok(&[
+        "gallery",
+        "import",
+        p(&g),
+        "--templates",
+        p(&data.join("gallery.npy")),
+        "--ids",
+        p(&data.join("gallery_ids.txt")),
+    ]);
+    (data, g)
+}
+
 /// `biogate ARGS` with extra environment variables.
 fn biogate_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_biogate"))
@@ -346,31 +359,7 @@ fn biogate_env(args: &[&str], env: &[(&str, &str)]) -> Output {
 #[test]
 fn identify_on_the_gpu_prints_what_the_cpu_prints() {
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let g = work.path().join("g");
-    ok(&[
-        "synth",
-        "--subjects",
-        "400",
-        "--samples",
-        "3",
-        "--dim",
-        "96",
-        "--probes",
-        "40",
-        "--out",
-        p(&data),
-    ]);
-    ok(&["gallery", "create", p(&g), "--dim", "96", "--dtype", "i8"]);
-    ok(&[
-        "gallery",
-        "import",
-        p(&g),
-        "--templates",
-        p(&data.join("gallery.npy")),
-        "--ids",
-        p(&data.join("gallery_ids.txt")),
-    ]);
+    let (data, g) = synth_gallery(work.path(), 400, 3, 96, 40, "i8");
     let identify = |backend: &str| {
         biogate_env(
             &[
