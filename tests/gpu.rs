@@ -303,3 +303,24 @@ fn the_logs_resident_copy_grows_in_place_on_the_gpu() {
         }
     }
 }
+
+#[test]
+fn auto_answers_on_the_cpu_when_the_gpu_fails() {
+    use biogate::engine::route::{AutoBackend, Cost};
+    let Some(gpu) = open_gpu() else { return };
+    // Costs that send everything to the GPU; then the device goes away.
+    let cpu = Cost {
+        fixed: 1.0,
+        per_row: 1.0,
+        per_row_probe: 1.0,
+    };
+    let auto = Arc::new(AutoBackend::with_costs(gpu.clone(), [(cpu, Cost::default()); 3]));
+    assert!(auto.prefers_gpu(Dtype::I8, 10, 512, 1));
+    let dir = tempfile::tempdir().unwrap();
+    let (g, model) = build(dir.path(), 20, Dtype::I8, 200, 71);
+    let probes = random_rows(&mut rng(72), 3, 20);
+    let engine = Engine::new(auto);
+    check_engine(&engine, &g.snapshot(), &model, &probes, Dtype::I8);
+    gpu.context().device.destroy();
+    check_engine(&engine, &g.snapshot(), &model, &probes, Dtype::I8);
+}

@@ -9,6 +9,9 @@
 //! the whole scan. Uploading a slab the GPU does not hold yet is not in the model (a
 //! resident gallery is searched many times); the first GPU search of it pays for it.
 //!
+//! A slab the GPU fails on (out of its memory, a lost device) is answered on the CPU,
+//! and stays there: `auto` does not retry a failing upload on every search.
+//!
 //! A software adapter (lavapipe, WARP) is never chosen by `auto`: it runs on the same
 //! cores as the CPU engine, with slower kernels (BENCHMARKS.md measures both).
 
@@ -20,7 +23,8 @@ use crate::error::{Error, Result};
 use crate::gallery::Slab;
 use crate::template::Dtype;
 use serde::Deserialize;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Rows of the calibration slab.
@@ -129,6 +133,9 @@ pub struct AutoBackend {
     gpu: Arc<GpuBackend>,
     /// (cpu, gpu) per dtype, in `Dtype::ALL` order.
     costs: [(Cost, Cost); 3],
+    /// Slabs (by identity) the GPU failed on (e.g. out of its memory): the CPU takes them
+    /// from then on instead of failing again on every search.
+    gpu_failed: Mutex<HashSet<u64>>,
 }
 
 fn dtype_index(dtype: Dtype) -> usize {
@@ -184,7 +191,18 @@ impl AutoBackend {
             seconds = started.elapsed().as_secs_f64(),
             "calibrated the CPU/GPU cost model"
         );
-        Ok(AutoBackend { cpu, gpu, costs })
+        Ok(AutoBackend::with_costs(gpu, costs))
+    }
+
+    /// Route by given (cpu, gpu) costs per dtype (in `Dtype::ALL` order), e.g. a
+    /// calibration kept from an earlier run.
+    pub fn with_costs(gpu: Arc<GpuBackend>, costs: [(Cost, Cost); 3]) -> AutoBackend {
+        AutoBackend {
+            cpu: CpuBackend::new(),
+            gpu,
+            costs,
+            gpu_failed: Mutex::new(HashSet::new()),
+        }
     }
 
     /// Whether a search of `rows x probes` on `dtype` rows of `len` goes to the GPU.
@@ -205,11 +223,17 @@ impl Backend for AutoBackend {
     }
 
     fn search_slab(&self, slab: &Slab<'_>, probes: &EncodedProbes, k: usize, floor: f32) -> Result<Vec<Vec<Hit>>> {
-        if self.prefers_gpu(slab.dtype, slab.rows(), probes.len, probes.count) {
+        let uid = slab.identity().uid;
+        let failed = |set: &HashSet<u64>| set.contains(&uid);
+        let lock = || self.gpu_failed.lock().unwrap_or_else(|p| p.into_inner());
+        if self.prefers_gpu(slab.dtype, slab.rows(), probes.len, probes.count) && !failed(&lock()) {
             match self.gpu.search_slab(slab, probes, k, floor) {
                 Ok(hits) => return Ok(hits),
                 // Out of GPU memory, a lost device...: `auto` still answers, on the CPU.
-                Err(e) => tracing::warn!(error = %e, "GPU search failed: answering on the CPU"),
+                Err(e) => {
+                    tracing::warn!(error = %e, rows = slab.rows(), "GPU search failed: this slab goes to the CPU from now on");
+                    lock().insert(uid);
+                }
             }
         }
         self.cpu.search_slab(slab, probes, k, floor)
