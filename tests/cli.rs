@@ -35,21 +35,7 @@ fn p(path: &Path) -> &str {
 #[test]
 fn the_whole_command_line_journey() {
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let g = work.path().join("gallery");
-    ok(&[
-        "synth",
-        "--subjects",
-        "300",
-        "--samples",
-        "2",
-        "--dim",
-        "256",
-        "--probes",
-        "50",
-        "--out",
-        p(&data),
-    ]);
+    let (data, g, out) = synth_gallery(work.path(), 300, 2, 256, 50, "i8");
     for f in [
         "gallery.npy",
         "gallery_ids.txt",
@@ -59,16 +45,6 @@ fn the_whole_command_line_journey() {
     ] {
         assert!(data.join(f).exists(), "{f}");
     }
-    ok(&["gallery", "create", p(&g), "--dim", "256", "--dtype", "i8"]);
-    let out = ok(&[
-        "gallery",
-        "import",
-        p(&g),
-        "--templates",
-        p(&data.join("gallery.npy")),
-        "--ids",
-        p(&data.join("gallery_ids.txt")),
-    ]);
     assert!(out.contains("imported 600 templates of 300 subjects"), "{out}");
     fails(
         &[
@@ -241,7 +217,7 @@ fn bench_prints_a_table() {
 #[test]
 fn eval_writes_a_report_and_dedup_writes_pairs() {
     let work = tempfile::tempdir().unwrap();
-    let (data, g) = synth_gallery(work.path(), 400, 2, 128, 300, "f32");
+    let (data, g, _) = synth_gallery(work.path(), 400, 2, 128, 300, "f32");
     let report = work.path().join("report");
     let out = ok(&[
         "eval",
@@ -310,7 +286,8 @@ fn eval_writes_a_report_and_dedup_writes_pairs() {
     fails(&["dedup", p(&g), "--out", p(&pairs)], "needs --threshold, --top");
 }
 
-/// Synthetic data in `work/data` imported into a new gallery `work/g`.
+/// Synthetic data in `work/data` imported into a new gallery `work/g` (and what the
+/// import printed).
 fn synth_gallery(
     work: &Path,
     subjects: usize,
@@ -318,7 +295,7 @@ fn synth_gallery(
     dim: usize,
     probes: usize,
     dtype: &str,
-) -> (std::path::PathBuf, std::path::PathBuf) {
+) -> (std::path::PathBuf, std::path::PathBuf, String) {
     let (data, g) = (work.join("data"), work.join("g"));
     let n = |v: usize| v.to_string();
     ok(&[
@@ -335,7 +312,7 @@ fn synth_gallery(
         p(&data),
     ]);
     ok(&["gallery", "create", p(&g), "--dim", &n(dim), "--dtype", dtype]);
-    ok(&[
+    let out = ok(&[
         "gallery",
         "import",
         p(&g),
@@ -344,7 +321,7 @@ fn synth_gallery(
         "--ids",
         p(&data.join("gallery_ids.txt")),
     ]);
-    (data, g)
+    (data, g, out)
 }
 
 /// `biogate ARGS` with extra environment variables.
@@ -359,7 +336,7 @@ fn biogate_env(args: &[&str], env: &[(&str, &str)]) -> Output {
 #[test]
 fn identify_on_the_gpu_prints_what_the_cpu_prints() {
     let work = tempfile::tempdir().unwrap();
-    let (data, g) = synth_gallery(work.path(), 400, 3, 96, 40, "i8");
+    let (data, g, _) = synth_gallery(work.path(), 400, 3, 96, 40, "i8");
     let identify = |backend: &str| {
         biogate_env(
             &[

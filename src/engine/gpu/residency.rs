@@ -239,7 +239,7 @@ impl ResidentSlab {
                 } else {
                     remaining.min(shard_rows)
                 };
-                let shard = Shard::new(ctx, row, capacity, self.stride, self.dtype);
+                let shard = Shard::new(ctx, row, capacity, self.stride, self.dtype == Dtype::I8);
                 self.shards.push(shard);
             }
             let shard = self.shards.last_mut().expect("a shard was just ensured");
@@ -267,7 +267,7 @@ impl ResidentSlab {
 }
 
 impl Shard {
-    fn new(ctx: &GpuContext, first_row: usize, capacity: usize, stride: usize, dtype: Dtype) -> Shard {
+    fn new(ctx: &GpuContext, first_row: usize, capacity: usize, stride: usize, with_scales: bool) -> Shard {
         let capacity = capacity.div_ceil(TILE_ROWS) * TILE_ROWS;
         let buffer = |label: &str, bytes: usize| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -283,14 +283,13 @@ impl Shard {
             capacity,
             gallery: buffer("gallery rows", capacity * stride),
             keys: buffer("row keys", capacity * 4),
-            scales: (dtype == Dtype::I8).then(|| buffer("row scales", capacity * 4)),
+            scales: with_scales.then(|| buffer("row scales", capacity * 4)),
         }
     }
 
     /// Move to buffers of `capacity` rows, copying the resident rows on the GPU.
     fn grow(&mut self, ctx: &GpuContext, capacity: usize, stride: usize) {
-        let dtype = if self.scales.is_some() { Dtype::I8 } else { Dtype::F32 };
-        let bigger = Shard::new(ctx, self.first_row, capacity, stride, dtype);
+        let bigger = Shard::new(ctx, self.first_row, capacity, stride, self.scales.is_some());
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(&self.gallery, 0, &bigger.gallery, 0, (self.rows * stride) as u64);
         encoder.copy_buffer_to_buffer(&self.keys, 0, &bigger.keys, 0, (self.rows * 4) as u64);
