@@ -27,6 +27,20 @@ pub enum Error {
     /// A named thing already exists where a new one was asked for.
     #[error("already exists: {0}")]
     AlreadyExists(String),
+    /// A gallery stopped accepting writes after a storage failure (a failed fsync, or a
+    /// failed write that could not be rolled back): reopen it to learn what is durable.
+    #[error("gallery closed for writing: {0}")]
+    Poisoned(String),
+    /// A write failed in a way that leaves its outcome unknown until the gallery is reopened.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
+    /// A gallery is not available (it failed to open, or damage was found); the message
+    /// says why and what to do.
+    #[error("{0}")]
+    Unavailable(String),
+    /// An operation was cut short by a concurrent one (a gallery dropped under it).
+    #[error("aborted: {0}")]
+    Aborted(String),
     /// The GPU failed: no adapter where one was required, a device error, a lost device,
     /// or a kernel that did not fill its results.
     #[error("GPU: {0}")]

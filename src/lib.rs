@@ -15,6 +15,7 @@ pub mod gallery;
 pub mod npy;
 pub mod report;
 pub mod server;
+pub mod storage;
 pub mod synth;
 pub mod template;
 

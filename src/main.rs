@@ -191,6 +191,10 @@ enum ClientCommand {
     },
     /// Drop a gallery and delete its data.
     DropGallery { name: String },
+    /// Repair a gallery on the server (one that is NOT_SERVING) without a restart.
+    RepairGallery { name: String },
+    /// Rewrite a gallery's live rows into one segment, dropping deleted rows.
+    CompactGallery { name: String },
 }
 
 #[derive(Args)]
@@ -260,8 +264,15 @@ enum GalleryCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Verify every checksum (metadata and row data).
+    /// Verify every checksum (manifest, metadata, row data, the log).
     Check { dir: PathBuf },
+    /// Repair a damaged gallery: keep everything intact, move damaged files aside into
+    /// DIR/damaged/ (never deleted) and name the subjects affected.
+    Repair {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Seal the log and drop deleted rows into one new segment.
     Compact { dir: PathBuf },
     /// Delete a subject and all its templates.
@@ -295,6 +306,10 @@ struct IdentifyArgs {
     backend: BackendChoice,
     #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
     format: OutputFormat,
+    /// Score the rows without verifying their checksums first (faster on a cold
+    /// gallery; a damaged row would then be scored silently).
+    #[arg(long)]
+    no_verify: bool,
 }
 
 #[derive(Args)]
@@ -631,13 +646,18 @@ async fn client(a: ClientArgs) -> Result<()> {
                 .map_err(rpc)?
                 .into_inner();
             println!(
-                "{:<24} {:>5} {:>5} {:>12} {:>12} {:>8}",
+                "{:<24} {:>5} {:>5} {:>12} {:>12} {:>8}  state",
                 "name", "dim", "dtype", "templates", "subjects", "backend"
             );
             for g in r.galleries {
+                let why = if g.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", g.reason)
+                };
                 println!(
-                    "{:<24} {:>5} {:>5} {:>12} {:>12} {:>8}",
-                    g.name, g.dim, g.dtype, g.rows, g.subjects, g.backend
+                    "{:<24} {:>5} {:>5} {:>12} {:>12} {:>8}  {}{why}",
+                    g.name, g.dim, g.dtype, g.rows, g.subjects, g.backend, g.state
                 );
             }
         }
@@ -663,6 +683,53 @@ async fn client(a: ClientArgs) -> Result<()> {
                 .await
                 .map_err(rpc)?;
             println!("dropped gallery {name}");
+        }
+        ClientCommand::RepairGallery { name } => {
+            let r = c
+                .inner
+                .clone()
+                .repair_gallery(c.request(proto::RepairGalleryRequest { name: name.clone() }))
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            if r.clean && r.actions.is_empty() {
+                println!("gallery {name}: nothing to repair");
+            }
+            for a in &r.actions {
+                println!("did:   {a}");
+            }
+            for l in &r.lost {
+                let who = if l.subject.is_empty() {
+                    "unknown subjects".to_owned()
+                } else {
+                    format!("subject {:?}", l.subject)
+                };
+                println!("lost:  {who}: {} ({})", l.what, l.file);
+            }
+            if let Some(g) = r.gallery {
+                println!(
+                    "gallery {name} is now {}{}",
+                    g.state,
+                    if g.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", g.reason)
+                    }
+                );
+            }
+        }
+        ClientCommand::CompactGallery { name } => {
+            let r = c
+                .inner
+                .clone()
+                .compact_gallery(c.request(proto::CompactGalleryRequest { name: name.clone() }))
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            println!(
+                "compacted {name}: kept {} rows, dropped {}, {} segment(s) -> {}",
+                r.rows_kept, r.rows_dropped, r.segments_before, r.segments_after
+            );
         }
     }
     Ok(())
@@ -740,6 +807,39 @@ fn gallery_command(command: GalleryCommand) -> Result<()> {
                 info.subjects,
                 t.elapsed().as_secs_f64()
             );
+            for note in &info.notes {
+                println!("note: {note}");
+            }
+        }
+        GalleryCommand::Repair { dir, json } => {
+            let report = gallery::repair::repair(&dir, &biogate::storage::Storage::default())?;
+            if json {
+                println!("{}", serde_json::to_string(&report).expect("serialises"));
+            } else if report.clean && report.actions.is_empty() {
+                println!("{}: nothing to repair", dir.display());
+            } else {
+                println!("repaired {}", dir.display());
+                for a in &report.actions {
+                    println!("  did:   {a}");
+                }
+                for k in &report.kept_aside {
+                    println!("  kept:  {k}");
+                }
+                for l in &report.lost {
+                    let who = match (&l.subject, l.subject_verified) {
+                        (Some(s), true) => format!("subject {s:?}"),
+                        (Some(s), false) => format!("probably subject {s:?} (read from a damaged record)"),
+                        (None, _) => "unknown subjects".into(),
+                    };
+                    println!("  lost:  {who}: {} ({})", l.what, l.file);
+                }
+                if report.lost.is_empty() {
+                    println!("  nothing acknowledged was lost");
+                }
+                if let Some(f) = &report.report_file {
+                    println!("  report: {f}");
+                }
+            }
         }
         GalleryCommand::Compact { dir } => {
             let mut g = Gallery::open(&dir)?;
@@ -774,6 +874,9 @@ fn engine_for(choice: BackendChoice) -> Result<Engine> {
 
 fn identify(a: IdentifyArgs) -> Result<()> {
     let snapshot = gallery::open_snapshot(&a.dir)?;
+    if a.no_verify {
+        snapshot.trust_rows();
+    }
     let (count, dim, probes) = read_matrix(&a.probes)?;
     if dim != snapshot.dim() {
         return Err(Error::invalid(format!(

@@ -177,6 +177,7 @@ impl Engine {
             )));
         }
         let encoded = EncodedProbes::new(snapshot.dtype(), dim, probe)?;
+        snapshot.ensure_verified()?;
         let mut best: Option<f32> = None;
         for slab in snapshot.slabs() {
             let Some(ordinal) = slab.find_subject(subject) else {
@@ -190,6 +191,7 @@ impl Engine {
                 best = Some(best.map_or(score, |b| b.max(score)));
             }
         }
+        snapshot.check_reads()?;
         Ok(best)
     }
 
@@ -207,13 +209,16 @@ impl Engine {
             )));
         }
         let encoded = EncodedProbes::new(snapshot.dtype(), dim, probes)?;
+        // Damaged rows are never scored: each segment's checksums are verified before
+        // its rows are first read (once), and a read that faulted fails the search.
+        snapshot.ensure_verified()?;
         let floor = params.threshold.unwrap_or(f32::NEG_INFINITY);
         let slabs = snapshot.slabs();
         let mut per_slab = Vec::with_capacity(slabs.len());
         for slab in &slabs {
             per_slab.push(self.backend.search_slab(slab, &encoded, params.k, floor)?);
         }
-        Ok((0..encoded.count)
+        let results = (0..encoded.count)
             .map(|q| {
                 let mut best: HashMap<&str, f32> = HashMap::new();
                 for (slab, hits) in slabs.iter().zip(&per_slab) {
@@ -237,6 +242,8 @@ impl Engine {
                     candidates,
                 }
             })
-            .collect())
+            .collect();
+        snapshot.check_reads()?;
+        Ok(results)
     }
 }

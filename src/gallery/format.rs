@@ -22,7 +22,7 @@ use bytemuck::{Pod, Zeroable};
 /// Identifies a biogate segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"BIOGSEG\0";
 /// Bumped on any incompatible layout change.
-pub const SEGMENT_VERSION: u32 = 1;
+pub const SEGMENT_VERSION: u32 = 2;
 /// Size of the header; the row data starts at this (page-aligned) offset.
 pub const HEADER_BYTES: usize = 4096;
 /// Target size of one checksummed chunk of row data.
@@ -52,8 +52,11 @@ pub struct SegmentHeader {
     pub file_len: u64,
     /// CRC32 of bytes `scales_offset..file_len`.
     pub meta_crc: u32,
-    pub _pad: u32,
-    pub _reserved: [u8; HEADER_BYTES - 128],
+    /// CRC32 of the subject offsets and id bytes (`subject_offsets_offset..chunk_crcs_offset`).
+    pub ids_crc: u32,
+    /// The gallery this segment belongs to (as in its manifest).
+    pub gallery_id: u64,
+    pub _reserved: [u8; HEADER_BYTES - 136],
 }
 
 const _: () = assert!(std::mem::size_of::<SegmentHeader>() == HEADER_BYTES);

@@ -3,24 +3,32 @@
 //! ```text
 //! DIR/LOCK             held exclusively by the one writer process
 //! DIR/MANIFEST         which segments and which log make up the gallery (atomic)
+//! DIR/MANIFEST.copy    its copy, for `repair` when MANIFEST is damaged
 //! DIR/seg-NNNNNN.bgs   sealed, memory-mapped segments (see format.rs)
-//! DIR/wal-NNNNNN.log   the append log since the last compaction (see wal.rs)
+//! DIR/wal-NNNNNN.log   the append log since the last seal or compaction (see wal.rs)
+//! DIR/damaged/         what a repair moved aside (never deleted), with its report
 //! ```
 //!
-//! Writes go through [`Gallery`] (the writer; exclusive lock). Searches read an
-//! immutable [`Snapshot`]: [`Gallery::snapshot`] in the writer's process, or
-//! [`open_snapshot`] from any other process without taking the lock.
+//! Writes go through [`Gallery`] (the writer; exclusive lock), and every byte it writes
+//! goes through one [`Storage`]. Searches read an immutable [`Snapshot`]:
+//! [`Gallery::snapshot`] in the writer's process, or [`open_snapshot`] from any other
+//! process without taking the lock.
 
 pub mod format;
+pub mod identity;
 pub mod manifest;
+pub mod mapguard;
 pub mod memtable;
+pub mod repair;
 pub mod segment;
 pub mod snapshot;
 pub mod wal;
 
 use crate::error::{Error, IoContext, Result};
+use crate::storage::Storage;
 use crate::template::{Dtype, check_dim, check_subject_id, encode_row, normalize_into, row_stride};
-use manifest::{Manifest, SegmentEntry, segment_file_name, sync_dir, wal_file_name};
+use identity::FileIdentity;
+use manifest::{Committed, Manifest, SegmentEntry, segment_file_name, wal_file_name};
 use memtable::MemTable;
 use rayon::prelude::*;
 use segment::{Segment, SegmentWriter};
@@ -29,7 +37,10 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use wal::{WalRecord, WalWriter};
+use wal::{LogContents, WalHeader, WalRecord, WalWriter};
+
+/// Folder inside a gallery where a repair keeps what it moved aside.
+pub const DAMAGED_DIR: &str = "damaged";
 
 const LOCK_FILE: &str = "LOCK";
 /// How long to wait for a lock that looks held before reporting another writer.
@@ -95,18 +106,29 @@ pub struct GalleryInfo {
     pub log_rows: u64,
     pub deleted_subjects_pending: usize,
     pub bytes_on_disk: u64,
+    /// Things worth knowing that are not damage (a torn log tail the next writer cuts,
+    /// a stale manifest copy the next writer rewrites).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// The writer's handle on a gallery directory.
 pub struct Gallery {
     dir: PathBuf,
     _lock: File,
+    storage: Storage,
     manifest: Manifest,
     segments: Vec<SegmentView>,
     tombstones: usize,
     memtable: Arc<MemTable>,
     wal: WalWriter,
+    /// The log file as opened (to notice it being changed under the process).
+    wal_identity: FileIdentity,
     snapshot: Arc<Snapshot>,
+    /// Set when a commit's outcome is unknown: no further writes until reopened.
+    poisoned: Option<String>,
+    /// The manifest's copy lags behind: keep the files it names.
+    copy_stale: bool,
 }
 
 /// Everything read from a gallery directory (shared by the writer and readers).
@@ -115,8 +137,7 @@ struct LoadedState {
     segments: Vec<SegmentView>,
     tombstones: usize,
     memtable: MemTable,
-    wal_valid_len: u64,
-    wal_torn_bytes: u64,
+    log: LogContents,
 }
 
 impl LoadedState {
@@ -130,24 +151,69 @@ impl LoadedState {
     }
 }
 
+/// A log to read back (see [`Gallery::log_probe`]).
+pub struct LogProbe {
+    path: PathBuf,
+    header: WalHeader,
+    durable_len: u64,
+}
+
+impl LogProbe {
+    /// Read the log and check that everything acknowledged when the probe was taken
+    /// reads back intact (appends since only add to it): damage here would lose
+    /// enrollments at the next restart.
+    pub fn check(&self) -> Result<()> {
+        let log = wal::read(&self.path, &self.header)?;
+        if log.valid_len < self.durable_len {
+            return Err(Error::corrupt(
+                &self.path,
+                format!(
+                    "only {} of the {} bytes acknowledged read back intact",
+                    log.valid_len, self.durable_len
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Open a segment the manifest names, checking that it is the one it names.
+fn open_segment(dir: &Path, manifest: &Manifest, entry: &SegmentEntry) -> Result<Segment> {
+    let path = dir.join(&entry.file);
+    let seg = match Segment::open(&path) {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::corrupt(&path, "the segment named by the manifest is missing"));
+        }
+        other => other?,
+    };
+    if seg.gallery_id() != manifest.gallery_id {
+        return Err(Error::corrupt(&path, "the segment belongs to another gallery"));
+    }
+    if seg.dim() != manifest.dim || seg.dtype() != manifest.dtype || seg.rows() as u64 != entry.rows {
+        return Err(Error::corrupt(&path, "segment does not match the manifest"));
+    }
+    Ok(seg)
+}
+
+/// The header the manifest's active log must carry.
+fn expected_log_header(manifest: &Manifest) -> WalHeader {
+    WalHeader::expected(manifest.gallery_id, manifest.wal_id, 0, manifest.dim, manifest.dtype)
+}
+
 fn load_state(dir: &Path) -> Result<LoadedState> {
     let manifest = Manifest::load(dir)?;
     check_dim(manifest.dim)?;
     let mut segments = Vec::with_capacity(manifest.segments.len());
     for entry in &manifest.segments {
-        let seg = Segment::open(&dir.join(&entry.file))?;
-        if seg.dim() != manifest.dim || seg.dtype() != manifest.dtype || seg.rows() as u64 != entry.rows {
-            return Err(Error::corrupt(seg.path(), "segment does not match the manifest"));
-        }
         segments.push(SegmentView {
-            segment: Arc::new(seg),
+            segment: Arc::new(open_segment(dir, &manifest, entry)?),
             dead_subjects: Vec::new(),
         });
     }
-    let contents = wal::read(&dir.join(&manifest.wal))?;
+    let log = wal::read(&dir.join(&manifest.wal), &expected_log_header(&manifest))?;
     let mut memtable = MemTable::new(manifest.dtype, manifest.dim);
     let mut tombstones = 0;
-    for record in &contents.records {
+    for record in &log.records {
         apply(record, &manifest, &mut segments, &mut memtable, &mut tombstones)?;
     }
     memtable.refresh_ranks();
@@ -156,8 +222,7 @@ fn load_state(dir: &Path) -> Result<LoadedState> {
         segments,
         tombstones,
         memtable,
-        wal_valid_len: contents.valid_len,
-        wal_torn_bytes: contents.file_len - contents.valid_len,
+        log,
     })
 }
 
@@ -222,24 +287,43 @@ pub fn check(dir: &Path) -> Result<GalleryInfo> {
     for view in &state.segments {
         view.segment.check()?;
     }
-    if state.wal_torn_bytes > 0 {
-        return Err(Error::Corrupt(format!(
-            "{}: log has a torn tail of {} bytes after the last intact record (the next writer cuts it)",
+    let mut notes = Vec::new();
+    if state.log.torn_bytes() > 0 {
+        notes.push(format!(
+            "{}: a torn tail of {} bytes (an interrupted, never acknowledged write) follows the last \
+             intact record; the next writer cuts it",
             dir.join(&state.manifest.wal).display(),
-            state.wal_torn_bytes
-        )));
+            state.log.torn_bytes()
+        ));
+    }
+    if !state.manifest.copy_matches(dir) {
+        notes.push(format!(
+            "{}: the manifest's copy is missing, damaged or stale; the next writer rewrites it",
+            dir.join(manifest::MANIFEST_COPY_FILE).display()
+        ));
     }
     let tombstones = state.tombstones;
-    info_of(dir, &state.into_snapshot(), tombstones)
+    let manifest = state.manifest.clone();
+    let mut info = info_of(dir, &manifest, &state.into_snapshot(), tombstones);
+    info.notes = notes;
+    Ok(info)
 }
 
-fn info_of(dir: &Path, snapshot: &Snapshot, tombstones: usize) -> Result<GalleryInfo> {
-    let mut bytes = 0;
-    for entry in std::fs::read_dir(dir).ctx(|| format!("listing {}", dir.display()))? {
-        let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
-        bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
-    }
-    Ok(GalleryInfo {
+fn info_of(dir: &Path, manifest: &Manifest, snapshot: &Snapshot, tombstones: usize) -> GalleryInfo {
+    // The files the manifest names (a directory listing would race a concurrent drop).
+    let bytes = manifest
+        .segments
+        .iter()
+        .map(|s| s.file.as_str())
+        .chain([
+            manifest.wal.as_str(),
+            manifest::MANIFEST_FILE,
+            manifest::MANIFEST_COPY_FILE,
+        ])
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    GalleryInfo {
         path: dir.display().to_string(),
         dim: snapshot.dim(),
         dtype: snapshot.dtype(),
@@ -249,17 +333,23 @@ fn info_of(dir: &Path, snapshot: &Snapshot, tombstones: usize) -> Result<Gallery
         log_rows: snapshot.memtable().rows() as u64,
         deleted_subjects_pending: tombstones,
         bytes_on_disk: bytes,
-    })
+        notes: Vec::new(),
+    }
 }
 
 /// Gallery info without the writer lock.
 pub fn info(dir: &Path) -> Result<GalleryInfo> {
     let state = load_state(dir)?;
     let tombstones = state.tombstones;
-    info_of(dir, &state.into_snapshot(), tombstones)
+    Ok(info_of(
+        dir,
+        &state.manifest.clone(),
+        &state.into_snapshot(),
+        tombstones,
+    ))
 }
 
-fn lock_dir(dir: &Path) -> Result<File> {
+pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
     let file = File::options()
         .create(true)
@@ -286,39 +376,61 @@ fn lock_dir(dir: &Path) -> Result<File> {
 impl Gallery {
     /// Create a new, empty gallery in `dir` (created if missing; must hold no gallery).
     pub fn create(dir: &Path, dim: usize, dtype: Dtype) -> Result<Gallery> {
+        Gallery::create_with(dir, dim, dtype, Storage::default())
+    }
+
+    /// [`Gallery::create`] writing through `storage`.
+    pub fn create_with(dir: &Path, dim: usize, dtype: Dtype, storage: Storage) -> Result<Gallery> {
         check_dim(dim)?;
-        std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+        storage.create_dir_all(dir)?;
         let lock = lock_dir(dir)?;
-        if dir.join(manifest::MANIFEST_FILE).exists() {
+        if dir.join(manifest::MANIFEST_FILE).exists() || dir.join(manifest::MANIFEST_COPY_FILE).exists() {
             return Err(Error::AlreadyExists(format!("a gallery in {}", dir.display())));
         }
-        let manifest = Manifest::new(dim, dtype);
-        File::create(dir.join(&manifest.wal))
-            .and_then(|f| f.sync_all())
-            .ctx(|| format!("creating log in {}", dir.display()))?;
-        manifest.store(dir)?;
+        let manifest = Manifest::new(dim, dtype, rand::random());
+        let header = WalHeader::expected(manifest.gallery_id, manifest.wal_id, 1, dim, dtype);
+        WalWriter::create(&storage, &dir.join(&manifest.wal), &header)?;
+        storage.sync_dir(dir)?;
+        manifest.commit(&storage, dir)?;
         drop(lock);
-        Gallery::open(dir)
+        Gallery::open_with(dir, storage)
     }
 
     /// Open the gallery in `dir` as its one writer: takes the lock, cuts a torn log
-    /// tail, removes files left by interrupted imports or compactions.
+    /// tail, rewrites a stale manifest copy, removes files left by interrupted imports
+    /// or compactions. Damage anywhere is an error naming the file; nothing is cut.
     pub fn open(dir: &Path) -> Result<Gallery> {
+        Gallery::open_with(dir, Storage::default())
+    }
+
+    /// [`Gallery::open`] writing through `storage`.
+    pub fn open_with(dir: &Path, storage: Storage) -> Result<Gallery> {
         if !dir.join(manifest::MANIFEST_FILE).exists() {
-            // Load for its clear "not a gallery" error without creating a LOCK file.
+            // Load for its clear error without creating a LOCK file.
             Manifest::load(dir)?;
         }
         let lock = lock_dir(dir)?;
         let state = load_state(dir)?;
-        if state.wal_torn_bytes > 0 {
+        if state.log.torn_bytes() > 0 {
             tracing::warn!(
                 gallery = %dir.display(),
-                bytes = state.wal_torn_bytes,
-                "cut a torn log tail (a write that was never acknowledged)"
+                bytes = state.log.torn_bytes(),
+                "cutting a torn log tail (an interrupted write that was never acknowledged)"
             );
         }
-        let wal = WalWriter::open(&dir.join(&state.manifest.wal), state.wal_valid_len)?;
-        remove_orphans(dir, &state.manifest)?;
+        let wal_path = dir.join(&state.manifest.wal);
+        let wal = WalWriter::open(&storage, &wal_path, &state.log)?;
+        let wal_identity = File::open(&wal_path)
+            .and_then(|f| FileIdentity::of_file(&f))
+            .ctx(|| format!("reading {}", wal_path.display()))?;
+        let mut copy_stale = false;
+        if !state.manifest.copy_matches(dir) {
+            tracing::warn!(gallery = %dir.display(), "rewriting the manifest's copy");
+            if let Err(e) = state.manifest.refresh_copy(&storage, dir) {
+                tracing::warn!(gallery = %dir.display(), error = %e, "could not rewrite the manifest's copy");
+                copy_stale = true;
+            }
+        }
         let memtable = Arc::new(state.memtable);
         let snapshot = Arc::new(Snapshot::new(
             state.manifest.dim,
@@ -326,16 +438,22 @@ impl Gallery {
             state.segments.clone(),
             memtable.clone(),
         ));
-        Ok(Gallery {
+        let gallery = Gallery {
             dir: dir.to_path_buf(),
             _lock: lock,
+            storage,
             manifest: state.manifest,
             segments: state.segments,
             tombstones: state.tombstones,
             memtable,
             wal,
+            wal_identity,
             snapshot,
-        })
+            poisoned: None,
+            copy_stale,
+        };
+        gallery.remove_orphans();
+        Ok(gallery)
     }
 
     fn publish(&mut self) {
@@ -367,7 +485,58 @@ impl Gallery {
 
     /// Summary for `gallery info`.
     pub fn info(&self) -> Result<GalleryInfo> {
-        info_of(&self.dir, &self.snapshot, self.tombstones)
+        Ok(info_of(&self.dir, &self.manifest, &self.snapshot, self.tombstones))
+    }
+
+    /// Why writes are refused, if they are (a storage failure left the state on disk
+    /// unknown; reopening the gallery reads what is really there).
+    pub fn poisoned(&self) -> Option<String> {
+        self.poisoned.clone().or_else(|| self.wal.poisoned().map(str::to_owned))
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        match self.poisoned() {
+            Some(why) => Err(Error::Poisoned(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the files in use are still the ones opened: a segment or the log
+    /// replaced, removed, truncated (or written in place and now damaged) under the
+    /// process is an error naming the file. A segment written in place but intact is
+    /// verified again and kept. Cheap: one stat per file.
+    pub fn check_files(&self) -> Result<()> {
+        for v in &self.segments {
+            v.segment.check_file()?;
+        }
+        let path = self.dir.join(&self.manifest.wal);
+        match self.wal_identity.compare(&path) {
+            Some(change @ (identity::FileChange::Removed | identity::FileChange::Replaced)) => {
+                Err(Error::corrupt(&path, format!("the log {change} under the process")))
+            }
+            // The log is ours to grow and write; only a cut below what it acknowledged is foreign.
+            _ => match std::fs::metadata(&path) {
+                Ok(m) if m.len() < self.wal.durable_len() => Err(Error::corrupt(
+                    &path,
+                    format!(
+                        "the log was truncated under the process to {} bytes (below the {} acknowledged)",
+                        m.len(),
+                        self.wal.durable_len()
+                    ),
+                )),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// What a scrub needs to read the log back without holding the writer: the file,
+    /// its expected header, and how much of it was acknowledged so far.
+    pub fn log_probe(&self) -> LogProbe {
+        LogProbe {
+            path: self.dir.join(&self.manifest.wal),
+            header: expected_log_header(&self.manifest),
+            durable_len: self.wal.durable_len(),
+        }
     }
 
     /// Enroll a batch durably: validates everything first (nothing changes on error),
@@ -413,6 +582,7 @@ impl Gallery {
                 templates: normalized,
             });
         }
+        self.check_writable()?;
         self.wal.append(&records)?;
         let memtable = Arc::make_mut(&mut self.memtable);
         for r in &records {
@@ -432,6 +602,7 @@ impl Gallery {
                 self.dir.display()
             )));
         }
+        self.check_writable()?;
         let record = WalRecord::Delete {
             subject: subject.to_owned(),
             segments_before: self.manifest.next_file_id,
@@ -446,6 +617,55 @@ impl Gallery {
             &mut self.tombstones,
         )?;
         self.publish();
+        Ok(())
+    }
+
+    /// Write a new segment file (see [`write_segment_file`]) and map it.
+    fn write_segment(&self, file: &str, fill: impl FnOnce(&mut SegmentWriter) -> Result<()>) -> Result<Arc<Segment>> {
+        write_segment_file(&self.storage, &self.dir, &self.manifest, file, fill)?;
+        Ok(Arc::new(Segment::open(&self.dir.join(file))?))
+    }
+
+    /// Commit `manifest` as the gallery's new shape. Nothing else may change in memory
+    /// unless this returns Ok. If it is unknown whether a restart would see the new
+    /// manifest, the gallery stops accepting writes (see [`Gallery::poisoned`]).
+    fn commit(&mut self, manifest: Manifest) -> Result<()> {
+        match manifest.commit(&self.storage, &self.dir) {
+            Ok(committed) => {
+                self.copy_stale = committed == Committed::CopyStale;
+                self.manifest = manifest;
+                Ok(())
+            }
+            Err(e @ Error::OutcomeUnknown(_)) => {
+                self.poisoned = Some(e.to_string());
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Create log `log_id` (its records numbered on from this writer's), durably; the
+    /// manifest does not name it yet.
+    fn new_log(&self, log_id: u64) -> Result<(WalWriter, PathBuf)> {
+        let path = self.dir.join(wal_file_name(log_id));
+        let header = WalHeader::expected(
+            self.manifest.gallery_id,
+            log_id,
+            self.wal.next_seq(),
+            self.manifest.dim,
+            self.manifest.dtype,
+        );
+        let writer = WalWriter::create(&self.storage, &path, &header)?;
+        self.storage.sync_dir(&self.dir)?;
+        Ok((writer, path))
+    }
+
+    /// Swap in the log at `path` after the manifest naming it was committed.
+    fn switch_log(&mut self, writer: WalWriter, path: &Path) -> Result<()> {
+        self.wal = writer;
+        self.wal_identity = File::open(path)
+            .and_then(|f| FileIdentity::of_file(&f))
+            .ctx(|| format!("reading {}", path.display()))?;
         Ok(())
     }
 
@@ -465,21 +685,15 @@ impl Gallery {
                 source.dim()
             )));
         }
+        self.check_writable()?;
         let id = self.manifest.next_file_id;
         let file = segment_file_name(id);
-        let tmp = self.dir.join(format!("{file}.tmp"));
-        let result = self.write_import(source, options, progress, &tmp);
-        let (rows, subjects) = match result {
-            Ok(counts) => counts,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-        let final_path = self.dir.join(&file);
-        std::fs::rename(&tmp, &final_path).ctx(|| format!("renaming {}", tmp.display()))?;
-        sync_dir(&self.dir)?;
-        let segment = Arc::new(Segment::open(&final_path)?);
+        let mut counts = (0, 0);
+        let segment = self.write_segment(&file, |writer| {
+            counts = self.write_import(source, options, progress, writer)?;
+            Ok(())
+        })?;
+        let (rows, subjects) = counts;
         let mut manifest = self.manifest.clone();
         manifest.segments.push(SegmentEntry {
             id,
@@ -487,8 +701,12 @@ impl Gallery {
             rows,
         });
         manifest.next_file_id += 1;
-        manifest.store(&self.dir)?;
-        self.manifest = manifest;
+        if let Err(e) = self.commit(manifest) {
+            if !matches!(e, Error::OutcomeUnknown(_)) {
+                let _ = std::fs::remove_file(self.dir.join(&file));
+            }
+            return Err(e);
+        }
         self.segments.push(SegmentView {
             segment,
             dead_subjects: Vec::new(),
@@ -506,12 +724,11 @@ impl Gallery {
         source: &mut dyn ImportSource,
         options: ImportOptions,
         progress: &dyn Fn(u64),
-        tmp: &Path,
+        writer: &mut SegmentWriter,
     ) -> Result<(u64, u64)> {
         const CHUNK: usize = 4096;
         let (dim, dtype) = (self.manifest.dim, self.manifest.dtype);
         let stride = row_stride(dtype, dim);
-        let mut writer = SegmentWriter::create(tmp, dtype, dim)?;
         let mut encoded = vec![0u8; CHUNK * stride];
         let mut scales = vec![0.0f32; CHUNK];
         let mut done = 0u64;
@@ -572,9 +789,7 @@ impl Gallery {
         if done == 0 {
             return Err(Error::invalid("the import source has no templates"));
         }
-        let subjects = writer.subjects() as u64;
-        writer.finish()?;
-        Ok((done, subjects))
+        Ok((done, writer.subjects() as u64))
     }
 
     /// Rows held in the log (and in memory) since the last seal or compaction.
@@ -587,28 +802,45 @@ impl Gallery {
     /// the log, not the gallery), so a server can do it while running; commits
     /// atomically through the manifest. Returns the number of rows sealed.
     pub fn seal_log(&mut self) -> Result<usize> {
-        let rows = self.memtable.rows();
-        if rows == 0 {
+        if self.memtable.rows() == 0 {
             return Ok(0);
         }
-        let (dim, dtype) = (self.manifest.dim, self.manifest.dtype);
-        let id = self.manifest.next_file_id;
-        let wal_id = id + 1;
-        let file = segment_file_name(id);
-        let tmp = self.dir.join(format!("{file}.tmp"));
-        let mut writer = SegmentWriter::create(&tmp, dtype, dim)?;
-        let table = self.memtable.clone();
-        let stride = table.stride();
-        for r in 0..rows {
-            let subject = &table.subject_ids()[table.row_subjects()[r] as usize];
-            if let Err(e) = writer.push(&table.data()[r * stride..(r + 1) * stride], table.scales()[r], subject) {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
+        self.rewrite_log(false)
+    }
+
+    /// Write what this process holds in memory for the log (its rows and pending
+    /// deletions) into a new segment and a new log, keeping the old log file aside in
+    /// `damaged/` instead of removing it: how a running server repairs a log damaged on
+    /// disk without losing what it acknowledged. Returns the number of rows sealed.
+    pub fn rewrite_log_from_memory(&mut self) -> Result<usize> {
+        self.rewrite_log(true)
+    }
+
+    fn rewrite_log(&mut self, keep_old_log: bool) -> Result<usize> {
+        self.check_writable()?;
+        let rows = self.memtable.rows();
+        let mut id = self.manifest.next_file_id;
+        let mut manifest = self.manifest.clone();
+        let mut sealed = None;
+        if rows > 0 {
+            let table = self.memtable.clone();
+            let file = segment_file_name(id);
+            let segment = self.write_segment(&file, |writer| {
+                let stride = table.stride();
+                for r in 0..rows {
+                    let subject = &table.subject_ids()[table.row_subjects()[r] as usize];
+                    writer.push(&table.data()[r * stride..(r + 1) * stride], table.scales()[r], subject)?;
+                }
+                Ok(())
+            })?;
+            manifest.segments.push(SegmentEntry {
+                id,
+                file: file.clone(),
+                rows: rows as u64,
+            });
+            sealed = Some((segment, file));
+            id += 1;
         }
-        writer.finish()?;
-        let path = self.dir.join(&file);
-        std::fs::rename(&tmp, &path).ctx(|| format!("renaming {}", tmp.display()))?;
         // Deletions pending against the older segments, once per subject, marked so they
         // reach every segment that existed when the subject was deleted (and none newer).
         let mut pending: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
@@ -625,104 +857,191 @@ impl Gallery {
                 segments_before: before,
             })
             .collect();
-        let mut manifest = self.manifest.clone();
-        manifest.segments.push(SegmentEntry {
-            id,
-            file,
-            rows: rows as u64,
-        });
-        manifest.wal = wal_file_name(wal_id);
-        manifest.next_file_id = wal_id + 1;
-        let wal_path = self.dir.join(&manifest.wal);
-        let mut wal = WalWriter::open(&wal_path, 0)?;
-        wal.append(&records)?;
-        sync_dir(&self.dir)?;
-        manifest.store(&self.dir)?;
+        let cleanup = |dir: &Path, sealed: &Option<(Arc<Segment>, String)>, log: Option<&Path>| {
+            if let Some((_, f)) = sealed {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+            if let Some(l) = log {
+                let _ = std::fs::remove_file(l);
+            }
+        };
+        let (mut wal, wal_path) = match self.new_log(id) {
+            Ok(w) => w,
+            Err(e) => {
+                cleanup(&self.dir, &sealed, Some(&self.dir.join(wal_file_name(id))));
+                return Err(e);
+            }
+        };
+        if let Err(e) = wal.append(&records) {
+            drop(wal);
+            cleanup(&self.dir, &sealed, Some(&wal_path));
+            return Err(e);
+        }
+        if keep_old_log {
+            let old = self.dir.join(&self.manifest.wal);
+            if let Err(e) = keep_aside(&self.storage, &self.dir, &old) {
+                cleanup(&self.dir, &sealed, Some(&wal_path));
+                return Err(e);
+            }
+        }
+        manifest.wal = wal_file_name(id);
+        manifest.wal_id = id;
+        manifest.next_file_id = id + 1;
+        if let Err(e) = self.commit(manifest) {
+            if !matches!(e, Error::OutcomeUnknown(_)) {
+                cleanup(&self.dir, &sealed, Some(&wal_path));
+            }
+            return Err(e);
+        }
         // Committed: the new segment replaces the log's rows.
-        self.manifest = manifest;
-        self.wal = wal;
-        self.segments.push(SegmentView {
-            segment: Arc::new(Segment::open(&path)?),
-            dead_subjects: Vec::new(),
-        });
+        self.switch_log(wal, &wal_path)?;
+        if let Some((segment, _)) = sealed {
+            self.segments.push(SegmentView {
+                segment,
+                dead_subjects: Vec::new(),
+            });
+        }
         self.tombstones = records.len();
-        self.memtable = Arc::new(MemTable::new(dtype, dim));
+        self.memtable = Arc::new(MemTable::new(self.manifest.dtype, self.manifest.dim));
         self.publish();
-        remove_orphans(&self.dir, &self.manifest)?;
+        self.remove_orphans();
         Ok(rows)
     }
 
     /// Rewrite every live row (segments minus deletions, plus the log's rows) into one
     /// new segment and start an empty log; commits atomically through the manifest.
+    /// Rows are verified before they are copied, so damage is never sealed into a new
+    /// file with fresh checksums.
     pub fn compact(&mut self) -> Result<CompactReport> {
-        let (dim, dtype) = (self.manifest.dim, self.manifest.dtype);
+        self.check_writable()?;
+        let snapshot = self.snapshot.clone();
+        snapshot.ensure_verified()?;
         let id = self.manifest.next_file_id;
         let wal_id = id + 1;
         let file = segment_file_name(id);
-        let tmp = self.dir.join(format!("{file}.tmp"));
-        let snapshot = self.snapshot.clone();
         let total_rows: usize = snapshot.slabs().iter().map(|s| s.rows()).sum();
         let mut kept = 0u64;
-        let mut writer = SegmentWriter::create(&tmp, dtype, dim)?;
-        for slab in snapshot.slabs() {
-            for row in 0..slab.rows() {
-                let ordinal = slab.row_subject[row];
-                if slab.is_dead(ordinal) {
-                    continue;
-                }
-                let bytes = &slab.data[row * slab.stride..(row + 1) * slab.stride];
-                if let Err(e) = writer.push(bytes, slab.scales[row], slab.subject_id(ordinal)) {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(e);
-                }
-                kept += 1;
-            }
-        }
         let mut manifest = self.manifest.clone();
         manifest.segments.clear();
         let mut new_segments = Vec::new();
-        if kept > 0 {
-            writer.finish()?;
-            let path = self.dir.join(&file);
-            std::fs::rename(&tmp, &path).ctx(|| format!("renaming {}", tmp.display()))?;
+        let live_rows = snapshot.live_rows();
+        if live_rows > 0 {
+            let segment = self.write_segment(&file, |writer| {
+                for slab in snapshot.slabs() {
+                    for row in 0..slab.rows() {
+                        let ordinal = slab.row_subject[row];
+                        if slab.is_dead(ordinal) {
+                            continue;
+                        }
+                        let bytes = &slab.data[row * slab.stride..(row + 1) * slab.stride];
+                        writer.push(bytes, slab.scales[row], slab.subject_id(ordinal))?;
+                        kept += 1;
+                    }
+                }
+                snapshot.check_reads()
+            })?;
             new_segments.push(SegmentView {
-                segment: Arc::new(Segment::open(&path)?),
+                segment,
                 dead_subjects: Vec::new(),
             });
-            manifest.segments.push(SegmentEntry { id, file, rows: kept });
-        } else {
-            drop(writer);
-            let _ = std::fs::remove_file(&tmp);
+            manifest.segments.push(SegmentEntry {
+                id,
+                file: file.clone(),
+                rows: kept,
+            });
         }
+        let (wal, wal_path) = match self.new_log(wal_id) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(self.dir.join(&file));
+                let _ = std::fs::remove_file(self.dir.join(wal_file_name(wal_id)));
+                return Err(e);
+            }
+        };
         manifest.wal = wal_file_name(wal_id);
+        manifest.wal_id = wal_id;
         manifest.next_file_id = wal_id + 1;
-        let wal_path = self.dir.join(&manifest.wal);
-        File::create(&wal_path)
-            .and_then(|f| f.sync_all())
-            .ctx(|| format!("creating {}", wal_path.display()))?;
-        sync_dir(&self.dir)?;
-        manifest.store(&self.dir)?;
+        let segments_before = self.manifest.segments.len();
+        if let Err(e) = self.commit(manifest) {
+            if !matches!(e, Error::OutcomeUnknown(_)) {
+                let _ = std::fs::remove_file(self.dir.join(&file));
+                let _ = std::fs::remove_file(&wal_path);
+            }
+            return Err(e);
+        }
         // Committed. Old files are now orphans; remove them.
-        let old = std::mem::replace(&mut self.manifest, manifest);
-        self.wal = WalWriter::open(&wal_path, 0)?;
+        self.switch_log(wal, &wal_path)?;
         let report = CompactReport {
             rows_kept: kept,
             rows_dropped: total_rows as u64 - kept,
-            segments_before: old.segments.len(),
+            segments_before,
             segments_after: new_segments.len(),
         };
         self.segments = new_segments;
-        self.memtable = Arc::new(MemTable::new(dtype, dim));
+        self.memtable = Arc::new(MemTable::new(self.manifest.dtype, self.manifest.dim));
         self.tombstones = 0;
         self.publish();
-        remove_orphans(&self.dir, &self.manifest)?;
+        self.remove_orphans();
         Ok(report)
+    }
+
+    /// Remove files of ours that the manifest does not name (interrupted imports and
+    /// compactions, logs and segments replaced by a compaction). Only while the
+    /// manifest's copy is current (it might name them otherwise). Failures are logged,
+    /// not returned: the commit before this stands either way.
+    fn remove_orphans(&self) {
+        if self.copy_stale {
+            return;
+        }
+        if let Err(e) = remove_orphans(&self.storage, &self.dir, &self.manifest) {
+            tracing::warn!(gallery = %self.dir.display(), error = %e, "could not remove unreferenced files");
+        }
     }
 }
 
-/// Remove files of ours that the manifest does not name (interrupted imports and
-/// compactions, logs and segments replaced by a compaction).
-fn remove_orphans(dir: &Path, manifest: &Manifest) -> Result<()> {
+/// Write segment file `file` of the gallery in `dir` with the rows `fill` pushes:
+/// streamed to `file.tmp`, fsynced, renamed into place and the rename made durable.
+/// Nothing names it until the caller commits a manifest that does. On error the
+/// temporary file is removed and nothing else changed.
+pub(crate) fn write_segment_file(
+    storage: &Storage,
+    dir: &Path,
+    manifest: &Manifest,
+    file: &str,
+    fill: impl FnOnce(&mut SegmentWriter) -> Result<()>,
+) -> Result<()> {
+    let tmp = dir.join(format!("{file}.tmp"));
+    let written = SegmentWriter::create(storage, &tmp, manifest.dtype, manifest.dim, manifest.gallery_id)
+        .and_then(|mut writer| {
+            fill(&mut writer)?;
+            writer.finish()
+        })
+        .and_then(|_| storage.rename(&tmp, &dir.join(file)))
+        .and_then(|_| storage.sync_dir(dir));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Keep a file of the gallery in `dir` under `damaged/` (a hard link: the bytes stay
+/// after the file's own name is removed as an orphan). Returns where it is kept.
+pub(crate) fn keep_aside(storage: &Storage, dir: &Path, path: &Path) -> Result<PathBuf> {
+    let aside = dir.join(DAMAGED_DIR);
+    storage.create_dir_all(&aside)?;
+    let name = format!(
+        "{}-{}",
+        repair::timestamp(),
+        path.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let to = aside.join(name);
+    storage.hard_link(path, &to)?;
+    storage.sync_dir(&aside)?;
+    Ok(to)
+}
+
+/// Remove files of ours that the manifest does not name.
+pub(crate) fn remove_orphans(storage: &Storage, dir: &Path, manifest: &Manifest) -> Result<()> {
     let keep: HashSet<&str> = manifest
         .segments
         .iter()
@@ -733,10 +1052,12 @@ fn remove_orphans(dir: &Path, manifest: &Manifest) -> Result<()> {
         let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let ours = name.starts_with("seg-") || name.starts_with("wal-") || name == "MANIFEST.tmp";
-        if ours && !keep.contains(name) {
+        let ours = name.starts_with("seg-")
+            || name.starts_with("wal-")
+            || (name.starts_with("MANIFEST") && name.ends_with(".tmp"));
+        if ours && !keep.contains(name) && entry.file_type().is_ok_and(|t| t.is_file()) {
             tracing::info!(gallery = %dir.display(), file = name, "removing unreferenced file");
-            std::fs::remove_file(entry.path()).ctx(|| format!("removing {}", entry.path().display()))?;
+            storage.remove_file(&entry.path())?;
         }
     }
     Ok(())

@@ -2,8 +2,11 @@
 //! [`Segment`] and scored in place (no copy into the heap).
 
 use super::format::{HEADER_BYTES, SEGMENT_MAGIC, SEGMENT_VERSION, SegmentHeader, align_up, chunk_rows_for};
+use super::identity::{FileChange, FileIdentity};
+use super::mapguard;
 use super::snapshot::Origin;
 use crate::error::{Error, IoContext, Result};
+use crate::storage::{Storage, StoredFile};
 use crate::template::{Dtype, check_dim, row_stride};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -11,13 +14,25 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// A sealed, memory-mapped segment. Cheap to share behind an `Arc`.
+///
+/// Its header and metadata are verified when it is opened; its rows before they are
+/// first scored ([`Segment::ensure_verified`]) and again by every scrub. The first
+/// damage found is kept ([`Segment::damage`]) and every later use is refused with it.
 pub struct Segment {
     path: PathBuf,
     header: SegmentHeader,
+    /// Declared before `map`: unregistered before the mapping goes away.
+    guard: mapguard::Guard,
     map: Mmap,
     origin: Origin,
+    identity: Mutex<FileIdentity>,
+    rows_verified: AtomicBool,
+    verifying: Mutex<()>,
+    damage: OnceLock<String>,
 }
 
 impl Segment {
@@ -35,10 +50,13 @@ impl Segment {
                 format!("truncated: {len} bytes is shorter than the {HEADER_BYTES}-byte header"),
             ));
         }
+        let identity = FileIdentity::of_file(&file).ctx(|| format!("reading {}", path.display()))?;
         // SAFETY: segment files are immutable once sealed (written to a temporary name,
         // fsynced, renamed); biogate never writes to a mapped segment, and the gallery
-        // lock keeps other biogate writers out.
+        // lock keeps other biogate writers out. A file truncated by someone else is
+        // caught by the SIGBUS guard (mapguard) instead of killing the process.
         let map = unsafe { Mmap::map(&file) }.ctx(|| format!("mapping {}", path.display()))?;
+        let guard = mapguard::register(map.as_ptr(), map.len());
         let header: SegmentHeader = bytemuck::pod_read_unaligned(&map[..HEADER_BYTES]);
         if header.magic != SEGMENT_MAGIC {
             return Err(Error::corrupt(path, "bad magic: not a biogate segment"));
@@ -67,16 +85,220 @@ impl Segment {
         let segment = Segment {
             path: path.to_path_buf(),
             header,
+            guard,
             map,
             origin: Origin::new(),
+            identity: Mutex::new(identity),
+            rows_verified: AtomicBool::new(false),
+            verifying: Mutex::new(()),
+            damage: OnceLock::new(),
         };
         segment.validate_layout()?;
-        let meta = &segment.map[header.scales_offset as usize..];
-        if crc32fast::hash(meta) != header.meta_crc {
-            return Err(Error::corrupt(path, "metadata checksum mismatch"));
+        if !segment.ids_intact() {
+            return Err(Error::corrupt(path, "subject id table checksum mismatch"));
         }
+        segment.check_metadata()?;
         segment.validate_subjects()?;
+        segment.check_mapping()?;
         Ok(segment)
+    }
+
+    /// Read the subject ids of a segment that may not open (for a repair naming what a
+    /// damaged segment held): `None` unless its header and id table verify.
+    pub fn salvage_subject_ids(path: &Path) -> Option<Vec<String>> {
+        let bytes = std::fs::read(path).ok()?;
+        let header: SegmentHeader = bytemuck::pod_read_unaligned(bytes.get(..HEADER_BYTES)?);
+        if header.magic != SEGMENT_MAGIC || header.header_crc != header.compute_crc() {
+            return None;
+        }
+        let offs_at = header.subject_offsets_offset as usize;
+        let ids_at = header.subject_bytes_offset as usize;
+        let end = ids_at.checked_add(header.subject_bytes_len as usize)?;
+        let table = bytes.get(offs_at..header.chunk_crcs_offset as usize)?;
+        if crc32fast::hash(table) != header.ids_crc || end > bytes.len() {
+            return None;
+        }
+        let offsets: Vec<u64> = bytes
+            .get(offs_at..ids_at)?
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let id_bytes = &bytes[ids_at..end];
+        offsets
+            .windows(2)
+            .map(|w| {
+                let s = id_bytes.get(w[0] as usize..w[1] as usize)?;
+                std::str::from_utf8(s).ok().map(str::to_owned)
+            })
+            .collect()
+    }
+
+    fn ids_intact(&self) -> bool {
+        let h = &self.header;
+        let table = &self.map[h.subject_offsets_offset as usize..h.chunk_crcs_offset as usize];
+        crc32fast::hash(table) == h.ids_crc
+    }
+
+    fn check_metadata(&self) -> Result<()> {
+        let meta = &self.map[self.header.scales_offset as usize..];
+        if crc32fast::hash(meta) != self.header.meta_crc {
+            return Err(Error::corrupt(&self.path, "metadata checksum mismatch"));
+        }
+        Ok(())
+    }
+
+    /// An error if a read of the mapping faulted (the file was truncated under us).
+    fn check_mapping(&self) -> Result<()> {
+        if self.guard.faulted() {
+            let why = format!(
+                "{}: the file was truncated under the process (a read past its new end faulted)",
+                self.path.display()
+            );
+            return Err(Error::Corrupt(self.record_damage(why)));
+        }
+        Ok(())
+    }
+
+    fn record_damage(&self, why: String) -> String {
+        let first = self.damage.get_or_init(|| why.clone());
+        if first == &why {
+            tracing::error!(segment = %self.path.display(), damage = %why, "damaged segment: its gallery stops answering");
+        }
+        first.clone()
+    }
+
+    /// The first damage found in this segment, if any: every use of it is then refused.
+    pub fn damage(&self) -> Option<&str> {
+        self.damage.get().map(String::as_str)
+    }
+
+    /// Verify the rows once before they are first scored (later calls return at once);
+    /// an error, now and from then on, if they or the file are damaged.
+    pub fn ensure_verified(&self) -> Result<()> {
+        if let Some(d) = self.damage.get() {
+            return Err(Error::Corrupt(d.clone()));
+        }
+        if self.rows_verified.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.verifying.lock().unwrap_or_else(|p| p.into_inner());
+        if self.rows_verified.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.check()?;
+        self.rows_verified.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Skip row verification for this mapping (`--no-verify`): the caller accepts that
+    /// damaged rows would be scored.
+    pub fn trust_rows(&self) {
+        self.rows_verified.store(true, Ordering::Release);
+    }
+
+    /// After a read of the mapping: an error if it faulted.
+    pub fn after_read(&self) -> Result<()> {
+        self.check_mapping()
+    }
+
+    /// Whether the file at the segment's path is still the one mapped, unchanged. A file
+    /// written in place is verified again at once (it stays usable if intact); a
+    /// replaced, removed or resized one is damage.
+    pub fn check_file(&self) -> Result<()> {
+        if let Some(d) = self.damage.get() {
+            return Err(Error::Corrupt(d.clone()));
+        }
+        let mut identity = self.identity.lock().unwrap_or_else(|p| p.into_inner());
+        match identity.compare(&self.path) {
+            None => Ok(()),
+            Some(FileChange::Modified) => {
+                tracing::warn!(segment = %self.path.display(), "segment file was written in place; verifying it again");
+                self.check()?;
+                *identity = identity.refreshed(&self.path);
+                Ok(())
+            }
+            Some(change) => {
+                let why = format!("{}: the file {change} under the process", self.path.display());
+                Err(Error::Corrupt(self.record_damage(why)))
+            }
+        }
+    }
+
+    /// Verify metadata and rows again chunk by chunk, calling `pace(bytes)` after each
+    /// chunk (a scrub: rate-limited by the caller, in the background).
+    pub fn scrub(&self, pace: &mut dyn FnMut(u64)) -> Result<()> {
+        if let Some(d) = self.damage.get() {
+            return Err(Error::Corrupt(d.clone()));
+        }
+        let outcome = self.check_metadata().and_then(|_| {
+            let h = &self.header;
+            for i in 0..h.chunks() {
+                self.check_chunk(i)?;
+                pace((h.chunk_rows * h.row_stride).min(self.data().len() as u64));
+            }
+            self.check_mapping()
+        });
+        outcome.map_err(|e| Error::Corrupt(self.record_damage(corrupt_message(e))))
+    }
+
+    fn chunk_crcs(&self) -> &[u32] {
+        self.section(self.header.chunk_crcs_offset, 4 * self.header.chunks())
+    }
+
+    fn chunk_range(&self, i: u64) -> std::ops::Range<usize> {
+        let chunk_bytes = (self.header.chunk_rows * self.header.row_stride) as usize;
+        let start = i as usize * chunk_bytes;
+        start..(start + chunk_bytes).min(self.data().len())
+    }
+
+    fn chunk_error(&self, i: u64) -> Error {
+        let h = &self.header;
+        let first = i * h.chunk_rows;
+        let last = (first + h.chunk_rows).min(h.rows) - 1;
+        Error::corrupt(
+            &self.path,
+            format!("row data checksum mismatch in chunk {i} (rows {first}..={last})"),
+        )
+    }
+
+    fn check_chunk(&self, i: u64) -> Result<()> {
+        if crc32fast::hash(&self.data()[self.chunk_range(i)]) != self.chunk_crcs()[i as usize] {
+            return Err(self.chunk_error(i));
+        }
+        Ok(())
+    }
+
+    /// Every chunk whose rows fail their checksum (for a repair).
+    pub fn bad_chunks(&self) -> Vec<u64> {
+        (0..self.header.chunks())
+            .into_par_iter()
+            .filter(|&i| self.check_chunk(i).is_err())
+            .collect()
+    }
+
+    /// Bytes per row.
+    pub fn stride(&self) -> usize {
+        self.header.row_stride as usize
+    }
+
+    /// Rows per checksummed chunk.
+    pub fn chunk_rows(&self) -> u64 {
+        self.header.chunk_rows
+    }
+
+    /// The gallery this segment was written for.
+    pub fn gallery_id(&self) -> u64 {
+        self.header.gallery_id
+    }
+
+    /// A checker for rows copied out in order (the GPU upload verifies what it copies).
+    pub fn copy_verifier(&self) -> CopyVerifier<'_> {
+        CopyVerifier {
+            segment: self,
+            chunk: 0,
+            rows_in_chunk: 0,
+            hasher: crc32fast::Hasher::new(),
+        }
     }
 
     fn validate_layout(&self) -> Result<()> {
@@ -150,32 +372,19 @@ impl Segment {
         Ok(())
     }
 
-    /// Verify every chunk of row data against its CRC, in parallel. Names the first bad chunk.
+    /// Verify the metadata and every chunk of row data against their CRCs, in parallel.
+    /// Names the first bad chunk, and keeps it as the segment's damage.
     pub fn check(&self) -> Result<()> {
-        let h = &self.header;
-        let crcs: &[u32] = self.section(h.chunk_crcs_offset, 4 * h.chunks());
-        let data = self.data();
-        let chunk_bytes = (h.chunk_rows * h.row_stride) as usize;
-        let bad = crcs
-            .par_iter()
-            .enumerate()
-            .find_first(|&(i, &crc)| {
-                let start = i * chunk_bytes;
-                let end = (start + chunk_bytes).min(data.len());
-                crc32fast::hash(&data[start..end]) != crc
-            })
-            .map(|(i, _)| i);
-        match bad {
-            None => Ok(()),
-            Some(i) => {
-                let first = i as u64 * h.chunk_rows;
-                let last = (first + h.chunk_rows).min(h.rows) - 1;
-                Err(Error::corrupt(
-                    &self.path,
-                    format!("row data checksum mismatch in chunk {i} (rows {first}..={last})"),
-                ))
+        let outcome = self.check_metadata().and_then(|_| {
+            let bad = (0..self.header.chunks())
+                .into_par_iter()
+                .find_first(|&i| self.check_chunk(i).is_err());
+            match bad {
+                None => self.check_mapping(),
+                Some(i) => Err(self.chunk_error(i)),
             }
-        }
+        });
+        outcome.map_err(|e| Error::Corrupt(self.record_damage(corrupt_message(e))))
     }
 
     fn section<T: bytemuck::Pod>(&self, offset: u64, len: u64) -> &[T] {
@@ -234,7 +443,12 @@ impl Segment {
     pub fn subject_id(&self, ordinal: u32) -> &str {
         let offs = self.subject_offsets();
         let (a, b) = (offs[ordinal as usize] as usize, offs[ordinal as usize + 1] as usize);
-        std::str::from_utf8(&self.subject_bytes()[a..b]).expect("validated on open")
+        // Validated on open; only a file truncated under us (pages of zeros, see
+        // mapguard) can make this fail, and then the search that asked is refused.
+        self.subject_bytes()
+            .get(a..b)
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .unwrap_or("")
     }
     /// The ordinal of a subject id, if this segment has it (binary search, no allocation).
     pub fn find_subject(&self, id: &str) -> Option<u32> {
@@ -251,11 +465,67 @@ impl Segment {
     }
 }
 
+fn corrupt_message(e: Error) -> String {
+    match e {
+        Error::Corrupt(m) => m,
+        other => other.to_string(),
+    }
+}
+
+/// Checks rows copied out of a segment, in order from row 0, against the chunk CRCs as
+/// they are copied (the GPU upload's own verification).
+pub struct CopyVerifier<'a> {
+    segment: &'a Segment,
+    chunk: u64,
+    rows_in_chunk: u64,
+    hasher: crc32fast::Hasher,
+}
+
+impl CopyVerifier<'_> {
+    /// The next whole rows, exactly as copied.
+    pub fn feed(&mut self, mut rows: &[u8]) -> Result<()> {
+        let h = &self.segment.header;
+        let stride = h.row_stride as usize;
+        while !rows.is_empty() {
+            let want = ((h.chunk_rows - self.rows_in_chunk) as usize * stride).min(rows.len());
+            self.hasher.update(&rows[..want]);
+            self.rows_in_chunk += (want / stride) as u64;
+            rows = &rows[want..];
+            let last_chunk = self.chunk + 1 == h.chunks();
+            let chunk_full = self.rows_in_chunk == h.chunk_rows
+                || (last_chunk && self.chunk * h.chunk_rows + self.rows_in_chunk == h.rows);
+            if chunk_full {
+                let crc = std::mem::take(&mut self.hasher).finalize();
+                if crc != self.segment.chunk_crcs()[self.chunk as usize] {
+                    let e = self.segment.chunk_error(self.chunk);
+                    return Err(Error::Corrupt(self.segment.record_damage(corrupt_message(e))));
+                }
+                self.chunk += 1;
+                self.rows_in_chunk = 0;
+            }
+        }
+        self.segment.check_mapping()
+    }
+
+    /// After the last row: an error unless every chunk was seen and matched.
+    pub fn finish(self) -> Result<()> {
+        if self.chunk != self.segment.header.chunks() {
+            return Err(Error::Corrupt(format!(
+                "{}: only {} of {} checksummed chunks were copied",
+                self.segment.path.display(),
+                self.chunk,
+                self.segment.header.chunks()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Streams encoded rows into a new segment file; nothing is visible until the caller
 /// renames the finished file into place and records it in the manifest.
 pub struct SegmentWriter {
     path: PathBuf,
-    out: BufWriter<File>,
+    out: BufWriter<StoredFile>,
     header: SegmentHeader,
     scales: Vec<f32>,
     row_subject: Vec<u32>,
@@ -266,10 +536,11 @@ pub struct SegmentWriter {
 }
 
 impl SegmentWriter {
-    /// Create (truncate) `path` for a segment of `dtype` rows of `dim` components.
-    pub fn create(path: &Path, dtype: Dtype, dim: usize) -> Result<SegmentWriter> {
+    /// Create (truncate) `path` for a segment of `dtype` rows of `dim` components
+    /// belonging to gallery `gallery_id`.
+    pub fn create(storage: &Storage, path: &Path, dtype: Dtype, dim: usize, gallery_id: u64) -> Result<SegmentWriter> {
         check_dim(dim)?;
-        let file = File::create(path).ctx(|| format!("creating segment {}", path.display()))?;
+        let file = storage.create(path)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.seek(SeekFrom::Start(HEADER_BYTES as u64))
             .ctx(|| format!("writing {}", path.display()))?;
@@ -282,6 +553,7 @@ impl SegmentWriter {
             row_stride: stride as u64,
             chunk_rows: chunk_rows_for(stride),
             data_offset: HEADER_BYTES as u64,
+            gallery_id,
             ..bytemuck::Zeroable::zeroed()
         };
         Ok(SegmentWriter {
@@ -387,6 +659,8 @@ impl SegmentWriter {
         put(h.subject_bytes_offset, &bytes);
         put(h.chunk_crcs_offset, bytemuck::cast_slice(&self.chunk_crcs));
         h.meta_crc = crc32fast::hash(&meta);
+        let ids_table = (h.subject_offsets_offset - base) as usize..(h.chunk_crcs_offset - base) as usize;
+        h.ids_crc = crc32fast::hash(&meta[ids_table]);
         h.header_crc = h.compute_crc();
 
         let path = self.path.clone();
@@ -399,12 +673,12 @@ impl SegmentWriter {
         self.out
             .write_all(bytemuck::bytes_of(&self.header))
             .ctx(|| io("writing"))?;
-        let file = self
+        let mut file = self
             .out
             .into_inner()
             .map_err(|e| e.into_error())
-            .ctx(|| io("flushing"))?;
-        file.sync_all().ctx(|| io("syncing"))?;
+            .ctx(|| io("writing"))?;
+        file.sync_all()?;
         Ok(path)
     }
 }

@@ -223,6 +223,33 @@ impl Snapshot {
         &self.memtable
     }
 
+    /// Verify each segment's rows before they are first scored (a no-op once done); the
+    /// segment's damage, naming the file, if any is found.
+    pub fn ensure_verified(&self) -> crate::error::Result<()> {
+        self.segments.iter().try_for_each(|v| v.segment.ensure_verified())
+    }
+
+    /// After reading rows: an error if a read faulted because a file was truncated
+    /// under the process (cheap unless such a fault ever happened).
+    pub fn check_reads(&self) -> crate::error::Result<()> {
+        if super::mapguard::faults() == 0 {
+            return Ok(());
+        }
+        self.segments.iter().try_for_each(|v| v.segment.after_read())
+    }
+
+    /// Accept the segments' rows without verifying them (`--no-verify`).
+    pub fn trust_rows(&self) {
+        for v in &self.segments {
+            v.segment.trust_rows();
+        }
+    }
+
+    /// The first damage known in any segment of this snapshot.
+    pub fn damage(&self) -> Option<String> {
+        self.segments.iter().find_map(|v| v.segment.damage().map(str::to_owned))
+    }
+
     /// Live rows (templates) searchable in this snapshot.
     pub fn live_rows(&self) -> usize {
         self.counts().0

@@ -1,20 +1,58 @@
-//! The append log: every enrollment and deletion since the last compaction.
+//! The append log: every enrollment and deletion since the last seal or compaction.
 //!
-//! A record on disk is `len: u32 | crc32(payload): u32 | payload`. A batch of records is
-//! written with one `write` and made durable with one `fdatasync` (group commit); a
-//! caller is told "done" only after that. On open, records are read until the first
-//! one that is incomplete or fails its CRC: that torn tail (a crash mid-write) is cut
-//! off, and everything before it, i.e. everything ever acknowledged, is replayed.
+//! ```text
+//! file header (64 bytes)  magic "BIOGWAL\0" | version | header size | gallery id | log id
+//!                         | first sequence number | dim | dtype | reserved | header crc32
+//! record head (40 bytes)  marker | flags | seq u64 | key_len | body_len | crc32(key)
+//!                         | crc32(body) | reserved | crc32(head bytes 0..36)
+//! key                     tag | (deletions: segments_before u64) | subject id
+//! body                    enrollments: templates, f32 little-endian
+//! ```
+//!
+//! Records are numbered consecutively from the header's first sequence number. A batch
+//! (a commit group) is written with one `write` and made durable with one `fdatasync`;
+//! its last record carries `GROUP_END`, and the caller is told "done" only after the
+//! fsync. So on disk:
+//!
+//! - a **torn tail** is the one thing a crash can leave: the final, unfinished commit
+//!   group (bytes that run past the end of the file, a head never written, or a group
+//!   whose end never reached the disk). It was never acknowledged; the next writer cuts
+//!   it, from the start of that group.
+//! - anything else that fails its checks is **damage**: a bad record followed by an
+//!   intact record that ends a group (which was written only after the bad one was
+//!   durable), or a complete final record that fails its checksum. Damage is an error
+//!   naming the file and offset; nothing is cut. `biogate gallery repair` keeps every
+//!   intact record, moves the damaged file aside and names the subjects affected
+//!   (the key has its own checksum, so a record whose templates are damaged still
+//!   names its subject).
+//!
+//! A failed write or fsync is rolled back by cutting the file to the end of the last
+//! acknowledged group; after a failed fsync the writer refuses further appends until
+//! the gallery is reopened (PostgreSQL's lesson: after a failed fsync the process may
+//! not believe anything it wrote is durable).
 
 use crate::error::{Error, IoContext, Result};
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use crate::storage::{Storage, StoredFile};
+use crate::template::Dtype;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
+const WAL_MAGIC: [u8; 8] = *b"BIOGWAL\0";
+const WAL_VERSION: u32 = 2;
+/// Size of the file header; records start here.
+pub const WAL_HEADER_BYTES: usize = 64;
+const RECORD_MARKER: u32 = u32::from_le_bytes(*b"BGRC");
+const HEAD_BYTES: usize = 40;
+const FLAG_GROUP_END: u32 = 1;
 const TAG_ENROLL: u8 = 1;
 const TAG_DELETE: u8 = 2;
-/// Largest payload accepted when reading (guards against a garbage length field).
-const MAX_RECORD_BYTES: usize = 64 << 20;
+/// Largest body accepted (guards against a garbage length field).
+const MAX_BODY_BYTES: usize = 64 << 20;
+/// Largest key: tag, mark, and a subject id of at most 128 bytes.
+const MAX_KEY_BYTES: usize = 1 + 8 + 128;
+/// Block size used to recognise a write that reached the disk only in part (a block of
+/// zeros inside a record that fails its checksum).
+const SECTOR: usize = 512;
 
 /// One logged operation.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,163 +65,696 @@ pub enum WalRecord {
 }
 
 impl WalRecord {
-    fn encode_into(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.extend_from_slice(&[0u8; 8]);
-        let (tag, subject) = match self {
-            WalRecord::Enroll { subject, .. } => (TAG_ENROLL, subject),
-            WalRecord::Delete { subject, .. } => (TAG_DELETE, subject),
-        };
-        out.push(tag);
-        out.extend_from_slice(&(subject.len() as u16).to_le_bytes());
-        out.extend_from_slice(subject.as_bytes());
+    /// The subject the record is about.
+    pub fn subject(&self) -> &str {
         match self {
-            WalRecord::Enroll { templates, .. } => {
-                out.extend_from_slice(&(templates.len() as u32).to_le_bytes());
-                out.extend_from_slice(bytemuck::cast_slice(templates));
-            }
-            WalRecord::Delete { segments_before, .. } => {
-                out.extend_from_slice(&segments_before.to_le_bytes());
-            }
+            WalRecord::Enroll { subject, .. } | WalRecord::Delete { subject, .. } => subject,
         }
-        let payload_len = (out.len() - start - 8) as u32;
-        let crc = crc32fast::hash(&out[start + 8..]);
-        out[start..start + 4].copy_from_slice(&payload_len.to_le_bytes());
-        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     }
 
-    fn decode(payload: &[u8]) -> Option<WalRecord> {
-        let (&tag, rest) = payload.split_first()?;
-        let id_len = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;
-        let subject = std::str::from_utf8(rest.get(2..2 + id_len)?).ok()?.to_owned();
-        let rest = &rest[2 + id_len..];
-        match tag {
-            TAG_ENROLL => {
-                let n = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-                let bytes = rest.get(4..4 + 4 * n)?;
-                if rest.len() != 4 + 4 * n {
-                    return None;
-                }
-                let templates = bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                Some(WalRecord::Enroll { subject, templates })
+    fn encode_into(&self, seq: u64, group_end: bool, out: &mut Vec<u8>) {
+        let mut key = Vec::with_capacity(16 + self.subject().len());
+        let mut body: &[u8] = &[];
+        match self {
+            WalRecord::Enroll { subject, templates } => {
+                key.push(TAG_ENROLL);
+                key.extend_from_slice(subject.as_bytes());
+                body = bytemuck::cast_slice(templates);
             }
-            TAG_DELETE if rest.len() == 8 => Some(WalRecord::Delete {
+            WalRecord::Delete {
                 subject,
-                segments_before: u64::from_le_bytes(rest.try_into().ok()?),
-            }),
-            _ => None,
+                segments_before,
+            } => {
+                key.push(TAG_DELETE);
+                key.extend_from_slice(&segments_before.to_le_bytes());
+                key.extend_from_slice(subject.as_bytes());
+            }
+        }
+        let mut head = [0u8; HEAD_BYTES];
+        head[0..4].copy_from_slice(&RECORD_MARKER.to_le_bytes());
+        head[4..8].copy_from_slice(&(if group_end { FLAG_GROUP_END } else { 0 }).to_le_bytes());
+        head[8..16].copy_from_slice(&seq.to_le_bytes());
+        head[16..20].copy_from_slice(&(key.len() as u32).to_le_bytes());
+        head[20..24].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        head[24..28].copy_from_slice(&crc32fast::hash(&key).to_le_bytes());
+        head[28..32].copy_from_slice(&crc32fast::hash(body).to_le_bytes());
+        let head_crc = crc32fast::hash(&head[..36]);
+        head[36..40].copy_from_slice(&head_crc.to_le_bytes());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&key);
+        // f32 little-endian on every target biogate supports (checked at compile time below).
+        out.extend_from_slice(body);
+    }
+}
+
+const _: () = assert!(cfg!(target_endian = "little"), "the log stores f32 little-endian");
+
+/// The log file's header: what the log belongs to and where its numbering starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalHeader {
+    /// Random id of the gallery (also in the manifest): a log from another gallery is refused.
+    pub gallery_id: u64,
+    /// The id in the log's file name: a log renamed or copied into place is refused.
+    pub log_id: u64,
+    /// Sequence number of the first record.
+    pub first_seq: u64,
+    pub dim: u32,
+    pub dtype: u32,
+}
+
+impl WalHeader {
+    fn encode(&self) -> [u8; WAL_HEADER_BYTES] {
+        let mut b = [0u8; WAL_HEADER_BYTES];
+        b[0..8].copy_from_slice(&WAL_MAGIC);
+        b[8..12].copy_from_slice(&WAL_VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&(WAL_HEADER_BYTES as u32).to_le_bytes());
+        b[16..24].copy_from_slice(&self.gallery_id.to_le_bytes());
+        b[24..32].copy_from_slice(&self.log_id.to_le_bytes());
+        b[32..40].copy_from_slice(&self.first_seq.to_le_bytes());
+        b[40..44].copy_from_slice(&self.dim.to_le_bytes());
+        b[44..48].copy_from_slice(&self.dtype.to_le_bytes());
+        let crc = crc32fast::hash(&b[..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn decode(path: &Path, b: &[u8]) -> Result<WalHeader> {
+        if b.len() < WAL_HEADER_BYTES {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "{} bytes is shorter than the {WAL_HEADER_BYTES}-byte log header",
+                    b.len()
+                ),
+            ));
+        }
+        if b[0..8] != WAL_MAGIC {
+            return Err(Error::corrupt(path, "bad magic: not a biogate log (format 2)"));
+        }
+        if crc32fast::hash(&b[..60]) != u32_at(b, 60) {
+            return Err(Error::corrupt(path, "log header checksum mismatch"));
+        }
+        let version = u32_at(b, 8);
+        if version != WAL_VERSION || u32_at(b, 12) as usize != WAL_HEADER_BYTES {
+            return Err(Error::corrupt(
+                path,
+                format!("log format version {version} is not supported"),
+            ));
+        }
+        Ok(WalHeader {
+            gallery_id: u64_at(b, 16),
+            log_id: u64_at(b, 24),
+            first_seq: u64_at(b, 32),
+            dim: u32_at(b, 40),
+            dtype: u32_at(b, 44),
+        })
+    }
+
+    /// The header a gallery expects for log `log_id`.
+    pub fn expected(gallery_id: u64, log_id: u64, first_seq: u64, dim: usize, dtype: Dtype) -> WalHeader {
+        WalHeader {
+            gallery_id,
+            log_id,
+            first_seq,
+            dim: dim as u32,
+            dtype: dtype.code(),
         }
     }
 }
 
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// A record head whose own checksum holds: its lengths, number and flags can be trusted.
+#[derive(Clone, Copy, Debug)]
+struct Head {
+    seq: u64,
+    group_end: bool,
+    key_len: usize,
+    body_len: usize,
+    key_crc: u32,
+    body_crc: u32,
+}
+
+impl Head {
+    fn total(&self) -> usize {
+        HEAD_BYTES + self.key_len + self.body_len
+    }
+}
+
+fn parse_head(bytes: &[u8], at: usize) -> Option<Head> {
+    let h = bytes.get(at..at + HEAD_BYTES)?;
+    if u32_at(h, 0) != RECORD_MARKER || crc32fast::hash(&h[..36]) != u32_at(h, 36) {
+        return None;
+    }
+    let head = Head {
+        seq: u64_at(h, 8),
+        group_end: u32_at(h, 4) & FLAG_GROUP_END != 0,
+        key_len: u32_at(h, 16) as usize,
+        body_len: u32_at(h, 20) as usize,
+        key_crc: u32_at(h, 24),
+        body_crc: u32_at(h, 28),
+    };
+    (head.key_len <= MAX_KEY_BYTES && head.body_len <= MAX_BODY_BYTES).then_some(head)
+}
+
+/// What is known of a record's key (tag and subject), checked or not.
+fn decode_key(key: &[u8]) -> Option<(u8, u64, String)> {
+    let (&tag, rest) = key.split_first()?;
+    let (mark, id) = match tag {
+        TAG_ENROLL => (0, rest),
+        TAG_DELETE => (u64::from_le_bytes(rest.get(..8)?.try_into().ok()?), rest.get(8..)?),
+        _ => return None,
+    };
+    let subject = std::str::from_utf8(id).ok()?;
+    crate::template::check_subject_id(subject).ok()?;
+    Some((tag, mark, subject.to_owned()))
+}
+
+/// The result of reading one record at an offset.
+enum Parsed {
+    Record {
+        record: WalRecord,
+        group_end: bool,
+        next: usize,
+    },
+    /// The bytes end inside the record (or inside its head): an interrupted write.
+    Incomplete,
+    /// The head is intact but the key or body is not: the subject is known if the key is.
+    BadBody {
+        head: Head,
+        subject: Option<(u8, String)>,
+        reason: String,
+    },
+    /// The head itself fails its checks.
+    BadHead { reason: String },
+}
+
+fn parse_record(bytes: &[u8], at: usize, dim: usize, expected_seq: u64) -> Parsed {
+    if bytes.len() - at < HEAD_BYTES {
+        return Parsed::Incomplete;
+    }
+    let Some(head) = parse_head(bytes, at) else {
+        let reason = if u32_at(bytes, at) != RECORD_MARKER {
+            "no record marker"
+        } else {
+            "record head checksum mismatch"
+        };
+        return Parsed::BadHead { reason: reason.into() };
+    };
+    if head.seq != expected_seq {
+        return Parsed::BadHead {
+            reason: format!("sequence number {} where {expected_seq} was expected", head.seq),
+        };
+    }
+    if bytes.len() - at < head.total() {
+        return Parsed::Incomplete;
+    }
+    let key = &bytes[at + HEAD_BYTES..at + HEAD_BYTES + head.key_len];
+    let body = &bytes[at + HEAD_BYTES + head.key_len..at + head.total()];
+    let key_ok = crc32fast::hash(key) == head.key_crc;
+    let decoded = if key_ok { decode_key(key) } else { None };
+    let Some((tag, mark, subject)) = decoded else {
+        return Parsed::BadBody {
+            head,
+            subject: None,
+            reason: if key_ok {
+                "malformed record key"
+            } else {
+                "record key checksum mismatch"
+            }
+            .into(),
+        };
+    };
+    if crc32fast::hash(body) != head.body_crc {
+        return Parsed::BadBody {
+            head,
+            subject: Some((tag, subject)),
+            reason: "record body checksum mismatch".into(),
+        };
+    }
+    let record = match tag {
+        TAG_ENROLL if !body.is_empty() && body.len().is_multiple_of(4 * dim.max(1)) => WalRecord::Enroll {
+            subject,
+            templates: bytemuck::pod_collect_to_vec(body),
+        },
+        TAG_DELETE if body.is_empty() => WalRecord::Delete {
+            subject,
+            segments_before: mark,
+        },
+        _ => {
+            return Parsed::BadBody {
+                head,
+                subject: Some((tag, subject)),
+                reason: format!(
+                    "a {}-byte body does not fit the record kind or dimension {dim}",
+                    body.len()
+                ),
+            };
+        }
+    };
+    Parsed::Record {
+        record,
+        group_end: head.group_end,
+        next: at + head.total(),
+    }
+}
+
+/// Whether an intact record head that ends a commit group, numbered after `after_seq`,
+/// starts anywhere after `from`.
+fn intact_group_end_after(bytes: &[u8], from: usize, after_seq: Option<u64>) -> Option<usize> {
+    let marker = RECORD_MARKER.to_le_bytes();
+    (from..bytes.len().saturating_sub(HEAD_BYTES - 1))
+        .filter(|&p| bytes[p..p + 4] == marker)
+        .find(|&p| {
+            parse_head(bytes, p)
+                .is_some_and(|h| h.group_end && after_seq.is_none_or(|s| h.seq > s) && bytes.len() - p >= h.total())
+        })
+}
+
+/// Whether an aligned block of zeros lies inside `bytes[from..to]`: a write that
+/// reached the disk only in part.
+fn has_zero_block(bytes: &[u8], from: usize, to: usize) -> bool {
+    (from.next_multiple_of(SECTOR)..to)
+        .step_by(SECTOR)
+        .any(|b| b + SECTOR <= to && bytes[b..b + SECTOR].iter().all(|&x| x == 0))
+}
+
+/// Whether the record that failed to parse at `at` begins the final, unfinished write
+/// (never acknowledged) rather than damage: nothing that ends a group follows it, and
+/// it is visibly incomplete (runs past the end, a head of zeros, a group whose end
+/// never arrived, or a block of zeros inside).
+fn is_torn(bytes: &[u8], at: usize, parsed: &Parsed, expected_seq: u64) -> bool {
+    if intact_group_end_after(bytes, at + 1, expected_seq.checked_sub(1)).is_some() {
+        return false;
+    }
+    match parsed {
+        Parsed::Incomplete => true,
+        Parsed::BadHead { .. } => bytes[at..(at + HEAD_BYTES).min(bytes.len())].iter().all(|&b| b == 0),
+        Parsed::BadBody { head, .. } => !head.group_end || has_zero_block(bytes, at, at + head.total()),
+        Parsed::Record { .. } => false,
+    }
+}
+
+/// Read the whole file (a missing file is an error: the manifest names it).
+fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    match std::fs::File::open(path) {
+        Ok(mut f) => {
+            f.read_to_end(&mut bytes)
+                .ctx(|| format!("reading log {}", path.display()))?;
+            Ok(bytes)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Corrupt(format!(
+            "{}: the log named by the manifest is missing",
+            path.display()
+        ))),
+        Err(e) => Err(e).ctx(|| format!("opening log {}", path.display())),
+    }
+}
+
 /// What reading a log found.
-pub struct WalContents {
-    /// Every intact record, in order.
+#[derive(Debug)]
+pub struct LogContents {
+    pub header: WalHeader,
+    /// Every record of every complete commit group, in order.
     pub records: Vec<WalRecord>,
-    /// Bytes of intact records; anything after this is a torn tail.
+    /// The number the next record gets.
+    pub next_seq: u64,
+    /// Bytes up to the end of the last complete group; anything after is a torn tail.
     pub valid_len: u64,
     /// Length of the file as found.
     pub file_len: u64,
 }
 
-/// Read every intact record of a log (a missing file is an empty log).
-pub fn read(path: &Path) -> Result<WalContents> {
-    let mut bytes = Vec::new();
-    match File::open(path) {
-        Ok(mut f) => {
-            f.read_to_end(&mut bytes)
-                .ctx(|| format!("reading log {}", path.display()))?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).ctx(|| format!("opening log {}", path.display())),
+impl LogContents {
+    /// Bytes of torn tail (an interrupted, never acknowledged write) after `valid_len`.
+    pub fn torn_bytes(&self) -> u64 {
+        self.file_len - self.valid_len
     }
+}
+
+/// Read a log, checking its header against `expected` (its `first_seq` is not
+/// compared). A torn tail is reported in the result; damage and a missing file are
+/// `Error::Corrupt` naming the file and byte offset.
+pub fn read(path: &Path, expected: &WalHeader) -> Result<LogContents> {
+    let bytes = read_bytes(path)?;
+    let header = WalHeader::decode(path, &bytes)?;
+    let mismatch = |what: &str| Err(Error::corrupt(path, format!("log header names {what}")));
+    if header.gallery_id != expected.gallery_id {
+        return mismatch("another gallery");
+    }
+    if header.log_id != expected.log_id {
+        return mismatch(&format!(
+            "log {} where the manifest names log {}",
+            header.log_id, expected.log_id
+        ));
+    }
+    if (header.dim, header.dtype) != (expected.dim, expected.dtype) {
+        return mismatch("another dimension or dtype");
+    }
+    let dim = header.dim as usize;
     let mut records = Vec::new();
-    let mut at = 0usize;
-    while bytes.len() - at >= 8 {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap());
-        if len > MAX_RECORD_BYTES || bytes.len() - at - 8 < len {
+    let mut group = Vec::new();
+    let (mut at, mut group_start) = (WAL_HEADER_BYTES, WAL_HEADER_BYTES);
+    let mut seq = header.first_seq;
+    while at < bytes.len() {
+        let parsed = parse_record(&bytes, at, dim, seq);
+        if let Parsed::Record {
+            record,
+            group_end,
+            next,
+            ..
+        } = parsed
+        {
+            group.push(record);
+            seq += 1;
+            at = next;
+            if group_end {
+                records.append(&mut group);
+                group_start = at;
+            }
+            continue;
+        }
+        if is_torn(&bytes, at, &parsed, seq) {
             break;
         }
-        let payload = &bytes[at + 8..at + 8 + len];
-        if crc32fast::hash(payload) != crc {
-            break;
-        }
-        let Some(record) = WalRecord::decode(payload) else {
-            break;
+        let reason = match parsed {
+            Parsed::BadHead { reason } | Parsed::BadBody { reason, .. } => reason,
+            Parsed::Incomplete | Parsed::Record { .. } => unreachable!("handled above"),
         };
-        records.push(record);
-        at += 8 + len;
+        let offset = at;
+        return Err(Error::Corrupt(format!(
+            "{}: damaged record at byte offset {offset} (record number {seq}): {reason}; records \
+             after it are intact, so this is damage, not an interrupted write. Nothing was cut; \
+             `biogate gallery repair` keeps every intact record and names the subjects affected",
+            path.display()
+        )));
     }
-    Ok(WalContents {
+    Ok(LogContents {
+        header,
         records,
-        valid_len: at as u64,
+        next_seq: seq - group.len() as u64,
+        valid_len: group_start as u64,
         file_len: bytes.len() as u64,
     })
 }
 
-/// The writer side of a log: appends batches durably.
+/// A record a repair could not keep.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LostRecord {
+    /// Byte offset where the damage starts.
+    pub offset: u64,
+    /// Its sequence number, when its head could be read.
+    pub seq: Option<u64>,
+    /// "enroll" or "delete", when known.
+    pub kind: Option<&'static str>,
+    /// The subject, when known.
+    pub subject: Option<String>,
+    /// Whether the subject was read from checksummed bytes (otherwise a best guess from
+    /// a damaged record, or unknown).
+    pub subject_verified: bool,
+}
+
+/// What a repair can keep of a log.
+#[derive(Debug)]
+pub struct Salvage {
+    /// The header, when it was intact.
+    pub header: Option<WalHeader>,
+    /// Every intact record of every acknowledged group, in order.
+    pub records: Vec<WalRecord>,
+    /// Records that were acknowledged (they lie before an intact group end) but are damaged.
+    pub lost: Vec<LostRecord>,
+    /// Records whose number is skipped by the damage but of which nothing could be read.
+    pub unreadable: u64,
+    /// Damaged byte ranges.
+    pub damaged: Vec<(u64, u64)>,
+    /// Bytes of torn tail (never acknowledged) dropped at the end.
+    pub torn_bytes: u64,
+    /// The number after the last record kept.
+    pub next_seq: u64,
+}
+
+/// The key of a record whose head is damaged. One damaged field leaves the other
+/// intact: the key's own checksum finds its length (then the subject is verified), or
+/// else the length field gives a best guess.
+fn legible_key(bytes: &[u8], at: usize) -> (Option<(u8, u64, String)>, bool) {
+    let field = |o: usize| bytes.get(at + o..at + o + 4).map(|b| u32_at(b, 0));
+    let key_at = at + HEAD_BYTES;
+    if let Some(key_crc) = field(24) {
+        for len in 1..=MAX_KEY_BYTES {
+            let Some(key) = bytes.get(key_at..key_at + len) else {
+                break;
+            };
+            if crc32fast::hash(key) == key_crc
+                && let Some(k) = decode_key(key)
+            {
+                return (Some(k), true);
+            }
+        }
+    }
+    let guess = field(16).and_then(|len| {
+        let len = len as usize;
+        (len <= MAX_KEY_BYTES)
+            .then(|| bytes.get(key_at..key_at + len))
+            .flatten()
+            .and_then(decode_key)
+    });
+    (guess, false)
+}
+
+fn kind_name(tag: u8) -> &'static str {
+    if tag == TAG_DELETE { "delete" } else { "enroll" }
+}
+
+/// Keep what can be kept of a log whose header or records are damaged (or that is
+/// fine: then everything is kept). `dim` decodes the records when the header is
+/// damaged too.
+pub fn salvage(path: &Path, dim: usize) -> Result<Salvage> {
+    let bytes = read_bytes(path)?;
+    let header = WalHeader::decode(path, &bytes).ok();
+    let mut out = Salvage {
+        header,
+        records: Vec::new(),
+        lost: Vec::new(),
+        unreadable: 0,
+        damaged: Vec::new(),
+        torn_bytes: 0,
+        next_seq: 0,
+    };
+    if bytes.len() <= WAL_HEADER_BYTES {
+        out.next_seq = header.map_or(0, |h| h.first_seq);
+        return Ok(out);
+    }
+    // Without a header, the numbering starts at the first intact record.
+    let mut seq = match header {
+        Some(h) => h.first_seq,
+        None => match (WAL_HEADER_BYTES..bytes.len()).find_map(|p| parse_head(&bytes, p)) {
+            Some(h) => h.seq,
+            None => {
+                out.damaged.push((WAL_HEADER_BYTES as u64, bytes.len() as u64));
+                return Ok(out);
+            }
+        },
+    };
+    let mut at = WAL_HEADER_BYTES;
+    let mut group: Vec<WalRecord> = Vec::new();
+    let mut group_lost: Vec<LostRecord> = Vec::new();
+    let mut group_start = at;
+    while at < bytes.len() {
+        let parsed = parse_record(&bytes, at, dim, seq);
+        if let Parsed::Record {
+            record,
+            group_end,
+            next,
+            ..
+        } = parsed
+        {
+            group.push(record);
+            seq += 1;
+            at = next;
+            if group_end {
+                out.records.append(&mut group);
+                out.lost.append(&mut group_lost);
+                group_start = at;
+            }
+            continue;
+        }
+        if is_torn(&bytes, at, &parsed, seq) {
+            out.torn_bytes = (bytes.len() - group_start) as u64;
+            group.clear();
+            group_lost.clear();
+            break;
+        }
+        // Damage: describe the record, then go on at the next intact one.
+        let (end, next_seq) = match parsed {
+            Parsed::BadBody { head, subject, .. } => {
+                let verified = subject.is_some();
+                // A damaged key may still be legible: report it as a guess.
+                let subject = subject.or_else(|| {
+                    let key = bytes.get(at + HEAD_BYTES..at + HEAD_BYTES + head.key_len)?;
+                    decode_key(key).map(|(t, _, s)| (t, s))
+                });
+                group_lost.push(LostRecord {
+                    offset: at as u64,
+                    seq: Some(head.seq),
+                    kind: subject.as_ref().map(|(t, _)| kind_name(*t)),
+                    subject: subject.map(|(_, s)| s),
+                    subject_verified: verified,
+                });
+                if head.group_end {
+                    out.records.append(&mut group);
+                    out.lost.append(&mut group_lost);
+                }
+                (at + head.total(), seq + 1)
+            }
+            _ => {
+                let (guess, verified) = legible_key(&bytes, at);
+                let resume = (at + 1..bytes.len())
+                    .find_map(|p| parse_head(&bytes, p).filter(|h| h.seq >= seq).map(|h| (p, h.seq)));
+                let (end, next_seq) = resume.unwrap_or((bytes.len(), seq + 1));
+                if next_seq > seq {
+                    // At least one record's bytes are here; more if the numbering skips.
+                    group_lost.push(LostRecord {
+                        offset: at as u64,
+                        seq: None,
+                        kind: guess.as_ref().map(|(t, _, _)| kind_name(*t)),
+                        subject: guess.map(|(_, _, s)| s),
+                        subject_verified: verified,
+                    });
+                    out.unreadable += next_seq - seq - 1;
+                }
+                (end, next_seq)
+            }
+        };
+        out.damaged.push((at as u64, end as u64));
+        seq = next_seq;
+        at = end;
+    }
+    out.records.append(&mut group);
+    out.lost.append(&mut group_lost);
+    out.next_seq = seq;
+    Ok(out)
+}
+
+/// The writer side of a log: appends commit groups durably.
 pub struct WalWriter {
+    file: StoredFile,
     path: PathBuf,
-    file: File,
+    next_seq: u64,
+    /// End of the last acknowledged group: what a failed append is cut back to.
+    durable_len: u64,
+    /// Set after a failed fsync or a failed rollback: no further appends.
+    poisoned: Option<String>,
 }
 
 impl WalWriter {
-    /// Open a log for appending, cutting it to `valid_len` first (the torn tail, if any).
-    pub fn open(path: &Path, valid_len: u64) -> Result<WalWriter> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .ctx(|| format!("opening log {}", path.display()))?;
-        let len = file.metadata().ctx(|| format!("reading {}", path.display()))?.len();
-        if len != valid_len {
-            file.set_len(valid_len)
-                .ctx(|| format!("cutting torn tail of {}", path.display()))?;
-            file.sync_all().ctx(|| format!("syncing {}", path.display()))?;
-        }
+    /// Create a new, empty log with `header`, durably (the caller syncs the directory).
+    pub fn create(storage: &Storage, path: &Path, header: &WalHeader) -> Result<WalWriter> {
+        let mut file = storage.create(path)?;
+        file.write_all_ctx(&header.encode())?;
+        file.sync_all()?;
         Ok(WalWriter {
-            path: path.to_path_buf(),
             file,
+            path: path.to_path_buf(),
+            next_seq: header.first_seq,
+            durable_len: WAL_HEADER_BYTES as u64,
+            poisoned: None,
         })
     }
 
-    /// Append `records` with one write and one fdatasync; returns once they are durable.
+    /// Open a log that [`read`] accepted for appending, cutting its torn tail first.
+    pub fn open(storage: &Storage, path: &Path, contents: &LogContents) -> Result<WalWriter> {
+        let mut file = storage.open_append(path)?;
+        if file.len()? != contents.valid_len {
+            file.set_len(contents.valid_len)?;
+            file.sync_all()?;
+        }
+        Ok(WalWriter {
+            file,
+            path: path.to_path_buf(),
+            next_seq: contents.next_seq,
+            durable_len: contents.valid_len,
+            poisoned: None,
+        })
+    }
+
+    /// The number the next record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Bytes acknowledged as durable (the end of the last group appended).
+    pub fn durable_len(&self) -> u64 {
+        self.durable_len
+    }
+
+    /// Why appends are refused, if they are.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    /// Append `records` as one commit group: one write, one fdatasync. Returns once they
+    /// are durable. On failure nothing of the group stays in the log (it is cut back),
+    /// or, if even that fails, the writer is poisoned and the error says the outcome is
+    /// unknown.
     pub fn append(&mut self, records: &[WalRecord]) -> Result<()> {
+        if let Some(why) = &self.poisoned {
+            return Err(Error::Poisoned(why.clone()));
+        }
         if records.is_empty() {
             return Ok(());
         }
         let mut buf = Vec::new();
-        for r in records {
-            r.encode_into(&mut buf);
-            if buf.len() > MAX_RECORD_BYTES * 4 {
-                self.write(&buf)?;
-                buf.clear();
-            }
+        for (i, r) in records.iter().enumerate() {
+            r.encode_into(self.next_seq + i as u64, i + 1 == records.len(), &mut buf);
         }
-        self.write(&buf)?;
-        self.file
-            .sync_data()
-            .ctx(|| format!("syncing log {}", self.path.display()))
+        let result = self.file.write_all_ctx(&buf).map_err(|e| (e, false));
+        let result = result.and_then(|_| self.file.sync_data().map_err(|e| (e, true)));
+        match result {
+            Ok(()) => {
+                self.next_seq += records.len() as u64;
+                self.durable_len += buf.len() as u64;
+                Ok(())
+            }
+            Err((e, fsync_failed)) => Err(self.roll_back(e, fsync_failed)),
+        }
     }
 
-    fn write(&mut self, buf: &[u8]) -> Result<()> {
-        let result = self.file.write_all(buf);
-        if result.is_err() {
-            // Best effort: leave no partial record behind for the next append to follow.
-            // (Recovery would cut it anyway.)
-            return result.ctx(|| format!("appending to log {}", self.path.display()));
+    /// Cut the log back to the last acknowledged group after a failed append.
+    fn roll_back(&mut self, cause: Error, fsync_failed: bool) -> Error {
+        let durable_len = self.durable_len;
+        let cut = self.file.set_len(durable_len).and_then(|_| self.file.sync_all());
+        match cut {
+            Ok(()) if !fsync_failed => cause,
+            Ok(()) => {
+                self.poisoned = Some(format!(
+                    "an fsync of {} failed ({cause}); the failed batch was cut off, and no further \
+                     writes are accepted until the gallery is reopened",
+                    self.path.display()
+                ));
+                cause
+            }
+            Err(cut_error) => {
+                let why = format!(
+                    "appending to {} failed ({cause}) and cutting the failed batch off failed too \
+                     ({cut_error}): whether that batch is durable is unknown until the gallery is reopened",
+                    self.path.display()
+                );
+                self.poisoned = Some(why.clone());
+                Error::OutcomeUnknown(why)
+            }
         }
-        Ok(())
     }
 }
 
 /// Check a record fits the on-disk limits before it is logged.
 pub fn check_record_size(subject: &str, values: usize) -> Result<()> {
-    if 64 + subject.len() + 4 * values > MAX_RECORD_BYTES {
+    if 4 * values > MAX_BODY_BYTES || subject.len() + 9 > MAX_KEY_BYTES {
         return Err(Error::invalid(format!(
             "enrollment of subject {subject:?} is too large ({values} values) for one log record"
         )));
@@ -195,45 +766,193 @@ pub fn check_record_size(subject: &str, values: usize) -> Result<()> {
 mod tests {
     use super::*;
 
+    const DIM: usize = 3;
+
+    fn header() -> WalHeader {
+        WalHeader::expected(42, 1, 10, DIM, Dtype::F32)
+    }
+
+    fn enroll(s: &str, n: usize) -> WalRecord {
+        WalRecord::Enroll {
+            subject: s.into(),
+            templates: (0..n * DIM).map(|i| i as f32 * 0.25 - 1.0).collect(),
+        }
+    }
+
+    /// Groups: [a], [b, bob-delete, c], [d].
+    fn groups() -> Vec<Vec<WalRecord>> {
+        vec![
+            vec![enroll("alice", 1)],
+            vec![
+                enroll("bob", 2),
+                WalRecord::Delete {
+                    subject: "bob".into(),
+                    segments_before: 7,
+                },
+                enroll("carol", 200),
+            ],
+            vec![enroll("dave", 1)],
+        ]
+    }
+
+    /// Write the groups; returns the file's bytes and each group's end offset.
+    fn write_log(path: &Path) -> (Vec<u8>, Vec<u64>) {
+        let mut w = WalWriter::create(&Storage::default(), path, &header()).unwrap();
+        let mut ends = Vec::new();
+        for g in groups() {
+            w.append(&g).unwrap();
+            ends.push(std::fs::metadata(path).unwrap().len());
+        }
+        (std::fs::read(path).unwrap(), ends)
+    }
+
     #[test]
-    fn records_round_trip_and_torn_tails_are_cut() {
+    fn records_round_trip_and_every_cut_is_a_torn_tail_of_whole_groups() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal.log");
-        let records = vec![
-            WalRecord::Enroll {
-                subject: "alice".into(),
-                templates: vec![0.5, -0.25, 1.0],
-            },
-            WalRecord::Delete {
-                subject: "bob".into(),
-                segments_before: 7,
-            },
-            WalRecord::Enroll {
-                subject: "carol".into(),
-                templates: vec![1.0; 6],
-            },
-        ];
-        let mut w = WalWriter::open(&path, 0).unwrap();
-        w.append(&records[..2]).unwrap();
-        w.append(&records[2..]).unwrap();
-        let full = std::fs::read(&path).unwrap();
-        let read_back = read(&path).unwrap();
-        assert_eq!(read_back.records, records);
-        assert_eq!(read_back.valid_len, full.len() as u64);
-        // Every cut inside the last record yields exactly the first two records.
-        let mut first_two = Vec::new();
-        records[0].encode_into(&mut first_two);
-        records[1].encode_into(&mut first_two);
-        for cut in first_two.len()..full.len() {
-            std::fs::write(&path, &full[..cut]).unwrap();
-            let r = read(&path).unwrap();
-            assert_eq!(r.records, records[..2], "cut at {cut}");
-            assert_eq!(r.valid_len, first_two.len() as u64);
+        let (full, ends) = write_log(&path);
+        let all: Vec<WalRecord> = groups().concat();
+        let r = read(&path, &header()).unwrap();
+        assert_eq!(r.records, all);
+        assert_eq!((r.valid_len, r.next_seq), (full.len() as u64, 15));
+        for cut in WAL_HEADER_BYTES as u64..full.len() as u64 {
+            std::fs::write(&path, &full[..cut as usize]).unwrap();
+            let r = read(&path, &header()).unwrap();
+            let whole = ends.iter().filter(|&&e| e <= cut).count();
+            let want: Vec<WalRecord> = groups()[..whole].concat();
+            assert_eq!(r.records, want, "cut at {cut}");
+            assert_eq!(
+                r.valid_len,
+                if whole == 0 {
+                    WAL_HEADER_BYTES as u64
+                } else {
+                    ends[whole - 1]
+                }
+            );
         }
-        // A flipped byte in the last record drops it, not the earlier ones.
-        let mut flipped = full.clone();
-        *flipped.last_mut().unwrap() ^= 0x40;
-        std::fs::write(&path, &flipped).unwrap();
-        assert_eq!(read(&path).unwrap().records, records[..2]);
+        // A final group whose pages did not all reach the disk (a zeroed block) is torn too.
+        let mut zeroed = full.clone();
+        let carol_body = ends[1] as usize - 200 * DIM * 4 + 1024;
+        let block = carol_body.next_multiple_of(SECTOR);
+        zeroed.truncate(ends[1] as usize);
+        zeroed[block..block + SECTOR].fill(0);
+        std::fs::write(&path, &zeroed).unwrap();
+        assert_eq!(read(&path, &header()).unwrap().records, groups()[0]);
+        // So is a zero-filled tail after the last group.
+        let mut padded = full.clone();
+        padded.extend_from_slice(&[0u8; 100]);
+        std::fs::write(&path, &padded).unwrap();
+        assert_eq!(read(&path, &header()).unwrap().records, all);
+    }
+
+    #[test]
+    fn a_flipped_byte_anywhere_is_damage_not_a_torn_tail_and_repair_names_the_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.log");
+        let (full, _) = write_log(&path);
+        let (mut refused, mut verified) = (0, 0);
+        for at in WAL_HEADER_BYTES..full.len() {
+            let mut bad = full.clone();
+            bad[at] ^= 0x55;
+            std::fs::write(&path, &bad).unwrap();
+            match read(&path, &header()) {
+                Ok(r) => panic!("flip at {at} accepted with {} records", r.records.len()),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains("wal.log") && msg.contains("offset"), "{msg}");
+                    refused += 1;
+                }
+            }
+            let s = salvage(&path, DIM).unwrap();
+            let all = groups().concat();
+            // Nothing invented: every kept record is one that was written.
+            for r in &s.records {
+                assert!(all.contains(r), "flip at {at}: invented {r:?}");
+            }
+            // Every record is kept or accounted for as lost.
+            assert_eq!(s.torn_bytes, 0, "flip at {at}");
+            assert_eq!(
+                s.records.len() + s.lost.len() + s.unreadable as usize,
+                5,
+                "flip at {at}: {s:?}"
+            );
+            // A verified name is right: a subject whose record was not kept.
+            for l in s.lost.iter().filter(|l| l.subject_verified) {
+                let name = l.subject.as_deref().unwrap();
+                assert!(
+                    all.iter().any(|r| r.subject() == name && !s.records.contains(r)),
+                    "flip at {at}: {name} named but not lost"
+                );
+            }
+            if s.lost.iter().all(|l| l.subject_verified) {
+                verified += 1;
+            }
+        }
+        // Only a flip inside a key (tag, mark, subject id) or in its checksum leaves the
+        // subject unverifiable (it is then reported as a guess).
+        let key_bytes: usize = groups()
+            .concat()
+            .iter()
+            .map(|r| 1 + r.subject().len() + if matches!(r, WalRecord::Delete { .. }) { 8 } else { 0 } + 4)
+            .sum();
+        assert_eq!(verified, full.len() - WAL_HEADER_BYTES - key_bytes);
+        assert_eq!(refused, full.len() - WAL_HEADER_BYTES);
+        // A body flip names its subject from the checksummed key.
+        let mut bad = full.clone();
+        bad[full.len() - 3] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let s = salvage(&path, DIM).unwrap();
+        assert_eq!(s.lost.len(), 1);
+        assert_eq!(s.lost[0].subject.as_deref(), Some("dave"));
+        assert!(s.lost[0].subject_verified);
+    }
+
+    #[test]
+    fn the_header_is_checked_and_a_missing_log_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.log");
+        write_log(&path);
+        let other = WalHeader {
+            gallery_id: 43,
+            ..header()
+        };
+        assert!(read(&path, &other).unwrap_err().to_string().contains("another gallery"));
+        let renamed = WalHeader { log_id: 2, ..header() };
+        assert!(read(&path, &renamed).unwrap_err().to_string().contains("log 1 where"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[30] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(
+            read(&path, &header())
+                .unwrap_err()
+                .to_string()
+                .contains("header checksum")
+        );
+        // Salvage still reads the records, numbering from the first one it finds.
+        assert_eq!(salvage(&path, DIM).unwrap().records, groups().concat());
+        std::fs::remove_file(&path).unwrap();
+        let e = read(&path, &header()).unwrap_err();
+        assert!(
+            matches!(e, Error::Corrupt(_)) && e.to_string().contains("missing"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_failed_append_leaves_nothing_and_a_failed_fsync_poisons_the_writer() {
+        use crate::storage::{ENOSPC, FaultPlan};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.log");
+        // create: Create, Write, Sync; then append: Write, Sync.
+        for (fault, poisons) in [(3usize, false), (4, true)] {
+            let plan = FaultPlan::fail(fault, ENOSPC, false);
+            let mut w = WalWriter::create(&Storage::with_faults(plan), &path, &header()).unwrap();
+            assert!(w.append(&[enroll("a", 1)]).is_err());
+            let r = read(&path, &header()).unwrap();
+            assert!(r.records.is_empty() && r.torn_bytes() == 0, "fault {fault}");
+            assert_eq!(w.poisoned().is_some(), poisons, "fault {fault}");
+            let again = w.append(&[enroll("b", 1)]);
+            assert_eq!(again.is_err(), poisons, "fault {fault}");
+        }
     }
 }

@@ -47,6 +47,17 @@ impl Auth {
         !self.tokens.is_empty()
     }
 
+    /// The name behind a valid token, whatever its roles (for auditing a denied call).
+    pub fn name_of<T>(&self, request: &Request<T>) -> Option<String> {
+        let token = request
+            .metadata()
+            .get("authorization")?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")?;
+        self.tokens.get(token.trim()).map(|c| c.name.clone())
+    }
+
     /// The caller of `request` if it may act in `role`: UNAUTHENTICATED without a valid
     /// token, PERMISSION_DENIED with a valid token that lacks the role.
     pub fn check<T>(&self, request: &Request<T>, role: Role) -> Result<Caller, Status> {

@@ -19,12 +19,15 @@ use tokio::sync::oneshot;
 #[derive(Debug)]
 pub enum JobError {
     DeadlineExceeded,
-    Engine(String),
+    /// The search failed (damage found: DATA_LOSS naming the gallery; a GPU error).
+    Engine(tonic::Status),
 }
 
 /// One request's probes.
 pub struct Job {
     pub gallery: Arc<GalleryEntry>,
+    /// The gallery's dimension when the probes were validated.
+    pub dim: usize,
     /// Validated, `count * dim` values.
     pub probes: Vec<f32>,
     pub k: usize,
@@ -90,7 +93,7 @@ impl Batcher {
 fn run(rx: mpsc::Receiver<Job>, engine: Engine, config: BatchConfig, metrics: Arc<Metrics>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
-        let mut probes = jobs[0].probes.len() / jobs[0].gallery.snapshot().dim();
+        let mut probes = jobs[0].probes.len() / jobs[0].dim;
         let until = Instant::now() + config.max_wait;
         while probes < config.max_batch {
             let job = match rx.try_recv() {
@@ -106,7 +109,7 @@ fn run(rx: mpsc::Receiver<Job>, engine: Engine, config: BatchConfig, metrics: Ar
                     }
                 }
             };
-            probes += job.probes.len() / job.gallery.snapshot().dim();
+            probes += job.probes.len() / job.dim;
             jobs.push(job);
         }
         metrics.queue_depth.dec_by(jobs.len() as i64);
@@ -129,7 +132,20 @@ fn run_group(engine: &Engine, group: Vec<Job>, metrics: &Metrics) {
     if live.is_empty() {
         return;
     }
-    let snapshot = live[0].gallery.snapshot();
+    let gallery = live[0].gallery.clone();
+    let snapshot = match gallery.snapshot() {
+        Ok(s) if live.iter().all(|j| j.dim == s.dim()) => s,
+        other => {
+            let status = match other {
+                Err(e) => super::service::status_of(e),
+                Ok(_) => tonic::Status::aborted("the gallery was replaced while the request waited"),
+            };
+            for job in live {
+                let _ = job.reply.send(Err(JobError::Engine(status.clone())));
+            }
+            return;
+        }
+    };
     let dim = snapshot.dim();
     let k = live.iter().map(|j| j.k).max().expect("non-empty");
     let threshold = if live.iter().all(|j| j.threshold.is_some()) {
@@ -168,10 +184,20 @@ fn run_group(engine: &Engine, group: Vec<Job>, metrics: &Metrics) {
         }
         Err(e) => {
             // Probes are validated before they are queued, so this is not one request's
-            // fault; every request in the group hears about it.
-            let msg = e.to_string();
+            // fault; every request in the group hears about it. Damage found by the
+            // search takes the gallery out of service at once.
+            if let crate::error::Error::Corrupt(why) = &e {
+                gallery.mark_damaged(why.clone());
+            }
+            let status = match e {
+                crate::error::Error::Corrupt(why) => tonic::Status::data_loss(format!(
+                    "gallery {:?} is not serving: {why}; repair it (RepairGallery) or drop it",
+                    gallery.name
+                )),
+                other => super::service::status_of(other),
+            };
             for job in live {
-                let _ = job.reply.send(Err(JobError::Engine(msg.clone())));
+                let _ = job.reply.send(Err(JobError::Engine(status.clone())));
             }
         }
     }
@@ -192,6 +218,7 @@ mod tests {
         (
             Job {
                 gallery,
+                dim: 4,
                 probes,
                 k: 1,
                 threshold: None,
@@ -205,7 +232,7 @@ mod tests {
     #[test]
     fn expired_work_never_reaches_the_engine_and_a_full_queue_refuses() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::open(dir.path()).unwrap();
+        let registry = Registry::open(dir.path(), crate::storage::Storage::default()).unwrap();
         let g = registry.create("g", 4, Dtype::F32).unwrap();
         g.write(|w| {
             w.enroll(&[crate::gallery::Enrollment {

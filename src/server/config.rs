@@ -43,6 +43,31 @@ pub struct Config {
     /// How long a graceful shutdown waits for in-flight requests (and open streams, such
     /// as health watches) before it cuts them off.
     pub shutdown_grace_ms: u64,
+    /// Most open client connections. When full, the oldest connection that has not sent
+    /// a byte is closed to admit a new one; if every connection has spoken, the new one
+    /// is refused (counted and logged).
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long after it opens is closed.
+    pub handshake_timeout_ms: u64,
+    /// HTTP/2 keepalive: ping a connection idle this long (0: never) ...
+    pub keepalive_interval_ms: u64,
+    /// ... and close it if the ping is not answered within this.
+    pub keepalive_timeout_ms: u64,
+    /// Concurrent HTTP/2 streams (calls) per connection; more wait in the client.
+    pub max_streams_per_connection: u32,
+    /// Calls being handled at once over all connections; more are refused with
+    /// RESOURCE_EXHAUSTED before they take memory.
+    pub max_requests_in_flight: usize,
+    /// Re-verify every segment's checksums this often, in the background (0: never;
+    /// segments are always verified once after they are opened).
+    pub scrub_interval_s: u64,
+    /// Read rate of the scrub, so that it never competes with searches for the disk.
+    pub scrub_mb_per_s: u64,
+    /// How often the files in use are checked for being replaced, truncated or
+    /// written under the server (a stat per file).
+    pub file_check_interval_ms: u64,
+    /// The audit log's rotation and retention.
+    pub audit: AuditConfig,
     /// TLS (and mutual TLS when `client_ca` is set).
     pub tls: Option<TlsConfig>,
     /// Bearer tokens. Empty: no authentication (every caller is "anonymous" with every
@@ -57,6 +82,28 @@ pub struct DefaultGallery {
     pub name: String,
     pub dim: usize,
     pub dtype: Dtype,
+}
+
+/// Rotation and retention of `DATA/audit.log`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Rotate once the file reaches this size.
+    pub rotate_bytes: u64,
+    /// Rotate once the file is this old (seconds).
+    pub rotate_after_s: u64,
+    /// Delete rotated files older than this (days; 0 keeps them forever).
+    pub keep_days: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            rotate_bytes: 64 << 20,
+            rotate_after_s: 86_400,
+            keep_days: 400,
+        }
+    }
 }
 
 /// PEM files for TLS.
@@ -108,6 +155,16 @@ impl Default for Config {
             max_probes_per_request: 1024,
             shutdown_grace_ms: 10_000,
             seal_log_rows: 100_000,
+            max_connections: 1024,
+            handshake_timeout_ms: 10_000,
+            keepalive_interval_ms: 30_000,
+            keepalive_timeout_ms: 10_000,
+            max_streams_per_connection: 128,
+            max_requests_in_flight: 4096,
+            scrub_interval_s: 86_400,
+            scrub_mb_per_s: 200,
+            file_check_interval_ms: 1000,
+            audit: AuditConfig::default(),
             tls: None,
             tokens: Vec::new(),
         }
@@ -129,6 +186,21 @@ impl Config {
         if self.max_batch == 0 || self.queue_capacity == 0 || self.max_probes_per_request == 0 {
             return Err(Error::invalid(
                 "max_batch, queue_capacity and max_probes_per_request must be positive",
+            ));
+        }
+        if self.max_connections == 0 || self.max_requests_in_flight == 0 || self.max_streams_per_connection == 0 {
+            return Err(Error::invalid(
+                "max_connections, max_requests_in_flight and max_streams_per_connection must be positive",
+            ));
+        }
+        if self.handshake_timeout_ms == 0 || self.file_check_interval_ms == 0 || self.scrub_mb_per_s == 0 {
+            return Err(Error::invalid(
+                "handshake_timeout_ms, file_check_interval_ms and scrub_mb_per_s must be positive",
+            ));
+        }
+        if self.audit.rotate_bytes < 4096 || self.audit.rotate_after_s == 0 {
+            return Err(Error::invalid(
+                "audit.rotate_bytes must be at least 4096 and audit.rotate_after_s positive",
             ));
         }
         if self.max_k == 0 || self.max_k > crate::engine::MAX_K {

@@ -2,16 +2,20 @@
 //! writer, the metrics endpoint, health and reflection, and serves until told to stop;
 //! stopping flips health to NOT_SERVING, stops accepting, and drains in-flight requests.
 //!
-//! Request flow: tonic -> [`service::Service`] (auth, validation) -> [`batcher`] (one
-//! engine thread, coalesced batches) -> `Engine::search` -> response + audit line.
+//! Request flow: [`connections`] (bounded, silent ones closed) -> tonic ->
+//! [`service::Service`] (admission, auth, validation) -> [`batcher`] (one engine
+//! thread, coalesced batches) -> `Engine::search` -> audit line -> response. Beside it,
+//! the [`supervisor`] verifies and scrubs the galleries and keeps per-gallery health.
 
 pub mod audit;
 pub mod auth;
 pub mod batcher;
 pub mod config;
+pub mod connections;
 pub mod metrics;
 pub mod registry;
 pub mod service;
+pub mod supervisor;
 
 /// Code generated from proto/biogate/v1/biogate.proto.
 pub mod proto {
@@ -38,6 +42,7 @@ pub struct ServerHandle {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
     grace: std::time::Duration,
+    _supervisor: supervisor::Supervisor,
 }
 
 impl ServerHandle {
@@ -60,13 +65,19 @@ impl ServerHandle {
 
 /// Start serving `config`.
 pub async fn start(config: Config) -> Result<ServerHandle> {
+    start_with(config, crate::storage::Storage::default()).await
+}
+
+/// Start serving `config`, writing through `storage` (tests inject disk faults).
+pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Result<ServerHandle> {
     config.validate()?;
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir).ctx(|| format!("creating {}", config.data_dir.display()))?;
+    connections::raise_fd_limit(config.max_connections);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<BiogateServer<Arc<service::Service>>>().await;
 
-    let registry = Arc::new(registry::Registry::open(&config.data_dir)?);
+    let registry = Arc::new(registry::Registry::open(&config.data_dir, storage.clone())?);
     if registry.is_empty()
         && let Some(d) = &config.default_gallery
     {
@@ -93,13 +104,19 @@ pub async fn start(config: Config) -> Result<ServerHandle> {
         registry: registry.clone(),
         batcher,
         engine,
-        audit: audit::AuditLog::open(&config.data_dir.join("audit.log"))?,
+        audit: audit::AuditLog::open(&config.data_dir, &config.audit, storage)?,
         metrics: metrics.clone(),
         auth,
         config: config.clone(),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_requests_in_flight)),
     });
 
-    let mut builder = Server::builder();
+    let keepalive =
+        (config.keepalive_interval_ms > 0).then(|| std::time::Duration::from_millis(config.keepalive_interval_ms));
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(std::time::Duration::from_millis(config.keepalive_timeout_ms)))
+        .max_concurrent_streams(Some(config.max_streams_per_connection));
     if let Some(tls) = &config.tls {
         let read = |p: &std::path::Path| std::fs::read(p).ctx(|| format!("reading {}", p.display()));
         let mut tls_config = ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
@@ -130,20 +147,29 @@ pub async fn start(config: Config) -> Result<ServerHandle> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (metrics_stop_tx, metrics_stop_rx) = oneshot::channel::<()>();
     let metrics_addr = match config.metrics_listen {
-        Some(at) => Some(serve_metrics(at, metrics, metrics_stop_rx).await?),
+        Some(at) => Some(serve_metrics(at, metrics.clone(), metrics_stop_rx).await?),
         None => None,
     };
+    let supervisor = supervisor::start(registry.clone(), health.clone(), metrics.clone(), &config);
+    let mut known = std::collections::HashMap::new();
+    supervisor::sync_health(&registry, &health, &metrics, &mut known).await;
     health.set_serving::<BiogateServer<Arc<service::Service>>>().await;
     let galleries: Vec<String> = registry.all().iter().map(|g| g.name.clone()).collect();
-    tracing::info!(%addr, ?metrics_addr, ?galleries, tls = config.tls.is_some(), "serving");
+    let not_serving: Vec<String> = known.iter().filter(|(_, s)| !**s).map(|(n, _)| n.clone()).collect();
+    tracing::info!(%addr, ?metrics_addr, ?galleries, ?not_serving, tls = config.tls.is_some(), "serving");
 
     let shutdown = async move {
         let _ = stop_rx.await;
         tracing::info!("shutting down: NOT_SERVING, draining in-flight requests");
         health.set_not_serving::<BiogateServer<Arc<service::Service>>>().await;
     };
+    let limits = connections::ConnectionLimits {
+        max_connections: config.max_connections,
+        handshake_timeout: std::time::Duration::from_millis(config.handshake_timeout_ms),
+    };
+    let conn_metrics = metrics.clone();
     let task = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = connections::incoming(listener, limits, conn_metrics);
         let result = router
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
@@ -158,6 +184,7 @@ pub async fn start(config: Config) -> Result<ServerHandle> {
         stop: Some(stop_tx),
         task,
         grace: std::time::Duration::from_millis(config.shutdown_grace_ms),
+        _supervisor: supervisor,
     })
 }
 

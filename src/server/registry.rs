@@ -1,55 +1,225 @@
-//! The galleries a server holds, by name: each one directory under `DATA/galleries/`,
-//! one writer handle, and the current snapshot that searches read without locking out
-//! writers.
+//! The galleries a server holds, by name: each one directory under `DATA/galleries/`.
+//!
+//! Each gallery fails alone. One that does not open, or in which damage is found later
+//! (a bad chunk, a file changed under the server), is kept in the registry as NOT
+//! SERVING with the reason: its searches fail with DATA_LOSS (or UNAVAILABLE) naming
+//! it, GetGallery and ListGalleries say why, and an admin can repair or drop it without
+//! a restart, while the other galleries go on.
+//!
+//! Admin operations (create, drop, repair, compact) are serialised per gallery name, so
+//! races between them give clean answers (ALREADY_EXISTS, NOT_FOUND, ABORTED).
 
 use crate::error::{Error, IoContext, Result};
+use crate::gallery::repair::RepairReport;
 use crate::gallery::{Gallery, GalleryInfo, Snapshot};
+use crate::storage::Storage;
 use crate::template::Dtype;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+
+/// Why a gallery is not serving.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Problem {
+    /// Damage was found: searches fail with DATA_LOSS until it is repaired.
+    Damaged(String),
+    /// It could not be opened for another reason (I/O, locked by another process).
+    Unavailable(String),
+    /// It was dropped while a call held it.
+    Dropped,
+}
+
+impl Problem {
+    fn error(&self, name: &str) -> Error {
+        match self {
+            Problem::Damaged(why) => Error::Corrupt(format!(
+                "gallery {name:?} is not serving: {why}; repair it (RepairGallery, or `biogate gallery repair`) or drop it"
+            )),
+            Problem::Unavailable(why) => Error::Unavailable(format!("gallery {name:?} is not serving: {why}")),
+            Problem::Dropped => Error::Aborted(format!("gallery {name:?} was dropped")),
+        }
+    }
+
+    /// The reason, in words.
+    pub fn reason(&self) -> String {
+        match self {
+            Problem::Damaged(why) => format!("damaged: {why}"),
+            Problem::Unavailable(why) => why.clone(),
+            Problem::Dropped => "dropped".into(),
+        }
+    }
+
+    fn from_open_error(e: &Error) -> Problem {
+        match e {
+            Error::Corrupt(m) => Problem::Damaged(m.clone()),
+            other => Problem::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// What GetGallery and ListGalleries report.
+#[derive(Clone, Debug)]
+pub struct GalleryStatus {
+    pub name: String,
+    /// None when the gallery could not be opened.
+    pub info: Option<GalleryInfo>,
+    /// None when serving.
+    pub problem: Option<Problem>,
+    /// Why writes are refused while searches still work (a storage failure).
+    pub read_only: Option<String>,
+}
 
 /// One served gallery.
 pub struct GalleryEntry {
     pub name: String,
-    writer: Mutex<Gallery>,
-    snapshot: RwLock<Arc<Snapshot>>,
+    dir: PathBuf,
+    writer: Mutex<Option<Gallery>>,
+    snapshot: RwLock<Option<Arc<Snapshot>>>,
+    problem: RwLock<Option<Problem>>,
 }
 
 impl GalleryEntry {
-    fn new(name: String, gallery: Gallery) -> GalleryEntry {
-        let snapshot = RwLock::new(gallery.snapshot());
+    fn open(name: String, dir: PathBuf, storage: &Storage) -> GalleryEntry {
+        let (gallery, problem) = match Gallery::open_with(&dir, storage.clone()) {
+            Ok(g) => (Some(g), None),
+            Err(e) => {
+                tracing::error!(gallery = %name, error = %e, "gallery did not open; it is not serving");
+                (None, Some(Problem::from_open_error(&e)))
+            }
+        };
+        GalleryEntry::new(name, dir, gallery, problem)
+    }
+
+    fn new(name: String, dir: PathBuf, gallery: Option<Gallery>, problem: Option<Problem>) -> GalleryEntry {
+        let snapshot = gallery.as_ref().map(|g| g.snapshot());
         GalleryEntry {
             name,
+            dir,
             writer: Mutex::new(gallery),
-            snapshot,
+            snapshot: RwLock::new(snapshot),
+            problem: RwLock::new(problem),
         }
     }
 
-    /// What searches read now.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.read().expect("snapshot lock").clone()
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, Option<Gallery>> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why it is not serving, if it is not.
+    pub fn problem(&self) -> Option<Problem> {
+        self.problem.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Record damage found while serving (the first reason stays).
+    pub fn mark_damaged(&self, why: String) {
+        let mut p = self.problem.write().unwrap_or_else(|p| p.into_inner());
+        if p.is_none() {
+            tracing::error!(gallery = %self.name, damage = %why, "gallery stops serving");
+            *p = Some(Problem::Damaged(why));
+        }
+    }
+
+    /// What searches read now, or why there is nothing to read.
+    pub fn snapshot(&self) -> Result<Arc<Snapshot>> {
+        if let Some(p) = self.problem() {
+            return Err(p.error(&self.name));
+        }
+        self.snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Problem::Dropped.error(&self.name))
     }
 
     /// Run a write; the new snapshot is published before this returns, so the very
     /// next search sees it.
     pub fn write<T>(&self, f: impl FnOnce(&mut Gallery) -> Result<T>) -> Result<T> {
-        let mut g = self.writer.lock().expect("writer lock");
-        let out = f(&mut g);
-        *self.snapshot.write().expect("snapshot lock") = g.snapshot();
+        if let Some(p) = self.problem() {
+            return Err(p.error(&self.name));
+        }
+        let mut guard = self.lock_writer();
+        let g = guard.as_mut().ok_or_else(|| Problem::Dropped.error(&self.name))?;
+        let out = f(g);
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(g.snapshot());
+        if let Err(Error::Corrupt(why)) = &out {
+            self.mark_damaged(why.clone());
+        }
         out
     }
 
     /// Summary for GetGallery / ListGalleries.
-    pub fn info(&self) -> Result<GalleryInfo> {
-        self.writer.lock().expect("writer lock").info()
+    pub fn status(&self) -> GalleryStatus {
+        let guard = self.lock_writer();
+        GalleryStatus {
+            name: self.name.clone(),
+            info: guard.as_ref().and_then(|g| g.info().ok()),
+            problem: self.problem(),
+            read_only: guard.as_ref().and_then(|g| g.poisoned()),
+        }
+    }
+
+    /// Look for damage without waiting for a writer: files changed under the server and
+    /// damage a search or the scrub already found. Returns the problem, if any.
+    pub fn check_integrity(&self) -> Option<Problem> {
+        if let Some(p) = self.problem() {
+            return Some(p);
+        }
+        let found = {
+            let Ok(guard) = self.writer.try_lock() else {
+                return None; // a write is running; look again next time
+            };
+            let g = guard.as_ref()?;
+            g.check_files()
+                .err()
+                .map(|e| e.to_string())
+                .or_else(|| g.snapshot().damage())
+        };
+        if let Some(why) = found {
+            self.mark_damaged(why);
+        }
+        self.problem()
+    }
+
+    /// Verify the current segments once (after opening; a search that needs one waits
+    /// for it), then return.
+    pub fn verify_once(&self) {
+        if let Ok(s) = self.snapshot()
+            && let Err(e) = s.ensure_verified()
+        {
+            self.mark_damaged(e.to_string());
+        }
+    }
+
+    /// Scrub: verify every segment's metadata and rows again at the pace `pace`
+    /// allows, and read the log back. Damage makes the gallery NOT_SERVING.
+    pub fn scrub(&self, pace: &mut dyn FnMut(u64)) {
+        let Ok(snapshot) = self.snapshot() else { return };
+        for v in snapshot.segments() {
+            if let Err(e) = v.segment.scrub(pace) {
+                self.mark_damaged(e.to_string());
+                return;
+            }
+        }
+        let log = {
+            let guard = self.lock_writer();
+            guard.as_ref().map(|g| g.log_probe())
+        };
+        if let Some(Err(e)) = log.map(|p| p.check()) {
+            self.mark_damaged(e.to_string());
+        }
+    }
+
+    fn directory(&self) -> &Path {
+        &self.dir
     }
 }
 
 /// All galleries, by name.
 pub struct Registry {
     root: PathBuf,
+    storage: Storage,
     galleries: RwLock<BTreeMap<String, Arc<GalleryEntry>>>,
+    admin: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 /// Check a gallery name: 1-64 of `[A-Za-z0-9_.-]`, not starting with a dot.
@@ -68,10 +238,10 @@ pub fn check_gallery_name(name: &str) -> Result<()> {
 }
 
 impl Registry {
-    /// Open every gallery under `data_dir/galleries`.
-    pub fn open(data_dir: &Path) -> Result<Registry> {
+    /// Open every gallery under `data_dir/galleries`; one that fails is kept as not serving.
+    pub fn open(data_dir: &Path, storage: Storage) -> Result<Registry> {
         let root = data_dir.join("galleries");
-        std::fs::create_dir_all(&root).ctx(|| format!("creating {}", root.display()))?;
+        storage.create_dir_all(&root)?;
         let mut galleries = BTreeMap::new();
         for entry in std::fs::read_dir(&root).ctx(|| format!("listing {}", root.display()))? {
             let entry = entry.ctx(|| format!("listing {}", root.display()))?;
@@ -81,27 +251,43 @@ impl Registry {
             if name.starts_with(".dropped-") {
                 // A drop that crashed after moving the gallery aside: finish it.
                 tracing::info!(dir = %entry.path().display(), "removing a dropped gallery");
-                std::fs::remove_dir_all(entry.path()).ctx(|| format!("removing {}", entry.path().display()))?;
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::error!(dir = %entry.path().display(), error = %e, "could not remove a dropped gallery");
+                }
                 continue;
             }
             if check_gallery_name(&name).is_err() || !entry.path().is_dir() {
                 continue;
             }
-            let gallery = Gallery::open(&entry.path())?;
-            tracing::info!(gallery = %name, rows = gallery.snapshot().live_rows(), "loaded gallery");
-            galleries.insert(name.clone(), Arc::new(GalleryEntry::new(name, gallery)));
+            let e = GalleryEntry::open(name.clone(), entry.path(), &storage);
+            if let Ok(s) = e.snapshot() {
+                tracing::info!(gallery = %name, rows = s.live_rows(), "loaded gallery");
+            }
+            galleries.insert(name, Arc::new(e));
         }
         Ok(Registry {
             root,
+            storage,
             galleries: RwLock::new(galleries),
+            admin: Mutex::new(HashMap::new()),
         })
     }
 
-    /// A gallery by name, or NotFound.
+    /// Serialise admin operations on one name.
+    fn admin_lock(&self, name: &str) -> Arc<Mutex<()>> {
+        self.admin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// A gallery by name, serving or not, or NotFound.
     pub fn get(&self, name: &str) -> Result<Arc<GalleryEntry>> {
         self.galleries
             .read()
-            .expect("registry lock")
+            .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("gallery {name:?}")))
@@ -111,7 +297,7 @@ impl Registry {
     pub fn all(&self) -> Vec<Arc<GalleryEntry>> {
         self.galleries
             .read()
-            .expect("registry lock")
+            .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
             .collect()
@@ -119,37 +305,104 @@ impl Registry {
 
     /// Whether no gallery exists.
     pub fn is_empty(&self) -> bool {
-        self.galleries.read().expect("registry lock").is_empty()
+        self.galleries.read().unwrap_or_else(|p| p.into_inner()).is_empty()
     }
 
     /// Create a new gallery.
     pub fn create(&self, name: &str, dim: usize, dtype: Dtype) -> Result<Arc<GalleryEntry>> {
         check_gallery_name(name)?;
-        let mut map = self.galleries.write().expect("registry lock");
-        if map.contains_key(name) {
+        let lock = self.admin_lock(name);
+        let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.get(name).is_ok() {
             return Err(Error::AlreadyExists(format!("gallery {name:?}")));
         }
-        let gallery = Gallery::create(&self.root.join(name), dim, dtype)?;
-        let entry = Arc::new(GalleryEntry::new(name.to_owned(), gallery));
-        map.insert(name.to_owned(), entry.clone());
+        let dir = self.root.join(name);
+        let gallery = Gallery::create_with(&dir, dim, dtype, self.storage.clone())?;
+        let entry = Arc::new(GalleryEntry::new(name.to_owned(), dir, Some(gallery), None));
+        self.galleries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), entry.clone());
         Ok(entry)
     }
 
-    /// Drop a gallery and delete its files. Searches already running finish on their
-    /// snapshot (the mapped files stay readable until they let go).
+    /// Drop a gallery (serving or not) and delete its files. Searches already running
+    /// finish on their snapshot (the mapped files stay readable until they let go).
     pub fn drop_gallery(&self, name: &str) -> Result<()> {
-        let entry = self
-            .galleries
-            .write()
-            .expect("registry lock")
-            .remove(name)
-            .ok_or_else(|| Error::NotFound(format!("gallery {name:?}")))?;
-        let dir = entry.writer.lock().expect("writer lock").dir().to_path_buf();
+        let lock = self.admin_lock(name);
+        let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = self.get(name)?;
+        // Close the writer first: writes waiting on it then see the gallery gone.
+        let gallery = entry.lock_writer().take();
+        *entry.problem.write().unwrap_or_else(|p| p.into_inner()) = Some(Problem::Dropped);
+        *entry.snapshot.write().unwrap_or_else(|p| p.into_inner()) = None;
+        drop(gallery);
+        self.galleries.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         // Move it aside first so a crash mid-delete never leaves a half gallery in place.
-        let trash = self.root.join(format!(".dropped-{name}-{}", std::process::id()));
-        std::fs::rename(&dir, &trash).ctx(|| format!("moving {} aside", dir.display()))?;
-        crate::gallery::manifest::sync_dir(&self.root)?;
-        std::fs::remove_dir_all(&trash).ctx(|| format!("removing {}", trash.display()))?;
+        let dir = entry.directory();
+        let trash = self.root.join(format!(
+            ".dropped-{name}-{}-{}",
+            std::process::id(),
+            crate::gallery::repair::timestamp()
+        ));
+        self.storage.rename(dir, &trash)?;
+        self.storage.sync_dir(&self.root)?;
+        if let Err(e) = std::fs::remove_dir_all(&trash) {
+            tracing::error!(dir = %trash.display(), error = %e, "could not remove a dropped gallery; the next start does");
+        }
         Ok(())
+    }
+
+    /// Repair a gallery (serving or not) and serve it again. A log damaged on disk while
+    /// this process holds every acknowledged record is first rewritten from memory, so
+    /// nothing is lost; then the files are repaired as `biogate gallery repair` does.
+    pub fn repair(&self, name: &str) -> Result<RepairReport> {
+        let lock = self.admin_lock(name);
+        let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = self.get(name)?;
+        let mut guard = entry.lock_writer();
+        let mut rewrote = None;
+        if let Some(g) = guard.as_mut()
+            && g.poisoned().is_none()
+            && g.log_probe().check().is_err()
+        {
+            let rows = g.rewrite_log_from_memory()?;
+            rewrote = Some(rows);
+        }
+        // Release the gallery (its lock and maps) and repair the files.
+        *guard = None;
+        *entry.snapshot.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let repaired = crate::gallery::repair::repair(&entry.dir, &self.storage);
+        let reopened = Gallery::open_with(&entry.dir, self.storage.clone());
+        let mut problem = entry.problem.write().unwrap_or_else(|p| p.into_inner());
+        match reopened {
+            Ok(g) => {
+                *entry.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(g.snapshot());
+                *guard = Some(g);
+                *problem = None;
+            }
+            Err(e) => *problem = Some(Problem::from_open_error(&e)),
+        }
+        drop(problem);
+        let mut report = repaired?;
+        if let Some(rows) = rewrote {
+            report.clean = false;
+            report.actions.insert(
+                0,
+                format!(
+                    "rewrote the log from the server's memory ({rows} rows sealed into a segment); \
+                     the damaged log is kept in damaged/"
+                ),
+            );
+        }
+        tracing::warn!(gallery = %name, actions = ?report.actions, lost = report.lost.len(), "repaired gallery");
+        Ok(report)
+    }
+
+    /// Compact a gallery (see [`Gallery::compact`]).
+    pub fn compact(&self, name: &str) -> Result<crate::gallery::CompactReport> {
+        let lock = self.admin_lock(name);
+        let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.get(name)?.write(|g| g.compact())
     }
 }

@@ -1,15 +1,21 @@
-//! The gRPC service: validates each request (naming the bad field), checks the caller's
-//! role, hands searches to the batcher and writes to the gallery, records the audit
-//! line, counts metrics, and maps errors to the right status codes.
+//! The gRPC service: every call is admitted (a cap on calls in flight), authorised by
+//! role, validated (naming the bad field), run (searches through the batcher, writes on
+//! the gallery), audited and counted, and its errors mapped to the right status codes.
+//!
+//! The audit trail is complete and tells the truth: every call, refused or not, gets a
+//! line with its outcome and status code. A write is preceded by a durable "intent"
+//! line, so nothing takes effect unless its audit record is durable; once it has taken
+//! effect the client is told so, even if the final line cannot be written (that is
+//! logged and counted). A search's answer is withheld unless its line is durable.
 
 use super::audit::{AuditEntry, AuditLog};
 use super::auth::{Auth, Caller};
 use super::batcher::{Batcher, Job, JobError};
 use super::config::{Config, Role};
-use super::metrics::Metrics;
+use super::metrics::{Metrics, Refusal};
 use super::proto;
 use super::proto::biogate_server::Biogate;
-use super::registry::{GalleryEntry, Registry};
+use super::registry::{GalleryEntry, GalleryStatus, Registry};
 use crate::engine::{Engine, ProbeResult};
 use crate::error::Error;
 use crate::gallery::Enrollment;
@@ -17,7 +23,7 @@ use crate::template::{Dtype, check_subject_id, normalize_into};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -31,6 +37,8 @@ pub struct Service {
     pub metrics: Arc<Metrics>,
     pub auth: Arc<Auth>,
     pub config: Arc<Config>,
+    /// One permit per call being handled (`max_requests_in_flight`).
+    pub in_flight: Arc<Semaphore>,
 }
 
 /// Map a library error to a gRPC status.
@@ -41,7 +49,16 @@ pub fn status_of(e: Error) -> Status {
         Error::AlreadyExists(m) => Status::already_exists(m),
         Error::Locked(m) => Status::failed_precondition(format!("gallery {m} is locked by another process")),
         Error::Corrupt(m) => Status::data_loss(m),
+        Error::Io { ref source, .. } if source.raw_os_error() == Some(crate::storage::ENOSPC) => {
+            Status::resource_exhausted(e.to_string())
+        }
         Error::Io { .. } => Status::internal(e.to_string()),
+        Error::Poisoned(_) => {
+            Status::failed_precondition(format!("{e}; RepairGallery reopens it (searches still work)"))
+        }
+        Error::OutcomeUnknown(m) => Status::unknown(m),
+        Error::Unavailable(m) => Status::unavailable(m),
+        Error::Aborted(m) => Status::aborted(m),
         Error::Gpu(m) => Status::internal(format!("GPU: {m}")),
     }
 }
@@ -127,9 +144,202 @@ async fn blocking<T: Send + 'static>(
         .map_err(status_of)
 }
 
+/// One call being handled: who, what, and what to audit when it ends.
+struct Call {
+    method: &'static str,
+    peer: String,
+    caller: String,
+    gallery: String,
+    start: Instant,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// What a successful call audits.
+#[derive(Default)]
+struct Audited {
+    subjects: Vec<(String, Option<f32>)>,
+    count: usize,
+    /// The call changed something, after a durable intent line: its answer stands even
+    /// if the final line cannot be written.
+    took_effect: bool,
+}
+
+fn code_name(code: Code) -> String {
+    let name = format!("{code:?}");
+    // "InvalidArgument" -> "INVALID_ARGUMENT", as gRPC names codes.
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+fn audit_status(what: &str, e: std::io::Error) -> Status {
+    if e.raw_os_error() == Some(crate::storage::ENOSPC) {
+        Status::resource_exhausted(format!("audit log: {e}; {what}"))
+    } else {
+        Status::unavailable(format!("audit log: {e}; {what}"))
+    }
+}
+
+fn gallery_info(s: &GalleryStatus, backend: &str) -> proto::GalleryInfo {
+    let mut g = proto::GalleryInfo {
+        name: s.name.clone(),
+        backend: backend.into(),
+        state: if s.problem.is_none() { "SERVING" } else { "NOT_SERVING" }.into(),
+        reason: s.problem.as_ref().map(|p| p.reason()).unwrap_or_default(),
+        read_only_reason: s.read_only.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    if let Some(i) = &s.info {
+        g.dim = i.dim as u32;
+        g.dtype = i.dtype.name().into();
+        g.rows = i.rows;
+        g.subjects = i.subjects;
+        g.bytes = i.bytes_on_disk;
+    }
+    g
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<proto::IdentifyStreamResponse, Status>> + Send>>;
 
 impl Service {
+    /// Start a call: note who is asking from where.
+    fn begin<T>(&self, method: &'static str, request: &Request<T>, gallery: &str) -> Call {
+        Call {
+            method,
+            peer: request
+                .remote_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+            caller: "-".into(),
+            gallery: gallery.to_owned(),
+            start: Instant::now(),
+            _permit: None,
+        }
+    }
+
+    /// Take one of the in-flight permits, or refuse with RESOURCE_EXHAUSTED.
+    fn admit(&self, call: &mut Call) -> Result<(), Status> {
+        match self.in_flight.clone().try_acquire_owned() {
+            Ok(p) => {
+                call._permit = Some(p);
+                Ok(())
+            }
+            Err(_) => {
+                self.metrics.refuse(
+                    Refusal::RequestsInFlight,
+                    &format!("{} calls in flight", self.config.max_requests_in_flight),
+                );
+                Err(Status::resource_exhausted(format!(
+                    "the server is handling its limit of {} calls; retry later",
+                    self.config.max_requests_in_flight
+                )))
+            }
+        }
+    }
+
+    /// Check the caller's token and role; counts and names refusals.
+    fn authorize<T>(&self, call: &mut Call, request: &Request<T>, role: Role) -> Result<Caller, Status> {
+        match self.auth.check(request, role) {
+            Ok(c) => {
+                call.caller = c.name.clone();
+                Ok(c)
+            }
+            Err(s) => {
+                if s.code() == Code::PermissionDenied {
+                    call.caller = self.auth.name_of(request).unwrap_or_else(|| "-".into());
+                    self.metrics.refuse(
+                        Refusal::PermissionDenied,
+                        &format!("{} from {}", call.method, call.peer),
+                    );
+                } else {
+                    self.metrics
+                        .refuse(Refusal::Unauthenticated, &format!("{} from {}", call.method, call.peer));
+                }
+                Err(s)
+            }
+        }
+    }
+
+    /// Write a durable "intent" line before a write takes effect; if it cannot be
+    /// written, the write does not happen.
+    async fn intent(&self, call: &Call, subjects: &[&str], count: usize) -> Result<(), Status> {
+        self.audit
+            .record(&AuditEntry {
+                peer: &call.peer,
+                caller: &call.caller,
+                method: call.method,
+                gallery: &call.gallery,
+                phase: "intent",
+                outcome: "pending",
+                code: 0,
+                error: None,
+                subjects: subjects.iter().map(|s| (*s, None)).collect(),
+                count,
+            })
+            .await
+            .map_err(|e| {
+                self.metrics.audit_failures.inc();
+                audit_status("nothing was done", e)
+            })
+    }
+
+    /// End a call: audit its outcome, count it, and answer.
+    async fn finish<T>(&self, call: Call, r: Result<(T, Audited), Status>) -> Result<Response<T>, Status> {
+        let (code, error) = match &r {
+            Ok(_) => (Code::Ok, None),
+            Err(s) => (s.code(), Some(s.message().to_owned())),
+        };
+        let outcome = if code == Code::Ok {
+            "ok".to_owned()
+        } else {
+            code_name(code)
+        };
+        let empty = Audited::default();
+        let audited = r.as_ref().map(|(_, a)| a).unwrap_or(&empty);
+        let written = self
+            .audit
+            .record(&AuditEntry {
+                peer: &call.peer,
+                caller: &call.caller,
+                method: call.method,
+                gallery: &call.gallery,
+                phase: "done",
+                outcome: &outcome,
+                code: code as i32,
+                error: error.as_deref(),
+                subjects: audited.subjects.iter().map(|(s, v)| (s.as_str(), *v)).collect(),
+                count: audited.count,
+            })
+            .await;
+        let answer = match (r, written) {
+            (r, Ok(())) => r.map(|(v, _)| v),
+            (Ok((v, a)), Err(e)) if a.took_effect => {
+                self.metrics.audit_failures.inc();
+                tracing::error!(method = call.method, caller = %call.caller, gallery = %call.gallery, error = %e,
+                    "audit log: the outcome line of a completed write could not be written (its intent line is durable)");
+                Ok(v)
+            }
+            (Ok(_), Err(e)) => {
+                self.metrics.audit_failures.inc();
+                Err(audit_status("the answer is withheld", e))
+            }
+            (Err(s), Err(e)) => {
+                self.metrics.audit_failures.inc();
+                tracing::error!(method = call.method, caller = %call.caller, error = %e, "audit log: could not record a failed call");
+                Err(s)
+            }
+        };
+        let code = answer.as_ref().map(|_| Code::Ok).unwrap_or_else(|s| s.code());
+        self.metrics
+            .observe(call.method, code, call.start.elapsed().as_secs_f64());
+        answer.map(Response::new)
+    }
+
     fn gallery(&self, name: &str) -> Result<Arc<GalleryEntry>, Status> {
         if name.is_empty() {
             return Err(Status::invalid_argument("gallery: empty gallery name"));
@@ -147,20 +357,12 @@ impl Service {
         Ok(k as usize)
     }
 
-    async fn audit(&self, entry: AuditEntry<'_>) -> Result<(), Status> {
-        self.audit
-            .record(&entry)
-            .await
-            .map_err(|e| Status::internal(format!("audit log: {e}")))
-    }
-
     /// Validate, queue and await one identify job (shared by Identify and IdentifyStream).
     async fn identify_probes(
         &self,
-        caller: &Caller,
         query: IdentifyQuery<'_>,
         deadline: Option<Instant>,
-    ) -> Result<Vec<ProbeResult>, Status> {
+    ) -> Result<(Vec<ProbeResult>, Audited), Status> {
         let IdentifyQuery {
             gallery,
             probes,
@@ -181,7 +383,7 @@ impl Service {
             )));
         }
         let entry = self.gallery(gallery)?;
-        let dim = entry.snapshot().dim();
+        let dim = entry.snapshot().map_err(status_of)?.dim();
         let mut values = Vec::with_capacity(probes.len() * dim);
         for (i, p) in probes.iter().enumerate() {
             let name = if probes.len() == 1 && field == "probe" {
@@ -194,6 +396,7 @@ impl Service {
         let (reply, wait) = oneshot::channel();
         let job = Job {
             gallery: entry,
+            dim,
             probes: values,
             k,
             threshold,
@@ -201,6 +404,7 @@ impl Service {
             reply,
         };
         if self.batcher.submit(job).is_err() {
+            self.metrics.refuse(Refusal::Queue, "the search queue is full");
             return Err(Status::resource_exhausted("the search queue is full; retry later"));
         }
         let answer = match deadline {
@@ -214,36 +418,32 @@ impl Service {
             Ok(Err(JobError::DeadlineExceeded)) => {
                 return Err(Status::deadline_exceeded("deadline passed before the search started"));
             }
-            Ok(Err(JobError::Engine(m))) => return Err(Status::internal(m)),
+            Ok(Err(JobError::Engine(s))) => return Err(s),
             Err(_) => return Err(Status::unavailable("the engine stopped")),
         };
-        let subjects = results
-            .iter()
-            .flat_map(|r| r.candidates.iter().map(|c| (c.subject.as_str(), Some(c.score))))
-            .collect();
-        self.audit(AuditEntry {
-            caller: &caller.name,
-            gallery,
-            operation: "identify",
-            outcome: "ok",
-            subjects,
+        let audited = Audited {
+            subjects: results
+                .iter()
+                .flat_map(|r| r.candidates.iter().map(|c| (c.subject.clone(), Some(c.score))))
+                .collect(),
             count: probes.len(),
-        })
-        .await?;
-        Ok(results)
+            took_effect: false,
+        };
+        Ok((results, audited))
     }
 
     /// Enroll a client stream in groups: every message that has already arrived (up to
-    /// `ENROLL_GROUP`) is validated and made durable with one log fsync and one audit
-    /// line. If a message is bad, the messages before it are still enrolled and the
-    /// error says how many were.
+    /// `ENROLL_GROUP`) is validated, audited as an intent, and made durable with one
+    /// log fsync. If a message is bad, the messages before it are still enrolled and
+    /// the error says how many were.
     async fn enroll_stream(
         &self,
-        caller: &Caller,
+        call: &Call,
         mut stream: Streaming<proto::EnrollRequest>,
-    ) -> Result<proto::EnrollResponse, Status> {
+    ) -> Result<(proto::EnrollResponse, Audited), Status> {
         const ENROLL_GROUP: usize = 256;
         let mut done = proto::EnrollResponse::default();
+        let mut audited = Audited::default();
         let mut index = 0usize;
         let mut ended = false;
         while !ended {
@@ -280,36 +480,57 @@ impl Service {
                 let end = at + valid[at..].iter().take_while(|v| Arc::ptr_eq(&v.0, &gallery)).count();
                 let batch: Vec<Enrollment> = valid[at..end].iter().map(|v| v.2.clone()).collect();
                 let templates: usize = valid[at..end].iter().map(|v| v.1.templates.len()).sum();
-                let writer = gallery.clone();
-                let seal_at = self.config.seal_log_rows;
-                blocking(move || {
-                    writer.write(|g| {
-                        let n = g.enroll(&batch)?;
-                        if g.log_rows() >= seal_at {
-                            // The enrollment is durable either way: a failed seal is
-                            // logged and retried on the next enroll, not reported.
-                            match g.seal_log() {
-                                Ok(rows) => tracing::info!(gallery = %g.dir().display(), rows, "sealed the log"),
-                                Err(e) => {
-                                    tracing::error!(gallery = %g.dir().display(), error = %e, "sealing the log failed")
+                let subjects: Vec<&str> = valid[at..end].iter().map(|v| v.1.subject.as_str()).collect();
+                let group_call = Call {
+                    method: call.method,
+                    peer: call.peer.clone(),
+                    caller: call.caller.clone(),
+                    gallery: gallery.name.clone(),
+                    start: call.start,
+                    _permit: None,
+                };
+                let committed = async {
+                    self.intent(&group_call, &subjects, templates).await?;
+                    let writer = gallery.clone();
+                    let seal_at = self.config.seal_log_rows;
+                    blocking(move || {
+                        writer.write(|g| {
+                            let n = g.enroll(&batch)?;
+                            if g.log_rows() >= seal_at {
+                                // The enrollment is durable either way: a failed seal is
+                                // logged and retried on the next enroll, not reported.
+                                match g.seal_log() {
+                                    Ok(rows) => tracing::info!(gallery = %g.dir().display(), rows, "sealed the log"),
+                                    Err(e) => {
+                                        tracing::error!(gallery = %g.dir().display(), error = %e, "sealing the log failed")
+                                    }
                                 }
                             }
-                        }
-                        Ok(n)
+                            Ok(n)
+                        })
                     })
-                })
-                .await?;
+                    .await
+                }
+                .await;
+                if let Err(s) = committed {
+                    let s = Status::new(
+                        s.code(),
+                        format!(
+                            "{}; {} subjects ({} templates) from earlier messages are enrolled",
+                            s.message(),
+                            done.subjects,
+                            done.templates
+                        ),
+                    );
+                    return Err(s);
+                }
                 done.subjects += (end - at) as u64;
                 done.templates += templates as u64;
-                self.audit(AuditEntry {
-                    caller: &caller.name,
-                    gallery: &gallery.name,
-                    operation: "enroll",
-                    outcome: "ok",
-                    subjects: valid[at..end].iter().map(|v| (v.1.subject.as_str(), None)).collect(),
-                    count: templates,
-                })
-                .await?;
+                audited.took_effect = true;
+                audited.count += templates;
+                audited
+                    .subjects
+                    .extend(subjects.iter().map(|s| ((*s).to_owned(), None)));
                 at = end;
             }
             index += valid.len();
@@ -325,7 +546,7 @@ impl Service {
                 ));
             }
         }
-        Ok(done)
+        Ok((done, audited))
     }
 
     fn check_enrollment(&self, msg: &proto::EnrollRequest) -> Result<(Arc<GalleryEntry>, Enrollment), Status> {
@@ -334,7 +555,7 @@ impl Service {
         if msg.templates.is_empty() {
             return Err(Status::invalid_argument("templates: no templates given"));
         }
-        let dim = entry.snapshot().dim();
+        let dim = entry.snapshot().map_err(status_of)?.dim();
         let mut templates = Vec::with_capacity(msg.templates.len() * dim);
         for (i, t) in msg.templates.iter().enumerate() {
             templates.extend(decode_template(t, dim, &format!("templates[{i}]"))?);
@@ -348,23 +569,15 @@ impl Service {
         ))
     }
 
-    fn info(entry: &GalleryEntry, backend: &str) -> Result<proto::GalleryInfo, Status> {
-        let i = entry.info().map_err(status_of)?;
-        Ok(proto::GalleryInfo {
-            name: entry.name.clone(),
-            dim: i.dim as u32,
-            dtype: i.dtype.name().into(),
-            rows: i.rows,
-            subjects: i.subjects,
-            backend: backend.into(),
-            bytes: i.bytes_on_disk,
-        })
-    }
-
-    fn finish<T>(&self, method: &str, start: Instant, r: Result<T, Status>) -> Result<Response<T>, Status> {
-        let code = r.as_ref().map(|_| Code::Ok).unwrap_or_else(|s| s.code());
-        self.metrics.observe(method, code, start.elapsed().as_secs_f64());
-        r.map(Response::new)
+    /// An admin write on a gallery by name: intent line, the blocking operation, then
+    /// the outcome (audited by `finish`).
+    async fn admin_write<T: Send + 'static>(
+        &self,
+        call: &Call,
+        op: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        self.intent(call, &[], 0).await?;
+        blocking(op).await
     }
 }
 
@@ -374,25 +587,28 @@ impl Biogate for Arc<Service> {
         &self,
         request: Request<proto::IdentifyRequest>,
     ) -> Result<Response<proto::IdentifyResponse>, Status> {
-        let start = Instant::now();
+        let mut call = self.begin("Identify", &request, &request.get_ref().gallery);
         let r = async {
-            let caller = self.auth.check(&request, Role::Identify)?;
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Identify)?;
             let deadline = deadline_of(&request);
             let req = request.into_inner();
-            tracing::debug!(caller = %caller.name, gallery = %req.gallery, probes = req.probes.len(), k = req.k, "identify");
-            let results = self
+            tracing::debug!(caller = %call.caller, gallery = %req.gallery, probes = req.probes.len(), k = req.k, "identify");
+            let (results, audited) = self
                 .identify_probes(
-                    &caller,
                     IdentifyQuery { gallery: &req.gallery, probes: &req.probes, k: req.k, threshold: req.threshold, field: "probes" },
                     deadline,
                 )
                 .await?;
-            Ok(proto::IdentifyResponse {
-                results: results.iter().map(to_proto).collect(),
-            })
+            Ok((
+                proto::IdentifyResponse {
+                    results: results.iter().map(to_proto).collect(),
+                },
+                audited,
+            ))
         }
         .await;
-        self.finish("Identify", start, r)
+        self.finish(call, r).await
     }
 
     type IdentifyStreamStream = ResponseStream;
@@ -401,7 +617,11 @@ impl Biogate for Arc<Service> {
         &self,
         request: Request<Streaming<proto::IdentifyStreamRequest>>,
     ) -> Result<Response<Self::IdentifyStreamStream>, Status> {
-        let caller = self.auth.check(&request, Role::Identify)?;
+        let mut opening = self.begin("IdentifyStream", &request, "");
+        let authorized = self.authorize(&mut opening, &request, Role::Identify);
+        if let Err(s) = authorized {
+            return self.finish::<Self::IdentifyStreamStream>(opening, Err(s)).await;
+        }
         let deadline = deadline_of(&request);
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
@@ -416,30 +636,36 @@ impl Biogate for Arc<Service> {
                         break;
                     }
                 };
-                let (service, tx, caller) = (service.clone(), tx.clone(), caller.clone());
+                let (service, tx) = (service.clone(), tx.clone());
+                let mut call = Call {
+                    method: "IdentifyStream",
+                    peer: opening.peer.clone(),
+                    caller: opening.caller.clone(),
+                    gallery: msg.gallery.clone(),
+                    start: Instant::now(),
+                    _permit: None,
+                };
                 tokio::spawn(async move {
-                    let start = Instant::now();
-                    let r = service
-                        .identify_probes(
-                            &caller,
-                            IdentifyQuery {
-                                gallery: &msg.gallery,
-                                probes: std::slice::from_ref(&msg.probe),
-                                k: msg.k,
-                                threshold: msg.threshold,
-                                field: "probe",
-                            },
-                            deadline,
-                        )
-                        .await;
-                    let code = r.as_ref().map(|_| Code::Ok).unwrap_or_else(|s| s.code());
-                    service
-                        .metrics
-                        .observe("IdentifyStream", code, start.elapsed().as_secs_f64());
-                    let response = match r {
+                    let r = async {
+                        service.admit(&mut call)?;
+                        service
+                            .identify_probes(
+                                IdentifyQuery {
+                                    gallery: &msg.gallery,
+                                    probes: std::slice::from_ref(&msg.probe),
+                                    k: msg.k,
+                                    threshold: msg.threshold,
+                                    field: "probe",
+                                },
+                                deadline,
+                            )
+                            .await
+                    }
+                    .await;
+                    let response = match service.finish(call, r).await {
                         Ok(results) => proto::IdentifyStreamResponse {
                             request_id: msg.request_id,
-                            result: results.first().map(to_proto),
+                            result: results.get_ref().first().map(to_proto),
                             error_code: 0,
                             error_message: String::new(),
                         },
@@ -458,172 +684,267 @@ impl Biogate for Arc<Service> {
     }
 
     async fn verify(&self, request: Request<proto::VerifyRequest>) -> Result<Response<proto::VerifyResponse>, Status> {
-        let start = Instant::now();
+        let mut call = self.begin("Verify", &request, &request.get_ref().gallery);
         let r = async {
-            let caller = self.auth.check(&request, Role::Identify)?;
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Identify)?;
             let req = request.into_inner();
             check_threshold(req.threshold)?;
             check_subject_id(&req.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
             let entry = self.gallery(&req.gallery)?;
-            let snapshot = entry.snapshot();
+            let snapshot = entry.snapshot().map_err(status_of)?;
             let probe = decode_template(&req.probe, snapshot.dim(), "probe")?;
             let engine = self.engine.clone();
             let subject = req.subject.clone();
-            let score = blocking(move || engine.verify(&snapshot, &probe, &subject))
-                .await?
-                .ok_or_else(|| {
-                    Status::not_found(format!(
-                        "subject: {:?} is not enrolled in {:?}",
-                        req.subject, req.gallery
-                    ))
-                })?;
-            self.audit(AuditEntry {
-                caller: &caller.name,
-                gallery: &req.gallery,
-                operation: "verify",
-                outcome: "ok",
-                subjects: vec![(req.subject.as_str(), Some(score))],
-                count: 1,
-            })
-            .await?;
-            Ok(proto::VerifyResponse {
-                score,
-                decided: req.threshold.is_some(),
-                matched: req.threshold.is_some_and(|t| score >= t),
-            })
+            let found = tokio::task::spawn_blocking(move || engine.verify(&snapshot, &probe, &subject))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let score = match found {
+                Ok(s) => s,
+                Err(Error::Corrupt(why)) => {
+                    entry.mark_damaged(why);
+                    return Err(status_of(entry.snapshot().err().expect("just marked damaged")));
+                }
+                Err(e) => return Err(status_of(e)),
+            }
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "subject: {:?} is not enrolled in {:?}",
+                    req.subject, req.gallery
+                ))
+            })?;
+            Ok((
+                proto::VerifyResponse {
+                    score,
+                    decided: req.threshold.is_some(),
+                    matched: req.threshold.is_some_and(|t| score >= t),
+                },
+                Audited {
+                    subjects: vec![(req.subject.clone(), Some(score))],
+                    count: 1,
+                    took_effect: false,
+                },
+            ))
         }
         .await;
-        self.finish("Verify", start, r)
+        self.finish(call, r).await
     }
 
     async fn enroll(
         &self,
         request: Request<Streaming<proto::EnrollRequest>>,
     ) -> Result<Response<proto::EnrollResponse>, Status> {
-        let start = Instant::now();
+        let mut call = self.begin("Enroll", &request, "");
         let r = async {
-            let caller = self.auth.check(&request, Role::Enroll)?;
-            self.enroll_stream(&caller, request.into_inner()).await
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Enroll)?;
+            self.enroll_stream(&call, request.into_inner()).await
         }
         .await;
-        self.finish("Enroll", start, r)
+        self.finish(call, r).await
     }
 
     async fn delete_subject(
         &self,
         request: Request<proto::DeleteSubjectRequest>,
     ) -> Result<Response<proto::DeleteSubjectResponse>, Status> {
-        let start = Instant::now();
+        let mut call = self.begin("DeleteSubject", &request, &request.get_ref().gallery);
         let r = async {
-            let caller = self.auth.check(&request, Role::Enroll)?;
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Enroll)?;
             let req = request.into_inner();
             check_subject_id(&req.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
             let entry = self.gallery(&req.gallery)?;
+            if !entry.snapshot().map_err(status_of)?.has_subject(&req.subject) {
+                return Err(Status::not_found(format!(
+                    "subject: {:?} is not enrolled in {:?}",
+                    req.subject, req.gallery
+                )));
+            }
+            self.intent(&call, &[req.subject.as_str()], 1).await?;
             let subject = req.subject.clone();
             blocking(move || entry.write(|g| g.delete_subject(&subject))).await?;
-            self.audit(AuditEntry {
-                caller: &caller.name,
-                gallery: &req.gallery,
-                operation: "delete_subject",
-                outcome: "ok",
-                subjects: vec![(req.subject.as_str(), None)],
-                count: 1,
-            })
-            .await?;
-            Ok(proto::DeleteSubjectResponse {})
+            Ok((
+                proto::DeleteSubjectResponse {},
+                Audited {
+                    subjects: vec![(req.subject.clone(), None)],
+                    count: 1,
+                    took_effect: true,
+                },
+            ))
         }
         .await;
-        self.finish("DeleteSubject", start, r)
+        self.finish(call, r).await
     }
 
     async fn create_gallery(
         &self,
         request: Request<proto::CreateGalleryRequest>,
     ) -> Result<Response<proto::GalleryInfo>, Status> {
-        let start = Instant::now();
+        let mut call = self.begin("CreateGallery", &request, &request.get_ref().name);
         let r = async {
-            let caller = self.auth.check(&request, Role::Admin)?;
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Admin)?;
             let req = request.into_inner();
             let dtype = Dtype::ALL.into_iter().find(|d| d.name() == req.dtype).ok_or_else(|| {
                 Status::invalid_argument(format!("dtype: {:?} is not one of f32, f16, i8", req.dtype))
             })?;
+            super::registry::check_gallery_name(&req.name).map_err(status_of)?;
+            crate::template::check_dim(req.dim as usize).map_err(status_of)?;
             let registry = self.registry.clone();
             let name = req.name.clone();
-            let entry = blocking(move || registry.create(&name, req.dim as usize, dtype)).await?;
-            self.audit(AuditEntry {
-                caller: &caller.name,
-                gallery: &req.name,
-                operation: "create_gallery",
-                outcome: "ok",
-                subjects: vec![],
-                count: 0,
-            })
-            .await?;
-            tracing::info!(caller = %caller.name, gallery = %req.name, dim = req.dim, %dtype, "created gallery");
-            Service::info(&entry, self.engine.backend_name())
+            let entry = self
+                .admin_write(&call, move || registry.create(&name, req.dim as usize, dtype))
+                .await?;
+            tracing::info!(caller = %call.caller, gallery = %req.name, dim = req.dim, %dtype, "created gallery");
+            Ok((
+                gallery_info(&entry.status(), self.engine.backend_name()),
+                Audited {
+                    took_effect: true,
+                    ..Default::default()
+                },
+            ))
         }
         .await;
-        self.finish("CreateGallery", start, r)
+        self.finish(call, r).await
     }
 
     async fn drop_gallery(
         &self,
         request: Request<proto::DropGalleryRequest>,
     ) -> Result<Response<proto::DropGalleryResponse>, Status> {
-        let start = Instant::now();
+        let mut call = self.begin("DropGallery", &request, &request.get_ref().name);
         let r = async {
-            let caller = self.auth.check(&request, Role::Admin)?;
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Admin)?;
             let req = request.into_inner();
+            self.gallery(&req.name)?;
             let registry = self.registry.clone();
             let name = req.name.clone();
-            blocking(move || registry.drop_gallery(&name)).await?;
-            self.audit(AuditEntry {
-                caller: &caller.name,
-                gallery: &req.name,
-                operation: "drop_gallery",
-                outcome: "ok",
-                subjects: vec![],
-                count: 0,
-            })
-            .await?;
-            tracing::info!(caller = %caller.name, gallery = %req.name, "dropped gallery");
-            Ok(proto::DropGalleryResponse {})
+            self.admin_write(&call, move || registry.drop_gallery(&name)).await?;
+            tracing::info!(caller = %call.caller, gallery = %req.name, "dropped gallery");
+            Ok((
+                proto::DropGalleryResponse {},
+                Audited {
+                    took_effect: true,
+                    ..Default::default()
+                },
+            ))
         }
         .await;
-        self.finish("DropGallery", start, r)
+        self.finish(call, r).await
     }
 
     async fn list_galleries(
         &self,
         request: Request<proto::ListGalleriesRequest>,
     ) -> Result<Response<proto::ListGalleriesResponse>, Status> {
-        let start = Instant::now();
+        let mut call = self.begin("ListGalleries", &request, "");
         let r = async {
-            self.auth.check(&request, Role::Identify)?;
-            let galleries = self
-                .registry
-                .all()
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Identify)?;
+            let registry = self.registry.clone();
+            let statuses = blocking(move || Ok(registry.all().iter().map(|e| e.status()).collect::<Vec<_>>())).await?;
+            let galleries = statuses
                 .iter()
-                .map(|e| Service::info(e, self.engine.backend_name()))
-                .collect::<Result<_, _>>()?;
-            Ok(proto::ListGalleriesResponse { galleries })
+                .map(|s| gallery_info(s, self.engine.backend_name()))
+                .collect();
+            Ok((proto::ListGalleriesResponse { galleries }, Audited::default()))
         }
         .await;
-        self.finish("ListGalleries", start, r)
+        self.finish(call, r).await
     }
 
     async fn get_gallery(
         &self,
         request: Request<proto::GetGalleryRequest>,
     ) -> Result<Response<proto::GalleryInfo>, Status> {
-        let start = Instant::now();
+        let mut call = self.begin("GetGallery", &request, &request.get_ref().name);
         let r = async {
-            self.auth.check(&request, Role::Identify)?;
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Identify)?;
             let entry = self.gallery(&request.get_ref().name)?;
-            Service::info(&entry, self.engine.backend_name())
+            let status = blocking(move || Ok(entry.status())).await?;
+            if status.problem == Some(super::registry::Problem::Dropped) {
+                return Err(Status::not_found(format!("gallery {:?}", status.name)));
+            }
+            Ok((gallery_info(&status, self.engine.backend_name()), Audited::default()))
         }
         .await;
-        self.finish("GetGallery", start, r)
+        self.finish(call, r).await
+    }
+
+    async fn repair_gallery(
+        &self,
+        request: Request<proto::RepairGalleryRequest>,
+    ) -> Result<Response<proto::RepairGalleryResponse>, Status> {
+        let mut call = self.begin("RepairGallery", &request, &request.get_ref().name);
+        let r = async {
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Admin)?;
+            let name = request.into_inner().name;
+            let entry = self.gallery(&name)?;
+            let registry = self.registry.clone();
+            let report = self.admin_write(&call, move || registry.repair(&name)).await?;
+            let status = blocking(move || Ok(entry.status())).await?;
+            let subjects = report.subjects().iter().map(|s| ((*s).to_owned(), None)).collect();
+            Ok((
+                proto::RepairGalleryResponse {
+                    clean: report.clean,
+                    actions: report.actions.clone(),
+                    kept_aside: report.kept_aside.clone(),
+                    lost: report
+                        .lost
+                        .iter()
+                        .map(|l| proto::Loss {
+                            file: l.file.clone(),
+                            subject: l.subject.clone().unwrap_or_default(),
+                            subject_verified: l.subject_verified,
+                            what: l.what.clone(),
+                        })
+                        .collect(),
+                    report_file: report.report_file.clone().unwrap_or_default(),
+                    gallery: Some(gallery_info(&status, self.engine.backend_name())),
+                },
+                Audited {
+                    subjects,
+                    count: report.lost.len(),
+                    took_effect: true,
+                },
+            ))
+        }
+        .await;
+        self.finish(call, r).await
+    }
+
+    async fn compact_gallery(
+        &self,
+        request: Request<proto::CompactGalleryRequest>,
+    ) -> Result<Response<proto::CompactGalleryResponse>, Status> {
+        let mut call = self.begin("CompactGallery", &request, &request.get_ref().name);
+        let r = async {
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Admin)?;
+            let name = request.into_inner().name;
+            self.gallery(&name)?;
+            let registry = self.registry.clone();
+            let report = self.admin_write(&call, move || registry.compact(&name)).await?;
+            Ok((
+                proto::CompactGalleryResponse {
+                    rows_kept: report.rows_kept,
+                    rows_dropped: report.rows_dropped,
+                    segments_before: report.segments_before as u32,
+                    segments_after: report.segments_after as u32,
+                },
+                Audited {
+                    count: report.rows_kept as usize,
+                    took_effect: true,
+                    ..Default::default()
+                },
+            ))
+        }
+        .await;
+        self.finish(call, r).await
     }
 }
 
@@ -637,7 +958,7 @@ mod tests {
             data_dir: dir.to_path_buf(),
             ..Config::default()
         });
-        let registry = Arc::new(Registry::open(dir).unwrap());
+        let registry = Arc::new(Registry::open(dir, crate::storage::Storage::default()).unwrap());
         let g = registry.create("g", 4, Dtype::F32).unwrap();
         g.write(|w| {
             w.enroll(&[Enrollment {
@@ -657,9 +978,10 @@ mod tests {
             registry,
             batcher: Batcher::start(engine.clone(), batch, metrics.clone()),
             engine,
-            audit: AuditLog::open(&dir.join("audit.log")).unwrap(),
+            audit: AuditLog::open(dir, &config.audit, crate::storage::Storage::default()).unwrap(),
             metrics,
             auth: Arc::new(Auth::new(&[])),
+            in_flight: Arc::new(Semaphore::new(config.max_requests_in_flight)),
             config,
         })
     }
@@ -688,9 +1010,18 @@ mod tests {
         assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
         let ok = s.identify(identify_request("10S")).await.unwrap().into_inner();
         assert_eq!(ok.results[0].candidates[0].subject, "a");
-        // Expired work is not audited as served.
+        // Expired work is audited as such, not as served.
         let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
-        assert_eq!(audit.lines().count(), 1, "{audit}");
+        let outcomes: Vec<String> = audit
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["outcome"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(outcomes, ["DEADLINE_EXCEEDED", "ok"], "{audit}");
     }
 
     #[test]
