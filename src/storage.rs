@@ -82,6 +82,15 @@ impl Storage {
             .map(|file| self.wrap(file, path))
     }
 
+    /// Open an existing file for writing at chosen offsets (not appending).
+    pub fn open_write(&self, path: &Path) -> Result<StoredFile> {
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .ctx(|| format!("opening {} for writing", path.display()))
+            .map(|file| self.wrap(file, path))
+    }
+
     fn wrap(&self, file: File, path: &Path) -> StoredFile {
         StoredFile {
             file,
@@ -162,6 +171,24 @@ impl StoredFile {
     pub fn write_all_ctx(&mut self, buf: &[u8]) -> Result<()> {
         let path = self.path.clone();
         self.write_all(buf).ctx(|| format!("writing {}", path.display()))
+    }
+
+    /// Write all of `buf` at byte `offset` (a file opened with [`Storage::open_write`]
+    /// or [`Storage::create`]); a fault writes half of it first, as a short write would.
+    pub fn write_all_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let path = self.path.clone();
+        let result = match self.storage.check(Op::Write, &self.path) {
+            Err(e) => {
+                let half = buf.len() / 2;
+                if half > 0 {
+                    let _ = self.file.write_all_at(&buf[..half], offset);
+                }
+                Err(e)
+            }
+            Ok(()) => self.file.write_all_at(buf, offset),
+        };
+        result.ctx(|| format!("writing {}", path.display()))
     }
 
     /// fdatasync: the data written so far is durable when this returns Ok.

@@ -229,6 +229,8 @@ impl Backend for AutoBackend {
         if self.prefers_gpu(slab.dtype, slab.rows(), probes.len, probes.count) && !failed(&lock()) {
             match self.gpu.search_slab(slab, probes, k, floor) {
                 Ok(hits) => return Ok(hits),
+                // Damage found while uploading: never answered around.
+                Err(e @ Error::Corrupt(_)) => return Err(e),
                 // Out of GPU memory, a lost device...: `auto` still answers, on the CPU.
                 Err(e) => {
                     tracing::warn!(error = %e, rows = slab.rows(), "GPU search failed: this slab goes to the CPU from now on");

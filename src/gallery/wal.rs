@@ -3,6 +3,7 @@
 //! ```text
 //! file header (64 bytes)  magic "BIOGWAL\0" | version | header size | gallery id | log id
 //!                         | first sequence number | dim | dtype | reserved | header crc32
+//! two ack slots (2 x 32)  generation | acknowledged length | next sequence number | crc32
 //! record head (40 bytes)  marker | flags | seq u64 | key_len | body_len | crc32(key)
 //!                         | crc32(body) | reserved | crc32(head bytes 0..36)
 //! key                     tag | (deletions: segments_before u64) | subject id
@@ -26,6 +27,14 @@
 //!   (the key has its own checksum, so a record whose templates are damaged still
 //!   names its subject).
 //!
+//! Truncation is told apart from a torn write by the ack slots: each append also
+//! records, in the older of two slots and under the same fdatasync, the length of the
+//! log acknowledged *before* it (already durable, so a crash can never leave a slot
+//! claiming more than is on disk). Closing the log records the final length. A log
+//! shorter than its newest valid slot claims was cut: damage, not a torn tail. (Only
+//! the group appended last before a crash is not covered; a crash there is
+//! indistinguishable from a cut.)
+//!
 //! A failed write or fsync is rolled back by cutting the file to the end of the last
 //! acknowledged group; after a failed fsync the writer refuses further appends until
 //! the gallery is reopened (PostgreSQL's lesson: after a failed fsync the process may
@@ -39,8 +48,11 @@ use std::path::{Path, PathBuf};
 
 const WAL_MAGIC: [u8; 8] = *b"BIOGWAL\0";
 const WAL_VERSION: u32 = 2;
-/// Size of the file header; records start here.
-pub const WAL_HEADER_BYTES: usize = 64;
+/// The fixed part of the file header.
+const STATIC_HEADER_BYTES: usize = 64;
+const SLOT_BYTES: usize = 32;
+/// Size of the file header with its two ack slots; records start here.
+pub const WAL_HEADER_BYTES: usize = STATIC_HEADER_BYTES + 2 * SLOT_BYTES;
 const RECORD_MARKER: u32 = u32::from_le_bytes(*b"BGRC");
 const HEAD_BYTES: usize = 40;
 const FLAG_GROUP_END: u32 = 1;
@@ -123,8 +135,8 @@ pub struct WalHeader {
 }
 
 impl WalHeader {
-    fn encode(&self) -> [u8; WAL_HEADER_BYTES] {
-        let mut b = [0u8; WAL_HEADER_BYTES];
+    fn encode(&self) -> [u8; STATIC_HEADER_BYTES] {
+        let mut b = [0u8; STATIC_HEADER_BYTES];
         b[0..8].copy_from_slice(&WAL_MAGIC);
         b[8..12].copy_from_slice(&WAL_VERSION.to_le_bytes());
         b[12..16].copy_from_slice(&(WAL_HEADER_BYTES as u32).to_le_bytes());
@@ -179,6 +191,52 @@ impl WalHeader {
             dim: dim as u32,
             dtype: dtype.code(),
         }
+    }
+}
+
+/// What one ack slot records: the log was acknowledged up to `len` bytes, records
+/// numbered below `next_seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ack {
+    generation: u64,
+    len: u64,
+    next_seq: u64,
+}
+
+impl Ack {
+    fn encode(&self) -> [u8; SLOT_BYTES] {
+        let mut b = [0u8; SLOT_BYTES];
+        b[0..8].copy_from_slice(&self.generation.to_le_bytes());
+        b[8..16].copy_from_slice(&self.len.to_le_bytes());
+        b[16..24].copy_from_slice(&self.next_seq.to_le_bytes());
+        let crc = crc32fast::hash(&b[..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Ack> {
+        (b.len() >= SLOT_BYTES && crc32fast::hash(&b[..28]) == u32_at(b, 28) && b[..28].iter().any(|&x| x != 0)).then(
+            || Ack {
+                generation: u64_at(b, 0),
+                len: u64_at(b, 8),
+                next_seq: u64_at(b, 16),
+            },
+        )
+    }
+
+    /// The newest valid slot of a file's header bytes.
+    fn newest(bytes: &[u8]) -> Option<Ack> {
+        [0, 1]
+            .into_iter()
+            .filter_map(|i| {
+                let at = STATIC_HEADER_BYTES + i * SLOT_BYTES;
+                bytes.get(at..at + SLOT_BYTES).and_then(Ack::decode)
+            })
+            .max_by_key(|a| a.generation)
+    }
+
+    fn offset(&self) -> u64 {
+        (STATIC_HEADER_BYTES + (self.generation % 2) as usize * SLOT_BYTES) as u64
     }
 }
 
@@ -389,6 +447,8 @@ pub struct LogContents {
     pub valid_len: u64,
     /// Length of the file as found.
     pub file_len: u64,
+    /// Generation of the newest ack slot.
+    generation: u64,
 }
 
 impl LogContents {
@@ -455,12 +515,27 @@ pub fn read(path: &Path, expected: &WalHeader) -> Result<LogContents> {
             path.display()
         )));
     }
+    let valid_len = group_start as u64;
+    let ack = Ack::newest(&bytes);
+    if let Some(ack) = ack
+        && ack.len > valid_len
+    {
+        return Err(Error::Corrupt(format!(
+            "{}: the log was cut: {} bytes (records {}..{}) were acknowledged but only {valid_len} bytes \
+             are intact; `biogate gallery repair` keeps what is there and reports the rest",
+            path.display(),
+            ack.len,
+            header.first_seq,
+            ack.next_seq
+        )));
+    }
     Ok(LogContents {
         header,
         records,
         next_seq: seq - group.len() as u64,
-        valid_len: group_start as u64,
+        valid_len,
         file_len: bytes.len() as u64,
+        generation: ack.map_or(0, |a| a.generation),
     })
 }
 
@@ -548,6 +623,7 @@ pub fn salvage(path: &Path, dim: usize) -> Result<Salvage> {
     };
     if bytes.len() <= WAL_HEADER_BYTES {
         out.next_seq = header.map_or(0, |h| h.first_seq);
+        account_for_cut(&bytes, &mut out);
         return Ok(out);
     }
     // Without a header, the numbering starts at the first intact record.
@@ -638,7 +714,21 @@ pub fn salvage(path: &Path, dim: usize) -> Result<Salvage> {
     out.records.append(&mut group);
     out.lost.append(&mut group_lost);
     out.next_seq = seq;
+    account_for_cut(&bytes, &mut out);
     Ok(out)
+}
+
+/// If the log is shorter than its ack slot says was acknowledged, the records between
+/// are gone: count them as unreadable.
+fn account_for_cut(bytes: &[u8], out: &mut Salvage) {
+    if let Some(ack) = Ack::newest(bytes)
+        && ack.next_seq > out.next_seq
+    {
+        out.damaged.push((bytes.len() as u64, ack.len));
+        out.unreadable += ack.next_seq - out.next_seq;
+        out.torn_bytes = 0;
+        out.next_seq = ack.next_seq;
+    }
 }
 
 /// The writer side of a log: appends commit groups durably.
@@ -646,8 +736,11 @@ pub struct WalWriter {
     file: StoredFile,
     path: PathBuf,
     next_seq: u64,
-    /// End of the last acknowledged group: what a failed append is cut back to.
+    /// End of the last acknowledged group: where the next group goes, and what a
+    /// failed append is cut back to.
     durable_len: u64,
+    /// Generation of the newest ack slot written.
+    generation: u64,
     /// Set after a failed fsync or a failed rollback: no further appends.
     poisoned: Option<String>,
 }
@@ -656,20 +749,29 @@ impl WalWriter {
     /// Create a new, empty log with `header`, durably (the caller syncs the directory).
     pub fn create(storage: &Storage, path: &Path, header: &WalHeader) -> Result<WalWriter> {
         let mut file = storage.create(path)?;
-        file.write_all_ctx(&header.encode())?;
+        let mut bytes = header.encode().to_vec();
+        let first = Ack {
+            generation: 1,
+            len: WAL_HEADER_BYTES as u64,
+            next_seq: header.first_seq,
+        };
+        bytes.extend_from_slice(&first.encode());
+        bytes.extend_from_slice(&[0u8; SLOT_BYTES]);
+        file.write_all_ctx(&bytes)?;
         file.sync_all()?;
         Ok(WalWriter {
             file,
             path: path.to_path_buf(),
             next_seq: header.first_seq,
             durable_len: WAL_HEADER_BYTES as u64,
+            generation: 1,
             poisoned: None,
         })
     }
 
     /// Open a log that [`read`] accepted for appending, cutting its torn tail first.
     pub fn open(storage: &Storage, path: &Path, contents: &LogContents) -> Result<WalWriter> {
-        let mut file = storage.open_append(path)?;
+        let mut file = storage.open_write(path)?;
         if file.len()? != contents.valid_len {
             file.set_len(contents.valid_len)?;
             file.sync_all()?;
@@ -679,6 +781,7 @@ impl WalWriter {
             path: path.to_path_buf(),
             next_seq: contents.next_seq,
             durable_len: contents.valid_len,
+            generation: contents.generation,
             poisoned: None,
         })
     }
@@ -698,10 +801,20 @@ impl WalWriter {
         self.poisoned.as_deref()
     }
 
-    /// Append `records` as one commit group: one write, one fdatasync. Returns once they
-    /// are durable. On failure nothing of the group stays in the log (it is cut back),
-    /// or, if even that fails, the writer is poisoned and the error says the outcome is
-    /// unknown.
+    /// The next ack slot, recording what is durable now.
+    fn next_ack(&self) -> Ack {
+        Ack {
+            generation: self.generation + 1,
+            len: self.durable_len,
+            next_seq: self.next_seq,
+        }
+    }
+
+    /// Append `records` as one commit group: one write, one fdatasync (which also makes
+    /// durable an ack slot recording the log's length before this group). Returns once
+    /// they are durable. On failure nothing of the group stays in the log (it is cut
+    /// back), or, if even that fails, the writer is poisoned and the error says the
+    /// outcome is unknown.
     pub fn append(&mut self, records: &[WalRecord]) -> Result<()> {
         if let Some(why) = &self.poisoned {
             return Err(Error::Poisoned(why.clone()));
@@ -713,16 +826,35 @@ impl WalWriter {
         for (i, r) in records.iter().enumerate() {
             r.encode_into(self.next_seq + i as u64, i + 1 == records.len(), &mut buf);
         }
-        let result = self.file.write_all_ctx(&buf).map_err(|e| (e, false));
+        let ack = self.next_ack();
+        let result = self
+            .file
+            .write_all_at(&buf, self.durable_len)
+            .and_then(|_| self.file.write_all_at(&ack.encode(), ack.offset()))
+            .map_err(|e| (e, false));
         let result = result.and_then(|_| self.file.sync_data().map_err(|e| (e, true)));
         match result {
             Ok(()) => {
                 self.next_seq += records.len() as u64;
                 self.durable_len += buf.len() as u64;
+                self.generation = ack.generation;
                 Ok(())
             }
             Err((e, fsync_failed)) => Err(self.roll_back(e, fsync_failed)),
         }
+    }
+
+    /// Record the final length in an ack slot, durably (a clean close): after this a
+    /// cut anywhere in the log is recognised as damage.
+    pub fn close(&mut self) -> Result<()> {
+        if self.poisoned.is_some() {
+            return Ok(());
+        }
+        let ack = self.next_ack();
+        self.file.write_all_at(&ack.encode(), ack.offset())?;
+        self.file.sync_data()?;
+        self.generation = ack.generation;
+        Ok(())
     }
 
     /// Cut the log back to the last acknowledged group after a failed append.
@@ -748,6 +880,14 @@ impl WalWriter {
                 self.poisoned = Some(why.clone());
                 Error::OutcomeUnknown(why)
             }
+        }
+    }
+}
+
+impl Drop for WalWriter {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(log = %self.path.display(), error = %e, "could not record the log's final length");
         }
     }
 }
@@ -795,46 +935,69 @@ mod tests {
         ]
     }
 
-    /// Write the groups; returns the file's bytes and each group's end offset.
-    fn write_log(path: &Path) -> (Vec<u8>, Vec<u64>) {
+    /// Write the groups; returns the file's bytes and each group's end offset. With
+    /// `crash`, the writer is never closed (as if the process died after the last ack).
+    fn write_log_with(path: &Path, crash: bool) -> (Vec<u8>, Vec<u64>) {
         let mut w = WalWriter::create(&Storage::default(), path, &header()).unwrap();
         let mut ends = Vec::new();
         for g in groups() {
             w.append(&g).unwrap();
             ends.push(std::fs::metadata(path).unwrap().len());
         }
+        if crash {
+            std::mem::forget(w);
+        } else {
+            drop(w);
+        }
         (std::fs::read(path).unwrap(), ends)
     }
 
+    fn write_log(path: &Path) -> (Vec<u8>, Vec<u64>) {
+        write_log_with(path, false)
+    }
+
     #[test]
-    fn records_round_trip_and_every_cut_is_a_torn_tail_of_whole_groups() {
+    fn records_round_trip_a_torn_last_group_is_cut_and_a_deeper_cut_is_damage() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal.log");
-        let (full, ends) = write_log(&path);
+        let (full, ends) = write_log_with(&path, true);
         let all: Vec<WalRecord> = groups().concat();
         let r = read(&path, &header()).unwrap();
         assert_eq!(r.records, all);
         assert_eq!((r.valid_len, r.next_seq), (full.len() as u64, 15));
         for cut in WAL_HEADER_BYTES as u64..full.len() as u64 {
             std::fs::write(&path, &full[..cut as usize]).unwrap();
+            if cut < ends[1] {
+                // Groups 1 and 2 were acknowledged before group 3 was written (its ack
+                // slot says so): a cut into them is damage, and repair reports it.
+                let e = read(&path, &header()).unwrap_err().to_string();
+                assert!(e.contains("was cut"), "cut at {cut}: {e}");
+                let s = salvage(&path, DIM).unwrap();
+                assert!(s.unreadable > 0, "cut at {cut}: {s:?}");
+                continue;
+            }
+            // A cut inside the last group is what a crash leaves: a torn tail.
             let r = read(&path, &header()).unwrap();
-            let whole = ends.iter().filter(|&&e| e <= cut).count();
-            let want: Vec<WalRecord> = groups()[..whole].concat();
-            assert_eq!(r.records, want, "cut at {cut}");
-            assert_eq!(
-                r.valid_len,
-                if whole == 0 {
-                    WAL_HEADER_BYTES as u64
-                } else {
-                    ends[whole - 1]
-                }
-            );
+            assert_eq!(r.records, groups()[..2].concat(), "cut at {cut}");
+            assert_eq!(r.valid_len, ends[1]);
         }
-        // A final group whose pages did not all reach the disk (a zeroed block) is torn too.
-        let mut zeroed = full.clone();
+        // After a clean close every cut is recognised.
+        let (full, _) = write_log(&path);
+        for cut in [WAL_HEADER_BYTES + 1, full.len() - 1] {
+            std::fs::write(&path, &full[..cut]).unwrap();
+            assert!(read(&path, &header()).is_err(), "cut at {cut}");
+        }
+        let (full, ends) = write_log_with(&path, true);
+        // A final group whose pages did not all reach the disk (a zeroed block) is torn
+        // too: the log ends with carol's group, written by a process that then died.
+        let mut w = WalWriter::create(&Storage::default(), &path, &header()).unwrap();
+        w.append(&groups()[0]).unwrap();
+        w.append(&groups()[1]).unwrap();
+        std::mem::forget(w);
+        let mut zeroed = std::fs::read(&path).unwrap();
+        assert_eq!(zeroed.len() as u64, ends[1]);
         let carol_body = ends[1] as usize - 200 * DIM * 4 + 1024;
         let block = carol_body.next_multiple_of(SECTOR);
-        zeroed.truncate(ends[1] as usize);
         zeroed[block..block + SECTOR].fill(0);
         std::fs::write(&path, &zeroed).unwrap();
         assert_eq!(read(&path, &header()).unwrap().records, groups()[0]);
@@ -943,8 +1106,8 @@ mod tests {
         use crate::storage::{ENOSPC, FaultPlan};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal.log");
-        // create: Create, Write, Sync; then append: Write, Sync.
-        for (fault, poisons) in [(3usize, false), (4, true)] {
+        // create: Create, Write, Sync; then append: Write (records), Write (ack slot), Sync.
+        for (fault, poisons) in [(3usize, false), (4, false), (5, true)] {
             let plan = FaultPlan::fail(fault, ENOSPC, false);
             let mut w = WalWriter::create(&Storage::with_faults(plan), &path, &header()).unwrap();
             assert!(w.append(&[enroll("a", 1)]).is_err());

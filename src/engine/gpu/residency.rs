@@ -229,6 +229,12 @@ impl ResidentSlab {
             self.max_rows_per_subject = self.max_rows_per_subject.max(self.rows_per_subject[ordinal] as usize);
             self.keys.push(key_of(slab, ordinal as u32));
         }
+        // A segment's rows are checked against their chunk checksums as they are copied
+        // (the bytes uploaded are the bytes verified).
+        let mut verifier = match slab.ids {
+            SubjectIds::Segment(seg) if start == 0 => Some(seg.copy_verifier()),
+            _ => None,
+        };
         let mut row = start;
         while row < end {
             let needs_shard = self.shards.last().is_none_or(|s| s.rows == shard_rows);
@@ -247,8 +253,11 @@ impl ResidentSlab {
                 shard.grow(ctx, (shard.capacity * 2).min(shard_rows), self.stride);
             }
             let take = (shard.capacity - shard.rows).min(end - row);
-            shard.write(ctx, slab, row, take, &self.keys[row..row + take]);
+            shard.write(ctx, slab, row, take, &self.keys[row..row + take], verifier.as_mut())?;
             row += take;
+        }
+        if let Some(v) = verifier {
+            v.finish()?;
         }
         Ok(())
     }
@@ -305,7 +314,15 @@ impl Shard {
 
     /// Write slab rows `row..row + count` after the resident ones. Rows go up in whole
     /// interleaved tiles: a tile the last write left partly filled is written again.
-    fn write(&mut self, ctx: &GpuContext, slab: &Slab<'_>, row: usize, count: usize, keys: &[u32]) {
+    fn write(
+        &mut self,
+        ctx: &GpuContext,
+        slab: &Slab<'_>,
+        row: usize,
+        count: usize,
+        keys: &[u32],
+        mut verifier: Option<&mut crate::gallery::segment::CopyVerifier<'_>>,
+    ) -> Result<()> {
         let stride = slab.stride;
         let local = self.rows;
         let first_tile = local / TILE_ROWS;
@@ -317,7 +334,12 @@ impl Shard {
         let mut tile = first_tile;
         while at < end {
             let take = rows_per_chunk.min(end - at);
-            interleave(&slab.data[at * stride..(at + take) * stride], stride, &mut staging);
+            let rows = &slab.data[at * stride..(at + take) * stride];
+            if let Some(v) = verifier.as_deref_mut() {
+                // Only the rows new to the GPU (a partial tile is written again).
+                v.feed(&rows[(row.max(at) - at) * stride..])?;
+            }
+            interleave(rows, stride, &mut staging);
             ctx.queue
                 .write_buffer(&self.gallery, (tile * tile_bytes) as u64, &staging);
             // Let the staging memory drain before queueing more.
@@ -336,6 +358,7 @@ impl Shard {
             );
         }
         self.rows += count;
+        Ok(())
     }
 }
 
