@@ -253,12 +253,17 @@ impl Seek for StoredFile {
     }
 }
 
+/// Which calls a [`FaultPlan`] counts.
+type CallFilter = dyn Fn(Op, &Path) -> bool + Send + Sync;
+
 /// A [`FaultHook`] for tests: counts the calls it sees and fails the `fail_at`-th one
 /// (0-based) with `errno`, or every one from it on when `sticky`.
 pub struct FaultPlan {
     fail_at: Option<usize>,
     errno: i32,
     sticky: bool,
+    /// Only calls this accepts are counted and faulted (all, if none).
+    only: Option<Box<CallFilter>>,
     seen: AtomicUsize,
     calls: Mutex<Vec<(Op, PathBuf)>>,
 }
@@ -275,6 +280,7 @@ impl FaultPlan {
             fail_at: None,
             errno: 0,
             sticky: false,
+            only: None,
             seen: AtomicUsize::new(0),
             calls: Mutex::new(Vec::new()),
         })
@@ -286,6 +292,25 @@ impl FaultPlan {
             fail_at: Some(at),
             errno,
             sticky,
+            only: None,
+            seen: AtomicUsize::new(0),
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Like [`FaultPlan::fail`], counting only the calls `only` accepts (e.g. those
+    /// on the audit log); `at: None` only counts them.
+    pub fn fail_where(
+        only: impl Fn(Op, &Path) -> bool + Send + Sync + 'static,
+        at: Option<usize>,
+        errno: i32,
+        sticky: bool,
+    ) -> Arc<FaultPlan> {
+        Arc::new(FaultPlan {
+            fail_at: at,
+            errno,
+            sticky,
+            only: Some(Box::new(only)),
             seen: AtomicUsize::new(0),
             calls: Mutex::new(Vec::new()),
         })
@@ -310,6 +335,9 @@ impl FaultPlan {
 
 impl FaultHook for FaultPlan {
     fn before(&self, op: Op, path: &Path) -> Option<std::io::Error> {
+        if self.only.as_ref().is_some_and(|only| !only(op, path)) {
+            return None;
+        }
         let n = self.seen.fetch_add(1, Ordering::SeqCst);
         self.calls
             .lock()

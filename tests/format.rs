@@ -109,6 +109,26 @@ fn a_corrupted_header_is_refused_on_open() {
 }
 
 #[test]
+fn a_damaged_header_or_footer_is_restored_by_repair_from_the_other() {
+    for offset in [Some(20usize), None] {
+        let (dir, seg) = damaged(|p| {
+            let at = offset.unwrap_or(std::fs::metadata(p).unwrap().len() as usize - 4000);
+            flip(p, at)
+        });
+        assert!(Gallery::open(dir.path()).is_err());
+        let report = gallery::repair::repair(dir.path(), &Default::default()).unwrap();
+        assert!(report.lost.is_empty(), "{report:?}");
+        assert_eq!(report.kept_aside.len(), 1, "{report:?}");
+        assert!(
+            !seg.exists(),
+            "the damaged file is kept aside under damaged/, not in place"
+        );
+        let info = gallery::check(dir.path()).unwrap();
+        assert_eq!(info.rows, 20000);
+    }
+}
+
+#[test]
 fn a_flipped_byte_in_row_data_is_found_by_check_naming_the_rows() {
     let (dir, _) = damaged(|p| flip(p, 4096 + 128 * 10_000 + 5));
     // Opening stays cheap (row data is not read)...
@@ -125,9 +145,16 @@ fn a_flipped_byte_in_row_data_is_found_by_check_naming_the_rows() {
 fn flipped_metadata_and_truncation_are_refused_on_open() {
     let (dir, seg) = damaged(|_| {});
     let len = std::fs::metadata(&seg).unwrap().len() as usize;
-    flip(&seg, len - 3);
+    flip(&seg, len - 4096 - 3); // the chunk checksums, just before the footer
     let msg = corrupt_message(gallery::open_snapshot(dir.path()).err().unwrap());
     assert!(msg.contains("metadata checksum"), "{msg}");
+    // The footer (the header's copy) is checked too.
+    let (dir, seg) = damaged(|p| flip(p, len - 3));
+    let msg = corrupt_message(gallery::open_snapshot(dir.path()).err().unwrap());
+    assert!(
+        msg.contains(&seg.display().to_string()) && msg.contains("copy at the end"),
+        "{msg}"
+    );
 
     for keep in [100u64, 4096, 4096 + 128 * 10, len as u64 - 1] {
         let (dir, seg) = damaged(|_| {});

@@ -9,11 +9,13 @@
 //! subject_offs   (subjects + 1) x u64: byte offsets into the subject-id bytes
 //! subject_bytes  the subject ids, UTF-8, sorted ascending, unique
 //! chunk_crcs     chunks x u32: CRC32 of each `chunk_rows` block of row data
+//! footer         a copy of the header (4096 bytes), so a damaged header can be restored
 //! ```
 //!
 //! Subject ordinals are assigned in sorted id order, so comparing ordinals inside a
 //! segment is the same as comparing ids (the engine's tie-break). `meta_crc` covers
-//! every byte from `scales_offset` to the end of the file and is verified on open;
+//! every byte from `scales_offset` to the footer and is verified on open, as is the
+//! footer (equal to the header);
 //! the chunk CRCs cover the row data and are verified by `gallery check` in parallel.
 //! All integers are little-endian.
 
@@ -50,7 +52,7 @@ pub struct SegmentHeader {
     pub subject_bytes_len: u64,
     pub chunk_crcs_offset: u64,
     pub file_len: u64,
-    /// CRC32 of bytes `scales_offset..file_len`.
+    /// CRC32 of bytes `scales_offset..file_len - HEADER_BYTES` (up to the footer).
     pub meta_crc: u32,
     /// CRC32 of the subject offsets and id bytes (`subject_offsets_offset..chunk_crcs_offset`).
     pub ids_crc: u32,

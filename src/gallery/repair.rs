@@ -167,6 +167,17 @@ pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
             }
             Err(e) => {
                 report.clean = false;
+                if path.exists()
+                    && let Some(kept) = restore_header(storage, dir, &mut manifest, &original, &entry)?
+                {
+                    report.actions.push(format!(
+                        "rewrote segment {} as {} with its header restored from its intact copy ({e})",
+                        entry.file, kept.file
+                    ));
+                    damaged_files.push(path);
+                    segments.push(kept);
+                    continue;
+                }
                 report.actions.push(format!("dropped segment {} ({e})", entry.file));
                 match path.exists().then(|| Segment::salvage_subject_ids(&path)).flatten() {
                     Some(ids) => report.lost.extend(ids.into_iter().map(|s| Loss {
@@ -216,6 +227,30 @@ pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
                     subject: None,
                     subject_verified: false,
                     what: format!("{} more log records of which nothing is legible", s.unreadable),
+                });
+            }
+            // Damaged bytes that no record accounts for may have held records too.
+            for &(from, to) in &s.damaged {
+                if !s.lost.iter().any(|l| l.offset == from) && s.unreadable == 0 {
+                    report.lost.push(Loss {
+                        file: original.wal.clone(),
+                        subject: None,
+                        subject_verified: false,
+                        what: format!(
+                            "bytes {from}..{to} of the log are unreadable: any enrollments or deletions in them \
+                             are lost (subjects unknown)"
+                        ),
+                    });
+                }
+            }
+            if s.header.is_none() && s.records.is_empty() && s.damaged.is_empty() {
+                report.lost.push(Loss {
+                    file: original.wal.clone(),
+                    subject: None,
+                    subject_verified: false,
+                    what: "the log's header is unreadable and no record survives: whatever it held is lost \
+                           (subjects unknown)"
+                        .into(),
                 });
             }
             damaged_files.push(log_path.clone());
@@ -278,6 +313,36 @@ pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
         "repaired gallery"
     );
     Ok(report)
+}
+
+/// A segment that fails to open because its header (or the header's copy at its end)
+/// is damaged: write it again with the intact copy in both places, under the same
+/// segment id, if everything then verifies. Returns its new manifest entry.
+fn restore_header(
+    storage: &Storage,
+    dir: &Path,
+    manifest: &mut Manifest,
+    original: &Manifest,
+    entry: &SegmentEntry,
+) -> Result<Option<SegmentEntry>> {
+    let Some(bytes) = Segment::with_header_restored(&dir.join(&entry.file)) else {
+        return Ok(None);
+    };
+    let file = segment_file_name(manifest.next_file_id);
+    let path = dir.join(&file);
+    storage.write_file_atomically(&path, &bytes)?;
+    let candidate = SegmentEntry {
+        id: entry.id,
+        file: file.clone(),
+        rows: entry.rows,
+    };
+    let intact = open_segment(dir, original, &candidate).and_then(|seg| seg.check());
+    if intact.is_err() {
+        let _ = std::fs::remove_file(&path);
+        return Ok(None);
+    }
+    manifest.next_file_id += 1;
+    Ok(Some(candidate))
 }
 
 /// Rewrite `seg` without the rows of its `bad` chunks into a new file; returns its

@@ -57,22 +57,20 @@ impl Segment {
         // caught by the SIGBUS guard (mapguard) instead of killing the process.
         let map = unsafe { Mmap::map(&file) }.ctx(|| format!("mapping {}", path.display()))?;
         let guard = mapguard::register(map.as_ptr(), map.len());
-        let header: SegmentHeader = bytemuck::pod_read_unaligned(&map[..HEADER_BYTES]);
-        if header.magic != SEGMENT_MAGIC {
-            return Err(Error::corrupt(path, "bad magic: not a biogate segment"));
-        }
-        if header.header_crc != header.compute_crc() {
-            return Err(Error::corrupt(path, "header checksum mismatch"));
-        }
-        if header.version != SEGMENT_VERSION {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "format version {} is not supported (expected {SEGMENT_VERSION})",
-                    header.version
-                ),
-            ));
-        }
+        let header = match read_header(&map, 0) {
+            Ok(h) => h,
+            Err(why) => {
+                let footer = len
+                    .checked_sub(HEADER_BYTES as u64)
+                    .map(|at| read_header(&map, at as usize));
+                let hint = if matches!(footer, Some(Ok(_))) {
+                    " (its copy at the end of the file is intact: `biogate gallery repair` restores it)"
+                } else {
+                    ""
+                };
+                return Err(Error::corrupt(path, format!("{why}{hint}")));
+            }
+        };
         if header.file_len != len {
             return Err(Error::corrupt(
                 path,
@@ -103,14 +101,30 @@ impl Segment {
         Ok(segment)
     }
 
+    /// The bytes of a segment whose header (or its copy at the end) is damaged, with the
+    /// intact copy written over the damaged one, if that makes every checksum hold.
+    /// `None` if neither copy is intact or anything else is damaged.
+    pub fn with_header_restored(path: &Path) -> Option<Vec<u8>> {
+        let mut bytes = std::fs::read(path).ok()?;
+        let len = bytes.len();
+        let footer_at = len.checked_sub(HEADER_BYTES)?;
+        let good = [0, footer_at]
+            .into_iter()
+            .find_map(|at| read_header(&bytes, at).ok().filter(|h| h.file_len == len as u64))?;
+        let copy = bytemuck::bytes_of(&good).to_vec();
+        bytes[..HEADER_BYTES].copy_from_slice(&copy);
+        bytes[footer_at..].copy_from_slice(&copy);
+        Some(bytes)
+    }
+
     /// Read the subject ids of a segment that may not open (for a repair naming what a
     /// damaged segment held): `None` unless its header and id table verify.
     pub fn salvage_subject_ids(path: &Path) -> Option<Vec<String>> {
         let bytes = std::fs::read(path).ok()?;
-        let header: SegmentHeader = bytemuck::pod_read_unaligned(bytes.get(..HEADER_BYTES)?);
-        if header.magic != SEGMENT_MAGIC || header.header_crc != header.compute_crc() {
-            return None;
-        }
+        let footer_at = bytes.len().checked_sub(HEADER_BYTES)?;
+        let header = read_header(&bytes, 0)
+            .or_else(|_| read_header(&bytes, footer_at))
+            .ok()?;
         let offs_at = header.subject_offsets_offset as usize;
         let ids_at = header.subject_bytes_offset as usize;
         let end = ids_at.checked_add(header.subject_bytes_len as usize)?;
@@ -139,10 +153,20 @@ impl Segment {
         crc32fast::hash(table) == h.ids_crc
     }
 
+    fn footer_offset(&self) -> usize {
+        self.header.file_len as usize - HEADER_BYTES
+    }
+
     fn check_metadata(&self) -> Result<()> {
-        let meta = &self.map[self.header.scales_offset as usize..];
+        let meta = &self.map[self.header.scales_offset as usize..self.footer_offset()];
         if crc32fast::hash(meta) != self.header.meta_crc {
             return Err(Error::corrupt(&self.path, "metadata checksum mismatch"));
+        }
+        if self.map[self.footer_offset()..] != *bytemuck::bytes_of(&self.header) {
+            return Err(Error::corrupt(
+                &self.path,
+                "the header's copy at the end of the file is damaged (`biogate gallery repair` restores it)",
+            ));
         }
         Ok(())
     }
@@ -327,7 +351,10 @@ impl Segment {
                 Some(h.subject_offsets_offset + 8 * (h.subjects + 1)),
             ),
             (h.chunk_crcs_offset, Some(h.subject_bytes_offset + h.subject_bytes_len)),
-            (h.file_len, Some(h.chunk_crcs_offset + 4 * h.chunks())),
+            (
+                h.file_len,
+                Some(h.chunk_crcs_offset + 4 * h.chunks() + HEADER_BYTES as u64),
+            ),
         ];
         for (offset, min) in sections {
             match min {
@@ -463,6 +490,27 @@ impl Segment {
         }
         None
     }
+}
+
+/// A segment header at byte `at` of `bytes`, if it is one biogate wrote and understands.
+fn read_header(bytes: &[u8], at: usize) -> std::result::Result<SegmentHeader, String> {
+    let raw = bytes
+        .get(at..at + HEADER_BYTES)
+        .ok_or_else(|| format!("truncated: shorter than the {HEADER_BYTES}-byte header"))?;
+    let header: SegmentHeader = bytemuck::pod_read_unaligned(raw);
+    if header.magic != SEGMENT_MAGIC {
+        return Err("bad magic: not a biogate segment header".into());
+    }
+    if header.header_crc != header.compute_crc() {
+        return Err("header checksum mismatch".into());
+    }
+    if header.version != SEGMENT_VERSION {
+        return Err(format!(
+            "format version {} is not supported (expected {SEGMENT_VERSION}; re-import the templates)",
+            header.version
+        ));
+    }
+    Ok(header)
 }
 
 fn corrupt_message(e: Error) -> String {
@@ -644,10 +692,11 @@ impl SegmentWriter {
         h.subject_bytes_offset = h.subject_offsets_offset + 8 * (ids.len() as u64 + 1);
         h.subject_bytes_len = bytes.len() as u64;
         h.chunk_crcs_offset = align_up(h.subject_bytes_offset + h.subject_bytes_len, 4);
-        h.file_len = h.chunk_crcs_offset + 4 * self.chunk_crcs.len() as u64;
+        let footer_offset = h.chunk_crcs_offset + 4 * self.chunk_crcs.len() as u64;
+        h.file_len = footer_offset + HEADER_BYTES as u64;
 
         // The metadata tail, with zero padding between sections, as one buffer.
-        let mut meta = vec![0u8; (h.file_len - h.scales_offset) as usize];
+        let mut meta = vec![0u8; (footer_offset - h.scales_offset) as usize];
         let base = h.scales_offset;
         let mut put = |offset: u64, src: &[u8]| {
             let at = (offset - base) as usize;
@@ -669,6 +718,11 @@ impl SegmentWriter {
         let pad = (h.scales_offset - data_end) as usize;
         self.out.write_all(&vec![0u8; pad]).ctx(|| io("writing"))?;
         self.out.write_all(&meta).ctx(|| io("writing"))?;
+        // The header twice: at the start, and its copy at the end (a repair restores a
+        // damaged one from the other).
+        self.out
+            .write_all(bytemuck::bytes_of(&self.header))
+            .ctx(|| io("writing"))?;
         self.out.seek(SeekFrom::Start(0)).ctx(|| io("writing"))?;
         self.out
             .write_all(bytemuck::bytes_of(&self.header))

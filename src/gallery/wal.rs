@@ -626,18 +626,26 @@ pub fn salvage(path: &Path, dim: usize) -> Result<Salvage> {
         account_for_cut(&bytes, &mut out);
         return Ok(out);
     }
-    // Without a header, the numbering starts at the first intact record.
+    // Without a header, the numbering starts at the first intact record; the bytes
+    // before it are damage.
+    let mut at = WAL_HEADER_BYTES;
     let mut seq = match header {
         Some(h) => h.first_seq,
-        None => match (WAL_HEADER_BYTES..bytes.len()).find_map(|p| parse_head(&bytes, p)) {
-            Some(h) => h.seq,
+        None => match (WAL_HEADER_BYTES..bytes.len()).find_map(|p| parse_head(&bytes, p).map(|h| (p, h))) {
+            Some((p, h)) => {
+                if p > at {
+                    out.damaged.push((at as u64, p as u64));
+                    at = p;
+                }
+                h.seq
+            }
             None => {
                 out.damaged.push((WAL_HEADER_BYTES as u64, bytes.len() as u64));
+                account_for_cut(&bytes, &mut out);
                 return Ok(out);
             }
         },
     };
-    let mut at = WAL_HEADER_BYTES;
     let mut group: Vec<WalRecord> = Vec::new();
     let mut group_lost: Vec<LostRecord> = Vec::new();
     let mut group_start = at;
