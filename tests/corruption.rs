@@ -15,42 +15,12 @@ mod common;
 use biogate::gallery::{self, Gallery};
 use biogate::template::Dtype;
 use biogate::{Engine, ProbeResult, SearchParams};
-use common::{build, random_rows, rng};
+use common::{build, content, copy_dir, random_rows, rng};
 use rand::Rng;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 const DIM: usize = 24;
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
-/// Every live row as (subject, fingerprint of its encoded bytes and scale), sorted.
-fn content(dir: &Path) -> Vec<(String, u32)> {
-    let snapshot = gallery::open_snapshot(dir).unwrap();
-    let mut rows = Vec::new();
-    for slab in snapshot.slabs() {
-        for r in 0..slab.rows() {
-            let o = slab.row_subject[r];
-            if !slab.is_dead(o) {
-                let bytes = &slab.data[r * slab.stride..(r + 1) * slab.stride];
-                rows.push((
-                    slab.subject_id(o).to_owned(),
-                    crc32fast::hash(bytes) ^ slab.scales[r].to_bits(),
-                ));
-            }
-        }
-    }
-    rows.sort();
-    rows
-}
 
 fn search(dir: &Path, probes: &[f32]) -> biogate::Result<Vec<ProbeResult>> {
     let snapshot = gallery::open_snapshot(dir)?;

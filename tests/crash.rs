@@ -9,7 +9,7 @@ use biogate::gallery::{self, Enrollment, Gallery};
 use biogate::npy::write_matrix;
 use biogate::template::Dtype;
 use biogate::{Engine, SearchParams};
-use common::{random_rows, rng};
+use common::{copy_dir, random_rows, rng};
 use rand::Rng;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -17,14 +17,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const DIM: usize = 16;
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
 
 fn wal_path(dir: &Path) -> std::path::PathBuf {
     std::fs::read_dir(dir)

@@ -13,40 +13,10 @@ use biogate::gallery::{self, Enrollment, Gallery, ImportOptions};
 use biogate::npy::MemoryImport;
 use biogate::storage::{EIO, ENOSPC, FaultPlan, Storage};
 use biogate::template::Dtype;
-use common::{random_rows, rng};
+use common::{content, copy_dir, random_rows, rng};
 use std::path::Path;
 
 const DIM: usize = 12;
-
-/// Every live row as (subject, crc32 of its encoded bytes), sorted: the gallery's content.
-fn content(dir: &Path) -> Vec<(String, u32)> {
-    let snapshot = gallery::open_snapshot(dir).unwrap();
-    let mut rows = Vec::new();
-    for slab in snapshot.slabs() {
-        for r in 0..slab.rows() {
-            let o = slab.row_subject[r];
-            if !slab.is_dead(o) {
-                let bytes = &slab.data[r * slab.stride..(r + 1) * slab.stride];
-                rows.push((
-                    slab.subject_id(o).to_owned(),
-                    crc32fast::hash(bytes) ^ slab.scales[r].to_bits(),
-                ));
-            }
-        }
-    }
-    rows.sort();
-    rows
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
 
 /// A gallery with a segment, a log of enrollments and deletions in both.
 fn fixture(dir: &Path, dtype: Dtype) {

@@ -10,66 +10,13 @@ use biogate::engine::BackendChoice;
 use biogate::gallery;
 use biogate::server::config::{Config, Role, TlsConfig, TokenConfig};
 use biogate::server::proto;
-use biogate::server::{ServerHandle, start};
+use biogate::server::start;
 use biogate::{Engine, SearchParams};
+use common::server::{DIM, config, connect, create, ids, metric, metrics};
 use common::{random_rows, rng, unit};
 use rand::Rng;
-use std::path::Path;
 use std::time::Duration;
 use tonic::Code;
-
-const DIM: usize = 64;
-
-fn config(data: &Path) -> Config {
-    Config {
-        data_dir: data.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        default_gallery: None,
-        ..Config::default()
-    }
-}
-
-async fn connect(h: &ServerHandle, token: Option<&str>) -> Client {
-    Client::connect(&ConnectOptions {
-        addr: format!("http://{}", h.addr),
-        token: token.map(str::to_owned),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-}
-
-async fn create(c: &Client, name: &str, dtype: &str) {
-    let req = proto::CreateGalleryRequest {
-        name: name.into(),
-        dim: DIM as u32,
-        dtype: dtype.into(),
-    };
-    c.inner.clone().create_gallery(c.request(req)).await.unwrap();
-}
-
-async fn metrics(h: &ServerHandle) -> String {
-    // A tiny HTTP/1.0 GET, to keep an HTTP client out of the dependencies.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(h.metrics_addr.unwrap()).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing"))
-}
-
-fn ids(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes_per_gallery_and_answers_equal_the_engine() {

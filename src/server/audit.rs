@@ -142,7 +142,10 @@ impl Writer {
             for (_, done) in batch {
                 let _ = done.send(match &result {
                     Ok(()) => Ok(()),
-                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                    Err(e) => Err(match e.raw_os_error() {
+                        Some(code) => std::io::Error::from_raw_os_error(code),
+                        None => std::io::Error::new(e.kind(), e.to_string()),
+                    }),
                 });
             }
             if result.is_ok() {
@@ -164,7 +167,7 @@ impl Writer {
                 if let Err(cut) = self.file.set_len(len).and_then(|_| self.file.sync_data()) {
                     tracing::error!(error = %cut, "audit log: could not cut back a failed write");
                 }
-                Err(std::io::Error::other(e.to_string()))
+                Err(io_error_of(e))
             }
         }
     }
@@ -261,6 +264,15 @@ impl Writer {
                 }
             }
         }
+    }
+}
+
+/// The operating system's error behind a storage error (its errno kept, so a full
+/// disk stays recognisable as one).
+fn io_error_of(e: crate::error::Error) -> std::io::Error {
+    match e {
+        crate::error::Error::Io { source, .. } => source,
+        other => std::io::Error::other(other.to_string()),
     }
 }
 

@@ -2,6 +2,8 @@
 //! the engine is checked against (float64 for f32/f16, exact integers for i8).
 #![allow(dead_code)]
 
+pub mod server;
+
 use biogate::gallery::{Enrollment, Gallery, ImportOptions};
 use biogate::npy::MemoryImport;
 use biogate::template::{Dtype, i8_scale, i8_score, normalize_into, quantize_i8};
@@ -252,4 +254,36 @@ pub fn check_engine(engine: &Engine, snapshot: &Snapshot, model: &Model, probes:
             }
         }
     }
+}
+
+/// Copy the files of a gallery directory (not its subfolders).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A gallery's content: every live row as (subject, fingerprint of its encoded bytes
+/// and scale), sorted. Equal contents hold the same templates for the same subjects.
+pub fn content(dir: &std::path::Path) -> Vec<(String, u32)> {
+    let snapshot = biogate::gallery::open_snapshot(dir).unwrap();
+    let mut rows = Vec::new();
+    for slab in snapshot.slabs() {
+        for r in 0..slab.rows() {
+            let o = slab.row_subject[r];
+            if !slab.is_dead(o) {
+                let bytes = &slab.data[r * slab.stride..(r + 1) * slab.stride];
+                rows.push((
+                    slab.subject_id(o).to_owned(),
+                    crc32fast::hash(bytes) ^ slab.scales[r].to_bits(),
+                ));
+            }
+        }
+    }
+    rows.sort();
+    rows
 }
