@@ -406,3 +406,46 @@ fn identify_on_the_gpu_prints_what_the_cpu_prints() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-card"));
 }
+
+#[test]
+fn damage_is_refused_by_identify_and_repaired_by_the_repair_verb() {
+    let work = tempfile::tempdir().unwrap();
+    let (data, g, _) = synth_gallery(work.path(), 100, 1, 32, 10, "f32");
+    let probes = data.join("mated.npy");
+    let clean = ok(&["identify", p(&g), "--probes", p(&probes), "--backend", "cpu"]);
+    // A flipped byte in the rows: identify refuses (naming the file and the rows)...
+    let seg = std::fs::read_dir(&g)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|f| f.extension().is_some_and(|e| e == "bgs"))
+        .unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[4096 + 128 * 50 + 1] ^= 0x08;
+    std::fs::write(&seg, &bytes).unwrap();
+    fails(
+        &["identify", p(&g), "--probes", p(&probes), "--backend", "cpu"],
+        "row data checksum mismatch",
+    );
+    // ...unless told not to verify (then the damaged row is scored: the user's choice).
+    ok(&[
+        "identify",
+        p(&g),
+        "--probes",
+        p(&probes),
+        "--backend",
+        "cpu",
+        "--no-verify",
+    ]);
+    fails(&["gallery", "check", p(&g)], "checksum mismatch");
+    // The repair keeps what it can, keeps the damaged file aside and names the subjects.
+    let out = ok(&["gallery", "repair", p(&g)]);
+    assert!(out.contains("lost:  subject \"subject-00000050\""), "{out}");
+    assert!(out.contains("kept:") && out.contains("damaged"), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&ok(&["gallery", "repair", p(&g), "--json"])).unwrap();
+    assert_eq!(report["clean"], true, "a second repair finds nothing to do");
+    assert!(
+        ok(&["gallery", "check", p(&g)]).starts_with("ok: 0 templates"),
+        "one chunk held every row"
+    );
+    assert_ne!(clean, "", "the clean gallery answered");
+}

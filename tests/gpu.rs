@@ -324,3 +324,39 @@ fn auto_answers_on_the_cpu_when_the_gpu_fails() {
     gpu.context().device.destroy();
     check_engine(&engine, &g.snapshot(), &model, &probes, Dtype::I8);
 }
+
+#[test]
+fn the_upload_verifies_the_rows_it_copies() {
+    let Some(gpu) = open_gpu() else { return };
+    let engine = Engine::new(gpu);
+    let dir = tempfile::tempdir().unwrap();
+    let dim = 17;
+    let mut g = Gallery::create(dir.path(), dim, Dtype::I8).unwrap();
+    let rows = random_rows(&mut rng(12), 300, dim);
+    let ids: Vec<String> = (0..300).map(|i| format!("s{i:03}")).collect();
+    g.import(
+        &mut MemoryImport::new(dim, &rows, &ids).unwrap(),
+        ImportOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    let snapshot = g.snapshot();
+    // Skip the engine's own verification, so only the upload's check stands between
+    // the damaged bytes and the GPU.
+    snapshot.trust_rows();
+    let seg = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "bgs"))
+        .unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0x7f], 4096 + 64 * 200 + 3).unwrap();
+    let e = engine
+        .search(&snapshot, &rows[..dim], &SearchParams { k: 3, threshold: None })
+        .unwrap_err();
+    assert!(
+        matches!(e, biogate::Error::Corrupt(_)) && e.to_string().contains("row data checksum mismatch"),
+        "{e}"
+    );
+    assert!(snapshot.damage().is_some(), "the segment keeps its damage");
+}

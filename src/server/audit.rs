@@ -101,6 +101,8 @@ struct Writer {
     /// Bytes of whole, durable lines in the current file.
     len: u64,
     opened: Instant,
+    /// Set when a failed write could not be cut back: no further writes.
+    broken: Option<String>,
 }
 
 impl Writer {
@@ -118,6 +120,20 @@ impl Writer {
             file.set_len(whole)?;
             file.sync_all()?;
         }
+        // Rotated files too: a failure around a rotation can leave a half line there.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("audit-") && name.ends_with(".log") {
+                    let whole = whole_lines_len(&entry.path())?;
+                    if entry.metadata().is_ok_and(|m| m.len() != whole) {
+                        let mut f = storage.open_write(&entry.path())?;
+                        f.set_len(whole)?;
+                        f.sync_all()?;
+                    }
+                }
+            }
+        }
         let mut w = Writer {
             dir: dir.to_path_buf(),
             config,
@@ -125,6 +141,7 @@ impl Writer {
             file,
             len: whole,
             opened: Instant::now(),
+            broken: None,
         };
         w.apply_retention();
         Ok(w)
@@ -155,7 +172,12 @@ impl Writer {
     }
 
     /// Write and fdatasync `buf`; on failure cut the file back to its last whole line.
+    /// If even that fails, nothing more is written (every record is refused) until the
+    /// server restarts, which cuts the file back to whole lines.
     fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if let Some(why) = &self.broken {
+            return Err(std::io::Error::other(why.clone()));
+        }
         let written = self.file.write_all_ctx(buf).and_then(|_| self.file.sync_data());
         match written {
             Ok(()) => {
@@ -164,8 +186,20 @@ impl Writer {
             }
             Err(e) => {
                 let len = self.len;
-                if let Err(cut) = self.file.set_len(len).and_then(|_| self.file.sync_data()) {
-                    tracing::error!(error = %cut, "audit log: could not cut back a failed write");
+                // Cut the half-written line off, and write the next one where it began.
+                let cut = self.file.set_len(len).and_then(|_| {
+                    use std::io::Seek;
+                    let path = self.file.path().to_path_buf();
+                    self.file
+                        .seek(std::io::SeekFrom::Start(len))
+                        .ctx(|| format!("seeking in {}", path.display()))?;
+                    self.file.sync_data()
+                });
+                if let Err(cut) = cut {
+                    tracing::error!(error = %cut, "audit log: could not cut back a failed write; refusing every record until restarted");
+                    self.broken = Some(format!(
+                        "the audit log could not be cut back after a failed write ({cut}); restart the server"
+                    ));
                 }
                 Err(io_error_of(e))
             }
@@ -299,6 +333,67 @@ mod tests {
             error: None,
             subjects: vec![("s1", Some(0.5))],
             count: n,
+        }
+    }
+
+    /// Every fault point of a run of records (writes, fsyncs, rotations, retention), one
+    /// at a time and sticky: each record is either reported durable and in the files,
+    /// or reported failed; the files are whole lines.
+    #[tokio::test]
+    async fn every_fault_point_is_reported_and_leaves_whole_lines() {
+        use crate::storage::EIO;
+        let config = &AuditConfig {
+            rotate_bytes: 4096,
+            rotate_after_s: 3600,
+            keep_days: 1,
+        };
+        let run = |storage: Storage| async move {
+            let dir = tempfile::tempdir().unwrap();
+            // A fault while opening is an error at start, before any call is served.
+            let log = AuditLog::open(dir.path(), config, storage).ok()?;
+            let mut acked = Vec::new();
+            for i in 0..40 {
+                if log.record(&entry(i)).await.is_ok() {
+                    acked.push(i);
+                }
+            }
+            drop(log);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            // A restart (on a healthy disk) cuts a half line a broken disk left behind.
+            drop(AuditLog::open(dir.path(), config, Storage::default()).unwrap());
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            let mut found = Vec::new();
+            for f in std::fs::read_dir(dir.path()).unwrap() {
+                let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+                assert!(text.is_empty() || text.ends_with('\n'), "a half line: {text:?}");
+                for l in text.lines() {
+                    let v: serde_json::Value =
+                        serde_json::from_str(l).unwrap_or_else(|e| panic!("not a whole JSON line ({e}): {l:?}"));
+                    if v["method"] == "Identify" {
+                        found.push(v["count"].as_u64().unwrap() as usize);
+                    }
+                }
+            }
+            found.sort_unstable();
+            Some((acked, found))
+        };
+        let counter = FaultPlan::counting();
+        let (acked, found) = run(Storage::with_faults(counter.clone())).await.unwrap();
+        assert_eq!((acked.len(), found.len()), (40, 40));
+        let points = counter.seen();
+        assert!(points > 80, "{points}");
+        for at in 0..points {
+            for (errno, sticky) in [(ENOSPC, false), (EIO, true)] {
+                let plan = FaultPlan::fail(at, errno, sticky);
+                let Some((acked, found)) = run(Storage::with_faults(plan)).await else {
+                    continue;
+                };
+                // Everything acknowledged is in the files (a failed one may be there too,
+                // written before its fsync failed, but never half).
+                for a in &acked {
+                    assert!(found.contains(a), "fault {at}: acknowledged line {a} missing");
+                }
+            }
         }
     }
 
