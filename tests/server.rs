@@ -8,11 +8,11 @@ mod common;
 use biogate::client::{Client, ConnectOptions, pack};
 use biogate::engine::BackendChoice;
 use biogate::gallery;
-use biogate::server::config::{Config, Role, TlsConfig, TokenConfig};
+use biogate::server::config::{Config, TlsConfig};
 use biogate::server::proto;
 use biogate::server::start;
 use biogate::{Engine, SearchParams};
-use common::server::{DIM, config, connect, create, ids, metric, metrics};
+use common::server::{DIM, config, connect, create, ids, metric, metrics, tokens};
 use common::{random_rows, rng, unit};
 use rand::Rng;
 use std::time::Duration;
@@ -200,19 +200,6 @@ async fn hundreds_of_concurrent_calls_equal_sequential_calls_and_are_batched() {
         "{after}"
     );
     h.shutdown().await.unwrap();
-}
-
-fn tokens() -> Vec<TokenConfig> {
-    let t = |name: &str, token: &str, roles: &[Role]| TokenConfig {
-        name: name.into(),
-        token: token.into(),
-        roles: roles.to_vec(),
-    };
-    vec![
-        t("gate-A12", "gate-token-0123456789", &[Role::Identify]),
-        t("officer-7", "officer-token-0123456789", &[Role::Identify, Role::Enroll]),
-        t("ops", "admin-token-0123456789", &[Role::Admin]),
-    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,12 +10,11 @@ mod common;
 
 use biogate::gallery::{Enrollment, Gallery, ImportOptions};
 use biogate::npy::MemoryImport;
-use biogate::server::config::{Role, TokenConfig};
 use biogate::server::proto;
 use biogate::server::{ServerHandle, start, start_with};
 use biogate::storage::{ENOSPC, FaultPlan, Op, Storage};
 use biogate::template::Dtype;
-use common::server::{DIM, config, connect, create, ids, metric, metrics};
+use common::server::{DIM, config, connect, create, ids, metric, metrics, tokens};
 use common::{random_rows, rng};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -337,18 +336,6 @@ async fn a_flood_of_silent_connections_does_not_lock_out_real_clients() {
     .await;
     assert!(closed.is_ok(), "a silent connection was left open");
     h.shutdown().await.unwrap();
-}
-
-fn tokens() -> Vec<TokenConfig> {
-    let t = |name: &str, token: &str, roles: &[Role]| TokenConfig {
-        name: name.into(),
-        token: token.into(),
-        roles: roles.to_vec(),
-    };
-    vec![
-        t("gate-A12", "gate-token-0123456789", &[Role::Identify]),
-        t("ops", "admin-token-0123456789", &[Role::Admin]),
-    ]
 }
 
 fn audit_lines(data: &Path) -> Vec<serde_json::Value> {

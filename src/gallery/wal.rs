@@ -418,6 +418,67 @@ fn is_torn(bytes: &[u8], at: usize, parsed: &Parsed, expected_seq: u64) -> bool 
     }
 }
 
+/// A reader's place in a log: intact records are kept a whole commit group at a time
+/// (with, for a salvage, the damaged records of the group being read).
+struct Cursor {
+    at: usize,
+    seq: u64,
+    records: Vec<WalRecord>,
+    lost: Vec<LostRecord>,
+    open_records: Vec<WalRecord>,
+    open_lost: Vec<LostRecord>,
+    /// End of the last whole group.
+    committed_at: usize,
+}
+
+impl Cursor {
+    fn new(at: usize, seq: u64) -> Cursor {
+        Cursor {
+            at,
+            seq,
+            records: Vec::new(),
+            lost: Vec::new(),
+            open_records: Vec::new(),
+            open_lost: Vec::new(),
+            committed_at: at,
+        }
+    }
+
+    /// Read the record here: an intact one is taken and the cursor moves past it
+    /// (None); anything else is returned, the cursor unmoved.
+    fn step(&mut self, bytes: &[u8], dim: usize) -> Option<Parsed> {
+        match parse_record(bytes, self.at, dim, self.seq) {
+            Parsed::Record {
+                record,
+                group_end,
+                next,
+            } => {
+                self.open_records.push(record);
+                self.seq += 1;
+                self.at = next;
+                if group_end {
+                    self.close_group();
+                }
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// The group being read ended here: keep it.
+    fn close_group(&mut self) {
+        self.records.append(&mut self.open_records);
+        self.lost.append(&mut self.open_lost);
+        self.committed_at = self.at;
+    }
+
+    /// Drop the group being read (a torn tail).
+    fn drop_group(&mut self) {
+        self.open_records.clear();
+        self.open_lost.clear();
+    }
+}
+
 /// Read the whole file (a missing file is an error: the manifest names it).
 fn read_bytes(path: &Path) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
@@ -478,44 +539,26 @@ pub fn read(path: &Path, expected: &WalHeader) -> Result<LogContents> {
         return mismatch("another dimension or dtype");
     }
     let dim = header.dim as usize;
-    let mut records = Vec::new();
-    let mut group = Vec::new();
-    let (mut at, mut group_start) = (WAL_HEADER_BYTES, WAL_HEADER_BYTES);
-    let mut seq = header.first_seq;
-    while at < bytes.len() {
-        let parsed = parse_record(&bytes, at, dim, seq);
-        if let Parsed::Record {
-            record,
-            group_end,
-            next,
-            ..
-        } = parsed
-        {
-            group.push(record);
-            seq += 1;
-            at = next;
-            if group_end {
-                records.append(&mut group);
-                group_start = at;
-            }
-            continue;
-        }
-        if is_torn(&bytes, at, &parsed, seq) {
+    let mut cur = Cursor::new(WAL_HEADER_BYTES, header.first_seq);
+    while cur.at < bytes.len() {
+        let Some(bad) = cur.step(&bytes, dim) else { continue };
+        if is_torn(&bytes, cur.at, &bad, cur.seq) {
             break;
         }
-        let reason = match parsed {
+        let reason = match bad {
             Parsed::BadHead { reason } | Parsed::BadBody { reason, .. } => reason,
-            Parsed::Incomplete | Parsed::Record { .. } => unreachable!("handled above"),
+            Parsed::Incomplete | Parsed::Record { .. } => unreachable!("a torn tail or taken"),
         };
-        let offset = at;
         return Err(Error::Corrupt(format!(
-            "{}: damaged record at byte offset {offset} (record number {seq}): {reason}; records \
+            "{}: damaged record at byte offset {} (record number {}): {reason}; records \
              after it are intact, so this is damage, not an interrupted write. Nothing was cut; \
              `biogate gallery repair` keeps every intact record and names the subjects affected",
-            path.display()
+            path.display(),
+            cur.at,
+            cur.seq
         )));
     }
-    let valid_len = group_start as u64;
+    let valid_len = cur.committed_at as u64;
     let ack = Ack::newest(&bytes);
     if let Some(ack) = ack
         && ack.len > valid_len
@@ -531,8 +574,8 @@ pub fn read(path: &Path, expected: &WalHeader) -> Result<LogContents> {
     }
     Ok(LogContents {
         header,
-        records,
-        next_seq: seq - group.len() as u64,
+        next_seq: cur.seq - cur.open_records.len() as u64,
+        records: cur.records,
         valid_len,
         file_len: bytes.len() as u64,
         generation: ack.map_or(0, |a| a.generation),
@@ -629,7 +672,7 @@ pub fn salvage(path: &Path, dim: usize) -> Result<Salvage> {
     // Without a header, the numbering starts at the first intact record; the bytes
     // before it are damage.
     let mut at = WAL_HEADER_BYTES;
-    let mut seq = match header {
+    let seq = match header {
         Some(h) => h.first_seq,
         None => match (WAL_HEADER_BYTES..bytes.len()).find_map(|p| parse_head(&bytes, p).map(|h| (p, h))) {
             Some((p, h)) => {
@@ -646,36 +689,17 @@ pub fn salvage(path: &Path, dim: usize) -> Result<Salvage> {
             }
         },
     };
-    let mut group: Vec<WalRecord> = Vec::new();
-    let mut group_lost: Vec<LostRecord> = Vec::new();
-    let mut group_start = at;
-    while at < bytes.len() {
-        let parsed = parse_record(&bytes, at, dim, seq);
-        if let Parsed::Record {
-            record,
-            group_end,
-            next,
-            ..
-        } = parsed
-        {
-            group.push(record);
-            seq += 1;
-            at = next;
-            if group_end {
-                out.records.append(&mut group);
-                out.lost.append(&mut group_lost);
-                group_start = at;
-            }
-            continue;
-        }
-        if is_torn(&bytes, at, &parsed, seq) {
-            out.torn_bytes = (bytes.len() - group_start) as u64;
-            group.clear();
-            group_lost.clear();
+    let mut cur = Cursor::new(at, seq);
+    while cur.at < bytes.len() {
+        let Some(bad) = cur.step(&bytes, dim) else { continue };
+        let at = cur.at;
+        if is_torn(&bytes, at, &bad, cur.seq) {
+            out.torn_bytes = (bytes.len() - cur.committed_at) as u64;
+            cur.drop_group();
             break;
         }
         // Damage: describe the record, then go on at the next intact one.
-        let (end, next_seq) = match parsed {
+        let (end, next_seq) = match bad {
             Parsed::BadBody { head, subject, .. } => {
                 let verified = subject.is_some();
                 // A damaged key may still be legible: report it as a guess.
@@ -683,47 +707,53 @@ pub fn salvage(path: &Path, dim: usize) -> Result<Salvage> {
                     let key = bytes.get(at + HEAD_BYTES..at + HEAD_BYTES + head.key_len)?;
                     decode_key(key).map(|(t, _, s)| (t, s))
                 });
-                group_lost.push(LostRecord {
+                cur.open_lost.push(LostRecord {
                     offset: at as u64,
                     seq: Some(head.seq),
                     kind: subject.as_ref().map(|(t, _)| kind_name(*t)),
                     subject: subject.map(|(_, s)| s),
                     subject_verified: verified,
                 });
-                if head.group_end {
-                    out.records.append(&mut group);
-                    out.lost.append(&mut group_lost);
-                }
-                (at + head.total(), seq + 1)
+                (at + head.total(), cur.seq + 1)
             }
             _ => {
                 let (guess, verified) = legible_key(&bytes, at);
                 let resume = (at + 1..bytes.len())
-                    .find_map(|p| parse_head(&bytes, p).filter(|h| h.seq >= seq).map(|h| (p, h.seq)));
-                let (end, next_seq) = resume.unwrap_or((bytes.len(), seq + 1));
-                if next_seq > seq {
+                    .find_map(|p| parse_head(&bytes, p).filter(|h| h.seq >= cur.seq).map(|h| (p, h.seq)));
+                let (end, next_seq) = resume.unwrap_or((bytes.len(), cur.seq + 1));
+                if next_seq > cur.seq {
                     // At least one record's bytes are here; more if the numbering skips.
-                    group_lost.push(LostRecord {
+                    cur.open_lost.push(LostRecord {
                         offset: at as u64,
                         seq: None,
                         kind: guess.as_ref().map(|(t, _, _)| kind_name(*t)),
                         subject: guess.map(|(_, _, s)| s),
                         subject_verified: verified,
                     });
-                    out.unreadable += next_seq - seq - 1;
+                    out.unreadable += next_seq - cur.seq - 1;
                 }
                 (end, next_seq)
             }
         };
         out.damaged.push((at as u64, end as u64));
-        seq = next_seq;
-        at = end;
+        cur.seq = next_seq;
+        cur.at = end;
+        if matches!(bad_ended_group(&bytes, at), Some(true)) {
+            cur.close_group();
+        }
     }
-    out.records.append(&mut group);
-    out.lost.append(&mut group_lost);
-    out.next_seq = seq;
+    // Nothing more follows: what is open was acknowledged as far as anyone can tell.
+    cur.close_group();
+    out.records = cur.records;
+    out.lost = cur.lost;
+    out.next_seq = cur.seq;
     account_for_cut(&bytes, &mut out);
     Ok(out)
+}
+
+/// Whether the damaged record at `at` ended its commit group, when its head says so.
+fn bad_ended_group(bytes: &[u8], at: usize) -> Option<bool> {
+    parse_head(bytes, at).map(|h| h.group_end)
 }
 
 /// If the log is shorter than its ack slot says was acknowledged, the records between

@@ -3,7 +3,7 @@
 
 use biogate::client::{Client, ConnectOptions};
 use biogate::server::ServerHandle;
-use biogate::server::config::Config;
+use biogate::server::config::{Config, Role, TokenConfig};
 use biogate::server::proto;
 use std::path::Path;
 
@@ -58,4 +58,18 @@ pub fn metric(text: &str, name: &str) -> f64 {
 
 pub fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+/// A gate (identify), an enrollment officer (identify, enroll) and an admin.
+pub fn tokens() -> Vec<TokenConfig> {
+    let t = |name: &str, token: &str, roles: &[Role]| TokenConfig {
+        name: name.into(),
+        token: token.into(),
+        roles: roles.to_vec(),
+    };
+    vec![
+        t("gate-A12", "gate-token-0123456789", &[Role::Identify]),
+        t("officer-7", "officer-token-0123456789", &[Role::Identify, Role::Enroll]),
+        t("ops", "admin-token-0123456789", &[Role::Admin]),
+    ]
 }
