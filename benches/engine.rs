@@ -5,9 +5,10 @@
 //!     BIOGATE_BENCH_ROWS=50000 cargo bench --bench engine
 //!     BIOGATE_BENCH_BACKENDS=gpu cargo bench --bench engine     (cpu,gpu by default)
 
-use biogate::bench::{random_unit_rows, snapshot_of};
+use biogate::Snapshot;
 use biogate::engine::gpu::{GpuBackend, GpuOptions};
 use biogate::template::Dtype;
+use biogate::template::random_unit_rows;
 use biogate::{Engine, SearchParams};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::time::Duration;
@@ -38,7 +39,7 @@ fn engine(c: &mut Criterion) {
     let params = SearchParams { k: 10, threshold: None };
     for (name, engine) in &engines {
         for dtype in Dtype::ALL {
-            let snapshot = snapshot_of(&gallery, dim, dtype);
+            let snapshot = Snapshot::from_rows(&gallery, dim, dtype);
             let mut group = c.benchmark_group(format!("{name}_{dtype}_{rows}x{dim}"));
             group.sample_size(10).measurement_time(Duration::from_secs(4));
             for batch in [1, 16, 256] {

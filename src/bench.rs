@@ -6,11 +6,7 @@ use crate::engine::gpu::GpuBackend;
 use crate::engine::{Engine, SearchParams};
 use crate::error::{Error, Result};
 use crate::gallery::Snapshot;
-use crate::gallery::memtable::MemTable;
 use crate::template::{Dtype, row_stride};
-use rand::{Rng, SeedableRng, rngs::SmallRng};
-use rand_distr::StandardNormal;
-use rayon::prelude::*;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -32,33 +28,6 @@ pub struct BenchRow {
     pub tera_ops_per_s: f64,
     /// GPU time of the search kernels of the median batch (TIMESTAMP_QUERY), if known.
     pub kernel_ms: Option<f64>,
-}
-
-/// Random unit vectors, `rows * dim`, reproducible from `seed`.
-pub fn random_unit_rows(rows: usize, dim: usize, seed: u64) -> Vec<f32> {
-    let mut out = vec![0.0f32; rows * dim];
-    out.par_chunks_mut(dim * 1024).enumerate().for_each(|(c, chunk)| {
-        let mut rng = SmallRng::seed_from_u64(seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        for row in chunk.chunks_exact_mut(dim) {
-            let mut n = 0.0f64;
-            for x in row.iter_mut() {
-                *x = rng.sample(StandardNormal);
-                n += f64::from(*x) * f64::from(*x);
-            }
-            let inv = (1.0 / n.sqrt()) as f32;
-            row.iter_mut().for_each(|x| *x *= inv);
-        }
-    });
-    out
-}
-
-/// Build an in-memory snapshot with one subject per row.
-pub fn snapshot_of(rows: &[f32], dim: usize, dtype: Dtype) -> Snapshot {
-    let mut table = MemTable::new(dtype, dim);
-    for (i, row) in rows.chunks_exact(dim).enumerate() {
-        table.push(&format!("r{i:09}"), row);
-    }
-    Snapshot::in_memory(table, dim, dtype)
 }
 
 /// Time `engine` on `snapshot` for each batch size; every batch is repeated until

@@ -3,7 +3,6 @@
 //! runs 1, 16 and 256 concurrent clients that each send single-probe Identify calls,
 //! reporting throughput and p50/p99 latency beside the engine's own numbers.
 
-use crate::bench::random_unit_rows;
 use crate::client::{Client, ConnectOptions};
 use crate::engine::{Engine, SearchParams};
 use crate::error::{Error, Result};
@@ -11,6 +10,7 @@ use crate::gallery::{Gallery, ImportOptions};
 use crate::npy::MemoryImport;
 use crate::server::config::Config;
 use crate::template::Dtype;
+use crate::template::random_unit_rows;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -13,12 +13,12 @@
 //! batched, so the resumed part reproduces the same pairs.
 
 use crate::engine::{Engine, MAX_K, SearchParams};
-use crate::error::{Error, IoContext, Result};
-use crate::gallery::{Snapshot, open_snapshot};
+use crate::error::{Error, Result};
+use crate::gallery::open_snapshot;
+use crate::storage::Storage;
 use crate::template::decode_row;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -59,42 +59,6 @@ pub fn checkpoint_path(out: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Identifies the gallery's exact content: the manifest and the log's length.
-fn fingerprint(dir: &Path) -> Result<String> {
-    let manifest = std::fs::read(dir.join("MANIFEST")).ctx(|| format!("reading {}/MANIFEST", dir.display()))?;
-    let mut log_len = 0;
-    for e in std::fs::read_dir(dir).ctx(|| format!("listing {}", dir.display()))? {
-        let e = e.ctx(|| format!("listing {}", dir.display()))?;
-        if e.file_name().to_string_lossy().starts_with("wal-") {
-            log_len += e.metadata().map(|m| m.len()).unwrap_or(0);
-        }
-    }
-    Ok(format!("{:08x}-{log_len}", crc32fast::hash(&manifest)))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes).ctx(|| format!("writing {}", tmp.display()))?;
-    f.sync_all().ctx(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).ctx(|| format!("renaming {}", tmp.display()))
-}
-
-/// Live rows in snapshot order: (slab, row).
-fn live_rows(snapshot: &Snapshot) -> Vec<(u32, u32)> {
-    let mut out = Vec::new();
-    for (s, slab) in snapshot.slabs().iter().enumerate() {
-        for r in 0..slab.rows() {
-            if !slab.is_dead(slab.row_subject[r]) {
-                out.push((s as u32, r as u32));
-            }
-        }
-    }
-    out
-}
-
 /// Run (or resume) a de-duplication of the gallery in `dir`, writing `out`.
 /// `progress(done, total)` is called after every batch; returning false stops the run
 /// with a checkpoint (as an operator's interrupt would).
@@ -119,8 +83,11 @@ pub fn dedup(
         )));
     }
     let snapshot = open_snapshot(dir)?;
-    let fingerprint = fingerprint(dir)?;
-    let rows = live_rows(&snapshot);
+    let fingerprint = crate::gallery::state_fingerprint(dir)?;
+    let rows: Vec<(u32, u32)> = snapshot
+        .each_live_row()
+        .map(|(s, r)| (s as u32, r.row as u32))
+        .collect();
     let total = rows.len() as u64;
     let ckpt_path = checkpoint_path(out);
     let mut pairs: HashMap<(String, String), f32> = HashMap::new();
@@ -147,7 +114,7 @@ pub fn dedup(
             rows_done: done,
             pairs: pairs.iter().map(|((a, b), s)| (a.clone(), b.clone(), *s)).collect(),
         };
-        write_atomically(&ckpt_path, &serde_json::to_vec(&c).expect("checkpoint serialises"))
+        Storage::default().write_file_atomically(&ckpt_path, &serde_json::to_vec(&c).expect("checkpoint serialises"))
     };
     let k = match options.top {
         Some(top) => top + 1,
@@ -168,13 +135,8 @@ pub fn dedup(
         for &(s, r) in &rows[done as usize..end as usize] {
             let slab = &slabs[s as usize];
             let r = r as usize;
-            values.extend(decode_row(
-                slab.dtype,
-                dim,
-                &slab.data[r * slab.stride..(r + 1) * slab.stride],
-                slab.scales[r],
-            ));
-            probe_subjects.push(slab.subject_id(slab.row_subject[r]));
+            values.extend(decode_row(slab.dtype(), dim, slab.row(r), slab.scales()[r]));
+            probe_subjects.push(slab.subject_id(slab.row_subjects()[r]));
         }
         let results = engine.search(&snapshot, &values, &params)?;
         for (i, (result, me)) in results.iter().zip(&probe_subjects).enumerate() {
@@ -215,7 +177,7 @@ pub fn dedup(
     for ((a, b), s) in &sorted {
         csv += &format!("\"{}\",\"{}\",{s}\n", a.replace('"', "\"\""), b.replace('"', "\"\""));
     }
-    write_atomically(out, csv.as_bytes())?;
+    Storage::default().write_file_atomically(out, csv.as_bytes())?;
     let _ = std::fs::remove_file(&ckpt_path);
     Ok(DedupOutcome::Finished {
         pairs: sorted.len(),

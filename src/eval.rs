@@ -192,20 +192,8 @@ pub fn reencode(snapshot: &Snapshot, dtype: crate::template::Dtype) -> Result<Sn
     }
     let dim = snapshot.dim();
     let mut table = crate::gallery::memtable::MemTable::new(dtype, dim);
-    for slab in snapshot.slabs() {
-        for r in 0..slab.rows() {
-            let o = slab.row_subject[r];
-            if slab.is_dead(o) {
-                continue;
-            }
-            let row = decode_row(
-                slab.dtype,
-                dim,
-                &slab.data[r * slab.stride..(r + 1) * slab.stride],
-                slab.scales[r],
-            );
-            table.push(slab.subject_id(o), &row);
-        }
+    for (_, row) in snapshot.each_live_row() {
+        table.push(row.subject, &decode_row(snapshot.dtype(), dim, row.bytes, row.scale));
     }
     Ok(Snapshot::in_memory(table, dim, dtype))
 }

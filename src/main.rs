@@ -971,7 +971,7 @@ fn bench_command(a: BenchArgs) -> Result<()> {
     let min_time = Duration::from_secs_f64(a.min_seconds);
     if let Some(dir) = &a.gallery {
         let snapshot = gallery::open_snapshot(dir)?;
-        let probes = bench::random_unit_rows(max_batch, snapshot.dim(), 8);
+        let probes = biogate::template::random_unit_rows(max_batch, snapshot.dim(), 8);
         let rows = bench::run(&engine, gpu.as_deref(), &snapshot, &probes, &a.batches, a.k, min_time)?;
         return print_bench(&device, &rows, a.json);
     }
@@ -985,14 +985,14 @@ fn bench_command(a: BenchArgs) -> Result<()> {
             (gallery, probes, dim)
         }
         _ => (
-            bench::random_unit_rows(a.rows, a.dim, 7),
-            bench::random_unit_rows(max_batch, a.dim, 8),
+            biogate::template::random_unit_rows(a.rows, a.dim, 7),
+            biogate::template::random_unit_rows(max_batch, a.dim, 8),
             a.dim,
         ),
     };
     let mut all = Vec::new();
     for &dtype in &a.dtypes {
-        let snapshot = bench::snapshot_of(&gallery, dim, dtype);
+        let snapshot = biogate::Snapshot::from_rows(&gallery, dim, dtype);
         all.extend(bench::run(
             &engine,
             gpu.as_deref(),

@@ -256,6 +256,32 @@ impl Seek for StoredFile {
 /// Which calls a [`FaultPlan`] counts.
 type CallFilter = dyn Fn(Op, &Path) -> bool + Send + Sync;
 
+/// A UTC timestamp for file names, e.g. `20261127T140437.123456789Z`.
+pub fn utc_timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_nanos()
+    )
+}
+
 /// A [`FaultHook`] for tests: counts the calls it sees and fails the `fail_at`-th one
 /// (0-based) with `errno`, or every one from it on when `sticky`.
 pub struct FaultPlan {
@@ -384,6 +410,16 @@ mod tests {
         let s = Storage::with_faults(sticky);
         assert!(s.create(&dir.path().join("g")).is_err());
         assert!(s.sync_dir(dir.path()).is_err());
+    }
+
+    #[test]
+    fn timestamps_are_civil_utc() {
+        let t = utc_timestamp();
+        assert_eq!(t.len(), "20261127T140437.123456789Z".len(), "{t}");
+        assert!(
+            t.starts_with("20") && t.ends_with('Z') && t.as_bytes()[8] == b'T',
+            "{t}"
+        );
     }
 
     #[test]

@@ -55,14 +55,14 @@ impl CpuBackend {
         scratch: &mut Scratch,
     ) {
         let n = end - start;
-        let bytes = &slab.data[start * slab.stride..end * slab.stride];
-        let subjects = &slab.row_subject[start..end];
-        let scales = &slab.scales[start..end];
+        let bytes = slab.rows_bytes(start..end);
+        let subjects = &slab.row_subjects()[start..end];
+        let scales = &slab.scales()[start..end];
         for g in (0..probes.count).step_by(PROBE_GROUP) {
             let group = g..(g + PROBE_GROUP).min(probes.count);
             let m = group.len();
             scratch.scores.resize(m * n, 0.0);
-            match slab.dtype {
+            match slab.dtype() {
                 Dtype::F32 => {
                     let rows: &[f32] = bytemuck::cast_slice(bytes);
                     let p: [&[f32]; PROBE_GROUP] =
@@ -111,8 +111,8 @@ impl CpuBackend {
         let mut out = Vec::with_capacity(rows.len());
         let mut one = [0.0f32];
         for &r in rows {
-            let bytes = &slab.data[r * slab.stride..(r + 1) * slab.stride];
-            match slab.dtype {
+            let bytes = slab.row(r);
+            match slab.dtype() {
                 Dtype::F32 => tile_f32(
                     self.isa,
                     &[probes.float_probe(probe)],
@@ -136,7 +136,7 @@ impl CpuBackend {
                         probes.len,
                         &mut raw,
                     );
-                    one[0] = i8_score(raw[0], probes.scales[probe], slab.scales[r]);
+                    one[0] = i8_score(raw[0], probes.scales[probe], slab.scales()[r]);
                 }
             }
             out.push(one[0]);
@@ -158,7 +158,7 @@ impl Backend for CpuBackend {
 
     fn search_slab(&self, slab: &Slab<'_>, probes: &EncodedProbes, k: usize, floor: f32) -> Result<Vec<Vec<Hit>>> {
         let rows = slab.rows();
-        let block = (BLOCK_BYTES / slab.stride).max(4);
+        let block = (BLOCK_BYTES / slab.stride()).max(4);
         let blocks = rows.div_ceil(block);
         let fresh = || vec![TopSubjects::new(k, floor); probes.count];
         let tops = (0..blocks)

@@ -186,7 +186,9 @@ impl Engine {
             if slab.is_dead(ordinal) {
                 continue;
             }
-            let rows: Vec<usize> = (0..slab.rows()).filter(|&r| slab.row_subject[r] == ordinal).collect();
+            let rows: Vec<usize> = (0..slab.rows())
+                .filter(|&r| slab.row_subjects()[r] == ordinal)
+                .collect();
             for score in self.cpu.score_rows(&slab, &encoded, 0, &rows) {
                 best = Some(best.map_or(score, |b| b.max(score)));
             }

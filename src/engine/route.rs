@@ -164,12 +164,12 @@ impl AutoBackend {
         let started = Instant::now();
         let cpu = CpuBackend::new();
         let dim = REFERENCE_LEN as usize;
-        let rows = crate::bench::random_unit_rows(CALIBRATION_ROWS, dim, 1);
-        let probes = crate::bench::random_unit_rows(16, dim, 2);
+        let rows = crate::template::random_unit_rows(CALIBRATION_ROWS, dim, 1);
+        let probes = crate::template::random_unit_rows(16, dim, 2);
         let mut costs = [(Cost::default(), Cost::default()); 3];
         for dtype in Dtype::ALL {
-            let big = crate::bench::snapshot_of(&rows, dim, dtype);
-            let tiny = crate::bench::snapshot_of(&rows[..dim], dim, dtype);
+            let big = crate::gallery::Snapshot::from_rows(&rows, dim, dtype);
+            let tiny = crate::gallery::Snapshot::from_rows(&rows[..dim], dim, dtype);
             let big_slab = big.slabs()[0];
             let tiny_slab = tiny.slabs()[0];
             let measure = |backend: &dyn Backend| -> Result<Cost> {
@@ -226,7 +226,7 @@ impl Backend for AutoBackend {
         let uid = slab.identity().uid;
         let failed = |set: &HashSet<u64>| set.contains(&uid);
         let lock = || self.gpu_failed.lock().unwrap_or_else(|p| p.into_inner());
-        if self.prefers_gpu(slab.dtype, slab.rows(), probes.len, probes.count) && !failed(&lock()) {
+        if self.prefers_gpu(slab.dtype(), slab.rows(), probes.len, probes.count) && !failed(&lock()) {
             match self.gpu.search_slab(slab, probes, k, floor) {
                 Ok(hits) => return Ok(hits),
                 // Damage found while uploading: never answered around.

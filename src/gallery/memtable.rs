@@ -2,7 +2,7 @@
 //! rows but held in memory. Snapshots share it through an `Arc`; a writer copies it
 //! only if a search still holds the old version (`Arc::make_mut`).
 
-use super::snapshot::Origin;
+use super::origin::Origin;
 use crate::template::{Dtype, encode_row, row_stride};
 use std::collections::HashMap;
 

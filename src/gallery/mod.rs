@@ -19,6 +19,7 @@ pub mod identity;
 pub mod manifest;
 pub mod mapguard;
 pub mod memtable;
+pub mod origin;
 pub mod repair;
 pub mod segment;
 pub mod snapshot;
@@ -32,7 +33,7 @@ use manifest::{Committed, Manifest, SegmentEntry, segment_file_name, wal_file_na
 use memtable::MemTable;
 use rayon::prelude::*;
 use segment::{Segment, SegmentWriter};
-pub use snapshot::{Origin, SegmentView, Slab, SlabIdentity, Snapshot, SubjectIds};
+pub use snapshot::{LiveRow, Origin, SegmentView, Slab, SlabIdentity, Snapshot, SubjectIds};
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -335,6 +336,19 @@ fn info_of(dir: &Path, manifest: &Manifest, snapshot: &Snapshot, tombstones: usi
         bytes_on_disk: bytes,
         notes: Vec::new(),
     }
+}
+
+/// A short string that changes whenever the gallery's content may have changed (its
+/// manifest, or its log's length): a resumable job over a gallery (dedup) checks it.
+pub fn state_fingerprint(dir: &Path) -> Result<String> {
+    let path = dir.join(manifest::MANIFEST_FILE);
+    let bytes = std::fs::read(&path).ctx(|| format!("reading {}", path.display()))?;
+    let manifest = Manifest::load(dir)?;
+    let log = dir.join(&manifest.wal);
+    let log_len = std::fs::metadata(&log)
+        .ctx(|| format!("reading {}", log.display()))?
+        .len();
+    Ok(format!("{:08x}-{log_len}", crc32fast::hash(&bytes)))
 }
 
 /// Gallery info without the writer lock.
@@ -927,16 +941,9 @@ impl Gallery {
         let live_rows = snapshot.live_rows();
         if live_rows > 0 {
             let segment = self.write_segment(&file, |writer| {
-                for slab in snapshot.slabs() {
-                    for row in 0..slab.rows() {
-                        let ordinal = slab.row_subject[row];
-                        if slab.is_dead(ordinal) {
-                            continue;
-                        }
-                        let bytes = &slab.data[row * slab.stride..(row + 1) * slab.stride];
-                        writer.push(bytes, slab.scales[row], slab.subject_id(ordinal))?;
-                        kept += 1;
-                    }
+                for (_, row) in snapshot.each_live_row() {
+                    writer.push(row.bytes, row.scale, row.subject)?;
+                    kept += 1;
                 }
                 snapshot.check_reads()
             })?;
@@ -1031,7 +1038,7 @@ pub(crate) fn keep_aside(storage: &Storage, dir: &Path, path: &Path) -> Result<P
     storage.create_dir_all(&aside)?;
     let name = format!(
         "{}-{}",
-        repair::timestamp(),
+        crate::storage::utc_timestamp(),
         path.file_name().unwrap_or_default().to_string_lossy()
     );
     let to = aside.join(name);

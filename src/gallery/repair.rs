@@ -69,32 +69,6 @@ impl RepairReport {
     }
 }
 
-/// A UTC timestamp for file names, e.g. `20261127T140437.123456789Z`.
-pub fn timestamp() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = now.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_nanos()
-    )
-}
-
 /// Repair the gallery in `dir` (taking its writer lock). See the module docs.
 pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
     if !dir.join(MANIFEST_FILE).exists() && !dir.join(MANIFEST_COPY_FILE).exists() {
@@ -298,7 +272,9 @@ pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
         report.kept_aside.push(kept.display().to_string());
     }
     if !report.clean {
-        let path = dir.join(DAMAGED_DIR).join(format!("{}-repair.json", timestamp()));
+        let path = dir
+            .join(DAMAGED_DIR)
+            .join(format!("{}-repair.json", crate::storage::utc_timestamp()));
         report.report_file = Some(path.display().to_string());
         let json = serde_json::to_vec_pretty(&report).expect("report serialises");
         storage.create_dir_all(&dir.join(DAMAGED_DIR))?;
@@ -415,17 +391,4 @@ fn rewrite_without_chunks(
         file,
         rows: keep as u64,
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn timestamps_are_civil_utc() {
-        let t = super::timestamp();
-        assert_eq!(t.len(), "20261127T140437.123456789Z".len(), "{t}");
-        assert!(
-            t.starts_with("20") && t.ends_with('Z') && t.as_bytes()[8] == b'T',
-            "{t}"
-        );
-    }
 }

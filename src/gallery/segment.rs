@@ -4,7 +4,7 @@
 use super::format::{HEADER_BYTES, SEGMENT_MAGIC, SEGMENT_VERSION, SegmentHeader, align_up, chunk_rows_for};
 use super::identity::{FileChange, FileIdentity};
 use super::mapguard;
-use super::snapshot::Origin;
+use super::origin::Origin;
 use crate::error::{Error, IoContext, Result};
 use crate::storage::{Storage, StoredFile};
 use crate::template::{Dtype, check_dim, row_stride};

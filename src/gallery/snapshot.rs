@@ -4,10 +4,10 @@
 //! with, so searches never block writers and never see half an update.
 
 use super::memtable::MemTable;
+pub use super::origin::Origin;
 use super::segment::Segment;
 use crate::template::Dtype;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 /// A sealed segment plus the ordinals of its subjects deleted since it was sealed.
@@ -27,40 +27,6 @@ pub struct Snapshot {
     memtable: Arc<MemTable>,
     /// Counted once per snapshot (a snapshot never changes): (live rows, live subjects).
     counts: OnceLock<(usize, usize)>,
-}
-
-/// The identity of a segment or of the log's rows, for caches that outlive one search
-/// (the GPU's resident copy of the gallery). Unique per process; clones of one memtable
-/// share it, because a clone only ever appends to the rows they share.
-#[derive(Clone, Debug)]
-pub struct Origin {
-    uid: u64,
-    alive: Arc<()>,
-}
-
-impl Default for Origin {
-    fn default() -> Self {
-        Origin::new()
-    }
-}
-
-impl Origin {
-    /// A new identity.
-    pub fn new() -> Origin {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        Origin {
-            uid: NEXT.fetch_add(1, Ordering::Relaxed),
-            alive: Arc::new(()),
-        }
-    }
-    /// The process-unique number.
-    pub fn uid(&self) -> u64 {
-        self.uid
-    }
-    /// A handle that stops upgrading once every holder of this origin is gone.
-    pub fn watch(&self) -> Weak<()> {
-        Arc::downgrade(&self.alive)
-    }
 }
 
 /// What a cache needs to know to reuse rows it copied from a slab earlier.
@@ -84,30 +50,95 @@ pub enum SubjectIds<'a> {
 }
 
 /// A run of encoded rows the engine scans in one go: a segment or the log's rows.
+/// Read-only; its parts are reached through methods so that what a row is (its bytes,
+/// scale, subject, and whether it is live) is said in one place.
 #[derive(Clone, Copy)]
 pub struct Slab<'a> {
-    pub dtype: Dtype,
-    pub dim: usize,
+    dtype: Dtype,
+    dim: usize,
     /// Bytes per row (a multiple of 64).
-    pub stride: usize,
+    stride: usize,
     /// `rows * stride` bytes.
-    pub data: &'a [u8],
+    data: &'a [u8],
     /// Per-row scale (i8 dequantisation; 1.0 otherwise).
-    pub scales: &'a [f32],
+    scales: &'a [f32],
     /// Per-row subject ordinal (local to this slab).
-    pub row_subject: &'a [u32],
+    row_subject: &'a [u32],
     /// Sorted-id rank per ordinal; `None` when ordinals are already in id order.
-    pub subject_rank: Option<&'a [u32]>,
+    subject_rank: Option<&'a [u32]>,
     /// Sorted ordinals whose rows must be skipped (deleted subjects).
-    pub dead_subjects: &'a [u32],
+    dead_subjects: &'a [u32],
     /// Ordinal to id.
-    pub ids: SubjectIds<'a>,
+    ids: SubjectIds<'a>,
+}
+
+/// One live row of a slab.
+#[derive(Clone, Copy, Debug)]
+pub struct LiveRow<'a> {
+    /// Its index in the slab.
+    pub row: usize,
+    /// Its subject's ordinal in the slab, and id.
+    pub ordinal: u32,
+    pub subject: &'a str,
+    /// The encoded row (one stride) and its scale.
+    pub bytes: &'a [u8],
+    pub scale: f32,
 }
 
 impl<'a> Slab<'a> {
     /// Number of rows.
     pub fn rows(&self) -> usize {
         self.scales.len()
+    }
+    /// Storage dtype of the rows.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    /// Template dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+    /// Bytes per row (a multiple of 64).
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+    /// The encoded bytes of rows `rows` (contiguous).
+    pub fn rows_bytes(&self, rows: std::ops::Range<usize>) -> &'a [u8] {
+        &self.data[rows.start * self.stride..rows.end * self.stride]
+    }
+    /// The encoded bytes of row `row`.
+    pub fn row(&self, row: usize) -> &'a [u8] {
+        self.rows_bytes(row..row + 1)
+    }
+    /// Per-row scales (i8 dequantisation; 1.0 otherwise).
+    pub fn scales(&self) -> &'a [f32] {
+        self.scales
+    }
+    /// Per-row subject ordinals (local to this slab).
+    pub fn row_subjects(&self) -> &'a [u32] {
+        self.row_subject
+    }
+    /// Sorted ordinals of deleted subjects (their rows are skipped).
+    pub fn dead_subjects(&self) -> &'a [u32] {
+        self.dead_subjects
+    }
+    /// Where the subject ids come from (the segment, or the log's rows).
+    pub fn ids(&self) -> SubjectIds<'a> {
+        self.ids
+    }
+    /// Every row whose subject is not deleted, in order.
+    pub fn live_rows(&self) -> impl Iterator<Item = LiveRow<'a>> + use<'a> {
+        let slab = *self;
+        (0..slab.rows()).filter_map(move |row| {
+            let ordinal = slab.row_subject[row];
+            (!slab.is_dead(ordinal)).then(|| LiveRow {
+                row,
+                ordinal,
+                subject: slab.subject_id(ordinal),
+                bytes: slab.row(row),
+                scale: slab.scales[row],
+            })
+        })
     }
     /// The id of a subject ordinal.
     pub fn subject_id(&self, ordinal: u32) -> &'a str {
@@ -166,6 +197,16 @@ impl Snapshot {
             memtable,
             counts: OnceLock::new(),
         }
+    }
+
+    /// An in-memory snapshot with one subject per row (`r000000000`, ...): benchmarks,
+    /// the backend cost model's calibration.
+    pub fn from_rows(rows: &[f32], dim: usize, dtype: Dtype) -> Snapshot {
+        let mut table = MemTable::new(dtype, dim);
+        for (i, row) in rows.chunks_exact(dim).enumerate() {
+            table.push(&format!("r{i:09}"), row);
+        }
+        Snapshot::in_memory(table, dim, dtype)
     }
 
     /// A snapshot of rows held only in memory (benchmarks, tests, demos).
@@ -268,10 +309,18 @@ impl Snapshot {
                 if s.dead_subjects.is_empty() {
                     s.rows()
                 } else {
-                    s.row_subject.iter().filter(|&&o| !s.is_dead(o)).count()
+                    s.live_rows().count()
                 }
             })
             .sum()
+    }
+
+    /// Every live row of every slab, in scan order, with its slab's index.
+    pub fn each_live_row(&self) -> impl Iterator<Item = (usize, LiveRow<'_>)> + '_ {
+        self.slabs()
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, slab)| slab.live_rows().map(move |r| (i, r)))
     }
 
     /// Whether `subject` has any live row.

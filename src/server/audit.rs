@@ -213,9 +213,7 @@ impl Writer {
             return;
         }
         let from = self.dir.join(AUDIT_FILE);
-        let rotated = self
-            .dir
-            .join(format!("audit-{}.log", crate::gallery::repair::timestamp()));
+        let rotated = self.dir.join(format!("audit-{}.log", crate::storage::utc_timestamp()));
         let rotated_name = rotated.file_name().unwrap_or_default().to_string_lossy().into_owned();
         let line = encode(&AuditEntry {
             peer: "-",

@@ -343,7 +343,7 @@ impl Registry {
         let trash = self.root.join(format!(
             ".dropped-{name}-{}-{}",
             std::process::id(),
-            crate::gallery::repair::timestamp()
+            crate::storage::utc_timestamp()
         ));
         self.storage.rename(dir, &trash)?;
         self.storage.sync_dir(&self.root)?;

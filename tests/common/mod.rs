@@ -271,19 +271,10 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 /// and scale), sorted. Equal contents hold the same templates for the same subjects.
 pub fn content(dir: &std::path::Path) -> Vec<(String, u32)> {
     let snapshot = biogate::gallery::open_snapshot(dir).unwrap();
-    let mut rows = Vec::new();
-    for slab in snapshot.slabs() {
-        for r in 0..slab.rows() {
-            let o = slab.row_subject[r];
-            if !slab.is_dead(o) {
-                let bytes = &slab.data[r * slab.stride..(r + 1) * slab.stride];
-                rows.push((
-                    slab.subject_id(o).to_owned(),
-                    crc32fast::hash(bytes) ^ slab.scales[r].to_bits(),
-                ));
-            }
-        }
-    }
+    let mut rows: Vec<(String, u32)> = snapshot
+        .each_live_row()
+        .map(|(_, r)| (r.subject.to_owned(), crc32fast::hash(r.bytes) ^ r.scale.to_bits()))
+        .collect();
     rows.sort();
     rows
 }

@@ -259,7 +259,7 @@ impl GpuBackend {
         };
         let keep = ((k - 1) * resident.max_rows_per_subject + 1).min(slab.rows());
         let workgroup_limit = self.ctx.limits.max_compute_workgroup_storage_size;
-        let Some(shape) = KernelShape::choose(slab.dtype, probes.count, keep, workgroup_limit) else {
+        let Some(shape) = KernelShape::choose(slab.dtype(), probes.count, keep, workgroup_limit) else {
             tracing::debug!(
                 keep,
                 "too many rows per subject to select on the GPU: scoring this slab on the CPU"
@@ -289,7 +289,7 @@ impl GpuBackend {
             kernel_time += time.unwrap_or_default();
             for (q, shard, c) in rows {
                 let global = resident.shards[shard].first_row + c.row as usize;
-                let ordinal = slab.row_subject[global];
+                let ordinal = slab.row_subjects()[global];
                 tops[first + q].offer(c.score, ordinal, slab.rank(ordinal));
             }
         }

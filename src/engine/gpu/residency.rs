@@ -120,7 +120,7 @@ impl Residency {
                 if self.slabs[i].rows() > slab.rows() {
                     return Ok(Resident::Stale);
                 }
-                let shard_rows = self.shard_rows(slab.stride);
+                let shard_rows = self.shard_rows(slab.stride());
                 let r = &mut self.slabs[i];
                 let updated = ctx
                     .checked("updating the resident gallery", || r.update(ctx, slab, shard_rows))
@@ -136,7 +136,7 @@ impl Residency {
                 if let Some(i) = found {
                     self.slabs.swap_remove(i);
                 }
-                let shard_rows = self.shard_rows(slab.stride);
+                let shard_rows = self.shard_rows(slab.stride());
                 let r = ctx.checked("uploading the gallery", || ResidentSlab::upload(ctx, slab, shard_rows))??;
                 self.slabs.push(r);
                 self.slabs.len() - 1
@@ -159,12 +159,12 @@ impl ResidentSlab {
             removals: id.removals,
             subjects: id.subjects,
             alive: id.alive,
-            is_log: matches!(slab.ids, SubjectIds::Memtable(_)),
-            dtype: slab.dtype,
-            stride: slab.stride,
+            is_log: matches!(slab.ids(), SubjectIds::Memtable(_)),
+            dtype: slab.dtype(),
+            stride: slab.stride(),
             shards: Vec::new(),
             keys: Vec::with_capacity(slab.rows()),
-            dead: slab.dead_subjects.to_vec(),
+            dead: slab.dead_subjects().to_vec(),
             rows_per_subject: Vec::new(),
             max_rows_per_subject: 0,
         };
@@ -183,7 +183,7 @@ impl ResidentSlab {
             self.subjects = id.subjects;
             let mut changed = false;
             for (row, key) in self.keys.iter_mut().enumerate() {
-                let k = key_of(slab, slab.row_subject[row]);
+                let k = key_of(slab, slab.row_subjects()[row]);
                 changed |= *key != k;
                 *key = k;
             }
@@ -191,7 +191,7 @@ impl ResidentSlab {
                 self.write_keys(ctx, 0..self.rows());
             }
         }
-        if self.dead != slab.dead_subjects {
+        if self.dead != slab.dead_subjects() {
             self.apply_tombstones(ctx, slab);
         }
         Ok(())
@@ -199,17 +199,17 @@ impl ResidentSlab {
 
     /// Mark the rows of subjects deleted (or re-enrolled) since the last search.
     fn apply_tombstones(&mut self, ctx: &GpuContext, slab: &Slab<'_>) {
-        let changed: Vec<u32> = symmetric_difference(&self.dead, slab.dead_subjects);
+        let changed: Vec<u32> = symmetric_difference(&self.dead, slab.dead_subjects());
         let mut first = usize::MAX;
         let mut last = 0;
-        for (row, &ordinal) in slab.row_subject.iter().enumerate() {
+        for (row, &ordinal) in slab.row_subjects().iter().enumerate() {
             if changed.binary_search(&ordinal).is_ok() {
                 self.keys[row] = key_of(slab, ordinal);
                 first = first.min(row);
                 last = row;
             }
         }
-        self.dead = slab.dead_subjects.to_vec();
+        self.dead = slab.dead_subjects().to_vec();
         if first <= last {
             self.write_keys(ctx, first..last + 1);
         }
@@ -221,7 +221,7 @@ impl ResidentSlab {
         let start = self.rows();
         let end = slab.rows();
         for row in start..end {
-            let ordinal = slab.row_subject[row] as usize;
+            let ordinal = slab.row_subjects()[row] as usize;
             if ordinal >= self.rows_per_subject.len() {
                 self.rows_per_subject.resize(ordinal + 1, 0);
             }
@@ -231,7 +231,7 @@ impl ResidentSlab {
         }
         // A segment's rows are checked against their chunk checksums as they are copied
         // (the bytes uploaded are the bytes verified).
-        let mut verifier = match slab.ids {
+        let mut verifier = match slab.ids() {
             SubjectIds::Segment(seg) if start == 0 => Some(seg.copy_verifier()),
             _ => None,
         };
@@ -323,7 +323,7 @@ impl Shard {
         keys: &[u32],
         mut verifier: Option<&mut crate::gallery::segment::CopyVerifier<'_>>,
     ) -> Result<()> {
-        let stride = slab.stride;
+        let stride = slab.stride();
         let local = self.rows;
         let first_tile = local / TILE_ROWS;
         let end = row + count;
@@ -334,7 +334,7 @@ impl Shard {
         let mut tile = first_tile;
         while at < end {
             let take = rows_per_chunk.min(end - at);
-            let rows = &slab.data[at * stride..(at + take) * stride];
+            let rows = slab.rows_bytes(at..at + take);
             if let Some(v) = verifier.as_deref_mut() {
                 // Only the rows new to the GPU (a partial tile is written again).
                 v.feed(&rows[(row.max(at) - at) * stride..])?;
@@ -354,7 +354,7 @@ impl Shard {
             ctx.queue.write_buffer(
                 scales,
                 (local * 4) as u64,
-                bytemuck::cast_slice(&slab.scales[row..row + count]),
+                bytemuck::cast_slice(&slab.scales()[row..row + count]),
             );
         }
         self.rows += count;
