@@ -246,6 +246,24 @@ pub fn i8_score_error_bound(p: &[f32], g: &[f32]) -> f64 {
     (l1(p) * mg + l1(g) * mp) / 254.0 + p.len() as f64 * mp * mg / (254.0 * 254.0) + 1e-6
 }
 
+/// Random unit vectors, `rows * dim`, reproducible from `seed`.
+pub fn random_unit_rows(rows: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows * dim];
+    out.par_chunks_mut(dim * 1024).enumerate().for_each(|(c, chunk)| {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for row in chunk.chunks_exact_mut(dim) {
+            let mut n = 0.0f64;
+            for x in row.iter_mut() {
+                *x = rand::Rng::sample(&mut rng, rand_distr::StandardNormal);
+                n += f64::from(*x) * f64::from(*x);
+            }
+            let inv = (1.0 / n.sqrt()) as f32;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,22 +318,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Random unit vectors, `rows * dim`, reproducible from `seed`.
-pub fn random_unit_rows(rows: usize, dim: usize, seed: u64) -> Vec<f32> {
-    let mut out = vec![0.0f32; rows * dim];
-    out.par_chunks_mut(dim * 1024).enumerate().for_each(|(c, chunk)| {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        for row in chunk.chunks_exact_mut(dim) {
-            let mut n = 0.0f64;
-            for x in row.iter_mut() {
-                *x = rand::Rng::sample(&mut rng, rand_distr::StandardNormal);
-                n += f64::from(*x) * f64::from(*x);
-            }
-            let inv = (1.0 / n.sqrt()) as f32;
-            row.iter_mut().for_each(|x| *x *= inv);
-        }
-    });
-    out
 }
