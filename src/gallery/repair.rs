@@ -19,10 +19,12 @@
 //! manifest is committed, with a JSON report beside them; the originals then go as
 //! orphans. A repair of a healthy gallery changes nothing and says so.
 
+use super::DAMAGED_DIR;
+use super::files::{keep_aside, lock_dir, remove_orphans, write_segment_file};
 use super::manifest::{MANIFEST_COPY_FILE, MANIFEST_FILE, Manifest, SegmentEntry, segment_file_name, wal_file_name};
+use super::reader::{expected_log_header, open_segment};
 use super::segment::Segment;
 use super::wal::{self, WalHeader, WalWriter};
-use super::{DAMAGED_DIR, expected_log_header, keep_aside, lock_dir, open_segment, remove_orphans, write_segment_file};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use serde::Serialize;

@@ -1,0 +1,137 @@
+//! Bulk import into a new sealed segment: a reader thread fills the next chunk of the
+//! source while this one is normalised and encoded in parallel and written; the segment
+//! is committed through the manifest like any other.
+
+use super::manifest::{SegmentEntry, segment_file_name};
+use super::segment::SegmentWriter;
+use super::snapshot::SegmentView;
+use super::writer::Gallery;
+use super::{ImportOptions, ImportReport, ImportSource};
+use crate::error::{Error, Result};
+use crate::template::{check_subject_id, encode_row, normalize_into, row_stride};
+use rayon::prelude::*;
+
+impl Gallery {
+    /// Bulk import: streams rows from `source` into a new sealed segment (normalised and
+    /// encoded in parallel, never holding the whole input), then commits it atomically.
+    /// Any bad row or duplicate subject aborts the import and leaves the gallery as it was.
+    pub fn import(
+        &mut self,
+        source: &mut dyn ImportSource,
+        options: ImportOptions,
+        progress: &dyn Fn(u64),
+    ) -> Result<ImportReport> {
+        let dim = self.manifest.dim;
+        if source.dim() != dim {
+            return Err(Error::invalid(format!(
+                "templates have dimension {}, the gallery has dimension {dim}",
+                source.dim()
+            )));
+        }
+        self.check_writable()?;
+        let id = self.manifest.next_file_id;
+        let file = segment_file_name(id);
+        let mut counts = (0, 0);
+        let segment = self.write_segment(&file, |writer| {
+            counts = self.write_import(source, options, progress, writer)?;
+            Ok(())
+        })?;
+        let (rows, subjects) = counts;
+        let mut manifest = self.manifest.clone();
+        manifest.segments.push(SegmentEntry {
+            id,
+            file: file.clone(),
+            rows,
+        });
+        manifest.next_file_id += 1;
+        if let Err(e) = self.commit(manifest) {
+            if !matches!(e, Error::OutcomeUnknown(_)) {
+                let _ = std::fs::remove_file(self.dir.join(&file));
+            }
+            return Err(e);
+        }
+        self.segments.push(SegmentView {
+            segment,
+            dead_subjects: Vec::new(),
+        });
+        self.publish();
+        Ok(ImportReport {
+            rows,
+            subjects,
+            segment: file,
+        })
+    }
+
+    fn write_import(
+        &self,
+        source: &mut dyn ImportSource,
+        options: ImportOptions,
+        progress: &dyn Fn(u64),
+        writer: &mut SegmentWriter,
+    ) -> Result<(u64, u64)> {
+        const CHUNK: usize = 4096;
+        let (dim, dtype) = (self.manifest.dim, self.manifest.dtype);
+        let stride = row_stride(dtype, dim);
+        let mut encoded = vec![0u8; CHUNK * stride];
+        let mut scales = vec![0.0f32; CHUNK];
+        let mut done = 0u64;
+        let label = source.label();
+        // A reader thread fills the next chunk while this one is encoded and written, so
+        // reading the input and writing the segment overlap (two chunks in flight at most).
+        std::thread::scope(|scope| {
+            let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel::<Result<(Vec<f32>, Vec<String>)>>(1);
+            scope.spawn(move || {
+                loop {
+                    let (mut values, mut ids) = (Vec::with_capacity(CHUNK * dim), Vec::with_capacity(CHUNK));
+                    let read = source.read_chunk(CHUNK, &mut values, &mut ids);
+                    let last = !matches!(read, Ok(n) if n > 0);
+                    if chunks_tx.send(read.map(|_| (values, ids))).is_err() || last {
+                        return;
+                    }
+                }
+            });
+            for chunk in chunks_rx {
+                let (values, ids) = chunk?;
+                let n = ids.len();
+                if n == 0 {
+                    break;
+                }
+                for (i, id) in ids.iter().enumerate() {
+                    check_subject_id(id).map_err(|e| e.in_context(&format!("{label} row {}", done + i as u64)))?;
+                }
+                let describe = |i: usize| format!("{label} row {}", done + i as u64);
+                encoded[..n * stride]
+                    .par_chunks_exact_mut(stride)
+                    .zip(values.par_chunks_exact(dim))
+                    .zip(scales[..n].par_iter_mut())
+                    .enumerate()
+                    .try_for_each_init(
+                        || vec![0.0f32; dim],
+                        |unit, (i, ((out, row), scale))| {
+                            normalize_into(row, unit, || describe(i))?;
+                            *scale = encode_row(dtype, unit, out);
+                            Ok::<(), Error>(())
+                        },
+                    )?;
+                for (i, id) in ids.iter().enumerate() {
+                    let first_row = writer.push(&encoded[i * stride..(i + 1) * stride], scales[i], id)?;
+                    if first_row && !options.add_to_existing && self.snapshot.has_subject(id) {
+                        return Err(Error::AlreadyExists(format!(
+                            "subject {id:?} ({label} row {}) is already enrolled in {}; nothing was imported \
+                             (pass --add-to-existing to add templates to enrolled subjects)",
+                            done + i as u64,
+                            self.dir.display()
+                        )));
+                    }
+                }
+                done += n as u64;
+                progress(done);
+            }
+            Ok(())
+        })?;
+        if done == 0 {
+            return Err(Error::invalid("the import source has no templates"));
+        }
+        Ok((done, writer.subjects() as u64))
+    }
+}

@@ -1,0 +1,245 @@
+//! Reading a gallery directory: the manifest, its segments and the log replayed into
+//! memory, verified as they are read. Shared by the writer (which then keeps the state)
+//! and by read-only users (`open_snapshot`, `info`, `check`), who take no lock.
+
+use super::GalleryInfo;
+use super::manifest::{self, Manifest, SegmentEntry};
+use super::memtable::MemTable;
+use super::segment::Segment;
+use super::snapshot::{SegmentView, Snapshot};
+use super::wal::{self, LogContents, WalHeader, WalRecord};
+use crate::error::{Error, IoContext, Result};
+use crate::template::check_dim;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Everything read from a gallery directory (shared by the writer and readers).
+pub(super) struct LoadedState {
+    pub(super) manifest: Manifest,
+    pub(super) segments: Vec<SegmentView>,
+    pub(super) tombstones: usize,
+    pub(super) memtable: MemTable,
+    pub(super) log: LogContents,
+}
+
+impl LoadedState {
+    fn into_snapshot(self) -> Snapshot {
+        Snapshot::new(
+            self.manifest.dim,
+            self.manifest.dtype,
+            self.segments,
+            Arc::new(self.memtable),
+        )
+    }
+}
+
+/// A log to read back (see [`Gallery::log_probe`]).
+pub struct LogProbe {
+    pub(super) path: PathBuf,
+    pub(super) header: WalHeader,
+    pub(super) durable_len: u64,
+}
+
+impl LogProbe {
+    /// Read the log and check that everything acknowledged when the probe was taken
+    /// reads back intact (appends since only add to it): damage here would lose
+    /// enrollments at the next restart.
+    pub fn check(&self) -> Result<()> {
+        let log = wal::read(&self.path, &self.header)?;
+        if log.valid_len < self.durable_len {
+            return Err(Error::corrupt(
+                &self.path,
+                format!(
+                    "only {} of the {} bytes acknowledged read back intact",
+                    log.valid_len, self.durable_len
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Open a segment the manifest names, checking that it is the one it names.
+pub(super) fn open_segment(dir: &Path, manifest: &Manifest, entry: &SegmentEntry) -> Result<Segment> {
+    let path = dir.join(&entry.file);
+    let seg = match Segment::open(&path) {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::corrupt(&path, "the segment named by the manifest is missing"));
+        }
+        other => other?,
+    };
+    if seg.gallery_id() != manifest.gallery_id {
+        return Err(Error::corrupt(&path, "the segment belongs to another gallery"));
+    }
+    if seg.dim() != manifest.dim || seg.dtype() != manifest.dtype || seg.rows() as u64 != entry.rows {
+        return Err(Error::corrupt(&path, "segment does not match the manifest"));
+    }
+    Ok(seg)
+}
+
+/// The header the manifest's active log must carry.
+pub(super) fn expected_log_header(manifest: &Manifest) -> WalHeader {
+    WalHeader::expected(manifest.gallery_id, manifest.wal_id, 0, manifest.dim, manifest.dtype)
+}
+
+pub(super) fn load_state(dir: &Path) -> Result<LoadedState> {
+    let manifest = Manifest::load(dir)?;
+    check_dim(manifest.dim)?;
+    let mut segments = Vec::with_capacity(manifest.segments.len());
+    for entry in &manifest.segments {
+        segments.push(SegmentView {
+            segment: Arc::new(open_segment(dir, &manifest, entry)?),
+            dead_subjects: Vec::new(),
+        });
+    }
+    let log = wal::read(&dir.join(&manifest.wal), &expected_log_header(&manifest))?;
+    let mut memtable = MemTable::new(manifest.dtype, manifest.dim);
+    let mut tombstones = 0;
+    for record in &log.records {
+        apply(record, &manifest, &mut segments, &mut memtable, &mut tombstones)?;
+    }
+    memtable.refresh_ranks();
+    Ok(LoadedState {
+        manifest,
+        segments,
+        tombstones,
+        memtable,
+        log,
+    })
+}
+
+/// Apply one logged operation to the in-memory state.
+pub(super) fn apply(
+    record: &WalRecord,
+    manifest: &Manifest,
+    segments: &mut [SegmentView],
+    memtable: &mut MemTable,
+    tombstones: &mut usize,
+) -> Result<()> {
+    match record {
+        WalRecord::Enroll { subject, templates } => {
+            if templates.is_empty() || templates.len() % manifest.dim != 0 {
+                return Err(Error::Corrupt(format!(
+                    "log record for {subject:?} has {} values, not a multiple of dimension {}",
+                    templates.len(),
+                    manifest.dim
+                )));
+            }
+            memtable.push(subject, templates);
+        }
+        WalRecord::Delete {
+            subject,
+            segments_before,
+        } => {
+            *tombstones += 1;
+            memtable.delete(subject);
+            for (view, entry) in segments.iter_mut().zip(&manifest.segments) {
+                if entry.id < *segments_before
+                    && let Some(o) = view.segment.find_subject(subject)
+                    && let Err(at) = view.dead_subjects.binary_search(&o)
+                {
+                    view.dead_subjects.insert(at, o);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Open a read-only snapshot of the gallery in `dir`, without the writer lock (for
+/// `identify`, `info` and `check` next to a running writer). Retries if a concurrent
+/// compaction replaces files while we read.
+pub fn open_snapshot(dir: &Path) -> Result<Snapshot> {
+    let mut attempt = 0;
+    loop {
+        match load_state(dir) {
+            Ok(s) => return Ok(s.into_snapshot()),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && attempt < 3 => {
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Verify every checksum of the gallery in `dir` (manifest, segment headers, metadata
+/// and row data, the log); returns the gallery's info when all is well.
+pub fn check(dir: &Path) -> Result<GalleryInfo> {
+    let state = load_state(dir)?;
+    for view in &state.segments {
+        view.segment.check()?;
+    }
+    let mut notes = Vec::new();
+    if state.log.torn_bytes() > 0 {
+        notes.push(format!(
+            "{}: a torn tail of {} bytes (an interrupted, never acknowledged write) follows the last \
+             intact record; the next writer cuts it",
+            dir.join(&state.manifest.wal).display(),
+            state.log.torn_bytes()
+        ));
+    }
+    if !state.manifest.copy_matches(dir) {
+        notes.push(format!(
+            "{}: the manifest's copy is missing, damaged or stale; the next writer rewrites it",
+            dir.join(manifest::MANIFEST_COPY_FILE).display()
+        ));
+    }
+    let tombstones = state.tombstones;
+    let manifest = state.manifest.clone();
+    let mut info = info_of(dir, &manifest, &state.into_snapshot(), tombstones);
+    info.notes = notes;
+    Ok(info)
+}
+
+pub(super) fn info_of(dir: &Path, manifest: &Manifest, snapshot: &Snapshot, tombstones: usize) -> GalleryInfo {
+    // The files the manifest names (a directory listing would race a concurrent drop).
+    let bytes = manifest
+        .segments
+        .iter()
+        .map(|s| s.file.as_str())
+        .chain([
+            manifest.wal.as_str(),
+            manifest::MANIFEST_FILE,
+            manifest::MANIFEST_COPY_FILE,
+        ])
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    GalleryInfo {
+        path: dir.display().to_string(),
+        dim: snapshot.dim(),
+        dtype: snapshot.dtype(),
+        rows: snapshot.live_rows() as u64,
+        subjects: snapshot.live_subjects() as u64,
+        segments: snapshot.segments().len(),
+        log_rows: snapshot.memtable().rows() as u64,
+        deleted_subjects_pending: tombstones,
+        bytes_on_disk: bytes,
+        notes: Vec::new(),
+    }
+}
+
+/// A short string that changes whenever the gallery's content may have changed (its
+/// manifest, or its log's length): a resumable job over a gallery (dedup) checks it.
+pub fn state_fingerprint(dir: &Path) -> Result<String> {
+    let path = dir.join(manifest::MANIFEST_FILE);
+    let bytes = std::fs::read(&path).ctx(|| format!("reading {}", path.display()))?;
+    let manifest = Manifest::load(dir)?;
+    let log = dir.join(&manifest.wal);
+    let log_len = std::fs::metadata(&log)
+        .ctx(|| format!("reading {}", log.display()))?
+        .len();
+    Ok(format!("{:08x}-{log_len}", crc32fast::hash(&bytes)))
+}
+
+/// Gallery info without the writer lock.
+pub fn info(dir: &Path) -> Result<GalleryInfo> {
+    let state = load_state(dir)?;
+    let tombstones = state.tombstones;
+    Ok(info_of(
+        dir,
+        &state.manifest.clone(),
+        &state.into_snapshot(),
+        tombstones,
+    ))
+}

@@ -1,0 +1,540 @@
+//! The writer: [`Gallery`] holds the lock and the state read at open, and makes every
+//! change durable before it is visible: enrollments and deletions through the log;
+//! seals and compactions as new files committed through the manifest. One commit path
+//! ([`Gallery::commit`]); after a storage failure whose outcome is unknown it refuses
+//! writes until reopened.
+
+use super::files::{keep_aside, lock_dir, remove_orphans, write_segment_file};
+use super::identity::{self, FileIdentity};
+use super::manifest::{self, Committed, Manifest, SegmentEntry, segment_file_name, wal_file_name};
+use super::memtable::MemTable;
+use super::reader::{LogProbe, apply, expected_log_header, info_of, load_state};
+use super::segment::{Segment, SegmentWriter};
+use super::snapshot::{SegmentView, Snapshot};
+use super::wal::{self, WalHeader, WalRecord, WalWriter};
+use super::{CompactReport, Enrollment, GalleryInfo};
+use crate::error::{Error, IoContext, Result};
+use crate::storage::Storage;
+use crate::template::{Dtype, check_dim, check_subject_id, normalize_into};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The writer's handle on a gallery directory.
+pub struct Gallery {
+    pub(super) dir: PathBuf,
+    pub(super) _lock: File,
+    pub(super) storage: Storage,
+    pub(super) manifest: Manifest,
+    pub(super) segments: Vec<SegmentView>,
+    pub(super) tombstones: usize,
+    pub(super) memtable: Arc<MemTable>,
+    pub(super) wal: WalWriter,
+    /// The log file as opened (to notice it being changed under the process).
+    pub(super) wal_identity: FileIdentity,
+    pub(super) snapshot: Arc<Snapshot>,
+    /// Set when a commit's outcome is unknown: no further writes until reopened.
+    pub(super) poisoned: Option<String>,
+    /// The manifest's copy lags behind: keep the files it names.
+    pub(super) copy_stale: bool,
+}
+
+impl Gallery {
+    /// Create a new, empty gallery in `dir` (created if missing; must hold no gallery).
+    pub fn create(dir: &Path, dim: usize, dtype: Dtype) -> Result<Gallery> {
+        Gallery::create_with(dir, dim, dtype, Storage::default())
+    }
+
+    /// [`Gallery::create`] writing through `storage`.
+    pub fn create_with(dir: &Path, dim: usize, dtype: Dtype, storage: Storage) -> Result<Gallery> {
+        check_dim(dim)?;
+        storage.create_dir_all(dir)?;
+        let lock = lock_dir(dir)?;
+        if dir.join(manifest::MANIFEST_FILE).exists() || dir.join(manifest::MANIFEST_COPY_FILE).exists() {
+            return Err(Error::AlreadyExists(format!("a gallery in {}", dir.display())));
+        }
+        let manifest = Manifest::new(dim, dtype, rand::random());
+        let header = WalHeader::expected(manifest.gallery_id, manifest.wal_id, 1, dim, dtype);
+        WalWriter::create(&storage, &dir.join(&manifest.wal), &header)?;
+        storage.sync_dir(dir)?;
+        manifest.commit(&storage, dir)?;
+        drop(lock);
+        Gallery::open_with(dir, storage)
+    }
+
+    /// Open the gallery in `dir` as its one writer: takes the lock, cuts a torn log
+    /// tail, rewrites a stale manifest copy, removes files left by interrupted imports
+    /// or compactions. Damage anywhere is an error naming the file; nothing is cut.
+    pub fn open(dir: &Path) -> Result<Gallery> {
+        Gallery::open_with(dir, Storage::default())
+    }
+
+    /// [`Gallery::open`] writing through `storage`.
+    pub fn open_with(dir: &Path, storage: Storage) -> Result<Gallery> {
+        if !dir.join(manifest::MANIFEST_FILE).exists() {
+            // Load for its clear error without creating a LOCK file.
+            Manifest::load(dir)?;
+        }
+        let lock = lock_dir(dir)?;
+        let state = load_state(dir)?;
+        if state.log.torn_bytes() > 0 {
+            tracing::warn!(
+                gallery = %dir.display(),
+                bytes = state.log.torn_bytes(),
+                "cutting a torn log tail (an interrupted write that was never acknowledged)"
+            );
+        }
+        let wal_path = dir.join(&state.manifest.wal);
+        let wal = WalWriter::open(&storage, &wal_path, &state.log)?;
+        let wal_identity = File::open(&wal_path)
+            .and_then(|f| FileIdentity::of_file(&f))
+            .ctx(|| format!("reading {}", wal_path.display()))?;
+        let mut copy_stale = false;
+        if !state.manifest.copy_matches(dir) {
+            tracing::warn!(gallery = %dir.display(), "rewriting the manifest's copy");
+            if let Err(e) = state.manifest.refresh_copy(&storage, dir) {
+                tracing::warn!(gallery = %dir.display(), error = %e, "could not rewrite the manifest's copy");
+                copy_stale = true;
+            }
+        }
+        let memtable = Arc::new(state.memtable);
+        let snapshot = Arc::new(Snapshot::new(
+            state.manifest.dim,
+            state.manifest.dtype,
+            state.segments.clone(),
+            memtable.clone(),
+        ));
+        let gallery = Gallery {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            storage,
+            manifest: state.manifest,
+            segments: state.segments,
+            tombstones: state.tombstones,
+            memtable,
+            wal,
+            wal_identity,
+            snapshot,
+            poisoned: None,
+            copy_stale,
+        };
+        gallery.remove_orphans();
+        Ok(gallery)
+    }
+
+    pub(super) fn publish(&mut self) {
+        self.snapshot = Arc::new(Snapshot::new(
+            self.manifest.dim,
+            self.manifest.dtype,
+            self.segments.clone(),
+            self.memtable.clone(),
+        ));
+    }
+
+    /// The current state, for searches. Later writes never change a snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    /// The gallery's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// Template dimension.
+    pub fn dim(&self) -> usize {
+        self.manifest.dim
+    }
+    /// Storage dtype.
+    pub fn dtype(&self) -> Dtype {
+        self.manifest.dtype
+    }
+
+    /// Summary for `gallery info`.
+    pub fn info(&self) -> Result<GalleryInfo> {
+        Ok(info_of(&self.dir, &self.manifest, &self.snapshot, self.tombstones))
+    }
+
+    /// Why writes are refused, if they are (a storage failure left the state on disk
+    /// unknown; reopening the gallery reads what is really there).
+    pub fn poisoned(&self) -> Option<String> {
+        self.poisoned.clone().or_else(|| self.wal.poisoned().map(str::to_owned))
+    }
+
+    pub(super) fn check_writable(&self) -> Result<()> {
+        match self.poisoned() {
+            Some(why) => Err(Error::Poisoned(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the files in use are still the ones opened: a segment or the log
+    /// replaced, removed, truncated (or written in place and now damaged) under the
+    /// process is an error naming the file. A segment written in place but intact is
+    /// verified again and kept. Cheap: one stat per file.
+    pub fn check_files(&self) -> Result<()> {
+        for v in &self.segments {
+            v.segment.check_file()?;
+        }
+        let path = self.dir.join(&self.manifest.wal);
+        match self.wal_identity.compare(&path) {
+            Some(change @ (identity::FileChange::Removed | identity::FileChange::Replaced)) => {
+                Err(Error::corrupt(&path, format!("the log {change} under the process")))
+            }
+            // The log is ours to grow and write; only a cut below what it acknowledged is foreign.
+            _ => match std::fs::metadata(&path) {
+                Ok(m) if m.len() < self.wal.durable_len() => Err(Error::corrupt(
+                    &path,
+                    format!(
+                        "the log was truncated under the process to {} bytes (below the {} acknowledged)",
+                        m.len(),
+                        self.wal.durable_len()
+                    ),
+                )),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// What a scrub needs to read the log back without holding the writer: the file,
+    /// its expected header, and how much of it was acknowledged so far.
+    pub fn log_probe(&self) -> LogProbe {
+        LogProbe {
+            path: self.dir.join(&self.manifest.wal),
+            header: expected_log_header(&self.manifest),
+            durable_len: self.wal.durable_len(),
+        }
+    }
+
+    /// Enroll a batch durably: validates everything first (nothing changes on error),
+    /// logs it with one fsync, then makes it visible to the next search. Returns the
+    /// number of templates enrolled.
+    pub fn enroll(&mut self, batch: &[Enrollment]) -> Result<usize> {
+        if batch.is_empty() {
+            return Err(Error::invalid("enrollment batch is empty"));
+        }
+        let dim = self.manifest.dim;
+        let mut records = Vec::with_capacity(batch.len());
+        let mut total = 0;
+        for (i, e) in batch.iter().enumerate() {
+            check_subject_id(&e.subject)?;
+            if e.templates.is_empty() {
+                return Err(Error::invalid(format!(
+                    "enrollment {i} (subject {:?}) has no templates",
+                    e.subject
+                )));
+            }
+            if !e.templates.len().is_multiple_of(dim) {
+                return Err(Error::invalid(format!(
+                    "enrollment {i} (subject {:?}) has {} values, not a multiple of the gallery dimension {dim}",
+                    e.subject,
+                    e.templates.len()
+                )));
+            }
+            wal::check_record_size(&e.subject, e.templates.len())?;
+            let mut normalized = vec![0.0f32; e.templates.len()];
+            for (t, (src, dst)) in e
+                .templates
+                .chunks_exact(dim)
+                .zip(normalized.chunks_exact_mut(dim))
+                .enumerate()
+            {
+                normalize_into(src, dst, || {
+                    format!("enrollment {i} (subject {:?}) template {t}", e.subject)
+                })?;
+            }
+            total += e.templates.len() / dim;
+            records.push(WalRecord::Enroll {
+                subject: e.subject.clone(),
+                templates: normalized,
+            });
+        }
+        self.check_writable()?;
+        self.wal.append(&records)?;
+        let memtable = Arc::make_mut(&mut self.memtable);
+        for r in &records {
+            apply(r, &self.manifest, &mut self.segments, memtable, &mut self.tombstones)?;
+        }
+        memtable.refresh_ranks();
+        self.publish();
+        Ok(total)
+    }
+
+    /// Delete a subject (all its templates), durably. Unknown subject: `NotFound`.
+    pub fn delete_subject(&mut self, subject: &str) -> Result<()> {
+        check_subject_id(subject)?;
+        if !self.snapshot.has_subject(subject) {
+            return Err(Error::NotFound(format!(
+                "subject {subject:?} in gallery {}",
+                self.dir.display()
+            )));
+        }
+        self.check_writable()?;
+        let record = WalRecord::Delete {
+            subject: subject.to_owned(),
+            segments_before: self.manifest.next_file_id,
+        };
+        self.wal.append(std::slice::from_ref(&record))?;
+        let memtable = Arc::make_mut(&mut self.memtable);
+        apply(
+            &record,
+            &self.manifest,
+            &mut self.segments,
+            memtable,
+            &mut self.tombstones,
+        )?;
+        self.publish();
+        Ok(())
+    }
+
+    /// Write a new segment file (see [`write_segment_file`]) and map it.
+    pub(super) fn write_segment(
+        &self,
+        file: &str,
+        fill: impl FnOnce(&mut SegmentWriter) -> Result<()>,
+    ) -> Result<Arc<Segment>> {
+        write_segment_file(&self.storage, &self.dir, &self.manifest, file, fill)?;
+        Ok(Arc::new(Segment::open(&self.dir.join(file))?))
+    }
+
+    /// Commit `manifest` as the gallery's new shape. Nothing else may change in memory
+    /// unless this returns Ok. If it is unknown whether a restart would see the new
+    /// manifest, the gallery stops accepting writes (see [`Gallery::poisoned`]).
+    pub(super) fn commit(&mut self, manifest: Manifest) -> Result<()> {
+        match manifest.commit(&self.storage, &self.dir) {
+            Ok(committed) => {
+                self.copy_stale = committed == Committed::CopyStale;
+                self.manifest = manifest;
+                Ok(())
+            }
+            Err(e @ Error::OutcomeUnknown(_)) => {
+                self.poisoned = Some(e.to_string());
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Create log `log_id` (its records numbered on from this writer's), durably; the
+    /// manifest does not name it yet.
+    fn new_log(&self, log_id: u64) -> Result<(WalWriter, PathBuf)> {
+        let path = self.dir.join(wal_file_name(log_id));
+        let header = WalHeader::expected(
+            self.manifest.gallery_id,
+            log_id,
+            self.wal.next_seq(),
+            self.manifest.dim,
+            self.manifest.dtype,
+        );
+        let writer = WalWriter::create(&self.storage, &path, &header)?;
+        self.storage.sync_dir(&self.dir)?;
+        Ok((writer, path))
+    }
+
+    /// Swap in the log at `path` after the manifest naming it was committed.
+    fn switch_log(&mut self, writer: WalWriter, path: &Path) -> Result<()> {
+        self.wal = writer;
+        self.wal_identity = File::open(path)
+            .and_then(|f| FileIdentity::of_file(&f))
+            .ctx(|| format!("reading {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Rows held in the log (and in memory) since the last seal or compaction.
+    pub fn log_rows(&self) -> usize {
+        self.memtable.rows()
+    }
+
+    /// Seal the log: write its rows into a new segment and start a new log that holds
+    /// only the deletions still pending against older segments. Cheap (proportional to
+    /// the log, not the gallery), so a server can do it while running; commits
+    /// atomically through the manifest. Returns the number of rows sealed.
+    pub fn seal_log(&mut self) -> Result<usize> {
+        if self.memtable.rows() == 0 {
+            return Ok(0);
+        }
+        self.rewrite_log(false)
+    }
+
+    /// Write what this process holds in memory for the log (its rows and pending
+    /// deletions) into a new segment and a new log, keeping the old log file aside in
+    /// `damaged/` instead of removing it: how a running server repairs a log damaged on
+    /// disk without losing what it acknowledged. Returns the number of rows sealed.
+    pub fn rewrite_log_from_memory(&mut self) -> Result<usize> {
+        self.rewrite_log(true)
+    }
+
+    fn rewrite_log(&mut self, keep_old_log: bool) -> Result<usize> {
+        self.check_writable()?;
+        let rows = self.memtable.rows();
+        let mut id = self.manifest.next_file_id;
+        let mut manifest = self.manifest.clone();
+        let mut sealed = None;
+        if rows > 0 {
+            let table = self.memtable.clone();
+            let file = segment_file_name(id);
+            let segment = self.write_segment(&file, |writer| {
+                let stride = table.stride();
+                for r in 0..rows {
+                    let subject = &table.subject_ids()[table.row_subjects()[r] as usize];
+                    writer.push(&table.data()[r * stride..(r + 1) * stride], table.scales()[r], subject)?;
+                }
+                Ok(())
+            })?;
+            manifest.segments.push(SegmentEntry {
+                id,
+                file: file.clone(),
+                rows: rows as u64,
+            });
+            sealed = Some((segment, file));
+            id += 1;
+        }
+        // Deletions pending against the older segments, once per subject, marked so they
+        // reach every segment that existed when the subject was deleted (and none newer).
+        let mut pending: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+        for (view, entry) in self.segments.iter().zip(&self.manifest.segments) {
+            for &o in &view.dead_subjects {
+                let mark = pending.entry(view.segment.subject_id(o)).or_insert(0);
+                *mark = (*mark).max(entry.id + 1);
+            }
+        }
+        let records: Vec<WalRecord> = pending
+            .iter()
+            .map(|(s, &before)| WalRecord::Delete {
+                subject: (*s).to_owned(),
+                segments_before: before,
+            })
+            .collect();
+        let cleanup = |dir: &Path, sealed: &Option<(Arc<Segment>, String)>, log: Option<&Path>| {
+            if let Some((_, f)) = sealed {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+            if let Some(l) = log {
+                let _ = std::fs::remove_file(l);
+            }
+        };
+        let (mut wal, wal_path) = match self.new_log(id) {
+            Ok(w) => w,
+            Err(e) => {
+                cleanup(&self.dir, &sealed, Some(&self.dir.join(wal_file_name(id))));
+                return Err(e);
+            }
+        };
+        if let Err(e) = wal.append(&records) {
+            drop(wal);
+            cleanup(&self.dir, &sealed, Some(&wal_path));
+            return Err(e);
+        }
+        if keep_old_log {
+            let old = self.dir.join(&self.manifest.wal);
+            if let Err(e) = keep_aside(&self.storage, &self.dir, &old) {
+                cleanup(&self.dir, &sealed, Some(&wal_path));
+                return Err(e);
+            }
+        }
+        manifest.wal = wal_file_name(id);
+        manifest.wal_id = id;
+        manifest.next_file_id = id + 1;
+        if let Err(e) = self.commit(manifest) {
+            if !matches!(e, Error::OutcomeUnknown(_)) {
+                cleanup(&self.dir, &sealed, Some(&wal_path));
+            }
+            return Err(e);
+        }
+        // Committed: the new segment replaces the log's rows.
+        self.switch_log(wal, &wal_path)?;
+        if let Some((segment, _)) = sealed {
+            self.segments.push(SegmentView {
+                segment,
+                dead_subjects: Vec::new(),
+            });
+        }
+        self.tombstones = records.len();
+        self.memtable = Arc::new(MemTable::new(self.manifest.dtype, self.manifest.dim));
+        self.publish();
+        self.remove_orphans();
+        Ok(rows)
+    }
+
+    /// Rewrite every live row (segments minus deletions, plus the log's rows) into one
+    /// new segment and start an empty log; commits atomically through the manifest.
+    /// Rows are verified before they are copied, so damage is never sealed into a new
+    /// file with fresh checksums.
+    pub fn compact(&mut self) -> Result<CompactReport> {
+        self.check_writable()?;
+        let snapshot = self.snapshot.clone();
+        snapshot.ensure_verified()?;
+        let id = self.manifest.next_file_id;
+        let wal_id = id + 1;
+        let file = segment_file_name(id);
+        let total_rows: usize = snapshot.slabs().iter().map(|s| s.rows()).sum();
+        let mut kept = 0u64;
+        let mut manifest = self.manifest.clone();
+        manifest.segments.clear();
+        let mut new_segments = Vec::new();
+        let live_rows = snapshot.live_rows();
+        if live_rows > 0 {
+            let segment = self.write_segment(&file, |writer| {
+                for (_, row) in snapshot.each_live_row() {
+                    writer.push(row.bytes, row.scale, row.subject)?;
+                    kept += 1;
+                }
+                snapshot.check_reads()
+            })?;
+            new_segments.push(SegmentView {
+                segment,
+                dead_subjects: Vec::new(),
+            });
+            manifest.segments.push(SegmentEntry {
+                id,
+                file: file.clone(),
+                rows: kept,
+            });
+        }
+        let (wal, wal_path) = match self.new_log(wal_id) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(self.dir.join(&file));
+                let _ = std::fs::remove_file(self.dir.join(wal_file_name(wal_id)));
+                return Err(e);
+            }
+        };
+        manifest.wal = wal_file_name(wal_id);
+        manifest.wal_id = wal_id;
+        manifest.next_file_id = wal_id + 1;
+        let segments_before = self.manifest.segments.len();
+        if let Err(e) = self.commit(manifest) {
+            if !matches!(e, Error::OutcomeUnknown(_)) {
+                let _ = std::fs::remove_file(self.dir.join(&file));
+                let _ = std::fs::remove_file(&wal_path);
+            }
+            return Err(e);
+        }
+        // Committed. Old files are now orphans; remove them.
+        self.switch_log(wal, &wal_path)?;
+        let report = CompactReport {
+            rows_kept: kept,
+            rows_dropped: total_rows as u64 - kept,
+            segments_before,
+            segments_after: new_segments.len(),
+        };
+        self.segments = new_segments;
+        self.memtable = Arc::new(MemTable::new(self.manifest.dtype, self.manifest.dim));
+        self.tombstones = 0;
+        self.publish();
+        self.remove_orphans();
+        Ok(report)
+    }
+
+    /// Remove files of ours that the manifest does not name (interrupted imports and
+    /// compactions, logs and segments replaced by a compaction). Only while the
+    /// manifest's copy is current (it might name them otherwise). Failures are logged,
+    /// not returned: the commit before this stands either way.
+    fn remove_orphans(&self) {
+        if self.copy_stale {
+            return;
+        }
+        if let Err(e) = remove_orphans(&self.storage, &self.dir, &self.manifest) {
+            tracing::warn!(gallery = %self.dir.display(), error = %e, "could not remove unreferenced files");
+        }
+    }
+}
