@@ -3,7 +3,7 @@
 //! runs 1, 16 and 256 concurrent clients that each send single-probe Identify calls,
 //! reporting throughput and p50/p99 latency beside the engine's own numbers.
 
-use crate::client::{Client, ConnectOptions};
+use crate::client::{Client, ConnectOptions, remote_error};
 use crate::engine::{Engine, SearchParams};
 use crate::error::{Error, Result};
 use crate::gallery::{Gallery, ImportOptions};
@@ -86,7 +86,10 @@ pub async fn run(rows: usize, dim: usize, dtype: Dtype, concurrency: &[usize], s
     .await?;
     for &c in concurrency {
         // Warm up the connection and the gallery's pages.
-        client.identify("bench", &probes[..dim], dim, 10, None).await?;
+        client
+            .identify("bench", &probes[..dim], dim, 10, None)
+            .await
+            .map_err(remote_error)?;
         let deadline = Instant::now() + Duration::from_secs_f64(seconds);
         let start = Instant::now();
         let mut tasks = Vec::new();
@@ -98,7 +101,7 @@ pub async fn run(rows: usize, dim: usize, dtype: Dtype, concurrency: &[usize], s
                 while latencies.len() < 2 || Instant::now() < deadline {
                     let p = &probes[(i % 1024) * dim..(i % 1024 + 1) * dim];
                     let t0 = Instant::now();
-                    client.identify("bench", p, dim, 10, None).await?;
+                    client.identify("bench", p, dim, 10, None).await.map_err(remote_error)?;
                     latencies.push(t0.elapsed().as_secs_f64() * 1e3);
                     i += c;
                 }
@@ -107,7 +110,7 @@ pub async fn run(rows: usize, dim: usize, dtype: Dtype, concurrency: &[usize], s
         }
         let mut all = Vec::new();
         for t in tasks {
-            all.extend(t.await.map_err(|e| Error::invalid(e.to_string()))??);
+            all.extend(t.await.map_err(|e| Error::Internal(e.to_string()))??);
         }
         let wall = start.elapsed().as_secs_f64();
         all.sort_by(f64::total_cmp);

@@ -1,11 +1,14 @@
-//! A small client over the gRPC API, for `biogate client ...`, the tests and the demo.
+//! A client over the gRPC API, for `biogate client ...`, the tests, the demo and the
+//! load benchmark: one typed method per call. Each answers with the server's
+//! [`tonic::Status`] on failure, so a caller can act on its code; [`remote_error`] turns
+//! one into an [`Error`] for a message.
 
 use crate::error::{Error, IoContext, Result};
 use crate::server::proto;
 use crate::server::proto::biogate_client::BiogateClient;
 use std::path::PathBuf;
-use tonic::Request;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::{Request, Status};
 
 /// How to reach a server.
 #[derive(Clone, Debug, Default)]
@@ -25,20 +28,31 @@ pub struct ConnectOptions {
 /// A connected client that adds the bearer token to every request.
 #[derive(Clone)]
 pub struct Client {
-    pub inner: BiogateClient<Channel>,
+    inner: BiogateClient<Channel>,
     token: Option<String>,
 }
 
-/// A server's refusal as an error that keeps the status code's name.
-pub fn rpc_error(e: tonic::Status) -> Error {
-    Error::invalid(format!("server answered {:?}: {}", e.code(), e.message()))
+/// What a call answers: its message, or the server's status.
+pub type Reply<T> = std::result::Result<T, Status>;
+
+/// A server's refusal as an [`Error`] that keeps the status code's name.
+pub fn remote_error(s: Status) -> Error {
+    Error::Remote {
+        code: crate::server::status_code_name(s.code()),
+        message: s.message().to_owned(),
+    }
+}
+
+/// Pack f32 values as little-endian bytes (the API's template encoding).
+pub fn pack(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 impl Client {
     /// Connect (TLS when `ca_cert` is given).
     pub async fn connect(options: &ConnectOptions) -> Result<Client> {
         let mut endpoint = Channel::from_shared(options.addr.clone())
-            .map_err(|e| Error::invalid(format!("address {:?}: {e}", options.addr)))?;
+            .map_err(|e| Error::Config(format!("address {:?}: {e}", options.addr)))?;
         if let Some(ca) = &options.ca_cert {
             let read = |p: &PathBuf| std::fs::read(p).ctx(|| format!("reading {}", p.display()));
             let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
@@ -50,12 +64,12 @@ impl Client {
             }
             endpoint = endpoint
                 .tls_config(tls)
-                .map_err(|e| Error::invalid(format!("TLS: {e}")))?;
+                .map_err(|e| Error::Config(format!("TLS: {e}")))?;
         }
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| Error::invalid(format!("connecting to {}: {e}", options.addr)))?;
+        let channel = endpoint.connect().await.map_err(|e| Error::Remote {
+            code: "UNAVAILABLE".into(),
+            message: format!("connecting to {}: {e}", options.addr),
+        })?;
         Ok(Client {
             inner: BiogateClient::new(channel).max_decoding_message_size(64 << 20),
             token: options.token.clone(),
@@ -73,6 +87,12 @@ impl Client {
         r
     }
 
+    /// The generated client, for requests the typed methods do not build (tests of
+    /// malformed input, streams of one's own). Wrap messages with [`Client::request`].
+    pub fn raw(&self) -> BiogateClient<Channel> {
+        self.inner.clone()
+    }
+
     /// Identify probes (row-major `count * dim` values).
     pub async fn identify(
         &self,
@@ -81,20 +101,31 @@ impl Client {
         dim: usize,
         k: u32,
         threshold: Option<f32>,
-    ) -> Result<Vec<proto::ProbeResult>> {
+    ) -> Reply<Vec<proto::ProbeResult>> {
         let req = proto::IdentifyRequest {
             gallery: gallery.into(),
             probes: probes.chunks_exact(dim).map(pack).collect(),
             k,
             threshold,
         };
-        let r = self
-            .inner
-            .clone()
-            .identify(self.request(req))
-            .await
-            .map_err(rpc_error)?;
-        Ok(r.into_inner().results)
+        Ok(self.raw().identify(self.request(req)).await?.into_inner().results)
+    }
+
+    /// Verify one probe against a claimed subject.
+    pub async fn verify(
+        &self,
+        gallery: &str,
+        probe: &[f32],
+        subject: &str,
+        threshold: Option<f32>,
+    ) -> Reply<proto::VerifyResponse> {
+        let req = proto::VerifyRequest {
+            gallery: gallery.into(),
+            probe: pack(probe),
+            subject: subject.into(),
+            threshold,
+        };
+        Ok(self.raw().verify(self.request(req)).await?.into_inner())
     }
 
     /// Enroll rows with their subject ids, one stream message per run of equal ids.
@@ -104,7 +135,7 @@ impl Client {
         templates: &[f32],
         dim: usize,
         ids: &[String],
-    ) -> Result<proto::EnrollResponse> {
+    ) -> Reply<proto::EnrollResponse> {
         let mut messages = Vec::new();
         let mut i = 0;
         while i < ids.len() {
@@ -119,17 +150,63 @@ impl Client {
             });
             i = j;
         }
-        let r = self
-            .inner
-            .clone()
-            .enroll(self.request(tokio_stream::iter(messages)))
-            .await
-            .map_err(rpc_error)?;
-        Ok(r.into_inner())
+        let stream = tokio_stream::iter(messages);
+        Ok(self.raw().enroll(self.request(stream)).await?.into_inner())
     }
-}
 
-/// Pack f32 values as little-endian bytes (the API's template encoding).
-pub fn pack(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    /// Delete a subject and all its templates.
+    pub async fn delete_subject(&self, gallery: &str, subject: &str) -> Reply<()> {
+        let req = proto::DeleteSubjectRequest {
+            gallery: gallery.into(),
+            subject: subject.into(),
+        };
+        self.raw().delete_subject(self.request(req)).await?;
+        Ok(())
+    }
+
+    /// Every gallery, serving or not.
+    pub async fn list_galleries(&self) -> Reply<Vec<proto::GalleryInfo>> {
+        let req = proto::ListGalleriesRequest {};
+        Ok(self
+            .raw()
+            .list_galleries(self.request(req))
+            .await?
+            .into_inner()
+            .galleries)
+    }
+
+    /// One gallery's shape and state.
+    pub async fn get_gallery(&self, name: &str) -> Reply<proto::GalleryInfo> {
+        let req = proto::GetGalleryRequest { name: name.into() };
+        Ok(self.raw().get_gallery(self.request(req)).await?.into_inner())
+    }
+
+    /// Create a gallery (`dtype`: "f32", "f16" or "i8").
+    pub async fn create_gallery(&self, name: &str, dim: u32, dtype: &str) -> Reply<proto::GalleryInfo> {
+        let req = proto::CreateGalleryRequest {
+            name: name.into(),
+            dim,
+            dtype: dtype.into(),
+        };
+        Ok(self.raw().create_gallery(self.request(req)).await?.into_inner())
+    }
+
+    /// Drop a gallery and delete its data.
+    pub async fn drop_gallery(&self, name: &str) -> Reply<()> {
+        let req = proto::DropGalleryRequest { name: name.into() };
+        self.raw().drop_gallery(self.request(req)).await?;
+        Ok(())
+    }
+
+    /// Repair a gallery on the server.
+    pub async fn repair_gallery(&self, name: &str) -> Reply<proto::RepairGalleryResponse> {
+        let req = proto::RepairGalleryRequest { name: name.into() };
+        Ok(self.raw().repair_gallery(self.request(req)).await?.into_inner())
+    }
+
+    /// Compact a gallery on the server.
+    pub async fn compact_gallery(&self, name: &str) -> Reply<proto::CompactGalleryResponse> {
+        let req = proto::CompactGalleryRequest { name: name.into() };
+        Ok(self.raw().compact_gallery(self.request(req)).await?.into_inner())
+    }
 }

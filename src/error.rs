@@ -41,10 +41,76 @@ pub enum Error {
     /// An operation was cut short by a concurrent one (a gallery dropped under it).
     #[error("aborted: {0}")]
     Aborted(String),
-    /// The GPU failed: no adapter where one was required, a device error, a lost device,
-    /// or a kernel that did not fill its results.
-    #[error("GPU: {0}")]
-    Gpu(String),
+    /// The GPU failed; the kind says what a caller can do about it.
+    #[error("GPU ({}): {}", .0.kind, .0.message)]
+    Gpu(GpuError),
+    /// A server answered with an error status (the client side of the API).
+    #[error("the server answered {code}: {message}")]
+    Remote {
+        /// The gRPC status code's name ("UNAVAILABLE", "DATA_LOSS", ...).
+        code: String,
+        message: String,
+    },
+    /// A defect inside biogate (a panic caught, an impossible state): report it.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The configuration (a TOML file, flags, TLS material, an address) is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// What went wrong on a GPU, by what a caller can do about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuErrorKind {
+    /// No usable adapter (none found, or it lacks what is needed): use the CPU.
+    NotAvailable,
+    /// Out of GPU memory: the work may fit later, when less is resident; answer on the
+    /// CPU now and try the GPU again later.
+    OutOfMemory,
+    /// The device was lost (driver reset, hung or removed GPU): open it again.
+    DeviceLost,
+    /// The GPU did not finish in time.
+    Timeout,
+    /// A validation error or impossible results: a defect; do not use the GPU for this
+    /// work again.
+    Internal,
+}
+
+impl std::fmt::Display for GpuErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GpuErrorKind::NotAvailable => "not available",
+            GpuErrorKind::OutOfMemory => "out of memory",
+            GpuErrorKind::DeviceLost => "device lost",
+            GpuErrorKind::Timeout => "timeout",
+            GpuErrorKind::Internal => "internal error",
+        })
+    }
+}
+
+/// A GPU failure: its kind and wgpu's message.
+#[derive(Clone, Debug)]
+pub struct GpuError {
+    pub kind: GpuErrorKind,
+    pub message: String,
+}
+
+impl Error {
+    /// A GPU error of `kind`.
+    pub fn gpu(kind: GpuErrorKind, message: impl Into<String>) -> Self {
+        Error::Gpu(GpuError {
+            kind,
+            message: message.into(),
+        })
+    }
+
+    /// The kind of a GPU error, if this is one.
+    pub fn gpu_kind(&self) -> Option<GpuErrorKind> {
+        match self {
+            Error::Gpu(g) => Some(g.kind),
+            _ => None,
+        }
+    }
 }
 
 /// Result with biogate's [`Error`].

@@ -135,7 +135,7 @@ fn kill9_campaign() {
                             gallery: "g".into(),
                             subject: s.clone(),
                         };
-                        match c.inner.clone().delete_subject(c.request(req)).await {
+                        match c.raw().delete_subject(c.request(req)).await {
                             Ok(_) => done.push((s.clone(), None)),
                             Err(_) => {
                                 // Cut off by the kill: it may or may not have landed.
@@ -156,7 +156,7 @@ fn kill9_campaign() {
                     loop {
                         tokio::time::sleep(Duration::from_millis(pause)).await;
                         let req = proto::CompactGalleryRequest { name: "g".into() };
-                        if c.inner.clone().compact_gallery(c.request(req)).await.is_err() {
+                        if c.raw().compact_gallery(c.request(req)).await.is_err() {
                             return n;
                         }
                         n += 1;
@@ -204,7 +204,7 @@ fn kill9_campaign() {
                 subject: name.clone(),
                 threshold: None,
             };
-            let e = rt.block_on(c.inner.clone().verify(c.request(req))).unwrap_err();
+            let e = rt.block_on(c.raw().verify(c.request(req))).unwrap_err();
             assert_eq!(e.code(), tonic::Code::NotFound, "trial {trial}: deleted {name} is back");
         }
         server.kill();

@@ -8,12 +8,14 @@
 mod common;
 
 use biogate::engine::gpu::{GpuBackend, GpuOptions};
+use biogate::error::GpuErrorKind;
 use biogate::gallery::{Enrollment, Gallery, ImportOptions};
 use biogate::npy::MemoryImport;
 use biogate::template::Dtype;
 use biogate::{Engine, SearchParams};
 use common::{Model, build, check_engine, random_rows, rng};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 /// Shards of at most 4 KiB, but at least one 64-row tile: every gallery of more than
 /// 64 rows here spans several shards.
@@ -259,17 +261,17 @@ fn auto_keeps_a_flight_sized_gallery_on_the_cpu_and_answers_the_same() {
 }
 
 #[test]
-fn a_lost_device_is_an_error_not_a_panic() {
+fn a_lost_device_is_opened_again_and_the_search_answered_on_it() {
     let Some(gpu) = open_gpu() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (g, _) = build(dir.path(), 8, Dtype::F32, 50, 51);
+    let (g, model) = build(dir.path(), 8, Dtype::F32, 50, 51);
     let engine = Engine::new(gpu.clone());
     let probes = random_rows(&mut rng(52), 2, 8);
-    let params = SearchParams { k: 3, threshold: None };
-    engine.search(&g.snapshot(), &probes, &params).unwrap();
-    gpu.context().device.destroy();
-    let e = engine.search(&g.snapshot(), &probes, &params).unwrap_err();
-    assert!(e.to_string().contains("GPU"), "{e}");
+    check_engine(&engine, &g.snapshot(), &model, &probes, Dtype::F32);
+    gpu.inject_fault(GpuErrorKind::DeviceLost);
+    check_engine(&engine, &g.snapshot(), &model, &probes, Dtype::F32);
+    assert_eq!(gpu.reopened(), 1, "the lost device was opened again, once");
+    assert!(gpu.resident_bytes() > 0, "the search ran on the new device");
 }
 
 #[test]
@@ -305,24 +307,51 @@ fn the_logs_resident_copy_grows_in_place_on_the_gpu() {
 }
 
 #[test]
-fn auto_answers_on_the_cpu_when_the_gpu_fails() {
+fn auto_acts_on_the_kind_of_gpu_failure() {
     use biogate::engine::route::{AutoBackend, Cost};
-    let Some(gpu) = open_gpu() else { return };
-    // Costs that send everything to the GPU; then the device goes away.
+    // Costs that send everything to the GPU.
     let cpu = Cost {
         fixed: 1.0,
         per_row: 1.0,
         per_row_probe: 1.0,
     };
-    let auto = Arc::new(AutoBackend::with_costs(gpu.clone(), [(cpu, Cost::default()); 3]));
-    assert!(auto.prefers_gpu(Dtype::I8, 10, 512, 1));
-    let dir = tempfile::tempdir().unwrap();
-    let (g, model) = build(dir.path(), 20, Dtype::I8, 200, 71);
-    let probes = random_rows(&mut rng(72), 3, 20);
-    let engine = Engine::new(auto);
-    check_engine(&engine, &g.snapshot(), &model, &probes, Dtype::I8);
-    gpu.context().device.destroy();
-    check_engine(&engine, &g.snapshot(), &model, &probes, Dtype::I8);
+    for (kind, gpu_again) in [(GpuErrorKind::OutOfMemory, true), (GpuErrorKind::Internal, false)] {
+        let Some(gpu) = open_gpu() else { return };
+        let auto = Arc::new(
+            AutoBackend::with_costs(gpu.clone(), [(cpu, Cost::default()); 3]).with_retry_after(Duration::ZERO),
+        );
+        assert!(auto.prefers_gpu(Dtype::I8, 10, 512, 1));
+        // One segment: one slab, so the injected fault is the only thing that happens.
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = Gallery::create(dir.path(), 20, Dtype::I8).unwrap();
+        let rows = random_rows(&mut rng(71), 200, 20);
+        let ids: Vec<String> = (0..200).map(|i| format!("s{:03}", i / 2)).collect();
+        g.import(
+            &mut MemoryImport::new(20, &rows, &ids).unwrap(),
+            ImportOptions::default(),
+            &|_| {},
+        )
+        .unwrap();
+        let mut model = Model::default();
+        for (i, id) in ids.iter().enumerate() {
+            model.add(id, &rows[i * 20..(i + 1) * 20], 20);
+        }
+        let probes = random_rows(&mut rng(72), 3, 20);
+        let engine = Engine::new(auto);
+        // The failure is answered on the CPU, exactly as the CPU engine answers.
+        gpu.inject_fault(kind);
+        let params = SearchParams { k: 7, threshold: None };
+        let got = engine.search(&g.snapshot(), &probes, &params).unwrap();
+        assert_eq!(
+            got,
+            Engine::cpu().search(&g.snapshot(), &probes, &params).unwrap(),
+            "{kind}"
+        );
+        assert_eq!(gpu.resident_bytes(), 0, "{kind}: nothing reached the GPU yet");
+        // Out of memory: the slab is tried on the GPU again; a defect: never again.
+        check_engine(&engine, &g.snapshot(), &model, &probes, Dtype::I8);
+        assert_eq!(gpu.resident_bytes() > 0, gpu_again, "{kind}");
+    }
 }
 
 #[test]

@@ -19,13 +19,13 @@ use super::cpu::CpuBackend;
 use super::gpu::{GpuBackend, GpuOptions};
 use super::topk::Hit;
 use super::{Backend, EncodedProbes, Engine};
-use crate::error::{Error, Result};
+use crate::error::{Error, GpuErrorKind, Result};
 use crate::gallery::Slab;
 use crate::template::Dtype;
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Rows of the calibration slab.
 pub const CALIBRATION_ROWS: usize = 32_768;
@@ -133,10 +133,18 @@ pub struct AutoBackend {
     gpu: Arc<GpuBackend>,
     /// (cpu, gpu) per dtype, in `Dtype::ALL` order.
     costs: [(Cost, Cost); 3],
-    /// Slabs (by identity) the GPU failed on (e.g. out of its memory): the CPU takes them
-    /// from then on instead of failing again on every search.
+    /// Slabs (by identity) the GPU failed on for good (a defect, no GPU left): the CPU
+    /// takes them from then on instead of failing again on every search.
     gpu_failed: Mutex<HashSet<u64>>,
+    /// Slabs the GPU had no memory (or time) for, and when to try the GPU again.
+    gpu_retry_at: Mutex<HashMap<u64, Instant>>,
+    /// How long a slab waits for the GPU after running it out of memory.
+    retry_after: Duration,
 }
+
+/// How long a slab that ran the GPU out of memory is searched on the CPU before the GPU
+/// is tried again (by then other slabs may have been released).
+pub const GPU_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 fn dtype_index(dtype: Dtype) -> usize {
     Dtype::ALL
@@ -202,7 +210,15 @@ impl AutoBackend {
             gpu,
             costs,
             gpu_failed: Mutex::new(HashSet::new()),
+            gpu_retry_at: Mutex::new(HashMap::new()),
+            retry_after: GPU_RETRY_AFTER,
         }
+    }
+
+    /// The same, trying the GPU again this soon after it ran out of memory (tests).
+    pub fn with_retry_after(mut self, retry_after: Duration) -> AutoBackend {
+        self.retry_after = retry_after;
+        self
     }
 
     /// Whether a search of `rows x probes` on `dtype` rows of `len` goes to the GPU.
@@ -224,17 +240,28 @@ impl Backend for AutoBackend {
 
     fn search_slab(&self, slab: &Slab<'_>, probes: &EncodedProbes, k: usize, floor: f32) -> Result<Vec<Vec<Hit>>> {
         let uid = slab.identity().uid;
-        let failed = |set: &HashSet<u64>| set.contains(&uid);
-        let lock = || self.gpu_failed.lock().unwrap_or_else(|p| p.into_inner());
-        if self.prefers_gpu(slab.dtype(), slab.rows(), probes.len, probes.count) && !failed(&lock()) {
+        let failed = || self.gpu_failed.lock().unwrap_or_else(|p| p.into_inner());
+        let retry = || self.gpu_retry_at.lock().unwrap_or_else(|p| p.into_inner());
+        let waiting = retry().get(&uid).is_some_and(|&at| Instant::now() < at);
+        if self.prefers_gpu(slab.dtype(), slab.rows(), probes.len, probes.count) && !waiting && !failed().contains(&uid)
+        {
             match self.gpu.search_slab(slab, probes, k, floor) {
-                Ok(hits) => return Ok(hits),
+                Ok(hits) => {
+                    retry().remove(&uid);
+                    return Ok(hits);
+                }
                 // Damage found while uploading: never answered around.
                 Err(e @ Error::Corrupt(_)) => return Err(e),
-                // Out of GPU memory, a lost device...: `auto` still answers, on the CPU.
+                // No room (or time) on the GPU now: the CPU answers, the GPU is tried again later.
+                Err(e) if matches!(e.gpu_kind(), Some(GpuErrorKind::OutOfMemory | GpuErrorKind::Timeout)) => {
+                    tracing::warn!(error = %e, rows = slab.rows(), retry_in = ?self.retry_after, "GPU search failed: this slab is searched on the CPU for now");
+                    retry().insert(uid, Instant::now() + self.retry_after);
+                }
+                // A defect, or no GPU at all (a lost device is opened again by the GPU
+                // backend; this is when that failed): the CPU takes this slab from now on.
                 Err(e) => {
                     tracing::warn!(error = %e, rows = slab.rows(), "GPU search failed: this slab goes to the CPU from now on");
-                    lock().insert(uid);
+                    failed().insert(uid);
                 }
             }
         }

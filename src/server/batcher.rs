@@ -37,10 +37,13 @@ pub struct Job {
 }
 
 /// The submitting side.
-#[derive(Clone)]
 pub struct Batcher {
-    tx: SyncSender<Job>,
+    /// The queue into the engine thread; replaced when the thread is restarted.
+    tx: std::sync::Mutex<SyncSender<Job>>,
+    engine: Engine,
+    config: BatchConfig,
     metrics: Arc<Metrics>,
+    restarts: std::sync::atomic::AtomicU64,
 }
 
 /// Batching knobs.
@@ -51,28 +54,70 @@ pub struct BatchConfig {
     pub queue_capacity: usize,
 }
 
+/// Why a job was not queued.
+pub enum SubmitError {
+    /// The queue is full: retry later (RESOURCE_EXHAUSTED).
+    Full(Box<Job>),
+    /// The engine thread could not be started again.
+    Stopped(Box<Job>),
+}
+
 impl Batcher {
     /// Start the engine thread.
     pub fn start(engine: Engine, config: BatchConfig, metrics: Arc<Metrics>) -> Batcher {
-        let (tx, rx) = mpsc::sync_channel(config.queue_capacity);
-        let m = metrics.clone();
-        std::thread::Builder::new()
-            .name("biogate-engine".into())
-            .spawn(move || run(rx, engine, config, m))
-            .expect("spawn the engine thread");
-        Batcher { tx, metrics }
+        let tx = spawn_engine_thread(&engine, config, &metrics);
+        Batcher {
+            tx: std::sync::Mutex::new(tx),
+            engine,
+            config,
+            metrics,
+            restarts: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
-    /// Queue a job; `Err(job)` when the queue is full.
-    pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
-        match self.tx.try_send(job) {
+    /// Queue a job. If the engine thread has gone (it never should: a panicking search
+    /// is caught and answered), it is started again and the job queued there.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let job = match tx.try_send(job) {
+            Ok(()) => {
+                self.metrics.queue_depth.inc();
+                return Ok(());
+            }
+            Err(TrySendError::Full(job)) => return Err(SubmitError::Full(Box::new(job))),
+            Err(TrySendError::Disconnected(job)) => job,
+        };
+        tracing::error!("the engine thread is gone; starting it again");
+        self.restarts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *tx = spawn_engine_thread(&self.engine, self.config, &self.metrics);
+        match tx.try_send(job) {
             Ok(()) => {
                 self.metrics.queue_depth.inc();
                 Ok(())
             }
-            Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => Err(Box::new(job)),
+            Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
+                Err(SubmitError::Stopped(Box::new(job)))
+            }
         }
     }
+
+    /// How many times the engine thread had to be started again.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn spawn_engine_thread(engine: &Engine, config: BatchConfig, metrics: &Arc<Metrics>) -> SyncSender<Job> {
+    let (tx, rx) = mpsc::sync_channel(config.queue_capacity);
+    let (engine, m) = (engine.clone(), metrics.clone());
+    let spawned = std::thread::Builder::new()
+        .name("biogate-engine".into())
+        .spawn(move || run(rx, engine, config, m));
+    if let Err(e) = spawned {
+        // The receiver is gone with the closure: submits see Disconnected and retry.
+        tracing::error!(error = %e, "could not start the engine thread");
+    }
+    tx
 }
 
 #[cfg(test)]
@@ -80,13 +125,27 @@ impl Batcher {
     /// A batcher whose queue nobody drains (tests of the full-queue path).
     fn unstarted(capacity: usize) -> (Batcher, mpsc::Receiver<Job>) {
         let (tx, rx) = mpsc::sync_channel(capacity);
+        let config = BatchConfig {
+            max_batch: 1,
+            max_wait: Duration::ZERO,
+            queue_capacity: capacity,
+        };
         (
             Batcher {
-                tx,
+                tx: std::sync::Mutex::new(tx),
+                engine: Engine::cpu(),
+                config,
                 metrics: Metrics::new(),
+                restarts: std::sync::atomic::AtomicU64::new(0),
             },
             rx,
         )
+    }
+
+    /// Make the engine thread exit, as if it had died.
+    fn kill_engine_thread(&self) {
+        let (dead, _) = mpsc::sync_channel(1);
+        *self.tx.lock().unwrap() = dead;
     }
 }
 
@@ -160,7 +219,22 @@ fn run_group(engine: &Engine, group: Vec<Job>, metrics: &Metrics) {
     metrics.batch_probes.observe((probes.len() / dim) as f64);
     metrics.batch_requests.observe(live.len() as f64);
     let t = Instant::now();
-    let result = engine.search(&snapshot, &probes, &SearchParams { k, threshold });
+    // A panicking search (a defect) answers this group with an error; the engine
+    // thread lives on for the next one.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        engine.search(&snapshot, &probes, &SearchParams { k, threshold })
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %what, gallery = %gallery.name, "a search panicked");
+        Err(crate::error::Error::Internal(format!(
+            "the search engine failed ({what}); the request was not answered"
+        )))
+    });
     metrics.engine_seconds.observe(t.elapsed().as_secs_f64());
     match result {
         Ok(results) => {
@@ -267,5 +341,84 @@ mod tests {
         let (c, _) = job(g, None);
         assert!(stalled.submit(a).is_ok());
         assert!(stalled.submit(c).is_err(), "a full queue refuses at once");
+    }
+
+    /// A backend that panics on its first search.
+    struct PanicsOnce(std::sync::atomic::AtomicBool, crate::engine::cpu::CpuBackend);
+
+    impl crate::engine::Backend for PanicsOnce {
+        fn name(&self) -> &'static str {
+            "panics-once"
+        }
+        fn search_slab(
+            &self,
+            slab: &crate::gallery::Slab<'_>,
+            probes: &crate::engine::EncodedProbes,
+            k: usize,
+            floor: f32,
+        ) -> crate::error::Result<Vec<Vec<crate::engine::Hit>>> {
+            if !self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                panic!("a defect in a backend");
+            }
+            self.1.search_slab(slab, probes, k, floor)
+        }
+    }
+
+    fn one_gallery(dir: &std::path::Path) -> Arc<GalleryEntry> {
+        let registry = Registry::open(dir, crate::storage::Storage::default()).unwrap();
+        let g = registry.create("g", 4, Dtype::F32).unwrap();
+        g.write(|w| {
+            w.enroll(&[crate::gallery::Enrollment {
+                subject: "a".into(),
+                templates: vec![1.0, 0.0, 0.0, 0.0],
+            }])
+        })
+        .unwrap();
+        g
+    }
+
+    #[test]
+    fn a_panicking_search_is_answered_with_an_error_and_the_engine_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = one_gallery(dir.path());
+        let backend = PanicsOnce(Default::default(), crate::engine::cpu::CpuBackend::new());
+        let config = BatchConfig {
+            max_batch: 1,
+            max_wait: Duration::ZERO,
+            queue_capacity: 4,
+        };
+        let b = Batcher::start(Engine::new(Arc::new(backend)), config, Metrics::new());
+        let (first, rx1) = job(g.clone(), None);
+        assert!(b.submit(first).is_ok());
+        match rx1.blocking_recv().unwrap() {
+            Err(JobError::Engine(s)) => {
+                assert_eq!(s.code(), tonic::Code::Internal);
+                assert!(s.message().contains("a defect in a backend"), "{}", s.message());
+            }
+            _ => panic!("the panic must be answered with an error"),
+        }
+        let (second, rx2) = job(g, None);
+        assert!(b.submit(second).is_ok());
+        let ok = rx2.blocking_recv().unwrap().map_err(|_| ()).unwrap();
+        assert_eq!(ok[0].candidates[0].subject, "a");
+        assert_eq!(b.restarts(), 0, "the thread never died");
+    }
+
+    #[test]
+    fn a_dead_engine_thread_is_started_again_by_the_next_submit() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = one_gallery(dir.path());
+        let config = BatchConfig {
+            max_batch: 4,
+            max_wait: Duration::ZERO,
+            queue_capacity: 4,
+        };
+        let b = Batcher::start(Engine::cpu(), config, Metrics::new());
+        b.kill_engine_thread();
+        let (j, rx) = job(g, None);
+        assert!(b.submit(j).is_ok(), "not 'queue full': the thread is started again");
+        let ok = rx.blocking_recv().unwrap().map_err(|_| ()).unwrap();
+        assert_eq!(ok[0].candidates[0].subject, "a");
+        assert_eq!(b.restarts(), 1);
     }
 }

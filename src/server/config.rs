@@ -176,7 +176,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).ctx(|| format!("reading config {}", path.display()))?;
         let config: Config =
-            toml::from_str(&text).map_err(|e| Error::invalid(format!("config {}: {e}", path.display())))?;
+            toml::from_str(&text).map_err(|e| Error::Config(format!("config {}: {e}", path.display())))?;
         config.validate()?;
         Ok(config)
     }
@@ -184,38 +184,38 @@ impl Config {
     /// Check values that TOML's types cannot.
     pub fn validate(&self) -> Result<()> {
         if self.max_batch == 0 || self.queue_capacity == 0 || self.max_probes_per_request == 0 {
-            return Err(Error::invalid(
-                "max_batch, queue_capacity and max_probes_per_request must be positive",
+            return Err(Error::Config(
+                "max_batch, queue_capacity and max_probes_per_request must be positive".into(),
             ));
         }
         if self.max_connections == 0 || self.max_requests_in_flight == 0 || self.max_streams_per_connection == 0 {
-            return Err(Error::invalid(
-                "max_connections, max_requests_in_flight and max_streams_per_connection must be positive",
+            return Err(Error::Config(
+                "max_connections, max_requests_in_flight and max_streams_per_connection must be positive".into(),
             ));
         }
         if self.handshake_timeout_ms == 0 || self.file_check_interval_ms == 0 || self.scrub_mb_per_s == 0 {
-            return Err(Error::invalid(
-                "handshake_timeout_ms, file_check_interval_ms and scrub_mb_per_s must be positive",
+            return Err(Error::Config(
+                "handshake_timeout_ms, file_check_interval_ms and scrub_mb_per_s must be positive".into(),
             ));
         }
         if self.audit.rotate_bytes < 4096 || self.audit.rotate_after_s == 0 {
-            return Err(Error::invalid(
-                "audit.rotate_bytes must be at least 4096 and audit.rotate_after_s positive",
+            return Err(Error::Config(
+                "audit.rotate_bytes must be at least 4096 and audit.rotate_after_s positive".into(),
             ));
         }
         if self.max_k == 0 || self.max_k > crate::engine::MAX_K {
-            return Err(Error::invalid(format!("max_k must be in 1..={}", crate::engine::MAX_K)));
+            return Err(Error::Config(format!("max_k must be in 1..={}", crate::engine::MAX_K)));
         }
         let mut seen = std::collections::HashSet::new();
         for t in &self.tokens {
             if t.token.len() < 16 {
-                return Err(Error::invalid(format!(
+                return Err(Error::Config(format!(
                     "token for {:?} is shorter than 16 characters",
                     t.name
                 )));
             }
             if !seen.insert(&t.token) {
-                return Err(Error::invalid(format!("token for {:?} is listed twice", t.name)));
+                return Err(Error::Config(format!("token for {:?} is listed twice", t.name)));
             }
         }
         Ok(())

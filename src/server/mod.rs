@@ -33,6 +33,19 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+/// A gRPC status code's name as gRPC writes it ("INVALID_ARGUMENT").
+pub fn status_code_name(code: tonic::Code) -> String {
+    let name = format!("{code:?}");
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
 /// A running server.
 pub struct ServerHandle {
     /// Where gRPC listens (the real port when the config asked for port 0).
@@ -53,7 +66,7 @@ impl ServerHandle {
             let _ = stop.send(());
         }
         match tokio::time::timeout(self.grace, &mut self.task).await {
-            Ok(joined) => joined.map_err(|e| Error::invalid(format!("server task: {e}")))?,
+            Ok(joined) => joined.map_err(|e| Error::Internal(format!("server task: {e}")))?,
             Err(_) => {
                 tracing::warn!(grace = ?self.grace, "requests still open after the grace period; closing them");
                 self.task.abort();
@@ -125,13 +138,13 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
         }
         builder = builder
             .tls_config(tls_config)
-            .map_err(|e| Error::invalid(format!("TLS configuration: {e}")))?;
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?;
     }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| Error::invalid(format!("reflection: {e}")))?;
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let biogate = BiogateServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -173,7 +186,7 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
         let result = router
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
-            .map_err(|e| Error::invalid(format!("gRPC server: {e}")));
+            .map_err(|e| Error::Internal(format!("gRPC server: {e}")));
         let _ = metrics_stop_tx.send(());
         tracing::info!("stopped");
         result

@@ -10,14 +10,14 @@
 
 use super::audit::{AuditEntry, AuditLog};
 use super::auth::{Auth, Caller};
-use super::batcher::{Batcher, Job, JobError};
+use super::batcher::{Batcher, Job, JobError, SubmitError};
 use super::config::{Config, Role};
 use super::metrics::{Metrics, Refusal};
 use super::proto;
 use super::proto::biogate_server::Biogate;
 use super::registry::{GalleryEntry, GalleryStatus, Registry};
 use crate::engine::{Engine, ProbeResult};
-use crate::error::Error;
+use crate::error::{Error, GpuErrorKind};
 use crate::gallery::Enrollment;
 use crate::template::{Dtype, check_subject_id, normalize_into};
 use std::pin::Pin;
@@ -59,7 +59,16 @@ pub fn status_of(e: Error) -> Status {
         Error::OutcomeUnknown(m) => Status::unknown(m),
         Error::Unavailable(m) => Status::unavailable(m),
         Error::Aborted(m) => Status::aborted(m),
-        Error::Gpu(m) => Status::internal(format!("GPU: {m}")),
+        Error::Gpu(ref g) => match g.kind {
+            GpuErrorKind::OutOfMemory => Status::resource_exhausted(e.to_string()),
+            GpuErrorKind::NotAvailable | GpuErrorKind::DeviceLost | GpuErrorKind::Timeout => {
+                Status::unavailable(e.to_string())
+            }
+            GpuErrorKind::Internal => Status::internal(e.to_string()),
+        },
+        Error::Remote { .. } => Status::unavailable(e.to_string()),
+        Error::Config(m) => Status::failed_precondition(m),
+        Error::Internal(m) => Status::internal(m),
     }
 }
 
@@ -162,19 +171,6 @@ struct Audited {
     /// The call changed something, after a durable intent line: its answer stands even
     /// if the final line cannot be written.
     took_effect: bool,
-}
-
-fn code_name(code: Code) -> String {
-    let name = format!("{code:?}");
-    // "InvalidArgument" -> "INVALID_ARGUMENT", as gRPC names codes.
-    let mut out = String::new();
-    for (i, c) in name.chars().enumerate() {
-        if c.is_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_uppercase());
-    }
-    out
 }
 
 fn audit_status(what: &str, e: std::io::Error) -> Status {
@@ -297,7 +293,7 @@ impl Service {
         let outcome = if code == Code::Ok {
             "ok".to_owned()
         } else {
-            code_name(code)
+            super::status_code_name(code)
         };
         let empty = Audited::default();
         let audited = r.as_ref().map(|(_, a)| a).unwrap_or(&empty);
@@ -403,9 +399,17 @@ impl Service {
             deadline,
             reply,
         };
-        if self.batcher.submit(job).is_err() {
-            self.metrics.refuse(Refusal::Queue, "the search queue is full");
-            return Err(Status::resource_exhausted("the search queue is full; retry later"));
+        match self.batcher.submit(job) {
+            Ok(()) => {}
+            Err(SubmitError::Full(_)) => {
+                self.metrics.refuse(Refusal::Queue, "the search queue is full");
+                return Err(Status::resource_exhausted("the search queue is full; retry later"));
+            }
+            Err(SubmitError::Stopped(_)) => {
+                return Err(Status::unavailable(
+                    "the search engine could not be started; see the server's log",
+                ));
+            }
         }
         let answer = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), wait)

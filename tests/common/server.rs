@@ -35,7 +35,7 @@ pub async fn create(c: &Client, name: &str, dtype: &str) {
         dim: DIM as u32,
         dtype: dtype.into(),
     };
-    c.inner.clone().create_gallery(c.request(req)).await.unwrap();
+    c.raw().create_gallery(c.request(req)).await.unwrap();
 }
 
 pub async fn metrics(h: &ServerHandle) -> String {

@@ -7,7 +7,7 @@
 //! restricts the backends tried; `WGPU_ADAPTER_NAME` picks the first adapter whose name
 //! contains it (case-insensitive); otherwise the high-performance adapter is used.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, GpuErrorKind, Result};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -21,8 +21,8 @@ pub struct GpuContext {
     lost: Arc<AtomicBool>,
 }
 
-fn gpu_error(what: impl std::fmt::Display) -> Error {
-    Error::Gpu(what.to_string())
+fn gpu_error(kind: GpuErrorKind, what: impl std::fmt::Display) -> Error {
+    Error::gpu(kind, what.to_string())
 }
 
 impl GpuContext {
@@ -41,9 +41,10 @@ impl GpuContext {
                 {
                     Some(a) => a,
                     None => {
-                        return Err(gpu_error(format!(
-                            "WGPU_ADAPTER_NAME={wanted:?} matches none of the adapters found: {names:?}"
-                        )));
+                        return Err(gpu_error(
+                            GpuErrorKind::NotAvailable,
+                            format!("WGPU_ADAPTER_NAME={wanted:?} matches none of the adapters found: {names:?}"),
+                        ));
                     }
                 }
             }
@@ -94,7 +95,12 @@ impl GpuContext {
             required_limits: limits.clone(),
             ..Default::default()
         }))
-        .map_err(|e| gpu_error(format!("opening {} ({:?}): {e}", info.name, info.backend)))?;
+        .map_err(|e| {
+            gpu_error(
+                GpuErrorKind::NotAvailable,
+                format!("opening {} ({:?}): {e}", info.name, info.backend),
+            )
+        })?;
         let lost = Arc::new(AtomicBool::new(false));
         let flag = lost.clone();
         device.set_device_lost_callback(move |reason, message| {
@@ -128,7 +134,10 @@ impl GpuContext {
     /// Fails once the device is lost.
     pub fn check_alive(&self) -> Result<()> {
         if self.lost.load(Ordering::SeqCst) {
-            return Err(gpu_error(format!("the GPU device {} was lost", self.info.name)));
+            return Err(gpu_error(
+                GpuErrorKind::DeviceLost,
+                format!("the GPU device {} was lost", self.info.name),
+            ));
         }
         Ok(())
     }
@@ -141,20 +150,32 @@ impl GpuContext {
         let out = f();
         let v = pollster::block_on(validation.pop());
         let o = pollster::block_on(oom.pop());
+        if v.is_some() || o.is_some() {
+            // A lost device shows up as invalid objects first: let its callback run.
+            let _ = self.device.poll(wgpu::PollType::Poll);
+        }
         self.check_alive()?;
-        if let Some(e) = v.or(o) {
+        let failed = o
+            .map(|e| (GpuErrorKind::OutOfMemory, e))
+            .or(v.map(|e| (GpuErrorKind::Internal, e)));
+        if let Some((kind, e)) = failed {
             // wgpu's messages span lines ("Caused by: ..."): keep them on one.
             let text = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
-            return Err(gpu_error(format!("{what}: {text}")));
+            return Err(gpu_error(kind, format!("{what}: {text}")));
         }
         Ok(out)
     }
 
     /// Block until the queue is idle.
     pub fn wait(&self) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| gpu_error(format!("waiting for the GPU: {e}")))?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| {
+            let kind = match e {
+                wgpu::PollError::Timeout => GpuErrorKind::Timeout,
+                _ if self.lost.load(Ordering::SeqCst) => GpuErrorKind::DeviceLost,
+                _ => GpuErrorKind::Internal,
+            };
+            gpu_error(kind, format!("waiting for the GPU: {e}"))
+        })?;
         self.check_alive()
     }
 }

@@ -22,7 +22,7 @@ pub mod shaders;
 use super::cpu::CpuBackend;
 use super::topk::{Hit, TopSubjects};
 use super::{Backend, EncodedProbes};
-use crate::error::{Error, Result};
+use crate::error::{Error, GpuErrorKind, Result};
 use crate::gallery::Slab;
 use crate::template::Dtype;
 use context::GpuContext;
@@ -30,7 +30,8 @@ use residency::{Residency, Resident};
 use shaders::{KernelShape, WORKGROUP};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Workgroups a dispatch aims for on a GPU (enough to fill a large one several times
@@ -75,11 +76,29 @@ impl GpuOptions {
     }
 }
 
-/// Exact search on a GPU.
+/// Exact search on a GPU. Holds the device it searches on; a device that is lost
+/// (driver reset, hung GPU) is opened again and the search retried once.
 pub struct GpuBackend {
+    options: GpuOptions,
+    device: Mutex<Arc<Device>>,
+    cpu: CpuBackend,
+    /// How many times a lost device was opened again.
+    reopened: AtomicU64,
+    /// Faults to report instead of searching (tests of the callers' recovery).
+    injected: Mutex<Vec<GpuErrorKind>>,
+}
+
+/// One opened device and what lives on it.
+pub struct Device {
     ctx: GpuContext,
     state: Mutex<State>,
-    cpu: CpuBackend,
+}
+
+impl std::ops::Deref for Device {
+    type Target = GpuContext;
+    fn deref(&self) -> &GpuContext {
+        &self.ctx
+    }
 }
 
 struct State {
@@ -117,17 +136,89 @@ impl GpuBackend {
         let Some(ctx) = GpuContext::open()? else {
             return Ok(None);
         };
-        GpuBackend::on(ctx, options).map(Some)
+        let device = Device::on(ctx, &options)?;
+        Ok(Some(GpuBackend {
+            options,
+            device: Mutex::new(Arc::new(device)),
+            cpu: CpuBackend::new(),
+            reopened: AtomicU64::new(0),
+            injected: Mutex::new(Vec::new()),
+        }))
     }
 
     /// Open the GPU or fail with an error saying why (for `--backend gpu`).
     pub fn require(options: GpuOptions) -> Result<GpuBackend> {
         GpuBackend::open(options)?.ok_or_else(|| {
-            Error::Gpu("no GPU adapter found (set WGPU_BACKEND / WGPU_ADAPTER_NAME, or install a Vulkan driver such as mesa-vulkan-drivers)".into())
+            Error::gpu(
+                GpuErrorKind::NotAvailable,
+                "no GPU adapter found (set WGPU_BACKEND / WGPU_ADAPTER_NAME, or install a Vulkan driver such as mesa-vulkan-drivers)",
+            )
         })
     }
 
-    fn on(ctx: GpuContext, options: GpuOptions) -> Result<GpuBackend> {
+    /// The device searched on now.
+    pub fn device(&self) -> Arc<Device> {
+        self.device.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The card and how it is reached.
+    pub fn describe(&self) -> String {
+        self.device().describe()
+    }
+
+    /// Whether the adapter is a software renderer running on the CPU (lavapipe, WARP).
+    pub fn is_software(&self) -> bool {
+        self.device().info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// GPU time of the last search's kernels (needs TIMESTAMP_QUERY).
+    pub fn last_kernel_time(&self) -> Option<Duration> {
+        self.device().lock().last_kernel_time
+    }
+
+    /// Bytes of gallery resident on the GPU.
+    pub fn resident_bytes(&self) -> u64 {
+        self.device().lock().residency.bytes()
+    }
+
+    /// How many times a lost device was opened again.
+    pub fn reopened(&self) -> u64 {
+        self.reopened.load(Ordering::SeqCst)
+    }
+
+    /// Make the next search report `kind` instead of searching, as if the device had
+    /// failed so (tests of how callers recover; a `DeviceLost` also destroys the device).
+    pub fn inject_fault(&self, kind: GpuErrorKind) {
+        if kind == GpuErrorKind::DeviceLost {
+            self.device().device.destroy();
+        } else {
+            self.injected.lock().unwrap_or_else(|p| p.into_inner()).push(kind);
+        }
+    }
+
+    /// Open the device again after `lost` was lost (unless another search already did);
+    /// what was resident on it is uploaded again as searches need it.
+    fn reopen(&self, lost: &Arc<Device>) -> Result<Arc<Device>> {
+        let mut current = self.device.lock().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&current, lost) {
+            return Ok(current.clone());
+        }
+        let ctx = GpuContext::open()?.ok_or_else(|| {
+            Error::gpu(
+                GpuErrorKind::NotAvailable,
+                "the GPU was lost and no adapter is found any more",
+            )
+        })?;
+        let device = Arc::new(Device::on(ctx, &self.options)?);
+        tracing::warn!(gpu = %device.describe(), "the GPU device was lost; opened it again");
+        *current = device.clone();
+        self.reopened.fetch_add(1, Ordering::SeqCst);
+        Ok(device)
+    }
+}
+
+impl Device {
+    fn on(ctx: GpuContext, options: &GpuOptions) -> Result<Device> {
         let limit = ctx
             .limits
             .max_storage_buffer_binding_size
@@ -190,7 +281,7 @@ impl GpuBackend {
                 });
             (layout, pipeline_layout, timestamps)
         })?;
-        Ok(GpuBackend {
+        Ok(Device {
             state: Mutex::new(State {
                 residency: Residency::new(shard_bytes),
                 layout,
@@ -200,33 +291,7 @@ impl GpuBackend {
                 last_kernel_time: None,
             }),
             ctx,
-            cpu: CpuBackend::new(),
         })
-    }
-
-    /// The card and how it is reached.
-    pub fn describe(&self) -> String {
-        self.ctx.describe()
-    }
-
-    /// Whether the adapter is a software renderer running on the CPU (lavapipe, WARP).
-    pub fn is_software(&self) -> bool {
-        self.ctx.info.device_type == wgpu::DeviceType::Cpu
-    }
-
-    /// The device context (limits, features).
-    pub fn context(&self) -> &GpuContext {
-        &self.ctx
-    }
-
-    /// GPU time of the last search's kernels (needs TIMESTAMP_QUERY).
-    pub fn last_kernel_time(&self) -> Option<Duration> {
-        self.lock().last_kernel_time
-    }
-
-    /// Bytes of gallery resident on the GPU.
-    pub fn resident_bytes(&self) -> u64 {
-        self.lock().residency.bytes()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -516,7 +581,7 @@ impl Dispatch<'_> {
         ctx.wait()?;
         let bytes = readback
             .get_mapped_range(..)
-            .map_err(|e| Error::Gpu(format!("reading the results back: {e}")))?;
+            .map_err(|e| Error::gpu(GpuErrorKind::Internal, format!("reading the results back: {e}")))?;
         let best_size = plans.len() as u64 * region;
         let mut out = Vec::new();
         for plan in &plans {
@@ -550,21 +615,27 @@ fn check_slots(
     for q in 0..count {
         for (i, slot) in slots[q * keep..(q + 1) * keep].iter().enumerate() {
             if slot.row == POISON || slot.key == POISON {
-                return Err(Error::Gpu(format!(
-                    "the kernels left result slot {i} of probe {} (shard {shard}) unwritten",
-                    first + q
-                )));
+                return Err(Error::gpu(
+                    GpuErrorKind::Internal,
+                    format!(
+                        "the kernels left result slot {i} of probe {} (shard {shard}) unwritten",
+                        first + q
+                    ),
+                ));
             }
             if slot.row == EMPTY {
                 continue;
             }
             if slot.row >= rows || !slot.score.is_finite() {
-                return Err(Error::Gpu(format!(
-                    "the kernels wrote an impossible candidate (row {} of {rows}, score {}) in result slot {i} of probe {} (shard {shard})",
-                    slot.row,
-                    slot.score,
-                    first + q
-                )));
+                return Err(Error::gpu(
+                    GpuErrorKind::Internal,
+                    format!(
+                        "the kernels wrote an impossible candidate (row {} of {rows}, score {}) in result slot {i} of probe {} (shard {shard})",
+                        slot.row,
+                        slot.score,
+                        first + q
+                    ),
+                ));
             }
             out.push((q, shard, *slot));
         }
@@ -605,6 +676,27 @@ fn encode_probes(probes: &EncodedProbes, first: usize, count: usize, padded: usi
     }
 }
 
+impl Device {
+    /// Search one slab here, or on the CPU when the GPU cannot take it.
+    fn search(
+        &self,
+        cpu: &CpuBackend,
+        slab: &Slab<'_>,
+        probes: &EncodedProbes,
+        k: usize,
+        floor: f32,
+    ) -> Result<Vec<Vec<Hit>>> {
+        let mut state = self.lock();
+        match self.search_on_gpu(&mut state, slab, probes, k, floor)? {
+            Some(hits) => Ok(hits),
+            None => {
+                drop(state);
+                cpu.search_slab(slab, probes, k, floor)
+            }
+        }
+    }
+}
+
 impl Backend for GpuBackend {
     fn name(&self) -> &'static str {
         "gpu"
@@ -614,13 +706,18 @@ impl Backend for GpuBackend {
         if slab.rows() == 0 {
             return Ok(vec![Vec::new(); probes.count]);
         }
-        let mut state = self.lock();
-        match self.search_on_gpu(&mut state, slab, probes, k, floor)? {
-            Some(hits) => Ok(hits),
-            None => {
-                drop(state);
-                self.cpu.search_slab(slab, probes, k, floor)
+        let injected = self.injected.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if let Some(kind) = injected {
+            return Err(Error::gpu(kind, "an injected fault"));
+        }
+        let device = self.device();
+        match device.search(&self.cpu, slab, probes, k, floor) {
+            // The device is gone: open it again (once) and search there.
+            Err(e) if e.gpu_kind() == Some(GpuErrorKind::DeviceLost) => {
+                tracing::warn!(error = %e, "GPU device lost during a search");
+                self.reopen(&device)?.search(&self.cpu, slab, probes, k, floor)
             }
+            other => other,
         }
     }
 }

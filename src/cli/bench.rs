@@ -1,0 +1,136 @@
+//! `biogate bench`: probes/s per dtype and batch size, or the gRPC server under load.
+
+use super::runtime;
+use biogate::bench;
+use biogate::engine::BackendChoice;
+use biogate::engine::open_engine;
+use biogate::error::{Error, Result};
+use biogate::gallery;
+use biogate::npy::read_matrix;
+use biogate::template::Dtype;
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Gallery rows to synthesise (ignored with --gallery-npy).
+    #[arg(long, default_value_t = 200_000)]
+    rows: usize,
+    #[arg(long, default_value_t = 512)]
+    dim: usize,
+    /// Batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256,1024")]
+    batches: Vec<usize>,
+    /// Storage dtypes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,i8")]
+    dtypes: Vec<Dtype>,
+    #[arg(short, default_value_t = 10)]
+    k: usize,
+    /// Bench on an existing gallery directory (its own dtype; random probes).
+    #[arg(long, conflicts_with = "gallery_npy")]
+    gallery: Option<PathBuf>,
+    /// Bench on this gallery matrix instead (e.g. from cpu_peers.py --save).
+    #[arg(long, requires = "probes_npy")]
+    gallery_npy: Option<PathBuf>,
+    /// Probes for --gallery-npy.
+    #[arg(long)]
+    probes_npy: Option<PathBuf>,
+    /// Minimum seconds per measurement.
+    #[arg(long, default_value_t = 2.0)]
+    min_seconds: f64,
+    /// cpu, gpu, or auto (the GPU where a cost model measured at start-up says it is faster).
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Load-test the gRPC server on loopback instead (--rows x --dim gallery of the first
+    /// --dtypes entry; concurrency levels from --concurrency).
+    #[arg(long)]
+    grpc: bool,
+    /// Concurrent single-probe clients for --grpc.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    concurrency: Vec<usize>,
+}
+
+pub(crate) fn run(a: BenchArgs) -> Result<()> {
+    if a.grpc {
+        let dtype = a.dtypes.first().copied().unwrap_or(Dtype::F32);
+        let rows = runtime()?.block_on(biogate::bench_grpc::run(
+            a.rows,
+            a.dim,
+            dtype,
+            &a.concurrency,
+            a.min_seconds,
+        ))?;
+        if a.json {
+            for r in &rows {
+                println!("{}", serde_json::to_string(r).expect("serialises"));
+            }
+        } else {
+            println!(
+                "gallery: {} x {} {dtype}, k = 10, cpu engine, {} threads",
+                a.rows,
+                a.dim,
+                rayon::current_num_threads()
+            );
+            print!("{}", biogate::bench_grpc::format_table(&rows));
+        }
+        return Ok(());
+    }
+    let (engine, gpu) = open_engine(a.backend)?;
+    let device = match &gpu {
+        Some(g) => format!("GPU {} (backend {})", g.describe(), a.backend),
+        None => format!("CPU, {} threads", rayon::current_num_threads()),
+    };
+    let max_batch = a.batches.iter().copied().max().unwrap_or(1);
+    let min_time = Duration::from_secs_f64(a.min_seconds);
+    if let Some(dir) = &a.gallery {
+        let snapshot = gallery::open_snapshot(dir)?;
+        let probes = biogate::template::random_unit_rows(max_batch, snapshot.dim(), 8);
+        let rows = bench::run(&engine, gpu.as_deref(), &snapshot, &probes, &a.batches, a.k, min_time)?;
+        return print_bench(&device, &rows, a.json);
+    }
+    let (gallery, probes, dim) = match (&a.gallery_npy, &a.probes_npy) {
+        (Some(g), Some(p)) => {
+            let (_, dim, gallery) = read_matrix(g)?;
+            let (_, pdim, probes) = read_matrix(p)?;
+            if pdim != dim {
+                return Err(Error::invalid("gallery and probes have different dimensions"));
+            }
+            (gallery, probes, dim)
+        }
+        _ => (
+            biogate::template::random_unit_rows(a.rows, a.dim, 7),
+            biogate::template::random_unit_rows(max_batch, a.dim, 8),
+            a.dim,
+        ),
+    };
+    let mut all = Vec::new();
+    for &dtype in &a.dtypes {
+        let snapshot = biogate::Snapshot::from_rows(&gallery, dim, dtype);
+        all.extend(bench::run(
+            &engine,
+            gpu.as_deref(),
+            &snapshot,
+            &probes,
+            &a.batches,
+            a.k,
+            min_time,
+        )?);
+    }
+    print_bench(&device, &all, a.json)
+}
+
+fn print_bench(device: &str, rows: &[bench::BenchRow], json: bool) -> Result<()> {
+    if json {
+        for r in rows {
+            println!("{}", serde_json::to_string(r).expect("serialises"));
+        }
+    } else {
+        println!("device: {device}");
+        print!("{}", bench::format_table(rows));
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! `biogate client ...`: talk to a running server through the typed client.
+
+use biogate::error::{Error, Result};
+use biogate::npy::read_matrix;
+use biogate::template::Dtype;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub(crate) struct ClientArgs {
+    /// Server address.
+    #[arg(long, env = "BIOGATE_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Bearer token.
+    #[arg(long, env = "BIOGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate; enables TLS.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long)]
+    client_key: Option<PathBuf>,
+    #[command(subcommand)]
+    command: ClientCommand,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ClientCommand {
+    /// Identify probes; one JSON line per probe.
+    Identify {
+        #[arg(long, default_value = "default")]
+        gallery: String,
+        #[arg(long)]
+        probes: PathBuf,
+        #[arg(short, default_value_t = 10)]
+        k: u32,
+        #[arg(long)]
+        threshold: Option<f32>,
+    },
+    /// Verify one probe (a row of a .npy) against a claimed subject.
+    Verify {
+        #[arg(long, default_value = "default")]
+        gallery: String,
+        #[arg(long)]
+        probes: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        row: usize,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        threshold: Option<f32>,
+    },
+    /// Enroll templates (.npy) with one subject id per row.
+    Enroll {
+        #[arg(long, default_value = "default")]
+        gallery: String,
+        #[arg(long)]
+        templates: PathBuf,
+        #[arg(long)]
+        ids: PathBuf,
+    },
+    /// List galleries.
+    Galleries,
+    /// Create a gallery.
+    CreateGallery {
+        name: String,
+        #[arg(long)]
+        dim: u32,
+        #[arg(long, value_enum, default_value_t = Dtype::F32)]
+        dtype: Dtype,
+    },
+    /// Drop a gallery and delete its data.
+    DropGallery { name: String },
+    /// Repair a gallery on the server (one that is NOT_SERVING) without a restart.
+    RepairGallery { name: String },
+    /// Rewrite a gallery's live rows into one segment, dropping deleted rows.
+    CompactGallery { name: String },
+}
+
+pub(crate) async fn run(a: ClientArgs) -> Result<()> {
+    use biogate::client::{Client, ConnectOptions, remote_error};
+    let options = ConnectOptions {
+        addr: a.addr.clone(),
+        token: a.token.clone(),
+        ca_cert: a.ca_cert.clone(),
+        client_cert: a.client_cert.clone(),
+        client_key: a.client_key.clone(),
+        domain: None,
+    };
+    let c = Client::connect(&options).await?;
+    let rpc = remote_error;
+    match a.command {
+        ClientCommand::Identify {
+            gallery,
+            probes,
+            k,
+            threshold,
+        } => {
+            let (_, dim, values) = read_matrix(&probes)?;
+            for (b, chunk) in values.chunks(256 * dim).enumerate() {
+                let results = c.identify(&gallery, chunk, dim, k, threshold).await.map_err(rpc)?;
+                for (i, r) in results.iter().enumerate() {
+                    let candidates: Vec<_> = r
+                        .candidates
+                        .iter()
+                        .map(|c| serde_json::json!({"subject": c.subject, "score": c.score}))
+                        .collect();
+                    let matched = if r.decided {
+                        serde_json::json!(r.matched)
+                    } else {
+                        serde_json::Value::Null
+                    };
+                    println!(
+                        "{}",
+                        serde_json::json!({"probe": b * 256 + i, "matched": matched, "candidates": candidates})
+                    );
+                }
+            }
+        }
+        ClientCommand::Verify {
+            gallery,
+            probes,
+            row,
+            subject,
+            threshold,
+        } => {
+            let (rows, dim, values) = read_matrix(&probes)?;
+            if row >= rows {
+                return Err(Error::invalid(format!(
+                    "--row {row}: {} has {rows} rows",
+                    probes.display()
+                )));
+            }
+            let probe = &values[row * dim..(row + 1) * dim];
+            let r = c.verify(&gallery, probe, &subject, threshold).await.map_err(rpc)?;
+            let matched = if r.decided {
+                serde_json::json!(r.matched)
+            } else {
+                serde_json::Value::Null
+            };
+            println!("{}", serde_json::json!({"score": r.score, "matched": matched}));
+        }
+        ClientCommand::Enroll {
+            gallery,
+            templates,
+            ids,
+        } => {
+            let (_, dim, values) = read_matrix(&templates)?;
+            let ids = biogate::npy::read_ids(&ids)?;
+            if ids.len() * dim != values.len() {
+                return Err(Error::invalid(format!(
+                    "{} ids for {} rows",
+                    ids.len(),
+                    values.len() / dim
+                )));
+            }
+            let r = c.enroll(&gallery, &values, dim, &ids).await.map_err(rpc)?;
+            println!("enrolled {} subjects ({} templates) durably", r.subjects, r.templates);
+        }
+        ClientCommand::Galleries => {
+            let galleries = c.list_galleries().await.map_err(rpc)?;
+            println!(
+                "{:<24} {:>5} {:>5} {:>12} {:>12} {:>8}  state",
+                "name", "dim", "dtype", "templates", "subjects", "backend"
+            );
+            for g in galleries {
+                let why = if g.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", g.reason)
+                };
+                println!(
+                    "{:<24} {:>5} {:>5} {:>12} {:>12} {:>8}  {}{why}",
+                    g.name, g.dim, g.dtype, g.rows, g.subjects, g.backend, g.state
+                );
+            }
+        }
+        ClientCommand::CreateGallery { name, dim, dtype } => {
+            let g = c.create_gallery(&name, dim, dtype.name()).await.map_err(rpc)?;
+            println!("created gallery {} (dim {}, dtype {})", g.name, g.dim, g.dtype);
+        }
+        ClientCommand::DropGallery { name } => {
+            c.drop_gallery(&name).await.map_err(rpc)?;
+            println!("dropped gallery {name}");
+        }
+        ClientCommand::RepairGallery { name } => {
+            let r = c.repair_gallery(&name).await.map_err(rpc)?;
+            if r.clean && r.actions.is_empty() {
+                println!("gallery {name}: nothing to repair");
+            }
+            for a in &r.actions {
+                println!("did:   {a}");
+            }
+            for l in &r.lost {
+                let who = if l.subject.is_empty() {
+                    "unknown subjects".to_owned()
+                } else {
+                    format!("subject {:?}", l.subject)
+                };
+                println!("lost:  {who}: {} ({})", l.what, l.file);
+            }
+            if let Some(g) = r.gallery {
+                println!(
+                    "gallery {name} is now {}{}",
+                    g.state,
+                    if g.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", g.reason)
+                    }
+                );
+            }
+        }
+        ClientCommand::CompactGallery { name } => {
+            let r = c.compact_gallery(&name).await.map_err(rpc)?;
+            println!(
+                "compacted {name}: kept {} rows, dropped {}, {} segment(s) -> {}",
+                r.rows_kept, r.rows_dropped, r.segments_before, r.segments_after
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! `biogate gallery ...`: create, import, info, check, repair, compact, delete.
+
+use super::progress;
+use biogate::error::Result;
+use biogate::gallery::{self, Gallery, ImportOptions};
+use biogate::npy::NpyImport;
+use biogate::template::Dtype;
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub(crate) enum GalleryCommand {
+    /// Create an empty gallery.
+    Create {
+        dir: PathBuf,
+        #[arg(long)]
+        dim: usize,
+        #[arg(long, value_enum, default_value_t = Dtype::F32)]
+        dtype: Dtype,
+    },
+    /// Import templates (.npy, float32 or float16) with one subject id per row.
+    Import {
+        dir: PathBuf,
+        /// (rows, dim) matrix.
+        #[arg(long)]
+        templates: PathBuf,
+        /// Text file, one subject id per line, one line per row.
+        #[arg(long)]
+        ids: PathBuf,
+        /// Allow adding templates to subjects already enrolled.
+        #[arg(long)]
+        add_to_existing: bool,
+    },
+    /// Print the gallery's size and shape.
+    Info {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every checksum (manifest, metadata, row data, the log).
+    Check { dir: PathBuf },
+    /// Repair a damaged gallery: keep everything intact, move damaged files aside into
+    /// DIR/damaged/ (never deleted) and name the subjects affected.
+    Repair {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Seal the log and drop deleted rows into one new segment.
+    Compact { dir: PathBuf },
+    /// Delete a subject and all its templates.
+    Delete {
+        dir: PathBuf,
+        #[arg(long)]
+        subject: String,
+    },
+}
+
+pub(crate) fn run(command: GalleryCommand) -> Result<()> {
+    match command {
+        GalleryCommand::Create { dir, dim, dtype } => {
+            Gallery::create(&dir, dim, dtype)?;
+            tracing::info!(gallery = %dir.display(), dim, %dtype, "created gallery");
+            println!("created gallery {} (dim {dim}, dtype {dtype})", dir.display());
+        }
+        GalleryCommand::Import {
+            dir,
+            templates,
+            ids,
+            add_to_existing,
+        } => {
+            let mut g = Gallery::open(&dir)?;
+            let mut source = NpyImport::open(&templates, &ids)?;
+            let bar = progress(
+                biogate::gallery::ImportSource::rows_hint(&source).unwrap_or(0),
+                "import",
+            );
+            let t = Instant::now();
+            let report = g.import(&mut source, ImportOptions { add_to_existing }, &|n| bar.set_position(n))?;
+            bar.finish_and_clear();
+            tracing::info!(gallery = %dir.display(), rows = report.rows, subjects = report.subjects, "imported");
+            println!(
+                "imported {} templates of {} subjects into {} in {:.2} s ({})",
+                report.rows,
+                report.subjects,
+                dir.display(),
+                t.elapsed().as_secs_f64(),
+                report.segment
+            );
+        }
+        GalleryCommand::Info { dir, json } => {
+            let t = Instant::now();
+            gallery::open_snapshot(&dir)?;
+            let open_ms = t.elapsed().as_secs_f64() * 1e3;
+            let info = gallery::info(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string(&info).expect("serialises"));
+            } else {
+                println!("gallery    {}", info.path);
+                println!("dim        {}", info.dim);
+                println!("dtype      {}", info.dtype);
+                println!("templates  {}", info.rows);
+                println!("subjects   {}", info.subjects);
+                println!("segments   {}", info.segments);
+                println!("log rows   {} (not yet compacted)", info.log_rows);
+                println!("deletions  {} (not yet compacted)", info.deleted_subjects_pending);
+                println!("disk       {:.1} MB", info.bytes_on_disk as f64 / 1e6);
+                println!("opened in  {open_ms:.1} ms (headers, metadata checksums, the log; rows stay on disk)");
+            }
+        }
+        GalleryCommand::Check { dir } => {
+            let t = Instant::now();
+            let info = gallery::check(&dir)?;
+            println!(
+                "ok: {} templates of {} subjects, every checksum verified in {:.2} s",
+                info.rows,
+                info.subjects,
+                t.elapsed().as_secs_f64()
+            );
+            for note in &info.notes {
+                println!("note: {note}");
+            }
+        }
+        GalleryCommand::Repair { dir, json } => {
+            let report = gallery::repair::repair(&dir, &biogate::storage::Storage::default())?;
+            if json {
+                println!("{}", serde_json::to_string(&report).expect("serialises"));
+            } else if report.clean && report.actions.is_empty() {
+                println!("{}: nothing to repair", dir.display());
+            } else {
+                println!("repaired {}", dir.display());
+                for a in &report.actions {
+                    println!("  did:   {a}");
+                }
+                for k in &report.kept_aside {
+                    println!("  kept:  {k}");
+                }
+                for l in &report.lost {
+                    let who = match (&l.subject, l.subject_verified) {
+                        (Some(s), true) => format!("subject {s:?}"),
+                        (Some(s), false) => format!("probably subject {s:?} (read from a damaged record)"),
+                        (None, _) => "unknown subjects".into(),
+                    };
+                    println!("  lost:  {who}: {} ({})", l.what, l.file);
+                }
+                if report.lost.is_empty() {
+                    println!("  nothing acknowledged was lost");
+                }
+                if let Some(f) = &report.report_file {
+                    println!("  report: {f}");
+                }
+            }
+        }
+        GalleryCommand::Compact { dir } => {
+            let mut g = Gallery::open(&dir)?;
+            let r = g.compact()?;
+            tracing::info!(gallery = %dir.display(), kept = r.rows_kept, dropped = r.rows_dropped, "compacted");
+            println!(
+                "compacted {}: kept {} rows, dropped {} deleted rows, {} segment(s) -> {}",
+                dir.display(),
+                r.rows_kept,
+                r.rows_dropped,
+                r.segments_before,
+                r.segments_after
+            );
+        }
+        GalleryCommand::Delete { dir, subject } => {
+            let mut g = Gallery::open(&dir)?;
+            g.delete_subject(&subject)?;
+            tracing::info!(gallery = %dir.display(), subject = %subject, "deleted subject");
+            println!("deleted subject {subject:?} from {}", dir.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! `biogate serve`: the gRPC server, configured by a TOML file, flags and environment.
+
+use biogate::engine::BackendChoice;
+use biogate::error::{Error, Result};
+use biogate::server::config::Config;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// TOML configuration file (flags and environment variables override it).
+    #[arg(long, env = "BIOGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where galleries and the audit log live.
+    #[arg(long, env = "BIOGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "BIOGATE_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Prometheus metrics address, or "off".
+    #[arg(long, env = "BIOGATE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Most probes per engine batch.
+    #[arg(long, env = "BIOGATE_MAX_BATCH")]
+    max_batch: Option<usize>,
+    /// Microseconds the engine waits for more work before running a partial batch.
+    #[arg(long, env = "BIOGATE_MAX_WAIT_US")]
+    max_wait_us: Option<u64>,
+    /// cpu, gpu or auto (default: the configuration's `backend`, else auto).
+    #[arg(long, env = "BIOGATE_BACKEND")]
+    backend: Option<BackendChoice>,
+}
+
+pub(crate) async fn run(a: ServeArgs) -> Result<()> {
+    let mut config = match &a.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = a.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(l) = a.listen {
+        config.listen = l;
+    }
+    if let Some(m) = a.metrics_listen {
+        config.metrics_listen = match m.as_str() {
+            "off" | "" => None,
+            other => Some(
+                other
+                    .parse()
+                    .map_err(|e| Error::Config(format!("--metrics-listen {other:?}: {e}")))?,
+            ),
+        };
+    }
+    if let Some(b) = a.max_batch {
+        config.max_batch = b;
+    }
+    if let Some(w) = a.max_wait_us {
+        config.max_wait_us = w;
+    }
+    if let Some(b) = a.backend {
+        config.backend = b;
+    }
+    let data_dir = config.data_dir.clone();
+    let handle = biogate::server::start(config).await?;
+    let scheme = "http";
+    println!(
+        "biogate serving {} on {} (metrics: {})",
+        data_dir.display(),
+        handle.addr,
+        handle
+            .metrics_addr
+            .map(|m| format!("http://{m}/metrics"))
+            .unwrap_or_else(|| "off".into())
+    );
+    println!(
+        "try: biogate client --addr {scheme}://{} galleries   (or: grpcurl -plaintext {} list)",
+        handle.addr, handle.addr
+    );
+    wait_for_signal().await;
+    handle.shutdown().await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
