@@ -3,9 +3,15 @@
 //! The types a user needs: [`gallery::Gallery`] (the on-disk store and its writer),
 //! [`gallery::Snapshot`] (what searches read), [`engine::Engine`] (searches a snapshot
 //! with a backend), and [`template::Dtype`] (how rows are stored).
+//!
+//! Features: `gpu` (the wgpu backend), `server` (the gRPC server and client), `report`
+//! (DET plots), `cli` (the binary; all of them). The engine and the store build with
+//! none (`--no-default-features`).
 
 pub mod bench;
+#[cfg(feature = "server")]
 pub mod bench_grpc;
+#[cfg(feature = "server")]
 pub mod client;
 pub mod dedup;
 pub mod engine;
@@ -13,7 +19,9 @@ pub mod error;
 pub mod eval;
 pub mod gallery;
 pub mod npy;
+#[cfg(feature = "report")]
 pub mod report;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod storage;
 pub mod synth;

@@ -34,7 +34,8 @@ pub const ROW_ALIGN: usize = 64;
 pub const I8_MAX: f32 = 127.0;
 
 /// How a gallery stores its rows; chosen when the gallery is created.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     F32,

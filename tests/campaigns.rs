@@ -6,6 +6,7 @@
 //! one data directory. After every restart: each acknowledged enrollment is there and
 //! is its own best match, each acknowledged deletion stays deleted, and the gallery's
 //! checksums all verify. Operations in flight at the kill may land or not.
+#![cfg(feature = "cli")]
 
 mod common;
 

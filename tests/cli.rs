@@ -1,5 +1,6 @@
 //! The command line end to end, as a user runs it: synth -> create -> import -> info ->
 //! identify (JSON and CSV) -> delete -> compact -> check, plus the demo and errors.
+#![cfg(feature = "cli")]
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -6,7 +6,6 @@
 mod common;
 
 use biogate::gallery::{self, Enrollment, Gallery};
-use biogate::npy::write_matrix;
 use biogate::template::Dtype;
 use biogate::{Engine, SearchParams};
 use common::{copy_dir, random_rows, rng};
@@ -14,7 +13,6 @@ use rand::Rng;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 const DIM: usize = 16;
 
@@ -215,13 +213,14 @@ fn kill_9_while_enrolling_loses_nothing_acknowledged() {
 }
 
 #[test]
+#[cfg(feature = "cli")]
 fn kill_9_during_import_leaves_the_gallery_as_it_was_or_complete() {
     let work = tempfile::tempdir().unwrap();
     let rows = 60_000;
     let dim = 128;
     let data = random_rows(&mut rng(5), rows, dim);
     let npy = work.path().join("t.npy");
-    write_matrix(&npy, dim, &data).unwrap();
+    biogate::npy::write_matrix(&npy, dim, &data).unwrap();
     let ids: String = (0..rows).map(|i| format!("imp-{i}\n")).collect();
     std::fs::write(work.path().join("ids.txt"), ids).unwrap();
     let bin = env!("CARGO_BIN_EXE_biogate");
@@ -248,9 +247,9 @@ fn kill_9_during_import_leaves_the_gallery_as_it_was_or_complete() {
             .spawn()
             .unwrap();
         let wait_ms = if attempt == 5 { 20_000 } else { r.random_range(5..400) };
-        let deadline = std::time::Instant::now() + Duration::from_millis(wait_ms);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
         while std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
         let _ = child.kill();
         let status = child.wait().unwrap();

@@ -4,6 +4,7 @@
 //!
 //! Without an adapter these tests print a notice and pass, unless
 //! `BIOGATE_REQUIRE_GPU=1` (CI sets it), in which case they fail.
+#![cfg(feature = "gpu")]
 
 mod common;
 

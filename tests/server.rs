@@ -2,6 +2,7 @@
 //! answers equal to the engine's, concurrency equal to sequential with batching
 //! visible in the metrics, auth and mTLS refusals, bad input, health and graceful
 //! shutdown, and kill -9 of a server process mid-enroll.
+#![cfg(feature = "cli")]
 
 mod common;
 

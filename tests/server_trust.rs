@@ -5,6 +5,7 @@
 //! silent connections does not lock real clients out; every call is audited with its
 //! outcome, and a full disk under the audit log gets truthful answers; racing admin
 //! calls get clean answers.
+#![cfg(feature = "server")]
 
 mod common;
 

@@ -6,6 +6,10 @@
 //! -> merge by subject id -> [`ProbeResult`]s.
 
 pub mod cpu;
+#[cfg(feature = "gpu")]
+pub mod gpu;
+#[cfg(not(feature = "gpu"))]
+#[path = "gpu_absent.rs"]
 pub mod gpu;
 pub mod kernels;
 pub mod route;

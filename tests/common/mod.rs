@@ -2,6 +2,7 @@
 //! the engine is checked against (float64 for f32/f16, exact integers for i8).
 #![allow(dead_code)]
 
+#[cfg(feature = "server")]
 pub mod server;
 
 use biogate::gallery::{Enrollment, Gallery, ImportOptions};
