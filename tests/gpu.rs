@@ -93,10 +93,23 @@ fn same_as_cpu(engine: &Engine, g: &Gallery, probes: &[f32], dtype: Dtype) {
                         x.subject == y.subject && x.score.to_bits() == y.score.to_bits(),
                         "probe {q}, rank {rank}, k {k}: GPU {x:?} vs CPU {y:?}"
                     ),
-                    _ => assert!(
-                        (x.score - y.score).abs() <= 1e-5,
-                        "probe {q}, rank {rank}, k {k}: GPU {x:?} vs CPU {y:?}"
-                    ),
+                    _ => {
+                        assert!(
+                            (x.score - y.score).abs() <= 1e-5,
+                            "probe {q}, rank {rank}, k {k}: GPU {x:?} vs CPU {y:?}"
+                        );
+                        // The same subject, unless rounding reordered a near tie: then the
+                        // GPU's subject stands elsewhere in the CPU's list with a score
+                        // within rounding of this rank's (or just past its end).
+                        let near = |score: f32| (score - y.score).abs() <= 2e-5;
+                        let swapped = b.candidates.iter().any(|c| c.subject == x.subject && near(c.score))
+                            || (b.candidates.iter().all(|c| c.subject != x.subject)
+                                && near(b.candidates.last().expect("same length").score));
+                        assert!(
+                            x.subject == y.subject || swapped,
+                            "probe {q}, rank {rank}, k {k}: GPU {x:?} vs CPU {y:?} (not a near tie)"
+                        );
+                    }
                 }
             }
         }
@@ -134,13 +147,18 @@ fn resident_copy_follows_enrollments_deletions_and_compaction() {
             model.delete(&victim);
             check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
         }
-        // Compaction replaces every segment: the old resident copies are dropped.
+        // Compaction replaces every segment: the old resident copies are dropped, so
+        // what stays resident is exactly what a fresh GPU holds for the compacted gallery.
         g.compact().unwrap();
         check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
-        let after = gpu.resident_bytes();
-        assert!(
-            after < resident * 3,
-            "old slabs are released ({resident} -> {after} bytes)"
+        let fresh = open_gpu().expect("a second device on the same adapter");
+        Engine::new(fresh.clone())
+            .search(&g.snapshot(), &probes, &SearchParams { k: 1, threshold: None })
+            .unwrap();
+        assert_eq!(
+            gpu.resident_bytes(),
+            fresh.resident_bytes(),
+            "only the compacted gallery stays resident ({resident} bytes were resident before)"
         );
     }
 }
