@@ -12,7 +12,7 @@ work=${TMPDIR:-/tmp}/biogate-dedup-bench-$n
 rm -rf "$work" && mkdir -p "$work"
 cargo build --release -q
 bin=target/release/biogate
-"$py" ../shared/bench/cpu_peers.py --n "$n" --batches 1 --save "$work" >/dev/null
+"$py" scripts/cpu_peers.py --make "$work" --n "$n" >/dev/null
 seq 0 $((n - 1)) | sed 's/^/s/' > "$work/ids.txt"
 "$py" - "$work/gallery.npy" <<'PY'
 import sys, time, numpy as np, faiss

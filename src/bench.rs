@@ -1,6 +1,6 @@
 //! `biogate bench`: probes/s and gallery GB/s per dtype and batch size, measured on a
 //! gallery held in memory (random unit vectors, or a given .npy such as the one
-//! `../shared/bench/cpu_peers.py --save` writes, so peers are timed on the same data).
+//! `scripts/cpu_peers.py --make` writes, so peers are timed on the same data).
 
 use crate::engine::gpu::GpuBackend;
 use crate::engine::{Engine, SearchParams};
