@@ -138,19 +138,30 @@ impl Storage {
     /// Replace `path` with `bytes` atomically and durably: write `path.tmp`, fsync it,
     /// rename it over `path`, fsync the directory. A crash leaves the old or the new
     /// content, never a mix. The one way biogate commits a small file.
+    ///
+    /// An error before the rename leaves the old content (and no temporary file). If
+    /// the rename happened but the directory could not be synced, the new content is in
+    /// place but may not survive a crash: that is [`Error::OutcomeUnknown`].
     pub fn write_file_atomically(&self, path: &Path, bytes: &[u8]) -> Result<()> {
         let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
         tmp_name.push(".tmp");
         let tmp = path.with_file_name(tmp_name);
-        let mut f = self.create(&tmp)?;
-        let written = f.write_all_ctx(bytes).and_then(|_| f.sync_all());
-        drop(f);
-        if let Err(e) = written {
+        let staged = self.create(&tmp).and_then(|mut f| {
+            f.write_all_ctx(bytes)?;
+            f.sync_all()
+        });
+        // rename(2) either happens or not; when it reports failure it did not.
+        if let Err(e) = staged.and_then(|_| self.rename(&tmp, path)) {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        self.rename(&tmp, path)?;
-        self.sync_dir(path.parent().unwrap_or(Path::new(".")))
+        self.sync_dir(path.parent().unwrap_or(Path::new("."))).map_err(|e| {
+            Error::OutcomeUnknown(format!(
+                "{}: the new content is in place but syncing its directory failed ({e}); whether \
+                 it survives a crash is unknown",
+                path.display()
+            ))
+        })
     }
 }
 

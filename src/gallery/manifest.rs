@@ -144,28 +144,7 @@ impl Manifest {
     /// copy is not an error (the commit stands) but is reported as [`Committed::CopyStale`].
     pub fn commit(&self, storage: &Storage, dir: &Path) -> Result<Committed> {
         let bytes = self.encode();
-        let path = dir.join(MANIFEST_FILE);
-        let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
-        let staged = storage.create(&tmp).and_then(|mut f| {
-            f.write_all_ctx(&bytes)?;
-            f.sync_all()
-        });
-        if let Err(e) = staged {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        if let Err(e) = storage.rename(&tmp, &path) {
-            // rename(2) either happened or not; if it reports failure it did not.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        if let Err(e) = storage.sync_dir(dir) {
-            return Err(Error::OutcomeUnknown(format!(
-                "{}: the new manifest is in place but syncing its directory failed ({e}); \
-                 which manifest a restart sees is unknown",
-                path.display()
-            )));
-        }
+        storage.write_file_atomically(&dir.join(MANIFEST_FILE), &bytes)?;
         match storage.write_file_atomically(&dir.join(MANIFEST_COPY_FILE), &bytes) {
             Ok(()) => Ok(Committed::Both),
             Err(e) => {

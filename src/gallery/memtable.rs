@@ -131,6 +131,10 @@ impl MemTable {
     pub fn data(&self) -> &[u8] {
         &self.data
     }
+    /// The encoded bytes of row `row`.
+    pub fn row(&self, row: usize) -> &[u8] {
+        &self.data[row * self.stride..(row + 1) * self.stride]
+    }
     /// Per-row scales.
     pub fn scales(&self) -> &[f32] {
         &self.scales

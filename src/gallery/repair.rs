@@ -335,7 +335,6 @@ fn rewrite_without_chunks(
 ) -> Result<Option<SegmentEntry>> {
     let chunk_rows = seg.chunk_rows() as usize;
     let is_bad = |row: usize| bad.binary_search(&((row / chunk_rows) as u64)).is_ok();
-    let stride = seg.stride();
     let mut lost: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
     for (row, &o) in seg.row_subjects().iter().enumerate() {
         let e = lost.entry(o).or_default();
@@ -376,11 +375,7 @@ fn rewrite_without_chunks(
     manifest.next_file_id += 1;
     write_segment_file(storage, dir, manifest, &file, |w| {
         for r in (0..seg.rows()).filter(|&r| !is_bad(r)) {
-            w.push(
-                &seg.data()[r * stride..(r + 1) * stride],
-                seg.scales()[r],
-                seg.subject_id(seg.row_subjects()[r]),
-            )?;
+            w.push(seg.row(r), seg.scales()[r], seg.subject_id(seg.row_subjects()[r]))?;
         }
         Ok(())
     })?;

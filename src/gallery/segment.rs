@@ -451,6 +451,11 @@ impl Segment {
         let h = &self.header;
         &self.map[h.data_offset as usize..(h.data_offset + h.rows * h.row_stride) as usize]
     }
+    /// The encoded bytes of row `row`.
+    pub fn row(&self, row: usize) -> &[u8] {
+        let stride = self.stride();
+        &self.data()[row * stride..(row + 1) * stride]
+    }
     /// Per-row scales.
     pub fn scales(&self) -> &[f32] {
         self.section(self.header.scales_offset, 4 * self.header.rows)

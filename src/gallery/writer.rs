@@ -373,10 +373,9 @@ impl Gallery {
             let table = self.memtable.clone();
             let file = segment_file_name(id);
             let segment = self.write_segment(&file, |writer| {
-                let stride = table.stride();
                 for r in 0..rows {
                     let subject = &table.subject_ids()[table.row_subjects()[r] as usize];
-                    writer.push(&table.data()[r * stride..(r + 1) * stride], table.scales()[r], subject)?;
+                    writer.push(table.row(r), table.scales()[r], subject)?;
                 }
                 Ok(())
             })?;
