@@ -306,15 +306,7 @@ mod tests {
     #[test]
     fn expired_work_never_reaches_the_engine_and_a_full_queue_refuses() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::open(dir.path(), crate::storage::Storage::default()).unwrap();
-        let g = registry.create("g", 4, Dtype::F32).unwrap();
-        g.write(|w| {
-            w.enroll(&[crate::gallery::Enrollment {
-                subject: "a".into(),
-                templates: vec![1.0, 0.0, 0.0, 0.0],
-            }])
-        })
-        .unwrap();
+        let g = one_gallery(dir.path());
         let metrics = Metrics::new();
         let config = BatchConfig {
             max_batch: 8,
