@@ -226,17 +226,12 @@ impl StoredFile {
             .ctx(|| format!("truncating {} to {len} bytes", self.path.display()))
     }
 
-    /// Current length on disk.
-    pub fn len(&self) -> Result<u64> {
+    /// Current size on disk, in bytes.
+    pub fn size(&self) -> Result<u64> {
         self.file
             .metadata()
             .map(|m| m.len())
             .ctx(|| format!("reading the size of {}", self.path.display()))
-    }
-
-    /// Whether the file is empty.
-    pub fn is_empty(&self) -> Result<bool> {
-        self.len().map(|n| n == 0)
     }
 }
 
@@ -362,12 +357,6 @@ impl FaultPlan {
     pub fn calls(&self) -> Vec<(Op, PathBuf)> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
-
-    /// Start counting again from zero.
-    pub fn reset(&self) {
-        self.seen.store(0, Ordering::SeqCst);
-        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    }
 }
 
 impl FaultHook for FaultPlan {
@@ -388,12 +377,6 @@ impl FaultHook for FaultPlan {
     }
 }
 
-/// Whether an error is a storage fault the operator must act on (a full disk or a
-/// failing device), as opposed to bad input.
-pub fn is_disk_fault(e: &Error) -> bool {
-    matches!(e, Error::Io { source, .. } if matches!(source.raw_os_error(), Some(ENOSPC) | Some(EIO)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,7 +389,10 @@ mod tests {
         let path = dir.path().join("f");
         let mut f = s.create(&path).unwrap(); // call 0
         let e = f.write_all_ctx(b"abcdefgh").unwrap_err(); // call 1 fails
-        assert!(is_disk_fault(&e), "{e}");
+        assert!(
+            matches!(&e, Error::Io { source, .. } if source.raw_os_error() == Some(ENOSPC)),
+            "{e}"
+        );
         assert!(e.to_string().contains("writing"), "{e}");
         assert_eq!(
             std::fs::read(&path).unwrap(),

@@ -92,10 +92,14 @@ impl Segment {
             damage: OnceLock::new(),
         };
         segment.validate_layout()?;
-        if !segment.ids_intact() {
-            return Err(Error::corrupt(path, "subject id table checksum mismatch"));
+        // `meta_crc` covers the id table too; its own checksum is read only to say which
+        // part is damaged (and by a repair, to name the subjects of a damaged segment).
+        if let Err(e) = segment.check_metadata() {
+            if !segment.ids_intact() {
+                return Err(Error::corrupt(path, "subject id table checksum mismatch"));
+            }
+            return Err(e);
         }
-        segment.check_metadata()?;
         segment.validate_subjects()?;
         segment.check_mapping()?;
         Ok(segment)

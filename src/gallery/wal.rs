@@ -810,7 +810,7 @@ impl WalWriter {
     /// Open a log that [`read`] accepted for appending, cutting its torn tail first.
     pub fn open(storage: &Storage, path: &Path, contents: &LogContents) -> Result<WalWriter> {
         let mut file = storage.open_write(path)?;
-        if file.len()? != contents.valid_len {
+        if file.size()? != contents.valid_len {
             file.set_len(contents.valid_len)?;
             file.sync_all()?;
         }

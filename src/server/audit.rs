@@ -113,7 +113,7 @@ impl Writer {
             Err(_) if !path.exists() => storage.create(&path)?,
             Err(e) => return Err(e),
         };
-        let len = file.len()?;
+        let len = file.size()?;
         // A line cut by a crash (or a failed write) is cut off so the file is whole lines.
         let whole = whole_lines_len(&path)?;
         if whole != len {
@@ -308,10 +308,27 @@ fn io_error_of(e: crate::error::Error) -> std::io::Error {
     }
 }
 
-/// Length of the file's whole lines (up to and including its last newline).
+/// Length of the file's whole lines (up to and including its last newline), read from
+/// the end backwards: a whole file ends with a newline, so this reads one block, not
+/// the (possibly many and large) audit files kept by the retention rule.
 fn whole_lines_len(path: &Path) -> Result<u64> {
-    let bytes = std::fs::read(path).ctx(|| format!("reading {}", path.display()))?;
-    Ok(bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i as u64 + 1))
+    use std::io::{Read, Seek, SeekFrom};
+    const BLOCK: u64 = 64 << 10;
+    let what = || format!("reading {}", path.display());
+    let mut file = std::fs::File::open(path).ctx(what)?;
+    let mut end = file.metadata().ctx(what)?.len();
+    let mut block = Vec::new();
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK);
+        block.resize((end - start) as usize, 0);
+        file.seek(SeekFrom::Start(start)).ctx(what)?;
+        file.read_exact(&mut block).ctx(what)?;
+        if let Some(i) = block.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 #[cfg(test)]

@@ -208,10 +208,6 @@ impl GalleryEntry {
             self.mark_damaged(e.to_string());
         }
     }
-
-    fn directory(&self) -> &Path {
-        &self.dir
-    }
 }
 
 /// All galleries, by name.
@@ -339,7 +335,7 @@ impl Registry {
         drop(gallery);
         self.galleries.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         // Move it aside first so a crash mid-delete never leaves a half gallery in place.
-        let dir = entry.directory();
+        let dir = &entry.dir;
         let trash = self.root.join(format!(
             ".dropped-{name}-{}-{}",
             std::process::id(),
