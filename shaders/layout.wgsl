@@ -1,22 +1,33 @@
 // Bindings shared by every biogate kernel. One dispatch covers one shard of one slab:
 // `gallery` holds its rows (`row_vec4s` vec4<u32> per row, zero padded) interleaved in
 // tiles of TILE_ROWS rows: word j of the tile's rows, then word j + 1 (see tile_base),
-// so the invocations scoring consecutive rows read consecutive words. `row_keys` the
+// so the invocations reading consecutive rows read consecutive words. `row_keys` the
 // tie-break rank of each row's subject (DEAD for deleted subjects: the tombstone mask),
 // `row_scales` the i8 dequantisation scale of each row.
 //
-// The host prepends PROBE_TILE (probes per workgroup), CAP (candidate slots per probe
-// in workgroup memory, a power of two >= keep + WG) and WG (invocations per workgroup).
+// `lists_in` and `lists_out` hold candidate lists, `keep` slots each: the scan writes
+// one list per probe and block to `lists_in`; each merge level reads `lists` lists per
+// probe from `lists_in` and writes `out_lists` per probe to `lists_out` (the last level
+// writes the shard's result, the only thing read back).
+//
+// The host prepends the kernel shape as constants (see shaders.rs): WG (invocations per
+// workgroup), PROBE_TILE (probes per workgroup), CAP (candidate slots per probe in
+// workgroup memory), ROW_TILE, ROWS_PER_INV, PROBES_PER_INV, SLICE, STAGE_ROWS and
+// ROW_SLOTS (the scan's register blocking and staging, scan.wgsl).
 
 struct Params {
     rows: u32,           // rows in this shard
     row_vec4s: u32,      // vec4<u32> per gallery row
     probe_vec4s: u32,    // vec4<u32> per probe (f16 rows are scored against f32 probes)
-    keep: u32,           // candidates kept per probe and block (<= CAP - WG)
-    blocks: u32,         // workgroups along the rows
-    rows_per_block: u32, // rows each of them scans
+    keep: u32,           // candidates kept per list (<= CAP - ROUND)
+    blocks: u32,         // scan: workgroups along the rows
+    rows_per_block: u32, // scan: rows each of them scans (a multiple of ROW_TILE)
     floor: f32,          // lowest admissible score (the threshold, or -FLT_MAX)
-    pad: u32,
+    lists: u32,          // merge: lists per probe in lists_in
+    fan: u32,            // merge: lists each workgroup merges
+    out_lists: u32,      // merge: lists per probe written to lists_out
+    pad0: u32,
+    pad1: u32,
 }
 
 // One selected row. `row == EMPTY` marks a slot with no candidate.
@@ -29,7 +40,11 @@ struct Candidate {
 const TILE_ROWS: u32 = 64u;
 const EMPTY: u32 = 0xffffffffu;
 const DEAD: u32 = 0xffffffffu;
+const POISON: u32 = 0xdeadbeefu;
 const MIN_SCORE: f32 = -3.40282347e38;
+// Offers per probe between two checks of the selection buffers (select.wgsl): one per
+// row group of the scan (scan.wgsl), and the merge feeds its lists at the same pace.
+const ROUND: u32 = ROW_TILE / ROWS_PER_INV;
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> gallery: array<vec4<u32>>;
@@ -37,10 +52,26 @@ const MIN_SCORE: f32 = -3.40282347e38;
 @group(0) @binding(3) var<storage, read> row_scales: array<f32>;
 @group(0) @binding(4) var<storage, read> probes: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read> probe_scales: array<f32>;
-@group(0) @binding(6) var<storage, read_write> block_best: array<Candidate>;
-@group(0) @binding(7) var<storage, read_write> best: array<Candidate>;
+@group(0) @binding(6) var<storage, read_write> lists_in: array<Candidate>;
+@group(0) @binding(7) var<storage, read_write> lists_out: array<Candidate>;
 
 // Index in `gallery` of word 0 of `row`; word j is at tile_base(row) + j * TILE_ROWS.
 fn tile_base(row: u32) -> u32 {
     return (row / TILE_ROWS) * params.row_vec4s * TILE_ROWS + row % TILE_ROWS;
+}
+
+// Word `word` of shard row `row`, zero past the rows of this block or past the row.
+fn gallery_word(row: u32, end: u32, word: u32) -> vec4<u32> {
+    if row < end && word < params.row_vec4s {
+        return gallery[tile_base(row) + word * TILE_ROWS];
+    }
+    return vec4<u32>();
+}
+
+// Vec4 `word` of probe `probe`, zero past its end.
+fn probe_raw(probe: u32, word: u32) -> vec4<u32> {
+    if word < params.probe_vec4s {
+        return probes[probe * params.probe_vec4s + word];
+    }
+    return vec4<u32>();
 }

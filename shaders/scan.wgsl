@@ -1,36 +1,116 @@
-// Pass 1: workgroup (block, tile) scores rows [block * rows_per_block, ...) of the shard
-// against the PROBE_TILE probes of `tile` and keeps each probe's best `keep` rows.
-// Scores live only in registers and workgroup memory; `keep` per probe and block
-// reach `block_best`.
+// Pass 1: a tiled product of rows and probes with the selection fused into it.
+//
+// Workgroup (block, tile) scans rows [block * rows_per_block, ...) of the shard against
+// the PROBE_TILE probes of `tile`, ROW_TILE rows at a time. Its WG invocations form a
+// grid of ROUND row groups x (PROBE_TILE / PROBES_PER_INV) probe groups; invocation
+// (rg, pg) accumulates a register block of ROWS_PER_INV x PROBES_PER_INV scores: rows
+// r0 + rg + i * ROUND, probes pg * PROBES_PER_INV + j.
+//
+// Both operands go through workgroup memory SLICE words of the rows at a time: the
+// probes' words always (every row group reads them), the rows' words when STAGE_ROWS
+// (more than one probe group reads each). Without STAGE_ROWS (small batches) each
+// invocation reads its rows' words straight from `gallery`, ROWS_PER_INV loads in
+// flight, consecutive invocations on consecutive words.
+//
+// The tile's scores then go to the selection (select.wgsl) in ROWS_PER_INV rounds of
+// ROUND offers per probe: they never reach global memory. Each probe's best `keep`
+// rows of the block are written to `lists_in`.
+
+var<workgroup> slice_rows: array<Word, ROW_SLOTS>;
+var<workgroup> slice_probes: array<Word, PROBE_TILE * SLICE * PW>;
+
+const BLOCK: u32 = ROWS_PER_INV * PROBES_PER_INV;
+
+fn score_tile(lid: u32, r0: u32, end: u32, probe0: u32) -> array<Acc, BLOCK> {
+    var acc: array<Acc, BLOCK>;
+    let rg = lid % ROUND;
+    let p0 = (lid / ROUND) * PROBES_PER_INV;
+    for (var k0 = 0u; k0 < params.row_vec4s; k0 += SLICE) {
+        // Stage probe words k0 * PW.. of the tile: slot (x * PROBE_TILE + probe).
+        for (var t = lid; t < PROBE_TILE * SLICE * PW; t += WG) {
+            slice_probes[t] = probe_word(probe_raw(probe0 + t % PROBE_TILE, k0 * PW + t / PROBE_TILE));
+        }
+        if STAGE_ROWS {
+            // Stage row words k0.. of the tile, widened: slot ((w * PW + h) * ROW_TILE + row).
+            for (var t = lid; t < ROW_TILE * SLICE; t += WG) {
+                let lr = t % ROW_TILE;
+                let w = t / ROW_TILE;
+                let raw = gallery_word(r0 + lr, end, k0 + w);
+                for (var h = 0u; h < PW; h++) {
+                    slice_rows[(w * PW + h) * ROW_TILE + lr] = widen(raw, h);
+                }
+            }
+        }
+        workgroupBarrier();
+        for (var w = 0u; w < SLICE; w++) {
+            var raw: array<vec4<u32>, ROWS_PER_INV>;
+            if !STAGE_ROWS {
+                for (var i = 0u; i < ROWS_PER_INV; i++) {
+                    raw[i] = gallery_word(r0 + rg + i * ROUND, end, k0 + w);
+                }
+            }
+            for (var h = 0u; h < PW; h++) {
+                var g: array<Word, ROWS_PER_INV>;
+                for (var i = 0u; i < ROWS_PER_INV; i++) {
+                    if STAGE_ROWS {
+                        g[i] = slice_rows[(w * PW + h) * ROW_TILE + rg + i * ROUND];
+                    } else {
+                        g[i] = widen(raw[i], h);
+                    }
+                }
+                for (var j = 0u; j < PROBES_PER_INV; j++) {
+                    let q = slice_probes[(w * PW + h) * PROBE_TILE + p0 + j];
+                    for (var i = 0u; i < ROWS_PER_INV; i++) {
+                        acc[i * PROBES_PER_INV + j] = fma_word(acc[i * PROBES_PER_INV + j], g[i], q);
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    return acc;
+}
+
 @compute @workgroup_size(WG)
 fn scan(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     select_init(lid);
     let probe0 = wg.y * PROBE_TILE;
     let start = wg.x * params.rows_per_block;
     let end = min(start + params.rows_per_block, params.rows);
-    // One round per WG rows; the round after the last one only finishes the selection
-    // (one call site of the selection code keeps the compiled kernel small).
-    for (var base = start; ; base += WG) {
-        let row = base + lid;
-        if row < end {
-            let key = row_keys[row];
-            if key != DEAD {
-                let s = score_row(row, probe0);
-                for (var p = 0u; p < PROBE_TILE; p++) {
-                    select_offer(p, s[p], key, row);
+    let rg = lid % ROUND;
+    let p0 = (lid / ROUND) * PROBES_PER_INV;
+    // The pass after the last tile only finishes the selection (one call site of the
+    // selection code keeps the compiled kernel small).
+    for (var r0 = start; ; r0 += ROW_TILE) {
+        let live = r0 < end;
+        var acc: array<Acc, BLOCK>;
+        if live {
+            acc = score_tile(lid, r0, end, probe0);
+        }
+        for (var i = 0u; i < ROWS_PER_INV; i++) {
+            let row = r0 + rg + i * ROUND;
+            if live && row < end {
+                let key = row_keys[row];
+                if key != DEAD {
+                    for (var j = 0u; j < PROBES_PER_INV; j++) {
+                        let s = to_score(acc[i * PROBES_PER_INV + j], row, probe0 + p0 + j);
+                        select_offer(p0 + j, s, key, row);
+                    }
                 }
             }
+            select_round_end(lid, !live);
+            if !live {
+                break;
+            }
         }
-        let done = base >= end;
-        select_round_end(lid, done);
-        if done {
+        if !live {
             break;
         }
     }
     for (var p = 0u; p < PROBE_TILE; p++) {
         let out = ((probe0 + p) * params.blocks + wg.x) * params.keep;
         for (var i = lid; i < params.keep; i += WG) {
-            block_best[out + i] = select_result(p, i);
+            lists_in[out + i] = select_result(p, i);
         }
     }
 }

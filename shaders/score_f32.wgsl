@@ -1,13 +1,10 @@
-// f32 rows: one invocation scores one row against the PROBE_TILE probes of its tile.
-fn score_row(row: u32, probe0: u32) -> array<f32, PROBE_TILE> {
-    var acc: array<f32, PROBE_TILE>;
-    let n = params.row_vec4s;
-    let g0 = tile_base(row);
-    for (var j = 0u; j < n; j++) {
-        let g = bitcast<vec4<f32>>(gallery[g0 + j * TILE_ROWS]);
-        for (var p = 0u; p < PROBE_TILE; p++) {
-            acc[p] += dot(bitcast<vec4<f32>>(probes[(probe0 + p) * n + j]), g);
-        }
-    }
-    return acc;
+// f32 rows and probes: a gallery word is 4 floats, scored against 4 floats of the probe.
+alias Word = vec4<f32>;
+alias Acc = f32;
+// Probe words per gallery word.
+const PW: u32 = 1u;
+
+// Part `h` (< PW) of gallery word `w`, as the scan multiplies it.
+fn widen(w: vec4<u32>, h: u32) -> Word {
+    return bitcast<vec4<f32>>(w);
 }

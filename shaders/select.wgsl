@@ -2,7 +2,7 @@
 // the tile. Order: higher score first, then smaller key (subject rank), then smaller row.
 //
 // Candidates at or above a probe's bar are appended to its buffer in workgroup memory.
-// After each round (at most WG offers per probe) a buffer that could overflow in the
+// After each round (at most ROUND offers per probe) a buffer that could overflow in the
 // next round is sorted (bitonic) and cut to `keep`, and its bar is raised to the
 // keep-th score. Admission is `>=`, so a later row tied with the bar still gets in and
 // the sort decides the tie: nothing that belongs in the best `keep` is ever dropped.
@@ -100,13 +100,13 @@ fn select_compact(lid: u32, mask: u32) {
     workgroupBarrier();
 }
 
-// After a round of offers (at most WG per probe): compact the buffers that could
+// After a round of offers (at most ROUND per probe): compact the buffers that could
 // overflow in the next round; after the last round (`done`), cut every buffer to
 // `keep` (unordered: whoever reads the result selects again).
 fn select_round_end(lid: u32, done: bool) {
     workgroupBarrier();
     if lid == 0u {
-        let limit = select(CAP - WG, params.keep, done);
+        let limit = select(CAP - ROUND, params.keep, done);
         var mask = 0u;
         for (var p = 0u; p < PROBE_TILE; p++) {
             if atomicLoad(&cand_count[p]) > limit {

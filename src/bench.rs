@@ -26,8 +26,16 @@ pub struct BenchRow {
     pub gallery_gb_per_s: f64,
     /// Multiply-adds x 2 per second, in tera (TOP/s for i8).
     pub tera_ops_per_s: f64,
-    /// GPU time of the search kernels of the median batch (TIMESTAMP_QUERY), if known.
-    pub kernel_ms: Option<f64>,
+    /// GPU time of the median batch's scan and merge passes (TIMESTAMP_QUERY), if known.
+    pub scan_ms: Option<f64>,
+    pub merge_ms: Option<f64>,
+    /// Gallery bytes the scan pass reads per second of its own time (one pass).
+    pub scan_gb_per_s: Option<f64>,
+    /// The scan pass's multiply-adds x 2 per second of its own time, in tera.
+    pub scan_tera_ops_per_s: Option<f64>,
+    /// GPU: the gallery's upload (the first search's extra cost), if it happened here.
+    pub upload_ms: Option<f64>,
+    pub upload_gb_per_s: Option<f64>,
 }
 
 /// Time `engine` on `snapshot` for each batch size; every batch is repeated until
@@ -54,18 +62,22 @@ pub fn run(
             )));
         }
         let q = &probes[..batch * dim];
-        engine.search(snapshot, q, &params)?; // warm-up: page in the gallery
+        let before = gpu.and_then(|g| g.last_upload()).map(|u| u.time);
+        engine.search(snapshot, q, &params)?; // warm-up: page in (and upload) the gallery
+        let upload = gpu.and_then(|g| g.last_upload()).filter(|u| Some(u.time) != before);
         let mut times = Vec::new();
         let start = Instant::now();
         while times.len() < 3 || (start.elapsed() < min_time && times.len() < 1000) {
             let t = Instant::now();
             engine.search(snapshot, q, &params)?;
-            let kernel = gpu.and_then(|g| g.last_kernel_time()).map(|d| d.as_secs_f64() * 1e3);
-            times.push((t.elapsed().as_secs_f64(), kernel));
+            let kernels = gpu.and_then(|g| g.last_kernel_times());
+            times.push((t.elapsed().as_secs_f64(), kernels));
         }
         times.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (median, kernel_ms) = times[times.len() / 2];
+        let (median, kernels) = times[times.len() / 2];
         let bytes = (rows * row_stride(snapshot.dtype(), dim)) as f64;
+        let ops = 2.0 * (rows * dim * batch) as f64;
+        let scan = kernels.map(|k| k.scan.as_secs_f64()).filter(|&s| s > 0.0);
         out.push(BenchRow {
             backend: engine.backend_name().to_owned(),
             dtype: snapshot.dtype(),
@@ -76,23 +88,43 @@ pub fn run(
             batch_ms: median * 1e3,
             probes_per_s: batch as f64 / median,
             gallery_gb_per_s: bytes / median / 1e9,
-            tera_ops_per_s: 2.0 * (rows * dim * batch) as f64 / median / 1e12,
-            kernel_ms,
+            tera_ops_per_s: ops / median / 1e12,
+            scan_ms: scan.map(|s| s * 1e3),
+            merge_ms: kernels.map(|k| k.merge.as_secs_f64() * 1e3),
+            scan_gb_per_s: scan.map(|s| bytes / s / 1e9),
+            scan_tera_ops_per_s: scan.map(|s| ops / s / 1e12),
+            upload_ms: upload.map(|u| u.time.as_secs_f64() * 1e3),
+            upload_gb_per_s: upload.map(|u| u.bytes as f64 / u.time.as_secs_f64() / 1e9),
         });
     }
     Ok(out)
 }
 
-/// The table as text.
+/// The table as text. The GPU's own columns (from timestamp queries): the scan and
+/// merge passes' time, what the scan achieved (GB/s of gallery, TOP/s), and the
+/// gallery's upload before the first search.
 pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = format!(
-        "{:<7} {:<5} {:>10} {:>5} {:>6} {:>12} {:>14} {:>12} {:>8} {:>10}\n",
-        "backend", "dtype", "rows", "dim", "batch", "batch ms", "probes/s", "gallery GB/s", "TOP/s", "kernel ms"
+        "{:<7} {:<5} {:>10} {:>5} {:>6} {:>10} {:>12} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>10}\n",
+        "backend",
+        "dtype",
+        "rows",
+        "dim",
+        "batch",
+        "batch ms",
+        "probes/s",
+        "GB/s",
+        "TOP/s",
+        "scan ms",
+        "merge ms",
+        "scan GB/s",
+        "scan TOP/s",
+        "upload ms"
     );
+    let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
     for r in rows {
-        let kernel = r.kernel_ms.map_or("-".to_owned(), |k| format!("{k:.3}"));
         s += &format!(
-            "{:<7} {:<5} {:>10} {:>5} {:>6} {:>12.3} {:>14.1} {:>12.2} {:>8.3} {:>10}\n",
+            "{:<7} {:<5} {:>10} {:>5} {:>6} {:>10.3} {:>12.1} {:>8.2} {:>7.3} {:>8} {:>8} {:>8} {:>8} {:>10}\n",
             r.backend,
             r.dtype,
             r.rows,
@@ -102,7 +134,11 @@ pub fn format_table(rows: &[BenchRow]) -> String {
             r.probes_per_s,
             r.gallery_gb_per_s,
             r.tera_ops_per_s,
-            kernel
+            opt(r.scan_ms, 3),
+            opt(r.merge_ms, 3),
+            opt(r.scan_gb_per_s, 1),
+            opt(r.scan_tera_ops_per_s, 2),
+            opt(r.upload_ms, 1),
         );
     }
     s

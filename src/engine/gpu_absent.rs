@@ -5,20 +5,8 @@ use super::{Backend, EncodedProbes, Hit};
 use crate::error::{Error, GpuErrorKind, Result};
 use crate::gallery::Slab;
 use std::convert::Infallible;
-use std::time::Duration;
 
-/// Settings for the GPU backend (none apply without it).
-#[derive(Clone, Debug, Default)]
-pub struct GpuOptions {
-    pub max_shard_bytes: Option<u64>,
-}
-
-impl GpuOptions {
-    /// Defaults.
-    pub fn from_env() -> Result<GpuOptions> {
-        Ok(GpuOptions::default())
-    }
-}
+pub use super::gpu_options::{GpuOptions, KernelTimes, Upload};
 
 /// A GPU backend that cannot exist in this build.
 pub struct GpuBackend {
@@ -47,7 +35,11 @@ impl GpuBackend {
         match self.never {}
     }
 
-    pub fn last_kernel_time(&self) -> Option<Duration> {
+    pub fn last_kernel_times(&self) -> Option<KernelTimes> {
+        match self.never {}
+    }
+
+    pub fn last_upload(&self) -> Option<Upload> {
         match self.never {}
     }
 

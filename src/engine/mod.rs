@@ -11,6 +11,7 @@ pub mod gpu;
 #[cfg(not(feature = "gpu"))]
 #[path = "gpu_absent.rs"]
 pub mod gpu;
+pub mod gpu_options;
 pub mod kernels;
 pub mod route;
 pub mod topk;

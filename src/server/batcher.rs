@@ -1,8 +1,11 @@
 //! Coalesces concurrent identify requests into engine batches. One engine thread per
 //! device takes every request that is queued (up to `max_batch` probes, waiting at most
-//! `max_wait` for more), groups them by gallery, runs one search per group with the
-//! largest k and the lowest threshold asked for, and cuts each request's answer out of
-//! it (exact: a top-K list holds every top-k list for k <= K). Requests whose deadline
+//! `max_wait` for more), groups them by gallery and k band (k rounded up to a power of
+//! two: a request for k = 500 is searched apart, so it never makes every request beside
+//! it keep 500 candidates, or sends them all to the CPU when that is more than the GPU
+//! selects), runs one search per group with the largest k and the lowest threshold
+//! asked for, and cuts each request's answer out of it (exact: a top-K list holds every
+//! top-k list for k <= K). Requests whose deadline
 //! has passed are answered DEADLINE_EXCEEDED before they reach the engine. The queue is
 //! bounded; a full queue is refused at once.
 
@@ -172,14 +175,25 @@ fn run(rx: mpsc::Receiver<Job>, engine: Engine, config: BatchConfig, metrics: Ar
             jobs.push(job);
         }
         metrics.queue_depth.dec_by(jobs.len() as i64);
-        let mut by_gallery: HashMap<String, Vec<Job>> = HashMap::new();
-        for job in jobs {
-            by_gallery.entry(job.gallery.name.clone()).or_default().push(job);
-        }
-        for (_, group) in by_gallery {
+        for group in group_jobs(jobs) {
             run_group(&engine, group, &metrics);
         }
     }
+}
+
+/// Jobs searched together: same gallery, same k band, in the order they came.
+fn group_jobs(jobs: Vec<Job>) -> Vec<Vec<Job>> {
+    let mut groups: HashMap<(String, usize), Vec<Job>> = HashMap::new();
+    let mut order = Vec::new();
+    for job in jobs {
+        let key = (job.gallery.name.clone(), job.k.next_power_of_two());
+        let group = groups.entry(key.clone()).or_default();
+        if group.is_empty() {
+            order.push(key);
+        }
+        group.push(job);
+    }
+    order.into_iter().filter_map(|key| groups.remove(&key)).collect()
 }
 
 fn run_group(engine: &Engine, group: Vec<Job>, metrics: &Metrics) {
@@ -394,6 +408,27 @@ mod tests {
         let ok = rx2.blocking_recv().unwrap().map_err(|_| ()).unwrap();
         assert_eq!(ok[0].candidates[0].subject, "a");
         assert_eq!(b.restarts(), 0, "the thread never died");
+    }
+
+    #[test]
+    fn a_large_k_request_is_searched_apart_from_the_small_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path(), crate::storage::Storage::default()).unwrap();
+        let g = registry.create("g", 4, Dtype::F32).unwrap();
+        let other = registry.create("other", 4, Dtype::F32).unwrap();
+        let mut jobs = Vec::new();
+        for (gallery, k) in [(&g, 10), (&g, 500), (&g, 7), (&other, 10), (&g, 9), (&g, 16), (&g, 17)] {
+            let (mut j, _) = job(gallery.clone(), None);
+            j.k = k;
+            jobs.push(j);
+        }
+        let groups: Vec<Vec<usize>> = group_jobs(jobs)
+            .iter()
+            .map(|group| group.iter().map(|j| j.k).collect())
+            .collect();
+        // g's k = 10, 9 and 16 share a search (band 16), k = 7 its own (band 8), k = 17
+        // (band 32) and k = 500 theirs; the other gallery apart from all of them.
+        assert_eq!(groups, vec![vec![10, 9, 16], vec![500], vec![7], vec![10], vec![17]]);
     }
 
     #[test]

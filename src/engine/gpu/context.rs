@@ -168,7 +168,23 @@ impl GpuContext {
 
     /// Block until the queue is idle.
     pub fn wait(&self) -> Result<()> {
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| {
+        self.poll(wgpu::PollType::wait_indefinitely())
+    }
+
+    /// Block until submission `index` has run and its callbacks (buffer maps) are done;
+    /// later submissions (other searches) may still be running.
+    pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<()> {
+        self.poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: None,
+        })
+    }
+
+    fn poll(&self, how: wgpu::PollType) -> Result<()> {
+        self.device.poll(how).map_err(|e| {
+            // A submission refused by a lost device shows up here first: let the
+            // device-lost callback run before telling the two apart.
+            let _ = self.device.poll(wgpu::PollType::Poll);
             let kind = match e {
                 wgpu::PollError::Timeout => GpuErrorKind::Timeout,
                 _ if self.lost.load(Ordering::SeqCst) => GpuErrorKind::DeviceLost,

@@ -9,42 +9,66 @@
 //!    the k best subjects is among them (a row above the k-th subject's best belongs to
 //!    one of the k - 1 subjects ahead of it, m rows each at most), so aggregating them
 //!    into subjects on the host is exact, with the CPU engine's order and ties.
-//! 3. Per shard, `scan` scores rows by blocks and keeps each probe's best `keep` per
-//!    block in workgroup memory; `merge` reduces the blocks to `keep` per probe.
-//! 4. One readback of every shard's `best`, checked slot by slot (poisoned beforehand:
-//!    a slot the kernels did not write is an error naming the probe and rank).
-//! 5. [`TopSubjects`] folds the rows into distinct subjects, as the CPU engine does.
+//! 3. [`shaders::KernelShape::choose`] picks the kernel shape for the batch, the dtype
+//!    and the card's workgroup memory; pipelines are made once per shape.
+//! 4. One submission per batch of probes: `poison` fills the result slots with a
+//!    pattern no kernel writes; `scan` scores every shard by blocks of rows (a tiled
+//!    product of rows and probes with the selection fused in) and keeps each probe's
+//!    best `keep` per block; `merge` reduces the blocks' lists level by level (a tree
+//!    spread over many workgroups) to `keep` per probe and shard. Shards have their own
+//!    regions of the work buffers, so nothing serialises them.
+//! 5. The readback (every shard's results) is checked slot by slot: a slot the kernels
+//!    did not write is an error naming the probe and rank.
+//! 6. [`TopSubjects`] folds the rows into distinct subjects, as the CPU engine does.
+//!
+//! Buffers live in a pool of scratch sets reused by later searches (grown, never made
+//! per search), and bind groups are cached per shard and scratch set. The device's lock
+//! is held while a batch is encoded and submitted, never while it runs: concurrent
+//! searches queue up behind each other on the card, and a large batch keeps two
+//! dispatches in flight (the next one's probes go up while the last one runs).
 
 pub mod context;
 pub mod residency;
 pub mod shaders;
 
 use super::cpu::CpuBackend;
+pub use super::gpu_options::{GpuOptions, KernelTimes, Upload};
 use super::topk::{Hit, TopSubjects};
 use super::{Backend, EncodedProbes};
 use crate::error::{Error, GpuErrorKind, Result};
 use crate::gallery::Slab;
 use crate::template::Dtype;
 use context::GpuContext;
-use residency::{Residency, Resident};
+use residency::{Residency, Resident, ResidentSlab, Shard};
 use shaders::{KernelShape, WORKGROUP};
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Workgroups a dispatch aims for on a GPU (enough to fill a large one several times
+/// Workgroups a scan aims for on a GPU (enough to fill a large one several times
 /// over); on a CPU adapter (lavapipe) a few per core, as more only add overhead.
 const TARGET_WORKGROUPS: usize = 4096;
 const TARGET_WORKGROUPS_PER_CPU_CORE: usize = 4;
-/// Fewest rows a workgroup scans (amortises its final selection).
-const MIN_ROWS_PER_BLOCK: usize = 4 * WORKGROUP as usize;
-/// Probes sent to the GPU in one dispatch.
+/// Fewest rows a scan block covers (amortises its final selection).
+const MIN_ROWS_PER_BLOCK: usize = 256;
+/// Probes sent to the GPU in one submission.
 const MAX_PROBES_PER_DISPATCH: usize = 4096;
-/// Bytes of per-block selections one dispatch may write.
-const MAX_BLOCK_BYTES: u64 = 256 << 20;
-/// Written into the result slots before a search; no kernel writes it.
+/// Bytes of per-block lists one submission may write (all shards together).
+const MAX_LIST_BYTES: u64 = 256 << 20;
+/// Candidates one merge workgroup folds (its fan-in is this over `keep`).
+const MERGE_CANDIDATES: usize = 512;
+/// Submissions of one search in flight at once.
+const IN_FLIGHT: usize = 2;
+/// Scratch sets kept for reuse.
+const POOLED: usize = 4;
+/// Bind groups cached before the cache is cleared.
+const CACHED_GROUPS: usize = 1024;
+/// Most workgroups of the poison pass (each loops over the slots).
+const POISON_WORKGROUPS: usize = 1024;
+/// Written into the result slots before a search (layout.wgsl `POISON`); no kernel
+/// writes it.
 const POISON: u32 = 0xDEAD_BEEF;
 /// The row of a result slot with no candidate (layout.wgsl `EMPTY`).
 const EMPTY: u32 = u32::MAX;
@@ -52,29 +76,8 @@ const EMPTY: u32 = u32::MAX;
 const SLOT_BYTES: u64 = 12;
 /// Offsets of bindings into shared buffers must be multiples of this.
 const BINDING_ALIGN: u64 = 256;
-
-/// Settings for the GPU backend.
-#[derive(Clone, Debug, Default)]
-pub struct GpuOptions {
-    /// Largest shard in bytes (default: the device's storage binding limit). Tests set
-    /// it small so that the multi-shard path runs on tiny galleries.
-    pub max_shard_bytes: Option<u64>,
-}
-
-impl GpuOptions {
-    /// Defaults, with `BIOGATE_GPU_SHARD_BYTES` (largest shard in bytes) when set.
-    pub fn from_env() -> Result<GpuOptions> {
-        let max_shard_bytes = match std::env::var("BIOGATE_GPU_SHARD_BYTES") {
-            Ok(v) => Some(v.parse::<u64>().ok().filter(|&b| b > 0).ok_or_else(|| {
-                Error::invalid(format!(
-                    "BIOGATE_GPU_SHARD_BYTES={v:?} is not a positive number of bytes"
-                ))
-            })?),
-            Err(_) => None,
-        };
-        Ok(GpuOptions { max_shard_bytes })
-    }
-}
+/// Timestamps per submission: scan start and end, merge start and end.
+const QUERIES: u32 = 4;
 
 /// Exact search on a GPU. Holds the device it searches on; a device that is lost
 /// (driver reset, hung GPU) is opened again and the search retried once.
@@ -91,7 +94,10 @@ pub struct GpuBackend {
 /// One opened device and what lives on it.
 pub struct Device {
     ctx: GpuContext,
+    options: GpuOptions,
     state: Mutex<State>,
+    pool: Mutex<Vec<Scratch>>,
+    last_times: Mutex<Option<KernelTimes>>,
 }
 
 impl std::ops::Deref for Device {
@@ -106,28 +112,25 @@ struct State {
     layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
     kernels: HashMap<KernelShape, Kernels>,
-    timestamps: Option<Timestamps>,
-    last_kernel_time: Option<Duration>,
+    groups: HashMap<GroupKey, wgpu::BindGroup>,
 }
 
 struct Kernels {
     scan: wgpu::ComputePipeline,
     merge: wgpu::ComputePipeline,
+    poison: wgpu::ComputePipeline,
 }
 
-struct Timestamps {
-    set: wgpu::QuerySet,
-    resolve: wgpu::Buffer,
-}
-
-/// One shard's work in a dispatch.
-struct ShardPlan {
-    shard: usize,
-    rows: u32,
-    blocks: u32,
-    rows_per_block: u32,
-    /// Offset of its results in the `best` buffer.
-    offset: u64,
+/// What a cached bind group binds: a shard, a scratch set as it was (its buffers are
+/// replaced when they grow), and the regions of the work buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct GroupKey {
+    shard: u64,
+    scratch: u64,
+    generation: u64,
+    params_at: u64,
+    input: (u64, u64),
+    output: (bool, u64, u64),
 }
 
 impl GpuBackend {
@@ -171,9 +174,14 @@ impl GpuBackend {
         self.device().info.device_type == wgpu::DeviceType::Cpu
     }
 
-    /// GPU time of the last search's kernels (needs TIMESTAMP_QUERY).
-    pub fn last_kernel_time(&self) -> Option<Duration> {
-        self.device().lock().last_kernel_time
+    /// GPU time of the last search's kernels, per pass (needs TIMESTAMP_QUERY).
+    pub fn last_kernel_times(&self) -> Option<KernelTimes> {
+        *self.device().last_times.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the last upload of a whole slab cost.
+    pub fn last_upload(&self) -> Option<Upload> {
+        self.device().lock().residency.last_upload()
     }
 
     /// Bytes of gallery resident on the GPU.
@@ -224,7 +232,7 @@ impl Device {
             .max_storage_buffer_binding_size
             .min(ctx.limits.max_buffer_size);
         let shard_bytes = options.max_shard_bytes.map_or(limit, |b| b.min(limit));
-        let (layout, pipeline_layout, timestamps) = ctx.checked("creating the pipeline layout", || {
+        let (layout, pipeline_layout) = ctx.checked("creating the pipeline layout", || {
             let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
                 binding,
                 visibility: wgpu::ShaderStages::COMPUTE,
@@ -263,23 +271,7 @@ impl Device {
                 bind_group_layouts: &[Some(&layout)],
                 immediate_size: 0,
             });
-            let timestamps = ctx
-                .features
-                .contains(wgpu::Features::TIMESTAMP_QUERY)
-                .then(|| Timestamps {
-                    set: ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
-                        label: Some("kernel time"),
-                        ty: wgpu::QueryType::Timestamp,
-                        count: 2,
-                    }),
-                    resolve: ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("kernel time"),
-                        size: 16,
-                        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                        mapped_at_creation: false,
-                    }),
-                });
-            (layout, pipeline_layout, timestamps)
+            (layout, pipeline_layout)
         })?;
         Ok(Device {
             state: Mutex::new(State {
@@ -287,9 +279,11 @@ impl Device {
                 layout,
                 pipeline_layout,
                 kernels: HashMap::new(),
-                timestamps,
-                last_kernel_time: None,
+                groups: HashMap::new(),
             }),
+            options: options.clone(),
+            pool: Mutex::new(Vec::new()),
+            last_times: Mutex::new(None),
             ctx,
         })
     }
@@ -298,23 +292,64 @@ impl Device {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Search one slab; `None` when the GPU cannot take it (see the callers).
-    fn search_on_gpu(
+    fn has_timestamps(&self) -> bool {
+        self.ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// Search one slab here, or on the CPU when the GPU cannot take it (an older
+    /// version of the log than the one resident, or more rows to keep per probe than
+    /// workgroup memory holds).
+    fn search(
         &self,
-        state: &mut State,
+        cpu: &CpuBackend,
         slab: &Slab<'_>,
         probes: &EncodedProbes,
         k: usize,
         floor: f32,
-    ) -> Result<Option<Vec<Vec<Hit>>>> {
+    ) -> Result<Vec<Vec<Hit>>> {
+        let mut tops: Vec<TopSubjects> = vec![TopSubjects::new(k, floor); probes.count];
+        let mut times = KernelTimes::default();
+        let mut in_flight: VecDeque<Pending> = VecDeque::new();
+        for first in (0..probes.count).step_by(MAX_PROBES_PER_DISPATCH) {
+            let count = (probes.count - first).min(MAX_PROBES_PER_DISPATCH);
+            let Some(pending) = self.submit(slab, probes, k, floor, first, count)? else {
+                for p in in_flight {
+                    self.discard(p);
+                }
+                return cpu.search_slab(slab, probes, k, floor);
+            };
+            in_flight.push_back(pending);
+            if in_flight.len() >= IN_FLIGHT {
+                let p = in_flight.pop_front().expect("two in flight");
+                self.collect(p, slab, &mut tops, &mut times)?;
+            }
+        }
+        while let Some(p) = in_flight.pop_front() {
+            self.collect(p, slab, &mut tops, &mut times)?;
+        }
+        *self.last_times.lock().unwrap_or_else(|p| p.into_inner()) = self.has_timestamps().then_some(times);
+        Ok(tops.into_iter().map(TopSubjects::into_sorted).collect())
+    }
+
+    /// Encode and submit probes `first..first + count` against every shard of the
+    /// slab's resident copy; `None` when the GPU cannot take the slab.
+    fn submit(
+        &self,
+        slab: &Slab<'_>,
+        probes: &EncodedProbes,
+        k: usize,
+        floor: f32,
+        first: usize,
+        count: usize,
+    ) -> Result<Option<Pending>> {
+        let mut state = self.lock();
         let State {
             residency,
             layout,
             pipeline_layout,
             kernels,
-            timestamps,
-            last_kernel_time,
-        } = state;
+            groups,
+        } = &mut *state;
         let resident = match residency.sync(&self.ctx, slab)? {
             Resident::Ready(r) => r,
             Resident::Stale => {
@@ -324,7 +359,8 @@ impl Device {
         };
         let keep = ((k - 1) * resident.max_rows_per_subject + 1).min(slab.rows());
         let workgroup_limit = self.ctx.limits.max_compute_workgroup_storage_size;
-        let Some(shape) = KernelShape::choose(slab.dtype(), probes.count, keep, workgroup_limit) else {
+        let batch = probes.count.min(MAX_PROBES_PER_DISPATCH);
+        let Some(shape) = KernelShape::choose(slab.dtype(), batch, keep, workgroup_limit) else {
             tracing::debug!(
                 keep,
                 "too many rows per subject to select on the GPU: scoring this slab on the CPU"
@@ -337,30 +373,130 @@ impl Device {
                 build_kernels(&self.ctx, pipeline_layout, &shape)
             })?),
         };
-        let mut tops: Vec<TopSubjects> = vec![TopSubjects::new(k, floor); probes.count];
-        let mut kernel_time = Duration::ZERO;
-        for first in (0..probes.count).step_by(MAX_PROBES_PER_DISPATCH) {
-            let count = (probes.count - first).min(MAX_PROBES_PER_DISPATCH);
-            let dispatch = Dispatch {
+        if groups.len() > CACHED_GROUPS {
+            groups.clear();
+        }
+        groups.retain(|key, _| residency_holds(resident, key.shard));
+        let mut scratch = self
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_else(Scratch::new);
+        let plan = Plan::new(
+            &self.ctx,
+            &self.options,
+            resident,
+            probes,
+            shape,
+            keep,
+            floor,
+            first,
+            count,
+        );
+        let generation = scratch.generation;
+        let submitted = self.ctx.checked("running the search kernels", || {
+            let mut job = Job {
                 ctx: &self.ctx,
                 layout,
                 kernels,
-                timestamps: timestamps.as_ref(),
-                shape,
-                keep: keep as u32,
-                floor,
+                groups,
+                resident,
+                plan: &plan,
+                timestamps: self.has_timestamps(),
             };
-            let (rows, time) = dispatch.run(resident, probes, first, count)?;
-            kernel_time += time.unwrap_or_default();
-            for (q, shard, c) in rows {
-                let global = resident.shards[shard].first_row + c.row as usize;
-                let ordinal = slab.row_subjects()[global];
-                tops[first + q].offer(c.score, ordinal, slab.rank(ordinal));
-            }
+            job.encode_and_submit(&mut scratch)
+        });
+        if scratch.generation != generation {
+            // Its old buffers are gone: so are the bind groups that named them.
+            groups.retain(|key, _| key.scratch != scratch.id || key.generation == scratch.generation);
         }
-        *last_kernel_time = timestamps.as_ref().map(|_| kernel_time);
-        Ok(Some(tops.into_iter().map(TopSubjects::into_sorted).collect()))
+        let (index, mapped) = submitted?;
+        Ok(Some(Pending {
+            scratch,
+            plan,
+            index,
+            mapped,
+        }))
     }
+
+    /// Wait for a submission, check its results and fold them into `tops`.
+    fn collect(&self, p: Pending, slab: &Slab<'_>, tops: &mut [TopSubjects], times: &mut KernelTimes) -> Result<()> {
+        self.ctx.wait_for(p.index.clone())?;
+        if !self.mapped(&p) {
+            return Err(Error::gpu(
+                GpuErrorKind::Internal,
+                "the search results could not be mapped for reading",
+            ));
+        }
+        let plan = &p.plan;
+        let readback = p
+            .scratch
+            .readback
+            .as_ref()
+            .expect("a submitted scratch set has a readback buffer");
+        let bytes = readback
+            .get_mapped_range(..plan.readback_bytes())
+            .map_err(|e| Error::gpu(GpuErrorKind::Internal, format!("reading the results back: {e}")))?;
+        let keep = plan.keep as usize;
+        let mut rows = Vec::new();
+        for (i, shard) in plan.shards.iter().enumerate() {
+            let at = shard.best_at as usize;
+            let slots: Vec<Slot> = bytemuck::pod_collect_to_vec(&bytes[at..at + plan.results_bytes as usize]);
+            check_slots(&slots, plan.count, keep, shard.rows, plan.first, i, &mut rows)?;
+        }
+        for (q, shard, c) in rows {
+            let global = plan.shards[shard].first_row + c.row as usize;
+            let ordinal = slab.row_subjects()[global];
+            tops[plan.first + q].offer(c.score, ordinal, slab.rank(ordinal));
+        }
+        if self.has_timestamps() {
+            let at = plan.best_bytes as usize;
+            let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes[at..at + 8 * QUERIES as usize]);
+            let period = f64::from(self.ctx.queue.get_timestamp_period());
+            let span =
+                |a: usize, b: usize| Duration::from_nanos((ticks[b].saturating_sub(ticks[a]) as f64 * period) as u64);
+            times.scan += span(0, 1);
+            times.merge += span(2, 3);
+        }
+        drop(bytes);
+        readback.unmap();
+        self.give_back(p.scratch);
+        Ok(())
+    }
+
+    /// Drop a submission whose results are not needed (its scratch set is reused once
+    /// the GPU is done with it).
+    fn discard(&self, p: Pending) {
+        if self.ctx.wait_for(p.index.clone()).is_ok() && self.mapped(&p) {
+            if let Some(r) = &p.scratch.readback {
+                r.unmap();
+            }
+            self.give_back(p.scratch);
+        }
+    }
+
+    /// Whether a finished submission's readback is mapped (another thread's poll may
+    /// be the one running its callback: wait for that a while).
+    fn mapped(&self, p: &Pending) -> bool {
+        let deadline = std::time::Instant::now() + MAP_WAIT;
+        while p.mapped.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+            let _ = self.ctx.device.poll(wgpu::PollType::Poll);
+            std::thread::yield_now();
+        }
+        p.mapped.load(Ordering::SeqCst) == MAPPED
+    }
+
+    fn give_back(&self, scratch: Scratch) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOLED {
+            pool.push(scratch);
+        }
+    }
+}
+
+fn residency_holds(resident: &ResidentSlab, shard: u64) -> bool {
+    resident.shards.iter().any(|s| s.id == shard)
 }
 
 fn build_kernels(ctx: &GpuContext, layout: &wgpu::PipelineLayout, shape: &KernelShape) -> Kernels {
@@ -382,6 +518,7 @@ fn build_kernels(ctx: &GpuContext, layout: &wgpu::PipelineLayout, shape: &Kernel
     Kernels {
         scan: pipeline("scan"),
         merge: pipeline("merge"),
+        poison: pipeline("poison"),
     }
 }
 
@@ -394,9 +531,9 @@ struct Slot {
     row: u32,
 }
 
-/// The uniform block of one shard's dispatch (layout.wgsl `Params`).
+/// The uniform block of one dispatch (layout.wgsl `Params`).
 #[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
     rows: u32,
     row_vec4s: u32,
@@ -405,36 +542,68 @@ struct Params {
     blocks: u32,
     rows_per_block: u32,
     floor: f32,
-    pad: u32,
+    lists: u32,
+    fan: u32,
+    out_lists: u32,
+    pad: [u32; 2],
 }
 
-/// One batch of probes against every shard of a resident slab.
-struct Dispatch<'a> {
-    ctx: &'a GpuContext,
-    layout: &'a wgpu::BindGroupLayout,
-    kernels: &'a Kernels,
-    timestamps: Option<&'a Timestamps>,
-    shape: KernelShape,
+/// One batch of probes against every shard: how the work is cut and where each part's
+/// lists go. Offsets are bytes into the scratch set's buffers.
+struct Plan {
+    first: usize,
+    count: usize,
     keep: u32,
-    floor: f32,
+    /// Bytes of one probe batch's results (keep slots per padded probe).
+    results_bytes: u64,
+    shards: Vec<ShardPlan>,
+    /// Uniform blocks, one per dispatch, BINDING_ALIGN apart.
+    params: Vec<Params>,
+    probe_bytes: Vec<u8>,
+    scale_bytes: Vec<u8>,
+    lists_bytes: u64,
+    best_bytes: u64,
 }
 
-/// (probe within the dispatch, shard, slot) for every filled slot.
-type DispatchRows = Vec<(usize, usize, Slot)>;
+struct ShardPlan {
+    shard: usize,
+    first_row: usize,
+    rows: u32,
+    scan: Pass,
+    levels: Vec<Pass>,
+    /// Offset of its results in the `best` buffer.
+    best_at: u64,
+}
 
-impl Dispatch<'_> {
-    fn run(
-        &self,
-        resident: &residency::ResidentSlab,
+/// One dispatch: its uniform block, its workgroups, and the regions it reads and
+/// writes (`output.0`: in the `best` buffer rather than `lists`).
+struct Pass {
+    params: usize,
+    groups: (u32, u32),
+    input: (u64, u64),
+    output: (bool, u64, u64),
+}
+
+fn align(bytes: u64) -> u64 {
+    bytes.div_ceil(BINDING_ALIGN) * BINDING_ALIGN
+}
+
+impl Plan {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ctx: &GpuContext,
+        options: &GpuOptions,
+        resident: &ResidentSlab,
         probes: &EncodedProbes,
+        shape: KernelShape,
+        keep: usize,
+        floor: f32,
         first: usize,
         count: usize,
-    ) -> Result<(DispatchRows, Option<Duration>)> {
-        let ctx = self.ctx;
-        let tile = self.shape.probe_tile as usize;
+    ) -> Plan {
+        let tile = shape.probe_tile() as usize;
         let padded = count.div_ceil(tile) * tile;
         let tiles = (padded / tile) as u32;
-        let keep = self.keep as usize;
         let (probe_bytes, probe_vec4s, scale_bytes) = encode_probes(probes, first, count, padded);
         let row_vec4s = (resident.stride / 16) as u32;
         let target_workgroups = if ctx.info.device_type == wgpu::DeviceType::Cpu {
@@ -442,163 +611,417 @@ impl Dispatch<'_> {
         } else {
             TARGET_WORKGROUPS
         };
-
-        // Plan the shards: blocks per shard and where each one's results go.
+        let row_tile = shape.blocking.row_tile() as usize;
         let results_bytes = (padded * keep) as u64 * SLOT_BYTES;
-        let region = results_bytes.div_ceil(BINDING_ALIGN) * BINDING_ALIGN;
         let binding_limit = ctx.limits.max_storage_buffer_binding_size;
+        let shard_count = resident.shards.len().max(1) as u64;
         let max_blocks_by_memory =
-            ((MAX_BLOCK_BYTES.min(binding_limit) / results_bytes).max(1) as usize).min(u16::MAX as usize);
-        let plans: Vec<ShardPlan> = resident
-            .shards
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let wanted = target_workgroups.div_ceil(tiles as usize);
-                let blocks = wanted
-                    .min(s.rows.div_ceil(MIN_ROWS_PER_BLOCK))
-                    .min(max_blocks_by_memory)
-                    .max(1);
-                let rows_per_block = s.rows.div_ceil(blocks).div_ceil(WORKGROUP as usize) * WORKGROUP as usize;
-                ShardPlan {
-                    shard: i,
-                    rows: s.rows as u32,
-                    blocks: s.rows.div_ceil(rows_per_block) as u32,
-                    rows_per_block: rows_per_block as u32,
-                    offset: i as u64 * region,
-                }
-            })
-            .collect();
-        let most_blocks = plans.iter().map(|p| p.blocks as u64).max().unwrap_or(1);
-
-        let run = || -> wgpu::Buffer {
-            let device = &ctx.device;
-            let buffer = |label: &str, size: u64, usage: wgpu::BufferUsages| {
-                device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(label),
-                    size: size.max(16),
-                    usage,
-                    mapped_at_creation: false,
-                })
-            };
-            use wgpu::BufferUsages as U;
-            let probe_buf = buffer("probes", probe_bytes.len() as u64, U::STORAGE | U::COPY_DST);
-            ctx.queue.write_buffer(&probe_buf, 0, &probe_bytes);
-            let scale_buf = buffer("probe scales", scale_bytes.len() as u64, U::STORAGE | U::COPY_DST);
-            ctx.queue.write_buffer(&scale_buf, 0, &scale_bytes);
-            let no_scales = buffer("no row scales", 16, U::STORAGE);
-            let block_buf = buffer("block selections", most_blocks * results_bytes, U::STORAGE);
-            let best_size = plans.len() as u64 * region;
-            let best_buf = buffer("best rows", best_size, U::STORAGE | U::COPY_DST | U::COPY_SRC);
-            ctx.queue.write_buffer(
-                &best_buf,
-                0,
-                bytemuck::cast_slice(&vec![POISON; (best_size / 4) as usize]),
-            );
-            let params_buf = buffer("params", plans.len() as u64 * BINDING_ALIGN, U::UNIFORM | U::COPY_DST);
-            let readback = buffer(
-                "readback",
-                best_size + if self.timestamps.is_some() { 16 } else { 0 },
-                U::MAP_READ | U::COPY_DST,
-            );
-            let mut encoder = device.create_command_encoder(&Default::default());
-            let passes = plans.len() * 2;
-            for (n, plan) in plans.iter().enumerate() {
-                let shard = &resident.shards[plan.shard];
-                let params = Params {
-                    rows: plan.rows,
-                    row_vec4s,
-                    probe_vec4s,
-                    keep: self.keep,
-                    blocks: plan.blocks,
-                    rows_per_block: plan.rows_per_block,
-                    floor: self.floor.max(f32::MIN),
-                    pad: 0,
-                };
-                let params_at = n as u64 * BINDING_ALIGN;
-                ctx.queue
-                    .write_buffer(&params_buf, params_at, bytemuck::bytes_of(&params));
-                fn binding(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindingResource<'_> {
-                    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer,
-                        offset,
-                        size: std::num::NonZeroU64::new(size),
-                    })
-                }
-                let entries = [
-                    binding(&params_buf, params_at, std::mem::size_of::<Params>() as u64),
-                    shard.gallery.as_entire_binding(),
-                    shard.keys.as_entire_binding(),
-                    shard.scales.as_ref().unwrap_or(&no_scales).as_entire_binding(),
-                    probe_buf.as_entire_binding(),
-                    scale_buf.as_entire_binding(),
-                    binding(&block_buf, 0, plan.blocks as u64 * results_bytes),
-                    binding(&best_buf, plan.offset, results_bytes),
-                ];
-                let entries: Vec<wgpu::BindGroupEntry> = entries
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, resource)| wgpu::BindGroupEntry {
-                        binding: i as u32,
-                        resource,
-                    })
-                    .collect();
-                let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("biogate search"),
-                    layout: self.layout,
-                    entries: &entries,
-                });
-                for (pass, pipeline, groups) in [
-                    (2 * n, &self.kernels.scan, (plan.blocks, tiles)),
-                    (2 * n + 1, &self.kernels.merge, (tiles, 1)),
-                ] {
-                    let timestamp_writes = self.timestamps.map(|t| wgpu::ComputePassTimestampWrites {
-                        query_set: &t.set,
-                        beginning_of_pass_write_index: (pass == 0).then_some(0),
-                        end_of_pass_write_index: (pass + 1 == passes).then_some(1),
-                    });
-                    let mut cpass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some("biogate search"),
-                        timestamp_writes: timestamp_writes.filter(|w| {
-                            w.beginning_of_pass_write_index.is_some() || w.end_of_pass_write_index.is_some()
-                        }),
-                    });
-                    cpass.set_pipeline(pipeline);
-                    cpass.set_bind_group(0, &group, &[]);
-                    cpass.dispatch_workgroups(groups.0, groups.1, 1);
-                }
-            }
-            encoder.copy_buffer_to_buffer(&best_buf, 0, &readback, 0, best_size);
-            if let Some(t) = self.timestamps {
-                encoder.resolve_query_set(&t.set, 0..2, &t.resolve, 0);
-                encoder.copy_buffer_to_buffer(&t.resolve, 0, &readback, best_size, 16);
-            }
-            ctx.queue.submit([encoder.finish()]);
-            readback.map_async(wgpu::MapMode::Read, .., |_| {});
-            readback
+            ((MAX_LIST_BYTES / shard_count).min(binding_limit) / results_bytes).clamp(1, u64::from(u16::MAX)) as usize;
+        let fan = options.merge_fan.unwrap_or(MERGE_CANDIDATES / keep).max(2);
+        let base = Params {
+            row_vec4s,
+            probe_vec4s,
+            keep: keep as u32,
+            floor: floor.max(f32::MIN),
+            ..Params::default()
         };
-        let readback = ctx.checked("running the search kernels", run)?;
-        ctx.wait()?;
-        let bytes = readback
-            .get_mapped_range(..)
-            .map_err(|e| Error::gpu(GpuErrorKind::Internal, format!("reading the results back: {e}")))?;
-        let best_size = plans.len() as u64 * region;
-        let mut out = Vec::new();
-        for plan in &plans {
-            let at = plan.offset as usize;
-            let slots: Vec<Slot> = bytemuck::pod_collect_to_vec(&bytes[at..at + results_bytes as usize]);
-            check_slots(&slots, count, keep, plan.rows, first, plan.shard, &mut out)?;
+        let mut params = Vec::new();
+        let mut lists_at = 0u64;
+        let mut shards = Vec::new();
+        for (i, s) in resident.shards.iter().enumerate() {
+            let best_at = i as u64 * align(results_bytes);
+            let wanted = target_workgroups.div_ceil(tiles as usize);
+            let mut blocks = wanted
+                .min(s.rows.div_ceil(MIN_ROWS_PER_BLOCK.max(row_tile)))
+                .min(max_blocks_by_memory)
+                .max(1);
+            if let Some(most) = options.max_rows_per_block {
+                blocks = blocks.max(s.rows.div_ceil(most.max(1)).min(max_blocks_by_memory));
+            }
+            let rows_per_block = s.rows.div_ceil(blocks).div_ceil(row_tile) * row_tile;
+            let blocks = s.rows.div_ceil(rows_per_block).max(1) as u32;
+            let scan_bytes = u64::from(blocks) * results_bytes;
+            let scan = Pass {
+                params: params.len(),
+                groups: (blocks, tiles),
+                input: (lists_at, scan_bytes),
+                output: (true, best_at, results_bytes),
+            };
+            params.push(Params {
+                rows: s.rows as u32,
+                blocks,
+                rows_per_block: rows_per_block as u32,
+                ..base
+            });
+            lists_at += align(scan_bytes);
+            // The merge tree: `fan` lists into one per level, at least one level (it
+            // writes the shard's results).
+            let mut levels = Vec::new();
+            let mut lists = blocks;
+            let mut input = scan.input;
+            loop {
+                let out_lists = lists.div_ceil(fan as u32);
+                let out_bytes = u64::from(out_lists) * results_bytes;
+                let output = if out_lists == 1 {
+                    (true, best_at, results_bytes)
+                } else {
+                    let at = lists_at;
+                    lists_at += align(out_bytes);
+                    (false, at, out_bytes)
+                };
+                levels.push(Pass {
+                    params: params.len(),
+                    groups: (out_lists, tiles),
+                    input,
+                    output,
+                });
+                params.push(Params {
+                    lists,
+                    fan: fan as u32,
+                    out_lists,
+                    ..base
+                });
+                if out_lists == 1 {
+                    break;
+                }
+                input = (output.1, output.2);
+                lists = out_lists;
+            }
+            shards.push(ShardPlan {
+                shard: i,
+                first_row: s.first_row,
+                rows: s.rows as u32,
+                scan,
+                levels,
+                best_at,
+            });
         }
-        let time = self.timestamps.map(|_| {
-            let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes[best_size as usize..best_size as usize + 16]);
-            let ns = ticks[1].saturating_sub(ticks[0]) as f64 * f64::from(ctx.queue.get_timestamp_period());
-            Duration::from_nanos(ns as u64)
-        });
-        drop(bytes);
-        readback.unmap();
-        Ok((out, time))
+        Plan {
+            first,
+            count,
+            keep: keep as u32,
+            results_bytes,
+            best_bytes: resident.shards.len() as u64 * align(results_bytes),
+            shards,
+            params,
+            probe_bytes,
+            scale_bytes,
+            lists_bytes: lists_at,
+        }
+    }
+
+    fn readback_bytes(&self) -> u64 {
+        self.best_bytes + 8 * u64::from(QUERIES)
     }
 }
+
+/// The buffers of one search in flight, kept in a pool and grown (to powers of two)
+/// when a batch needs more: never made per search.
+struct Scratch {
+    /// Unique among the scratch sets this process made.
+    id: u64,
+    /// Changes whenever one of its buffers is replaced.
+    generation: u64,
+    probes: Option<wgpu::Buffer>,
+    scales: Option<wgpu::Buffer>,
+    lists: Option<wgpu::Buffer>,
+    best: Option<wgpu::Buffer>,
+    params: Option<wgpu::Buffer>,
+    readback: Option<wgpu::Buffer>,
+    /// Timestamp queries (when the device has them) and where they are resolved.
+    queries: Option<(wgpu::QuerySet, wgpu::Buffer)>,
+    /// Bound where a gallery has no row scales (f32, f16).
+    no_scales: Option<wgpu::Buffer>,
+}
+
+static NEXT_SCRATCH: AtomicU64 = AtomicU64::new(1);
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch {
+            id: NEXT_SCRATCH.fetch_add(1, Ordering::Relaxed),
+            generation: NEXT_SCRATCH.fetch_add(1, Ordering::Relaxed),
+            probes: None,
+            scales: None,
+            lists: None,
+            best: None,
+            params: None,
+            readback: None,
+            queries: None,
+            no_scales: None,
+        }
+    }
+}
+
+/// `slot`'s buffer, replaced by one of at least `size` bytes (a power of two) when
+/// it is smaller; a replacement changes the scratch set's generation.
+fn ensure(
+    ctx: &GpuContext,
+    slot: &mut Option<wgpu::Buffer>,
+    generation: &mut u64,
+    label: &str,
+    size: u64,
+    usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
+    if slot.as_ref().is_none_or(|b| b.size() < size) {
+        *slot = Some(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: size.max(BINDING_ALIGN).next_power_of_two(),
+            usage,
+            mapped_at_creation: false,
+        }));
+        *generation = NEXT_SCRATCH.fetch_add(1, Ordering::Relaxed);
+    }
+    slot.clone().expect("just ensured")
+}
+
+/// A submitted batch waiting for its results.
+struct Pending {
+    scratch: Scratch,
+    plan: Plan,
+    index: wgpu::SubmissionIndex,
+    mapped: Arc<AtomicU8>,
+}
+
+/// How long a finished submission's readback may take to be mapped.
+const MAP_WAIT: Duration = Duration::from_secs(10);
+/// Set by the readback's map callback.
+const MAPPED: u8 = 1;
+const MAP_FAILED: u8 = 2;
+
+/// Encoding one batch, with the device's lock held.
+struct Job<'a> {
+    ctx: &'a GpuContext,
+    layout: &'a wgpu::BindGroupLayout,
+    kernels: &'a Kernels,
+    groups: &'a mut HashMap<GroupKey, wgpu::BindGroup>,
+    resident: &'a ResidentSlab,
+    plan: &'a Plan,
+    timestamps: bool,
+}
+
+/// The scratch set's buffers for one batch.
+struct Buffers {
+    probes: wgpu::Buffer,
+    scales: wgpu::Buffer,
+    lists: wgpu::Buffer,
+    best: wgpu::Buffer,
+    params: wgpu::Buffer,
+    no_scales: wgpu::Buffer,
+}
+
+impl Job<'_> {
+    fn encode_and_submit(&mut self, scratch: &mut Scratch) -> (wgpu::SubmissionIndex, Arc<AtomicU8>) {
+        let ctx = self.ctx;
+        let plan = self.plan;
+        use wgpu::BufferUsages as U;
+        let g = &mut scratch.generation;
+        let buffers = Buffers {
+            probes: ensure(
+                ctx,
+                &mut scratch.probes,
+                g,
+                "probes",
+                plan.probe_bytes.len() as u64,
+                U::STORAGE | U::COPY_DST,
+            ),
+            scales: ensure(
+                ctx,
+                &mut scratch.scales,
+                g,
+                "probe scales",
+                plan.scale_bytes.len() as u64,
+                U::STORAGE | U::COPY_DST,
+            ),
+            lists: ensure(
+                ctx,
+                &mut scratch.lists,
+                g,
+                "candidate lists",
+                plan.lists_bytes,
+                U::STORAGE,
+            ),
+            best: ensure(
+                ctx,
+                &mut scratch.best,
+                g,
+                "results",
+                plan.best_bytes,
+                U::STORAGE | U::COPY_SRC,
+            ),
+            params: ensure(
+                ctx,
+                &mut scratch.params,
+                g,
+                "params",
+                plan.params.len() as u64 * BINDING_ALIGN,
+                U::UNIFORM | U::COPY_DST,
+            ),
+            no_scales: ensure(ctx, &mut scratch.no_scales, g, "no row scales", 16, U::STORAGE),
+        };
+        let readback = ensure(
+            ctx,
+            &mut scratch.readback,
+            g,
+            "readback",
+            plan.readback_bytes(),
+            U::MAP_READ | U::COPY_DST,
+        );
+        ctx.queue.write_buffer(&buffers.probes, 0, &plan.probe_bytes);
+        ctx.queue.write_buffer(&buffers.scales, 0, &plan.scale_bytes);
+        let mut params = vec![0u8; plan.params.len() * BINDING_ALIGN as usize];
+        for (i, p) in plan.params.iter().enumerate() {
+            let at = i * BINDING_ALIGN as usize;
+            params[at..at + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(p));
+        }
+        ctx.queue.write_buffer(&buffers.params, 0, &params);
+        let queries = self.timestamps.then(|| {
+            scratch
+                .queries
+                .get_or_insert_with(|| {
+                    (
+                        ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                            label: Some("kernel time"),
+                            ty: wgpu::QueryType::Timestamp,
+                            count: QUERIES,
+                        }),
+                        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                            label: Some("kernel time"),
+                            size: 8 * u64::from(QUERIES),
+                            usage: U::QUERY_RESOLVE | U::COPY_SRC,
+                            mapped_at_creation: false,
+                        }),
+                    )
+                })
+                .clone()
+        });
+        let (id, generation) = (scratch.id, scratch.generation);
+
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        let writes = |begin: u32| {
+            queries.as_ref().map(|(set, _)| wgpu::ComputePassTimestampWrites {
+                query_set: set,
+                beginning_of_pass_write_index: Some(begin),
+                end_of_pass_write_index: Some(begin + 1),
+            })
+        };
+        // Poison every shard's results (with the bind group of its last merge level,
+        // which writes them).
+        {
+            let mut cpass = encoder.begin_compute_pass(&Default::default());
+            cpass.set_pipeline(&self.kernels.poison);
+            let slots = (plan.results_bytes / SLOT_BYTES) as usize;
+            let workgroups = slots.div_ceil(WORKGROUP as usize).clamp(1, POISON_WORKGROUPS) as u32;
+            for s in &plan.shards {
+                let last = s.levels.last().expect("at least one merge level");
+                let group = self.group(&buffers, s, last, id, generation);
+                cpass.set_bind_group(0, &group, &[]);
+                cpass.dispatch_workgroups(workgroups, 1, 1);
+            }
+        }
+        {
+            let mut cpass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("scan"),
+                timestamp_writes: writes(0),
+            });
+            cpass.set_pipeline(&self.kernels.scan);
+            for s in &plan.shards {
+                let group = self.group(&buffers, s, &s.scan, id, generation);
+                cpass.set_bind_group(0, &group, &[]);
+                cpass.dispatch_workgroups(s.scan.groups.0, s.scan.groups.1, 1);
+            }
+        }
+        {
+            let mut cpass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("merge"),
+                timestamp_writes: writes(2),
+            });
+            cpass.set_pipeline(&self.kernels.merge);
+            let depth = plan.shards.iter().map(|s| s.levels.len()).max().unwrap_or(0);
+            for level in 0..depth {
+                for s in &plan.shards {
+                    if let Some(pass) = s.levels.get(level) {
+                        let group = self.group(&buffers, s, pass, id, generation);
+                        cpass.set_bind_group(0, &group, &[]);
+                        cpass.dispatch_workgroups(pass.groups.0, pass.groups.1, 1);
+                    }
+                }
+            }
+        }
+        encoder.copy_buffer_to_buffer(&buffers.best, 0, &readback, 0, plan.best_bytes);
+        if let Some((set, resolve)) = &queries {
+            encoder.resolve_query_set(set, 0..QUERIES, resolve, 0);
+            encoder.copy_buffer_to_buffer(resolve, 0, &readback, plan.best_bytes, 8 * u64::from(QUERIES));
+        }
+        let index = ctx.queue.submit([encoder.finish()]);
+        let mapped = Arc::new(AtomicU8::new(0));
+        let flag = mapped.clone();
+        readback.map_async(wgpu::MapMode::Read, ..plan.readback_bytes(), move |r| {
+            flag.store(if r.is_ok() { MAPPED } else { MAP_FAILED }, Ordering::SeqCst);
+        });
+        (index, mapped)
+    }
+
+    /// The bind group of one pass over one shard, made once and cached.
+    fn group(
+        &mut self,
+        buffers: &Buffers,
+        s: &ShardPlan,
+        pass: &Pass,
+        scratch: u64,
+        generation: u64,
+    ) -> wgpu::BindGroup {
+        let shard: &Shard = &self.resident.shards[s.shard];
+        let params_at = pass.params as u64 * BINDING_ALIGN;
+        let key = GroupKey {
+            shard: shard.id,
+            scratch,
+            generation,
+            params_at,
+            input: pass.input,
+            output: pass.output,
+        };
+        if let Some(g) = self.groups.get(&key) {
+            return g.clone();
+        }
+        fn region(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindingResource<'_> {
+            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer,
+                offset,
+                size: std::num::NonZeroU64::new(size),
+            })
+        }
+        let out_buffer = if pass.output.0 { &buffers.best } else { &buffers.lists };
+        let resources = [
+            region(&buffers.params, params_at, std::mem::size_of::<Params>() as u64),
+            shard.gallery.as_entire_binding(),
+            shard.keys.as_entire_binding(),
+            shard.scales.as_ref().unwrap_or(&buffers.no_scales).as_entire_binding(),
+            buffers.probes.as_entire_binding(),
+            buffers.scales.as_entire_binding(),
+            region(&buffers.lists, pass.input.0, pass.input.1),
+            region(out_buffer, pass.output.1, pass.output.2),
+        ];
+        let entries: Vec<wgpu::BindGroupEntry> = resources
+            .into_iter()
+            .enumerate()
+            .map(|(i, resource)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource,
+            })
+            .collect();
+        let group = self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("biogate search"),
+            layout: self.layout,
+            entries: &entries,
+        });
+        self.groups.insert(key, group.clone());
+        group
+    }
+}
+
+/// (probe within the batch, shard, slot) for every filled slot.
+type DispatchRows = Vec<(usize, usize, Slot)>;
 
 /// Validate one shard's result slots (`keep` per probe for `count` probes) and collect
 /// the filled ones as (probe, shard, slot). Every slot must have been written (none may
@@ -672,27 +1095,6 @@ fn encode_probes(probes: &EncodedProbes, first: usize, count: usize, padded: usi
                 (len / 16) as u32,
                 bytemuck::cast_slice(&scales).to_vec(),
             )
-        }
-    }
-}
-
-impl Device {
-    /// Search one slab here, or on the CPU when the GPU cannot take it.
-    fn search(
-        &self,
-        cpu: &CpuBackend,
-        slab: &Slab<'_>,
-        probes: &EncodedProbes,
-        k: usize,
-        floor: f32,
-    ) -> Result<Vec<Vec<Hit>>> {
-        let mut state = self.lock();
-        match self.search_on_gpu(&mut state, slab, probes, k, floor)? {
-            Some(hits) => Ok(hits),
-            None => {
-                drop(state);
-                cpu.search_slab(slab, probes, k, floor)
-            }
         }
     }
 }

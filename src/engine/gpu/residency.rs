@@ -15,10 +15,13 @@
 //!   dropped at the next search.
 
 use super::context::GpuContext;
+use crate::engine::gpu_options::Upload;
 use crate::error::Result;
 use crate::gallery::{Slab, SubjectIds};
 use crate::template::Dtype;
 use std::sync::Weak;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// Rows interleaved together on the GPU (layout.wgsl `TILE_ROWS`): word `j` of the 64
 /// rows of a tile are adjacent, so the 64 invocations scoring a tile read consecutive
@@ -33,6 +36,9 @@ const LOG_SHARD_START_ROWS: usize = 1024;
 
 /// A run of rows that fits one storage binding.
 pub struct Shard {
+    /// Unique among the shards this process made (a grown shard gets a new one): names
+    /// the bind groups made for it.
+    pub id: u64,
     /// Index in the slab of the shard's first row.
     pub first_row: usize,
     /// Rows resident (the first `rows` of `capacity`).
@@ -74,6 +80,7 @@ impl ResidentSlab {
 pub struct Residency {
     slabs: Vec<ResidentSlab>,
     shard_bytes: u64,
+    last_upload: Option<Upload>,
 }
 
 /// How a search may use a slab's resident copy.
@@ -98,7 +105,18 @@ impl Residency {
         Residency {
             slabs: Vec::new(),
             shard_bytes,
+            last_upload: None,
         }
+    }
+
+    /// The last upload of a whole slab, if any.
+    pub fn last_upload(&self) -> Option<Upload> {
+        self.last_upload
+    }
+
+    /// Whether the shard `id` is still resident.
+    pub fn holds_shard(&self, id: u64) -> bool {
+        self.slabs.iter().flat_map(|s| &s.shards).any(|s| s.id == id)
     }
 
     /// Bytes resident on the GPU.
@@ -137,7 +155,13 @@ impl Residency {
                     self.slabs.swap_remove(i);
                 }
                 let shard_rows = self.shard_rows(slab.stride());
+                let started = Instant::now();
                 let r = ctx.checked("uploading the gallery", || ResidentSlab::upload(ctx, slab, shard_rows))??;
+                ctx.wait()?;
+                self.last_upload = Some(Upload {
+                    time: started.elapsed(),
+                    bytes: (slab.rows() * slab.stride()) as u64,
+                });
                 self.slabs.push(r);
                 self.slabs.len() - 1
             }
@@ -277,6 +301,7 @@ impl ResidentSlab {
 
 impl Shard {
     fn new(ctx: &GpuContext, first_row: usize, capacity: usize, stride: usize, with_scales: bool) -> Shard {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let capacity = capacity.div_ceil(TILE_ROWS) * TILE_ROWS;
         let buffer = |label: &str, bytes: usize| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -287,6 +312,7 @@ impl Shard {
             })
         };
         Shard {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             first_row,
             rows: 0,
             capacity,

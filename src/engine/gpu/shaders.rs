@@ -1,9 +1,11 @@
 //! WGSL sources (shaders/*.wgsl, one concern per file) assembled into one module per
 //! storage dtype and kernel shape, and the shape chosen for a search.
 //!
-//! A module is `prelude + layout + select + score_<dtype> + scan + merge`; the prelude
-//! fixes the probes per workgroup, the candidate slots per probe and the workgroup size
-//! as constants, so loops over them unroll and arrays live in registers.
+//! A module is `prelude + layout + select + score_<dtype> (+ score_float) + scan +
+//! merge`; the prelude
+//! fixes the shape as constants (probes per workgroup, register blocking, slice of the
+//! dimensions staged at a time, candidate slots), so loops over them unroll and arrays
+//! live in registers.
 
 use crate::template::Dtype;
 
@@ -11,55 +13,180 @@ const LAYOUT: &str = include_str!("../../../shaders/layout.wgsl");
 const SELECT: &str = include_str!("../../../shaders/select.wgsl");
 const SCORE_F32: &str = include_str!("../../../shaders/score_f32.wgsl");
 const SCORE_F16: &str = include_str!("../../../shaders/score_f16.wgsl");
+const SCORE_FLOAT: &str = include_str!("../../../shaders/score_float.wgsl");
 const SCORE_I8: &str = include_str!("../../../shaders/score_i8.wgsl");
 const SCAN: &str = include_str!("../../../shaders/scan.wgsl");
 const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
 
-/// Invocations per workgroup (one gallery row each per round).
+/// Invocations per workgroup.
 pub const WORKGROUP: u32 = 64;
-/// Probes-per-workgroup choices, largest first.
-pub const PROBE_TILES: [u32; 4] = [16, 8, 4, 1];
 /// Bytes of workgroup memory per candidate slot (score, key, row).
 const SLOT_BYTES: u32 = 12;
+/// Bytes of one staged word (vec4).
+const WORD_BYTES: u32 = 16;
+/// Words of the rows staged at a time, largest first (the largest that fits is used;
+/// a blocking that stages rows takes at least two, or its barriers would dominate).
+const SLICES: [u32; 4] = [8, 4, 2, 1];
+const MIN_STAGED_SLICE: u32 = 2;
+
+/// How a workgroup's invocations cover a tile of rows x probes (see scan.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Blocking {
+    /// Probes per workgroup.
+    pub probe_tile: u32,
+    /// Scores each invocation accumulates: rows x probes.
+    pub rows_per_inv: u32,
+    pub probes_per_inv: u32,
+}
+
+/// Blockings, largest first. Batches of one to four probes stream the rows straight
+/// from memory (each row read once, four rows in flight per invocation); larger
+/// batches stage rows and probes in workgroup memory and reuse each row word for 4 to
+/// 8 probes in registers.
+pub const BLOCKINGS: [Blocking; 6] = [
+    Blocking {
+        probe_tile: 32,
+        rows_per_inv: 8,
+        probes_per_inv: 8,
+    },
+    Blocking {
+        probe_tile: 16,
+        rows_per_inv: 4,
+        probes_per_inv: 4,
+    },
+    Blocking {
+        probe_tile: 8,
+        rows_per_inv: 4,
+        probes_per_inv: 4,
+    },
+    Blocking {
+        probe_tile: 4,
+        rows_per_inv: 4,
+        probes_per_inv: 4,
+    },
+    Blocking {
+        probe_tile: 2,
+        rows_per_inv: 4,
+        probes_per_inv: 2,
+    },
+    Blocking {
+        probe_tile: 1,
+        rows_per_inv: 4,
+        probes_per_inv: 1,
+    },
+];
+
+impl Blocking {
+    /// Probe groups: invocations that share a row group.
+    fn probe_groups(&self) -> u32 {
+        self.probe_tile / self.probes_per_inv
+    }
+
+    /// Offers per probe between two checks of the selection: one per row group.
+    pub fn round(&self) -> u32 {
+        WORKGROUP / self.probe_groups()
+    }
+
+    /// Rows per tile.
+    pub fn row_tile(&self) -> u32 {
+        self.round() * self.rows_per_inv
+    }
+
+    /// Rows are staged in workgroup memory when more than one probe group reads them.
+    fn stage_rows(&self) -> bool {
+        self.probe_groups() > 1
+    }
+}
 
 /// The compile-time shape of a kernel module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelShape {
     pub dtype: Dtype,
-    /// Probes scored per workgroup (each gallery row read once for all of them).
-    pub probe_tile: u32,
-    /// Candidate slots per probe in workgroup memory: a power of two >= keep + WORKGROUP.
+    pub blocking: Blocking,
+    /// Candidate slots per probe in workgroup memory: a power of two >= keep + round.
     pub cap: u32,
+    /// Words of the rows staged per step.
+    pub slice: u32,
 }
 
 impl KernelShape {
+    /// Probe words per row word (f16 rows meet f32 probes).
+    fn probe_words(&self) -> u32 {
+        if self.dtype == Dtype::F16 { 2 } else { 1 }
+    }
+
+    /// Words of workgroup memory holding staged rows (one unused word when not staged).
+    fn row_slots(&self) -> u32 {
+        if self.blocking.stage_rows() {
+            self.blocking.row_tile() * self.slice * self.probe_words()
+        } else {
+            1
+        }
+    }
+
     /// Workgroup memory the module needs, in bytes.
     pub fn workgroup_bytes(&self) -> u32 {
-        self.probe_tile * (self.cap * SLOT_BYTES + 8) + 4
+        let select = self.blocking.probe_tile * (self.cap * SLOT_BYTES + 8) + 4;
+        let probes = self.blocking.probe_tile * self.slice * self.probe_words() * WORD_BYTES;
+        select + probes + self.row_slots() * WORD_BYTES
+    }
+
+    /// Probes per workgroup.
+    pub fn probe_tile(&self) -> u32 {
+        self.blocking.probe_tile
     }
 
     /// The shape for `probes` probes keeping `keep` candidates each, within
-    /// `workgroup_limit` bytes of workgroup memory; `None` when even one probe per
+    /// `workgroup_limit` bytes of workgroup memory: the largest blocking the batch can
+    /// fill that fits, with the widest slice that fits; `None` when even one probe per
     /// workgroup cannot hold `keep` candidates.
     pub fn choose(dtype: Dtype, probes: usize, keep: usize, workgroup_limit: u32) -> Option<KernelShape> {
-        let cap = (u32::try_from(keep).ok()?.checked_add(WORKGROUP)?).next_power_of_two();
-        PROBE_TILES
+        let keep = u32::try_from(keep).ok()?;
+        BLOCKINGS
             .iter()
-            .map(|&probe_tile| KernelShape { dtype, probe_tile, cap })
-            // The largest tile that fits and that the batch can fill.
-            .find(|s| s.workgroup_bytes() <= workgroup_limit && s.probe_tile as usize <= probes.next_power_of_two())
+            .filter(|b| b.probe_tile as usize <= probes.next_power_of_two())
+            .find_map(|&blocking| {
+                let cap = keep.checked_add(blocking.round())?.next_power_of_two();
+                SLICES
+                    .iter()
+                    .filter(|&&slice| !blocking.stage_rows() || slice >= MIN_STAGED_SLICE)
+                    .map(|&slice| KernelShape {
+                        dtype,
+                        blocking,
+                        cap,
+                        slice,
+                    })
+                    .find(|s| s.workgroup_bytes() <= workgroup_limit)
+            })
     }
 
     /// The module's WGSL source.
     pub fn source(&self) -> String {
         let score = match self.dtype {
-            Dtype::F32 => SCORE_F32,
-            Dtype::F16 => SCORE_F16,
-            Dtype::I8 => SCORE_I8,
+            Dtype::F32 => format!("{SCORE_F32}\n{SCORE_FLOAT}"),
+            Dtype::F16 => format!("{SCORE_F16}\n{SCORE_FLOAT}"),
+            Dtype::I8 => SCORE_I8.to_owned(),
         };
+        let b = &self.blocking;
         format!(
-            "const PROBE_TILE: u32 = {}u;\nconst CAP: u32 = {}u;\nconst WG: u32 = {WORKGROUP}u;\n\n{LAYOUT}\n{SELECT}\n{score}\n{SCAN}\n{MERGE}",
-            self.probe_tile, self.cap
+            "const WG: u32 = {WORKGROUP}u;\n\
+             const PROBE_TILE: u32 = {}u;\n\
+             const CAP: u32 = {}u;\n\
+             const ROW_TILE: u32 = {}u;\n\
+             const ROWS_PER_INV: u32 = {}u;\n\
+             const PROBES_PER_INV: u32 = {}u;\n\
+             const SLICE: u32 = {}u;\n\
+             const STAGE_ROWS: bool = {};\n\
+             const ROW_SLOTS: u32 = {}u;\n\n\
+             {LAYOUT}\n{SELECT}\n{score}\n{SCAN}\n{MERGE}",
+            b.probe_tile,
+            self.cap,
+            b.row_tile(),
+            b.rows_per_inv,
+            b.probes_per_inv,
+            self.slice,
+            b.stage_rows(),
+            self.row_slots(),
         )
     }
 }
@@ -73,20 +200,30 @@ mod tests {
     #[test]
     fn every_shader_validates() {
         for dtype in Dtype::ALL {
-            for probe_tile in PROBE_TILES {
-                for cap in [128, 1024, 2048] {
-                    let shape = KernelShape { dtype, probe_tile, cap };
-                    let source = shape.source();
-                    let module = naga::front::wgsl::parse_str(&source)
-                        .unwrap_or_else(|e| panic!("{shape:?}: {}", e.emit_to_string(&source)));
-                    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+            for blocking in BLOCKINGS {
+                for cap in [32, 128, 2048] {
+                    for slice in SLICES {
+                        let shape = KernelShape {
+                            dtype,
+                            blocking,
+                            cap,
+                            slice,
+                        };
+                        let source = shape.source();
+                        let module = naga::front::wgsl::parse_str(&source)
+                            .unwrap_or_else(|e| panic!("{shape:?}: {}", e.emit_to_string(&source)));
+                        naga::valid::Validator::new(
+                            naga::valid::ValidationFlags::all(),
+                            naga::valid::Capabilities::all(),
+                        )
                         .validate(&module)
                         .unwrap_or_else(|e| panic!("{shape:?}: {}", e.emit_to_string(&source)));
-                    for entry in ["scan", "merge"] {
-                        assert!(
-                            module.entry_points.iter().any(|e| e.name == entry),
-                            "{shape:?}: no {entry}"
-                        );
+                        for entry in ["scan", "merge", "poison"] {
+                            assert!(
+                                module.entry_points.iter().any(|e| e.name == entry),
+                                "{shape:?}: no {entry}"
+                            );
+                        }
                     }
                 }
             }
@@ -94,14 +231,47 @@ mod tests {
     }
 
     #[test]
+    fn blockings_cover_the_workgroup_exactly() {
+        for b in BLOCKINGS {
+            assert_eq!(b.probe_tile % b.probes_per_inv, 0, "{b:?}");
+            assert_eq!(b.round() * b.probe_groups(), WORKGROUP, "{b:?}");
+            assert_eq!(b.row_tile() % 64, 0, "{b:?}: tiles start on an interleaved tile");
+            assert!(b.probe_tile <= 32, "{b:?}: the selection's probe mask is 32 bits");
+        }
+    }
+
+    #[test]
     fn shapes_fit_the_workgroup_memory_and_the_batch() {
         let s = KernelShape::choose(Dtype::F32, 1, 10, 16384).unwrap();
-        assert_eq!((s.probe_tile, s.cap), (1, 128));
+        assert_eq!((s.probe_tile(), s.cap, s.slice), (1, 128, 8));
         let s = KernelShape::choose(Dtype::F32, 256, 10, 16384).unwrap();
-        assert_eq!(s.probe_tile, 8, "16 x 128 slots do not fit 16 KiB");
+        assert_eq!(
+            s.probe_tile(),
+            16,
+            "32 probes of 32 slots and their staging do not fit 16 KiB"
+        );
         assert!(s.workgroup_bytes() <= 16384);
+        let s = KernelShape::choose(Dtype::F16, 256, 10, 49152).unwrap();
+        assert_eq!(
+            (s.probe_tile(), s.slice),
+            (32, 4),
+            "a 48 KiB card takes the largest tile"
+        );
         let s = KernelShape::choose(Dtype::I8, 3, 900, 16384).unwrap();
-        assert_eq!((s.probe_tile, s.cap), (1, 1024));
+        assert_eq!((s.probe_tile(), s.cap), (1, 1024));
         assert!(KernelShape::choose(Dtype::I8, 1, 2000, 16384).is_none());
+    }
+
+    /// On lavapipe (32 KiB of workgroup memory) batches of 1 to 17+ probes reach every
+    /// blocking for every dtype, so the GPU tests run each of them.
+    #[test]
+    fn lavapipe_runs_every_blocking() {
+        for dtype in Dtype::ALL {
+            let tiles: Vec<u32> = [1, 2, 3, 5, 13, 17]
+                .iter()
+                .map(|&batch| KernelShape::choose(dtype, batch, 7, 32768).unwrap().probe_tile())
+                .collect();
+            assert_eq!(tiles, [1, 2, 4, 8, 16, 32], "{dtype}");
+        }
     }
 }
