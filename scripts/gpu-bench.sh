@@ -8,6 +8,9 @@
 #   here:  cargo build --release && ../shared/device/pack.sh target/release/biogate scripts/gpu-bench.sh
 #   there: source .device/env.sh && .device/bin/gpu-bench.sh
 # BIOGATE=path/to/biogate, ROWS="1000000 10000000", MIN_SECONDS=1 override the defaults.
+# Every table is preceded by a check of the GPU's answers against the CPU engine
+# (`--check`); then the f16 scan on cooperative matrices (tensor cores, off by default)
+# is checked and timed at 1M, and with DEDUP=1 the 1M x 512 i8 N:N dedup is timed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=${BIOGATE:-}
@@ -25,5 +28,18 @@ for n in $rows; do
   dtypes=f32,f16,i8
   [ "$n" -ge 10000000 ] && dtypes=f16,i8
   "$bin" bench --backend gpu --rows "$n" --dim 512 -k 10 --dtypes "$dtypes" \
-    --batches 1,16,256,1024 --min-seconds "$min"
+    --batches 1,16,256,1024 --min-seconds "$min" --check
 done
+echo "== cooperative matrices (BIOGATE_GPU_COOPERATIVE=1), N = 1000000, f16"
+BIOGATE_GPU_COOPERATIVE=1 "$bin" bench --backend gpu --rows 1000000 --dim 512 -k 10 --dtypes f16 \
+  --batches 16,256,1024 --min-seconds "$min" --check || echo "cooperative path failed (see above)"
+if [ "${DEDUP:-0}" = 1 ]; then
+  work=${TMPDIR:-/tmp}/biogate-gpu-dedup
+  rm -rf "$work" && mkdir -p "$work"
+  echo "== dedup, 1M x 512 i8, --top 10 --backend gpu"
+  "$bin" synth --subjects 1000000 --dim 512 --probes 1 --out "$work/synth" >/dev/null
+  "$bin" gallery create "$work/g" --dim 512 --dtype i8 >/dev/null
+  "$bin" gallery import "$work/g" --templates "$work/synth/gallery.npy" --ids "$work/synth/gallery_ids.txt" | tail -1
+  /usr/bin/time -f "dedup wall %e s, max RSS %M KiB" "$bin" dedup "$work/g" --top 10 --backend gpu --out "$work/pairs.csv"
+  rm -rf "$work"
+fi

@@ -7,6 +7,7 @@ use crate::engine::{Engine, SearchParams};
 use crate::error::{Error, Result};
 use crate::gallery::Snapshot;
 use crate::template::{Dtype, row_stride};
+
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,68 @@ pub fn run(
         });
     }
     Ok(out)
+}
+
+/// Compare `engine`'s answers for the first 64 probes (at most) with the CPU engine's:
+/// i8 the same subjects and score bits, floats scores within the dtype's tolerance
+/// (1e-5 for f32, 2e-3 for f16) rank by rank, and the same subjects except where
+/// rounding swapped a near tie. Says what was compared, or fails naming the probe and
+/// rank that differ.
+pub fn check_against_cpu(engine: &Engine, snapshot: &Snapshot, probes: &[f32], k: usize) -> Result<String> {
+    let dim = snapshot.dim();
+    let count = (probes.len() / dim).min(64);
+    let probes = &probes[..count * dim];
+    let params = SearchParams { k, threshold: None };
+    let got = engine.search(snapshot, probes, &params)?;
+    let want = Engine::cpu().search(snapshot, probes, &params)?;
+    let dtype = snapshot.dtype();
+    let tolerance = match dtype {
+        Dtype::I8 => 0.0,
+        Dtype::F32 => 1e-5,
+        Dtype::F16 => 2e-3,
+    };
+    let (mut worst, mut swaps) = (0.0f32, 0);
+    for (q, (a, b)) in got.iter().zip(&want).enumerate() {
+        if a.candidates.len() != b.candidates.len() {
+            return Err(Error::Internal(format!(
+                "check failed: probe {q} has {} candidates on {}, {} on the CPU",
+                a.candidates.len(),
+                engine.backend_name(),
+                b.candidates.len()
+            )));
+        }
+        for (rank, (x, y)) in a.candidates.iter().zip(&b.candidates).enumerate() {
+            let diff = (x.score - y.score).abs();
+            worst = worst.max(diff);
+            let exact = x.subject == y.subject && x.score.to_bits() == y.score.to_bits();
+            let near_tie = || {
+                b.candidates
+                    .iter()
+                    .any(|c| c.subject == x.subject && (c.score - x.score).abs() <= 2.0 * tolerance)
+                    || b.candidates
+                        .last()
+                        .is_some_and(|c| (c.score - x.score).abs() <= 2.0 * tolerance)
+            };
+            let ok = match dtype {
+                Dtype::I8 => exact,
+                _ => diff <= tolerance && (x.subject == y.subject || near_tie()),
+            };
+            if !ok {
+                return Err(Error::Internal(format!(
+                    "check failed: probe {q}, rank {rank}: {} answered {:?} {}, the CPU {:?} {}",
+                    engine.backend_name(),
+                    x.subject,
+                    x.score,
+                    y.subject,
+                    y.score
+                )));
+            }
+            swaps += usize::from(x.subject != y.subject);
+        }
+    }
+    Ok(format!(
+        "check: {dtype}, {count} probes, k = {k}: the same answers as the CPU engine (largest score difference {worst:.2e}, {swaps} near ties in another order)"
+    ))
 }
 
 /// The table as text. The GPU's own columns (from timestamp queries): the scan and

@@ -45,6 +45,11 @@ pub(crate) struct BenchArgs {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
+    /// Before timing a gallery, check the backend's answers for up to 64 probes against
+    /// the CPU engine's (i8: the same subjects and score bits; f32: scores within 1e-5;
+    /// f16: within 2e-3) and fail on any difference.
+    #[arg(long)]
+    check: bool,
     /// Load-test the gRPC server on loopback instead (--rows x --dim gallery of the first
     /// --dtypes entry; concurrency levels from --concurrency).
     #[arg(long)]
@@ -90,6 +95,9 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         let snapshot = gallery::open_snapshot(dir)?;
         let probes = biogate::template::random_unit_rows(max_batch, snapshot.dim(), 8);
         let rows = bench::run(&engine, gpu.as_deref(), &snapshot, &probes, &a.batches, a.k, min_time)?;
+        if a.check {
+            eprintln!("{}", bench::check_against_cpu(&engine, &snapshot, &probes, a.k)?);
+        }
         return print_bench(&device, &rows, a.json);
     }
     let (gallery, probes, dim) = match (&a.gallery_npy, &a.probes_npy) {
@@ -119,6 +127,9 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
             a.k,
             min_time,
         )?);
+        if a.check {
+            eprintln!("{}", bench::check_against_cpu(&engine, &snapshot, &probes, a.k)?);
+        }
     }
     print_bench(&device, &all, a.json)
 }

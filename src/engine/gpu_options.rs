@@ -15,6 +15,11 @@ pub struct GpuOptions {
     /// Lists one merge workgroup folds (default: about 512 candidates' worth). Tests
     /// set 2 so that merge trees have many levels.
     pub merge_fan: Option<usize>,
+    /// Score f16 galleries on cooperative matrices (tensor cores) where the adapter has
+    /// them (`BIOGATE_GPU_COOPERATIVE=1`). Off by default: answers are within the f16
+    /// tolerance rather than equal to the CPU engine's, and the path has not yet run on
+    /// a card in this project's tests.
+    pub cooperative: bool,
 }
 
 impl GpuOptions {
@@ -28,8 +33,18 @@ impl GpuOptions {
             })?),
             Err(_) => None,
         };
+        let cooperative = match std::env::var("BIOGATE_GPU_COOPERATIVE").as_deref() {
+            Ok("1") => true,
+            Ok("0") | Err(_) => false,
+            Ok(v) => {
+                return Err(Error::invalid(format!(
+                    "BIOGATE_GPU_COOPERATIVE={v:?} must be 1 (on) or 0 (off)"
+                )));
+            }
+        };
         Ok(GpuOptions {
             max_shard_bytes,
+            cooperative,
             ..GpuOptions::default()
         })
     }

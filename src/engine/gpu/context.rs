@@ -1,7 +1,10 @@
 //! The wgpu device biogate computes on: instance and adapter chosen from the
 //! environment, limits taken from the adapter, optional features when present, and
 //! device errors turned into [`Error`]s instead of panics. TIMESTAMP_QUERY is used when
-//! present (kernel time in `biogate bench`); nothing else optional is needed.
+//! present (kernel time in `biogate bench`). Cooperative matrices (tensor cores) are
+//! asked for only when the caller wants them (`BIOGATE_GPU_COOPERATIVE=1`) and the
+//! adapter offers 16 x 16 x 16 f16 matrices with f32 accumulation: they are an
+//! experimental wgpu feature, used by the f16 scan alone.
 //!
 //! Environment (wgpu's own names): `WGPU_BACKEND` (e.g. `vulkan`, `metal`, `dx12`)
 //! restricts the backends tried; `WGPU_ADAPTER_NAME` picks the first adapter whose name
@@ -18,6 +21,8 @@ pub struct GpuContext {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
+    /// The f16 tensor-core scan may run here.
+    pub cooperative: bool,
     lost: Arc<AtomicBool>,
 }
 
@@ -26,8 +31,9 @@ fn gpu_error(kind: GpuErrorKind, what: impl std::fmt::Display) -> Error {
 }
 
 impl GpuContext {
-    /// Open the adapter the environment asks for; `Ok(None)` when there is none.
-    pub fn open() -> Result<Option<GpuContext>> {
+    /// Open the adapter the environment asks for; `Ok(None)` when there is none. With
+    /// `cooperative`, cooperative matrices are turned on where the adapter has them.
+    pub fn open(cooperative: bool) -> Result<Option<GpuContext>> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
         let adapter = match std::env::var("WGPU_ADAPTER_NAME") {
@@ -59,10 +65,10 @@ impl GpuContext {
                 }
             }
         };
-        GpuContext::on_adapter(&adapter).map(Some)
+        GpuContext::on_adapter(&adapter, cooperative).map(Some)
     }
 
-    fn on_adapter(adapter: &wgpu::Adapter) -> Result<GpuContext> {
+    fn on_adapter(adapter: &wgpu::Adapter, cooperative: bool) -> Result<GpuContext> {
         let info = adapter.get_info();
         let offered = adapter.limits();
         // Ask for what the adapter has where it matters (wgpu grants exactly what is
@@ -77,13 +83,27 @@ impl GpuContext {
         // Kernel timing when the adapter can. The kernels need nothing optional: f16 rows
         // are widened exactly to f32 with unpack2x16float (what the CPU engine computes),
         // and dot4I8Packed is core WGSL. What the card offers beyond that is logged.
-        let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
         let offered_features = adapter.features();
+        let coop_features =
+            wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        let coop_f16 = offered_features.contains(coop_features)
+            && adapter.cooperative_matrix_properties().iter().any(|p| {
+                (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
+                    && p.ab_type == wgpu::CooperativeScalarType::F16
+                    && p.cr_type == wgpu::CooperativeScalarType::F32
+            });
+        let cooperative = cooperative && coop_f16;
+        let mut features = offered_features & wgpu::Features::TIMESTAMP_QUERY;
+        if cooperative {
+            features |= coop_features;
+        }
         tracing::info!(
             adapter = %info.name,
             shader_f16 = offered_features.contains(wgpu::Features::SHADER_F16),
             subgroup = offered_features.contains(wgpu::Features::SUBGROUP),
             cooperative_matrix = offered_features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+            cooperative_f16 = coop_f16,
+            cooperative_on = cooperative,
             timestamp_query = offered_features.contains(wgpu::Features::TIMESTAMP_QUERY),
             max_binding = offered.max_storage_buffer_binding_size,
             workgroup_memory = offered.max_compute_workgroup_storage_size,
@@ -93,6 +113,13 @@ impl GpuContext {
             label: Some("biogate"),
             required_features: features,
             required_limits: limits.clone(),
+            // SAFETY: the experimental feature (cooperative matrices) is only asked for
+            // when the user turned it on; wgpu's own validation still applies to it.
+            experimental_features: if cooperative {
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             ..Default::default()
         }))
         .map_err(|e| {
@@ -117,6 +144,7 @@ impl GpuContext {
             info,
             limits,
             features,
+            cooperative,
             lost,
         })
     }

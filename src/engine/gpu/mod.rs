@@ -40,7 +40,7 @@ use crate::gallery::Slab;
 use crate::template::Dtype;
 use context::GpuContext;
 use residency::{Residency, Resident, ResidentSlab, Shard};
-use shaders::{KernelShape, WORKGROUP};
+use shaders::KernelShape;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -51,6 +51,13 @@ use std::time::Duration;
 /// over); on a CPU adapter (lavapipe) a few per core, as more only add overhead.
 const TARGET_WORKGROUPS: usize = 4096;
 const TARGET_WORKGROUPS_PER_CPU_CORE: usize = 4;
+/// Most rows a scan block covers on a software adapter (lavapipe). lavapipe (Mesa 22.3,
+/// LLVM 15) loses results in workgroups that run long: with blocks of 12,544 rows it
+/// dropped candidates, and a workgroup writing its ten results wrote the first only.
+/// The old one-row-per-invocation kernel did the same with padded batches, so it is
+/// not the new kernels' logic; short blocks keep lavapipe exact (`bench --check` and
+/// tests/gpu.rs), and the merge tree takes the extra blocks.
+const SOFTWARE_MAX_ROWS_PER_BLOCK: usize = 2048;
 /// Fewest rows a scan block covers (amortises its final selection).
 const MIN_ROWS_PER_BLOCK: usize = 256;
 /// Probes sent to the GPU in one submission.
@@ -136,7 +143,7 @@ struct GroupKey {
 impl GpuBackend {
     /// The GPU the environment selects (see [`context`]); `Ok(None)` when there is none.
     pub fn open(options: GpuOptions) -> Result<Option<GpuBackend>> {
-        let Some(ctx) = GpuContext::open()? else {
+        let Some(ctx) = GpuContext::open(options.cooperative)? else {
             return Ok(None);
         };
         let device = Device::on(ctx, &options)?;
@@ -211,7 +218,7 @@ impl GpuBackend {
         if !Arc::ptr_eq(&current, lost) {
             return Ok(current.clone());
         }
-        let ctx = GpuContext::open()?.ok_or_else(|| {
+        let ctx = GpuContext::open(self.options.cooperative)?.ok_or_else(|| {
             Error::gpu(
                 GpuErrorKind::NotAvailable,
                 "the GPU was lost and no adapter is found any more",
@@ -360,7 +367,7 @@ impl Device {
         let keep = ((k - 1) * resident.max_rows_per_subject + 1).min(slab.rows());
         let workgroup_limit = self.ctx.limits.max_compute_workgroup_storage_size;
         let batch = probes.count.min(MAX_PROBES_PER_DISPATCH);
-        let Some(shape) = KernelShape::choose(slab.dtype(), batch, keep, workgroup_limit) else {
+        let Some(shape) = KernelShape::choose(slab.dtype(), batch, keep, workgroup_limit, self.ctx.cooperative) else {
             tracing::debug!(
                 keep,
                 "too many rows per subject to select on the GPU: scoring this slab on the CPU"
@@ -551,6 +558,8 @@ struct Params {
 /// One batch of probes against every shard: how the work is cut and where each part's
 /// lists go. Offsets are bytes into the scratch set's buffers.
 struct Plan {
+    /// Invocations per workgroup of the shape's kernels.
+    workgroup: u32,
     first: usize,
     count: usize,
     keep: u32,
@@ -635,7 +644,12 @@ impl Plan {
                 .min(s.rows.div_ceil(MIN_ROWS_PER_BLOCK.max(row_tile)))
                 .min(max_blocks_by_memory)
                 .max(1);
-            if let Some(most) = options.max_rows_per_block {
+            let most_rows = if ctx.info.device_type == wgpu::DeviceType::Cpu {
+                Some(options.max_rows_per_block.unwrap_or(SOFTWARE_MAX_ROWS_PER_BLOCK))
+            } else {
+                options.max_rows_per_block
+            };
+            if let Some(most) = most_rows {
                 blocks = blocks.max(s.rows.div_ceil(most.max(1)).min(max_blocks_by_memory));
             }
             let rows_per_block = s.rows.div_ceil(blocks).div_ceil(row_tile) * row_tile;
@@ -697,6 +711,7 @@ impl Plan {
             });
         }
         Plan {
+            workgroup: shape.workgroup(),
             first,
             count,
             keep: keep as u32,
@@ -911,7 +926,7 @@ impl Job<'_> {
             let mut cpass = encoder.begin_compute_pass(&Default::default());
             cpass.set_pipeline(&self.kernels.poison);
             let slots = (plan.results_bytes / SLOT_BYTES) as usize;
-            let workgroups = slots.div_ceil(WORKGROUP as usize).clamp(1, POISON_WORKGROUPS) as u32;
+            let workgroups = slots.div_ceil(plan.workgroup as usize).clamp(1, POISON_WORKGROUPS) as u32;
             for s in &plan.shards {
                 let last = s.levels.last().expect("at least one merge level");
                 let group = self.group(&buffers, s, last, id, generation);

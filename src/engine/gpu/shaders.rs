@@ -16,10 +16,20 @@ const SCORE_F16: &str = include_str!("../../../shaders/score_f16.wgsl");
 const SCORE_FLOAT: &str = include_str!("../../../shaders/score_float.wgsl");
 const SCORE_I8: &str = include_str!("../../../shaders/score_i8.wgsl");
 const SCAN: &str = include_str!("../../../shaders/scan.wgsl");
+const SCAN_COOP: &str = include_str!("../../../shaders/scan_coop.wgsl");
 const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
 
 /// Invocations per workgroup.
 pub const WORKGROUP: u32 = 64;
+/// Invocations per workgroup of the cooperative-matrix scan (four subgroups of 32 on
+/// NVIDIA; a subgroup takes two output blocks where there are fewer).
+pub const COOP_WORKGROUP: u32 = 128;
+/// The cooperative-matrix scan's tile: 64 rows x 16 probes, selection rounds of 16 rows.
+const COOP_BLOCKING: Blocking = Blocking {
+    probe_tile: 16,
+    rows_per_inv: 4,
+    probes_per_inv: 4,
+};
 /// Bytes of workgroup memory per candidate slot (score, key, row).
 const SLOT_BYTES: u32 = 12;
 /// Bytes of one staged word (vec4).
@@ -107,6 +117,8 @@ pub struct KernelShape {
     pub cap: u32,
     /// Words of the rows staged per step.
     pub slice: u32,
+    /// The f16 scan on cooperative matrices (scan_coop.wgsl) instead of scan.wgsl.
+    pub cooperative: bool,
 }
 
 impl KernelShape {
@@ -127,6 +139,10 @@ impl KernelShape {
     /// Workgroup memory the module needs, in bytes.
     pub fn workgroup_bytes(&self) -> u32 {
         let select = self.blocking.probe_tile * (self.cap * SLOT_BYTES + 8) + 4;
+        if self.cooperative {
+            let (rows, probes) = (self.blocking.row_tile(), self.blocking.probe_tile);
+            return select + rows * 16 * 2 + 16 * probes * 2 + (rows * probes + 256) * 4;
+        }
         let probes = self.blocking.probe_tile * self.slice * self.probe_words() * WORD_BYTES;
         select + probes + self.row_slots() * WORD_BYTES
     }
@@ -139,9 +155,29 @@ impl KernelShape {
     /// The shape for `probes` probes keeping `keep` candidates each, within
     /// `workgroup_limit` bytes of workgroup memory: the largest blocking the batch can
     /// fill that fits, with the widest slice that fits; `None` when even one probe per
-    /// workgroup cannot hold `keep` candidates.
-    pub fn choose(dtype: Dtype, probes: usize, keep: usize, workgroup_limit: u32) -> Option<KernelShape> {
+    /// workgroup cannot hold `keep` candidates. With `cooperative` (the adapter has
+    /// 16 x 16 x 16 f16 cooperative matrices and the user turned them on), f16
+    /// batches of 16 probes or more take the tensor-core scan.
+    pub fn choose(
+        dtype: Dtype,
+        probes: usize,
+        keep: usize,
+        workgroup_limit: u32,
+        cooperative: bool,
+    ) -> Option<KernelShape> {
         let keep = u32::try_from(keep).ok()?;
+        if cooperative && dtype == Dtype::F16 && probes >= COOP_BLOCKING.probe_tile as usize {
+            let shape = KernelShape {
+                dtype,
+                blocking: COOP_BLOCKING,
+                cap: keep.checked_add(COOP_BLOCKING.round())?.next_power_of_two(),
+                slice: 2,
+                cooperative: true,
+            };
+            if shape.workgroup_bytes() <= workgroup_limit {
+                return Some(shape);
+            }
+        }
         BLOCKINGS
             .iter()
             .filter(|b| b.probe_tile as usize <= probes.next_power_of_two())
@@ -155,34 +191,49 @@ impl KernelShape {
                         blocking,
                         cap,
                         slice,
+                        cooperative: false,
                     })
                     .find(|s| s.workgroup_bytes() <= workgroup_limit)
             })
     }
 
+    /// Invocations per workgroup of every kernel of the module.
+    pub fn workgroup(&self) -> u32 {
+        if self.cooperative { COOP_WORKGROUP } else { WORKGROUP }
+    }
+
     /// The module's WGSL source.
     pub fn source(&self) -> String {
+        let b = &self.blocking;
+        let prelude = format!(
+            "const WG: u32 = {}u;\n\
+             const PROBE_TILE: u32 = {}u;\n\
+             const CAP: u32 = {}u;\n\
+             const ROW_TILE: u32 = {}u;\n\
+             const ROWS_PER_INV: u32 = {}u;\n",
+            self.workgroup(),
+            b.probe_tile,
+            self.cap,
+            b.row_tile(),
+            b.rows_per_inv,
+        );
+        if self.cooperative {
+            return format!(
+                "enable f16;\nenable wgpu_cooperative_matrix;\n\n{prelude}\n{LAYOUT}\n{SELECT}\n{SCAN_COOP}\n{MERGE}"
+            );
+        }
         let score = match self.dtype {
             Dtype::F32 => format!("{SCORE_F32}\n{SCORE_FLOAT}"),
             Dtype::F16 => format!("{SCORE_F16}\n{SCORE_FLOAT}"),
             Dtype::I8 => SCORE_I8.to_owned(),
         };
-        let b = &self.blocking;
         format!(
-            "const WG: u32 = {WORKGROUP}u;\n\
-             const PROBE_TILE: u32 = {}u;\n\
-             const CAP: u32 = {}u;\n\
-             const ROW_TILE: u32 = {}u;\n\
-             const ROWS_PER_INV: u32 = {}u;\n\
+            "{prelude}\
              const PROBES_PER_INV: u32 = {}u;\n\
              const SLICE: u32 = {}u;\n\
              const STAGE_ROWS: bool = {};\n\
              const ROW_SLOTS: u32 = {}u;\n\n\
              {LAYOUT}\n{SELECT}\n{score}\n{SCAN}\n{MERGE}",
-            b.probe_tile,
-            self.cap,
-            b.row_tile(),
-            b.rows_per_inv,
             b.probes_per_inv,
             self.slice,
             b.stage_rows(),
@@ -196,6 +247,48 @@ mod tests {
     use super::*;
     use wgpu::naga;
 
+    fn validate(shape: &KernelShape) {
+        let source = shape.source();
+        let module = naga::front::wgsl::parse_str(&source)
+            .unwrap_or_else(|e| panic!("{shape:?}: {}", e.emit_to_string(&source)));
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{shape:?}: {}", e.emit_to_string(&source)));
+        for entry in ["scan", "merge", "poison"] {
+            assert!(
+                module.entry_points.iter().any(|e| e.name == entry),
+                "{shape:?}: no {entry}"
+            );
+        }
+    }
+
+    /// The tensor-core scan cannot run on lavapipe: it must at least parse and validate
+    /// (with the capabilities it needs) for every selection size.
+    #[test]
+    fn the_cooperative_matrix_shader_validates() {
+        for keep in [1, 10, 100, 200] {
+            let shape = KernelShape::choose(Dtype::F16, 256, keep, 65536, true).unwrap();
+            assert!(shape.cooperative, "keep {keep}");
+            assert!(shape.workgroup_bytes() <= 65536);
+            validate(&shape);
+        }
+        let big = KernelShape::choose(Dtype::F16, 256, 900, 65536, true).unwrap();
+        assert!(
+            !big.cooperative,
+            "16 probes x 1024 slots do not fit: the plain scan takes it"
+        );
+        let plain = KernelShape::choose(Dtype::F16, 8, 10, 65536, true).unwrap();
+        assert!(
+            !plain.cooperative,
+            "a batch that cannot fill a 16-probe tile stays on the plain scan"
+        );
+        assert!(
+            !KernelShape::choose(Dtype::I8, 256, 10, 65536, true)
+                .unwrap()
+                .cooperative
+        );
+    }
+
     /// Every module biogate can build parses and validates with naga, without a GPU.
     #[test]
     fn every_shader_validates() {
@@ -203,27 +296,13 @@ mod tests {
             for blocking in BLOCKINGS {
                 for cap in [32, 128, 2048] {
                     for slice in SLICES {
-                        let shape = KernelShape {
+                        validate(&KernelShape {
                             dtype,
                             blocking,
                             cap,
                             slice,
-                        };
-                        let source = shape.source();
-                        let module = naga::front::wgsl::parse_str(&source)
-                            .unwrap_or_else(|e| panic!("{shape:?}: {}", e.emit_to_string(&source)));
-                        naga::valid::Validator::new(
-                            naga::valid::ValidationFlags::all(),
-                            naga::valid::Capabilities::all(),
-                        )
-                        .validate(&module)
-                        .unwrap_or_else(|e| panic!("{shape:?}: {}", e.emit_to_string(&source)));
-                        for entry in ["scan", "merge", "poison"] {
-                            assert!(
-                                module.entry_points.iter().any(|e| e.name == entry),
-                                "{shape:?}: no {entry}"
-                            );
-                        }
+                            cooperative: false,
+                        });
                     }
                 }
             }
@@ -242,24 +321,24 @@ mod tests {
 
     #[test]
     fn shapes_fit_the_workgroup_memory_and_the_batch() {
-        let s = KernelShape::choose(Dtype::F32, 1, 10, 16384).unwrap();
+        let s = KernelShape::choose(Dtype::F32, 1, 10, 16384, false).unwrap();
         assert_eq!((s.probe_tile(), s.cap, s.slice), (1, 128, 8));
-        let s = KernelShape::choose(Dtype::F32, 256, 10, 16384).unwrap();
+        let s = KernelShape::choose(Dtype::F32, 256, 10, 16384, false).unwrap();
         assert_eq!(
             s.probe_tile(),
             16,
             "32 probes of 32 slots and their staging do not fit 16 KiB"
         );
         assert!(s.workgroup_bytes() <= 16384);
-        let s = KernelShape::choose(Dtype::F16, 256, 10, 49152).unwrap();
+        let s = KernelShape::choose(Dtype::F16, 256, 10, 49152, false).unwrap();
         assert_eq!(
             (s.probe_tile(), s.slice),
             (32, 4),
             "a 48 KiB card takes the largest tile"
         );
-        let s = KernelShape::choose(Dtype::I8, 3, 900, 16384).unwrap();
+        let s = KernelShape::choose(Dtype::I8, 3, 900, 16384, false).unwrap();
         assert_eq!((s.probe_tile(), s.cap), (1, 1024));
-        assert!(KernelShape::choose(Dtype::I8, 1, 2000, 16384).is_none());
+        assert!(KernelShape::choose(Dtype::I8, 1, 2000, 16384, false).is_none());
     }
 
     /// On lavapipe (32 KiB of workgroup memory) batches of 1 to 17+ probes reach every
@@ -269,7 +348,7 @@ mod tests {
         for dtype in Dtype::ALL {
             let tiles: Vec<u32> = [1, 2, 3, 5, 13, 17]
                 .iter()
-                .map(|&batch| KernelShape::choose(dtype, batch, 7, 32768).unwrap().probe_tile())
+                .map(|&batch| KernelShape::choose(dtype, batch, 7, 32768, false).unwrap().probe_tile())
                 .collect();
             assert_eq!(tiles, [1, 2, 4, 8, 16, 32], "{dtype}");
         }
