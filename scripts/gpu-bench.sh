@@ -7,7 +7,8 @@
 # On a headless NVIDIA host without a toolchain or a Vulkan loader (../shared/device/):
 #   here:  cargo build --release && ../shared/device/pack.sh target/release/biogate scripts/gpu-bench.sh
 #   there: source .device/env.sh && .device/bin/gpu-bench.sh
-# BIOGATE=path/to/biogate, ROWS="1000000 10000000", MIN_SECONDS=1 override the defaults.
+# BIOGATE=path/to/biogate, ROWS="1000000 10000000", COOP_ROWS=1000000, MIN_SECONDS=1
+# override the defaults.
 # Every table is preceded by a check of the GPU's answers against the CPU engine
 # (`--check`); then the f16 scan on cooperative matrices (tensor cores, off by default)
 # is checked and timed at 1M, and with DEDUP=1 the 1M x 512 i8 N:N dedup is timed.
@@ -30,8 +31,9 @@ for n in $rows; do
   "$bin" bench --backend gpu --rows "$n" --dim 512 -k 10 --dtypes "$dtypes" \
     --batches 1,16,256,1024 --min-seconds "$min" --check
 done
-echo "== cooperative matrices (BIOGATE_GPU_COOPERATIVE=1), N = 1000000, f16"
-BIOGATE_GPU_COOPERATIVE=1 "$bin" bench --backend gpu --rows 1000000 --dim 512 -k 10 --dtypes f16 \
+coop_rows=${COOP_ROWS:-1000000}
+echo "== cooperative matrices (BIOGATE_GPU_COOPERATIVE=1), N = $coop_rows, f16"
+BIOGATE_GPU_COOPERATIVE=1 "$bin" bench --backend gpu --rows "$coop_rows" --dim 512 -k 10 --dtypes f16 \
   --batches 16,256,1024 --min-seconds "$min" --check || echo "cooperative path failed (see above)"
 if [ "${DEDUP:-0}" = 1 ]; then
   work=${TMPDIR:-/tmp}/biogate-gpu-dedup

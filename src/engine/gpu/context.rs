@@ -156,7 +156,12 @@ impl GpuContext {
         } else {
             format!(", {} {}", self.info.driver, self.info.driver_info)
         };
-        format!("{} ({:?}{driver})", self.info.name, self.info.backend)
+        let coop = if self.cooperative {
+            "; f16 on cooperative matrices"
+        } else {
+            ""
+        };
+        format!("{} ({:?}{driver}{coop})", self.info.name, self.info.backend)
     }
 
     /// Fails once the device is lost.
