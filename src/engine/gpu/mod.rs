@@ -120,6 +120,8 @@ struct State {
     pipeline_layout: wgpu::PipelineLayout,
     kernels: HashMap<KernelShape, Kernels>,
     groups: HashMap<GroupKey, wgpu::BindGroup>,
+    /// `Residency::changes` when `groups` was last pruned.
+    groups_seen: u64,
 }
 
 struct Kernels {
@@ -287,6 +289,7 @@ impl Device {
                 pipeline_layout,
                 kernels: HashMap::new(),
                 groups: HashMap::new(),
+                groups_seen: 0,
             }),
             options: options.clone(),
             pool: Mutex::new(Vec::new()),
@@ -356,14 +359,17 @@ impl Device {
             pipeline_layout,
             kernels,
             groups,
+            groups_seen,
         } = &mut *state;
-        let resident = match residency.sync(&self.ctx, slab)? {
-            Resident::Ready(r) => r,
+        let index = match residency.sync(&self.ctx, slab)? {
+            Resident::Ready(index) => index,
             Resident::Stale => {
                 tracing::debug!("GPU holds a newer version of the log's rows: scoring this one on the CPU");
                 return Ok(None);
             }
         };
+        let residency = &*residency;
+        let resident = residency.slab(index);
         let keep = ((k - 1) * resident.max_rows_per_subject + 1).min(slab.rows());
         let workgroup_limit = self.ctx.limits.max_compute_workgroup_storage_size;
         let batch = probes.count.min(MAX_PROBES_PER_DISPATCH);
@@ -383,7 +389,12 @@ impl Device {
         if groups.len() > CACHED_GROUPS {
             groups.clear();
         }
-        groups.retain(|key, _| residency_holds(resident, key.shard));
+        if residency.changes() != *groups_seen {
+            // Shards were dropped or replaced: their bind groups (which hold their
+            // buffers) go too.
+            groups.retain(|key, _| residency.holds_shard(key.shard));
+            *groups_seen = residency.changes();
+        }
         let mut scratch = self
             .pool
             .lock()
@@ -500,10 +511,6 @@ impl Device {
             pool.push(scratch);
         }
     }
-}
-
-fn residency_holds(resident: &ResidentSlab, shard: u64) -> bool {
-    resident.shards.iter().any(|s| s.id == shard)
 }
 
 fn build_kernels(ctx: &GpuContext, layout: &wgpu::PipelineLayout, shape: &KernelShape) -> Kernels {

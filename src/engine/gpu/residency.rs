@@ -81,11 +81,15 @@ pub struct Residency {
     slabs: Vec<ResidentSlab>,
     shard_bytes: u64,
     last_upload: Option<Upload>,
+    /// Counts the times a shard was dropped or replaced (what caches of bind groups
+    /// must forget).
+    changes: u64,
 }
 
 /// How a search may use a slab's resident copy.
-pub enum Resident<'a> {
-    Ready(&'a ResidentSlab),
+pub enum Resident {
+    /// Its index, for [`Residency::slab`].
+    Ready(usize),
     /// The slab is an older version of the log than the one resident (a search holding
     /// an old snapshot): the caller scores it elsewhere rather than thrash the GPU copy.
     Stale,
@@ -106,7 +110,18 @@ impl Residency {
             slabs: Vec::new(),
             shard_bytes,
             last_upload: None,
+            changes: 0,
         }
+    }
+
+    /// Changes when a shard is dropped or replaced.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The resident slab `index` (from [`Residency::sync`]).
+    pub fn slab(&self, index: usize) -> &ResidentSlab {
+        &self.slabs[index]
     }
 
     /// The last upload of a whole slab, if any.
@@ -128,9 +143,14 @@ impl Residency {
             .sum()
     }
 
-    /// The resident copy of `slab`, uploading or updating it first.
-    pub fn sync(&mut self, ctx: &GpuContext, slab: &Slab<'_>) -> Result<Resident<'_>> {
+    /// The resident copy of `slab` (its index, for [`Residency::slab`]), uploading or
+    /// updating it first.
+    pub fn sync(&mut self, ctx: &GpuContext, slab: &Slab<'_>) -> Result<Resident> {
+        let before = self.slabs.len();
         self.slabs.retain(|s| s.alive.strong_count() > 0);
+        if self.slabs.len() != before {
+            self.changes += 1;
+        }
         let id = slab.identity();
         let found = self.slabs.iter().position(|s| s.uid == id.uid);
         let index = match found {
@@ -139,6 +159,10 @@ impl Residency {
                     return Ok(Resident::Stale);
                 }
                 let shard_rows = self.shard_rows(slab.stride());
+                if self.slabs[i].rows() < slab.rows() {
+                    // Appended rows may replace the last shard with a larger one.
+                    self.changes += 1;
+                }
                 let r = &mut self.slabs[i];
                 let updated = ctx
                     .checked("updating the resident gallery", || r.update(ctx, slab, shard_rows))
@@ -146,6 +170,7 @@ impl Residency {
                 if let Err(e) = updated {
                     // Half-applied: forget it; the next search uploads afresh.
                     self.slabs.swap_remove(i);
+                    self.changes += 1;
                     return Err(e);
                 }
                 i
@@ -153,6 +178,7 @@ impl Residency {
             _ => {
                 if let Some(i) = found {
                     self.slabs.swap_remove(i);
+                    self.changes += 1;
                 }
                 let shard_rows = self.shard_rows(slab.stride());
                 let started = Instant::now();
@@ -166,7 +192,7 @@ impl Residency {
                 self.slabs.len() - 1
             }
         };
-        Ok(Resident::Ready(&self.slabs[index]))
+        Ok(Resident::Ready(index))
     }
 
     /// Rows per shard: whole tiles, at least one.
