@@ -742,3 +742,47 @@ async fn a_running_server_seals_the_log_and_loses_nothing() {
     assert!(res.iter().zip(&names).all(|(r, n)| &r.candidates[0].subject == n));
     h.shutdown().await.unwrap();
 }
+
+/// Reflection answers in both versions a stock client may speak: v1, and v1alpha
+/// (grpcio-reflection, grpcui, older grpcurl). `tests/python/reflection_client.py`,
+/// run by .ci/run, goes further with grpcio: enroll and identify from reflected
+/// descriptors alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1_and_v1alpha_list_the_service() {
+    let data = tempfile::tempdir().unwrap();
+    let h = start(config(data.path())).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", h.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    macro_rules! services {
+        ($v:ident) => {{
+            use tonic_reflection::pb::$v::ServerReflectionRequest;
+            use tonic_reflection::pb::$v::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+            let mut client = ServerReflectionClient::new(channel.clone());
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut answers = client
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await
+                .unwrap()
+                .into_inner();
+            match answers.message().await.unwrap().unwrap().message_response {
+                Some(MessageResponse::ListServicesResponse(list)) => {
+                    list.service.into_iter().map(|s| s.name).collect::<Vec<String>>()
+                }
+                other => panic!("{}: {other:?}", stringify!($v)),
+            }
+        }};
+    }
+    for names in [services!(v1), services!(v1alpha)] {
+        assert!(names.iter().any(|n| n == "biogate.v1.Biogate"), "{names:?}");
+        assert!(names.iter().any(|n| n == "grpc.health.v1.Health"), "{names:?}");
+    }
+    h.shutdown().await.unwrap();
+}
