@@ -450,3 +450,38 @@ fn damage_is_refused_by_identify_and_repaired_by_the_repair_verb() {
     );
     assert_ne!(clean, "", "the clean gallery answered");
 }
+
+/// A verb run with stderr going to a file or a pipe prints nothing there on success: no
+/// INFO lines, no colour escapes, no driver noise (XDG_RUNTIME_DIR unset, as on a
+/// headless server). `-v` brings the INFO lines back, still without escapes; a
+/// negative threshold parses as `--threshold -0.5`.
+#[test]
+fn a_verb_on_a_pipe_is_quiet_unless_asked() {
+    let work = tempfile::tempdir().unwrap();
+    let (data, g, _) = synth_gallery(work.path(), 50, 1, 32, 5, "f32");
+    let probes = data.join("mated.npy");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["identify", p(&g), "--probes", p(&probes), "--backend", "auto"];
+        args.extend_from_slice(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_biogate"))
+            .args(&args)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .env("TERM", "xterm-256color")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 5);
+        String::from_utf8(out.stderr).unwrap()
+    };
+    assert_eq!(run(&[]), "", "a successful verb says nothing on stderr");
+    assert_eq!(run(&["--threshold", "-0.5"]), "");
+    let verbose = run(&["-v"]);
+    assert!(verbose.contains("INFO") && verbose.contains("identify"), "{verbose}");
+    assert!(
+        !verbose.contains('\u{1b}'),
+        "no escapes when stderr is not a terminal: {verbose:?}"
+    );
+    assert!(!verbose.contains("XDG_RUNTIME_DIR"), "{verbose}");
+}

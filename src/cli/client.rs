@@ -37,7 +37,7 @@ pub(crate) enum ClientCommand {
         probes: PathBuf,
         #[arg(short, default_value_t = 10)]
         k: u32,
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         threshold: Option<f32>,
     },
     /// Verify one probe (a row of a .npy) against a claimed subject.
@@ -50,7 +50,7 @@ pub(crate) enum ClientCommand {
         row: usize,
         #[arg(long)]
         subject: String,
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         threshold: Option<f32>,
     },
     /// Enroll templates (.npy) with one subject id per row.

@@ -104,7 +104,8 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
     }
     let single = t.elapsed().as_secs_f64() / reps as f64;
     println!(
-        "speed (cpu, {} threads): one probe in {:.2} ms; a batch of {} probes at {:.0} probes/s",
+        "speed ({}, {} CPU threads): one probe in {:.2} ms; a batch of {} probes at {:.0} probes/s",
+        engine.backend_name(),
         rayon::current_num_threads(),
         single * 1e3,
         data.mated_ids.len(),

@@ -23,6 +23,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
+    /// More on stderr: -v for what each step does (INFO), -vv for detail (DEBUG).
+    /// RUST_LOG overrides both.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub(crate) verbose: u8,
 }
 
 #[derive(Subcommand)]

@@ -23,7 +23,7 @@ pub(crate) struct IdentifyArgs {
     #[arg(short, default_value_t = 10)]
     k: usize,
     /// Decision threshold (cosine similarity); only candidates at or above it are listed.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     threshold: Option<f32>,
     /// cpu, gpu, or auto (the GPU where a cost model measured at start-up says it is faster).
     #[arg(long, default_value = "auto")]
@@ -75,7 +75,7 @@ pub(crate) struct EvalArgs {
 pub(crate) struct DedupArgs {
     dir: PathBuf,
     /// Report pairs of different subjects scoring at or above this.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     threshold: Option<f32>,
     /// Report each template's K nearest other subjects.
     #[arg(long)]
@@ -113,7 +113,7 @@ pub(crate) fn identify(a: IdentifyArgs) -> Result<()> {
         threshold: a.threshold,
     };
     params.validate()?;
-    tracing::info!(gallery = %a.dir.display(), probes = count, k = a.k, threshold = ?a.threshold, backend = engine.backend_name(), "identify");
+    tracing::info!(gallery = %a.dir.display(), probes = count, k = a.k, threshold = %shown(a.threshold), backend = engine.backend_name(), "identify");
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     if let OutputFormat::Csv = a.format {
@@ -203,7 +203,7 @@ pub(crate) fn dedup(a: DedupArgs) -> Result<()> {
             .expect("valid template")
             .progress_chars("=> "),
     );
-    tracing::info!(gallery = %a.dir.display(), threshold = ?a.threshold, top = ?a.top, "dedup");
+    tracing::info!(gallery = %a.dir.display(), threshold = %shown(a.threshold), top = %shown(a.top), "dedup");
     let t = Instant::now();
     let outcome = biogate::dedup::dedup(&engine_for(a.backend)?, &a.dir, options, &a.out, &mut |done, total| {
         bar.set_length(total);
@@ -231,4 +231,9 @@ pub(crate) fn dedup(a: DedupArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An optional value as a log shows it: the value, or "none".
+fn shown<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "none".to_owned(), |v| v.to_string())
 }

@@ -17,7 +17,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// gRPC listen address.
     pub listen: SocketAddr,
-    /// Prometheus metrics listen address (`GET /metrics`); none disables.
+    /// Prometheus metrics listen address (`GET /metrics`); `"off"` (or leaving it out
+    /// of a configuration that says nothing else) disables.
+    #[serde(deserialize_with = "address_or_off")]
     pub metrics_listen: Option<SocketAddr>,
     /// Gallery created on first start when the data directory has none.
     pub default_gallery: Option<DefaultGallery>,
@@ -239,6 +241,19 @@ impl Config {
     }
 }
 
+/// A socket address, or "off" (also "" ) for none.
+fn address_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.trim() {
+        "off" | "" => Ok(None),
+        other => other.parse().map(Some).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "metrics_listen {other:?}: {e} (an address such as 127.0.0.1:9464, or \"off\")"
+            ))
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,5 +279,24 @@ mod tests {
         )
         .unwrap();
         assert!(Config::load(&path).unwrap_err().to_string().contains("shorter than 16"));
+    }
+
+    #[test]
+    fn metrics_listen_takes_an_address_or_off_as_the_flag_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "metrics_listen = \"off\"\n").unwrap();
+        assert_eq!(Config::load(&path).unwrap().metrics_listen, None);
+        std::fs::write(&path, "metrics_listen = \"127.0.0.1:9999\"\n").unwrap();
+        assert_eq!(Config::load(&path).unwrap().metrics_listen.unwrap().port(), 9999);
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\n").unwrap();
+        assert_eq!(
+            Config::load(&path).unwrap().metrics_listen.unwrap().port(),
+            9464,
+            "the default"
+        );
+        std::fs::write(&path, "metrics_listen = \"nowhere\"\n").unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("metrics_listen") && e.contains("nowhere"), "{e}");
     }
 }

@@ -99,7 +99,7 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
     }
     let metrics = metrics::Metrics::new();
     let (engine, gpu) = crate::engine::open_engine(config.backend)?;
-    tracing::info!(backend = %config.backend, gpu = ?gpu.map(|g| g.describe()), "search engine");
+    tracing::info!(backend = %config.backend, gpu = %gpu.map_or_else(|| "none".to_owned(), |g| g.describe()), "search engine");
     let batcher = batcher::Batcher::start(
         engine.clone(),
         batcher::BatchConfig {
@@ -111,7 +111,11 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
     );
     let auth = Arc::new(auth::Auth::new(&config.tokens));
     if !auth.enabled() {
-        tracing::warn!("no tokens configured: authentication is off (every caller has every role)");
+        if config.listen.ip().is_loopback() {
+            tracing::info!(listen = %config.listen, "no tokens configured: authentication is off (loopback only)");
+        } else {
+            tracing::warn!(listen = %config.listen, "no tokens configured: authentication is off (every caller has every role)");
+        }
     }
     let service = Arc::new(service::Service {
         registry: registry.clone(),
@@ -178,7 +182,14 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
     health.set_serving::<BiogateServer<Arc<service::Service>>>().await;
     let galleries: Vec<String> = registry.all().iter().map(|g| g.name.clone()).collect();
     let not_serving: Vec<String> = known.iter().filter(|(_, s)| !**s).map(|(n, _)| n.clone()).collect();
-    tracing::info!(%addr, ?metrics_addr, ?galleries, ?not_serving, tls = config.tls.is_some(), "serving");
+    tracing::info!(
+        %addr,
+        metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        galleries = %galleries.join(","),
+        not_serving = %not_serving.join(","),
+        tls = config.tls.is_some(),
+        "serving"
+    );
 
     let shutdown = async move {
         let _ = stop_rx.await;
