@@ -66,9 +66,15 @@ impl Client {
                 .tls_config(tls)
                 .map_err(|e| Error::Config(format!("TLS: {e}")))?;
         }
-        let channel = endpoint.connect().await.map_err(|e| Error::Remote {
-            code: "UNAVAILABLE".into(),
-            message: format!("connecting to {}: {e}", options.addr),
+        let channel = endpoint.connect().await.map_err(|e| {
+            // The transport error's own text is "transport error"; the cause is below it.
+            let mut cause = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                cause = s.to_string();
+                source = s.source();
+            }
+            Error::Unavailable(format!("cannot connect to {}: {cause}", options.addr))
         })?;
         Ok(Client {
             inner: BiogateClient::new(channel).max_decoding_message_size(64 << 20),

@@ -45,7 +45,7 @@ pub enum Error {
     #[error("GPU ({}): {}", .0.kind, .0.message)]
     Gpu(GpuError),
     /// A server answered with an error status (the client side of the API).
-    #[error("the server answered {code}: {message}")]
+    #[error("{}", describe_remote(code, message))]
     Remote {
         /// The gRPC status code's name ("UNAVAILABLE", "DATA_LOSS", ...).
         code: String,
@@ -148,5 +148,15 @@ impl<T> IoContext<T> for std::io::Result<T> {
             context: what(),
             source,
         })
+    }
+}
+
+/// A server's error status as a person reads it: a refusal (no or a wrong token, a
+/// missing role) says so; anything else names the status.
+fn describe_remote(code: &str, message: &str) -> String {
+    match code {
+        "UNAUTHENTICATED" => format!("the server refused: unauthenticated ({message})"),
+        "PERMISSION_DENIED" => format!("the server refused: permission denied ({message})"),
+        _ => format!("the server answered {code}: {message}"),
     }
 }

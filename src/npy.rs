@@ -7,7 +7,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::gallery::ImportSource;
 use npyz::WriterBuilder;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -64,6 +64,29 @@ impl NpyMatrixReader {
                 )));
             }
         };
+        // A file cut short is named with its last whole row, before any row is read.
+        let elem_bytes: u64 = if elem == Elem::F32 { 4 } else { 2 };
+        let row_bytes = dim * elem_bytes;
+        let header_bytes = reader.stream_position().ctx(|| format!("reading {}", path.display()))?;
+        let file_bytes = reader
+            .get_ref()
+            .metadata()
+            .ctx(|| format!("reading {}", path.display()))?
+            .len();
+        let whole_rows = file_bytes
+            .saturating_sub(header_bytes)
+            .checked_div(row_bytes)
+            .unwrap_or(rows);
+        if whole_rows < rows {
+            let last = match whole_rows {
+                0 => "it holds no whole row".to_owned(),
+                n => format!("its last whole row is row {} (0-based)", n - 1),
+            };
+            return Err(Error::invalid(format!(
+                "{} is cut short: its header promises {rows} rows of {dim} values, {last}",
+                path.display()
+            )));
+        }
         Ok(NpyMatrixReader {
             path: path.to_path_buf(),
             reader,
@@ -179,15 +202,48 @@ pub fn write_matrix(path: &Path, dim: usize, values: &[f32]) -> Result<()> {
     w.finish()
 }
 
-/// Read an id list: one subject id per line.
+/// Read an id list: one subject id per line (a final empty line is fine).
 pub fn read_ids(path: &Path) -> Result<Vec<String>> {
     let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
     let mut ids = Vec::new();
-    for line in BufReader::new(file).lines() {
+    for (i, line) in BufReader::new(file).lines().enumerate() {
         let line = line.ctx(|| format!("reading {}", path.display()))?;
-        ids.push(line.trim_end_matches('\r').to_owned());
+        ids.push(id_line(path, i + 1, line)?);
     }
+    if ids.last().is_some_and(|id| id.is_empty()) {
+        ids.pop();
+    }
+    check_no_empty(path, &ids, 0)?;
     Ok(ids)
+}
+
+/// One line of an ids file as a subject id: a Windows line end and, on line 1, a UTF-8
+/// byte-order mark are not part of it; spaces around it are an error naming the line
+/// (an id with a stray space would be another subject).
+fn id_line(path: &Path, line_no: usize, line: String) -> Result<String> {
+    let mut id = line.trim_end_matches('\r');
+    if line_no == 1 {
+        id = id.strip_prefix('\u{feff}').unwrap_or(id);
+    }
+    if id.trim() != id {
+        return Err(Error::invalid(format!(
+            "{} line {line_no}: subject id {id:?} has spaces around it",
+            path.display()
+        )));
+    }
+    Ok(id.to_owned())
+}
+
+/// An empty id (an empty line before the end) is an error naming its line.
+fn check_no_empty(path: &Path, ids: &[String], first_line: u64) -> Result<()> {
+    match ids.iter().position(|id| id.is_empty()) {
+        Some(i) => Err(Error::invalid(format!(
+            "{} line {}: empty subject id",
+            path.display(),
+            first_line + i as u64 + 1
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Write an id list.
@@ -236,7 +292,9 @@ impl ImportSource for NpyImport {
             match self.ids.next() {
                 Some(line) => {
                     let line = line.ctx(|| format!("reading {}", self.ids_path.display()))?;
-                    ids.push(line.trim_end_matches('\r').to_owned());
+                    let id = id_line(&self.ids_path, self.ids_read as usize + 1, line)?;
+                    check_no_empty(&self.ids_path, std::slice::from_ref(&id), self.ids_read)?;
+                    ids.push(id);
                     self.ids_read += 1;
                 }
                 None => {
@@ -314,5 +372,42 @@ impl ImportSource for MemoryImport<'_> {
         ids.extend_from_slice(&self.ids[self.at..self.at + n]);
         self.at += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod id_file_tests {
+    use super::*;
+
+    #[test]
+    fn ids_files_drop_a_bom_and_line_ends_and_refuse_spaces_and_empty_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ids.txt");
+        std::fs::write(&path, "\u{feff}alice\r\nbob\r\n").unwrap();
+        assert_eq!(read_ids(&path).unwrap(), ["alice", "bob"]);
+        std::fs::write(&path, "alice\nbob \ncarol\n").unwrap();
+        let e = read_ids(&path).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("\"bob \""), "{e}");
+        std::fs::write(&path, "alice\n\ncarol\n").unwrap();
+        let e = read_ids(&path).unwrap_err().to_string();
+        assert!(e.contains("line 2: empty subject id"), "{e}");
+    }
+
+    #[test]
+    fn a_matrix_cut_short_names_its_last_whole_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.npy");
+        write_matrix(&path, 4, &[0.5; 40]).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(len - 4 * 4 - 2).unwrap(); // row 9 and half of row 8's last value
+        let e = NpyMatrixReader::open(&path).err().unwrap().to_string();
+        assert!(
+            e.contains("promises 10 rows") && e.contains("last whole row is row 7"),
+            "{e}"
+        );
+        let ids = dir.path().join("ids.txt");
+        std::fs::write(&ids, "a\n").unwrap();
+        assert!(NpyImport::open(&path, &ids).is_err());
     }
 }

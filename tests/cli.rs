@@ -485,3 +485,13 @@ fn a_verb_on_a_pipe_is_quiet_unless_asked() {
     );
     assert!(!verbose.contains("XDG_RUNTIME_DIR"), "{verbose}");
 }
+
+#[test]
+fn completions_and_the_manual_page_come_from_the_flag_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = ok(&["completions", shell]);
+        assert!(out.contains("identify") && out.contains("threshold"), "{shell}");
+    }
+    let man = ok(&["man"]);
+    assert!(man.contains(".TH biogate") && man.contains("identify"), "{man}");
+}

@@ -786,3 +786,28 @@ async fn reflection_v1_and_v1alpha_list_the_service() {
     }
     h.shutdown().await.unwrap();
 }
+
+/// An unknown gallery with an absurd name (10 KB) is NOT_FOUND with the name cut short,
+/// not RESOURCE_EXHAUSTED from a message too large for the client's metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_gallery_name_is_echoed_cut_short() {
+    let data = tempfile::tempdir().unwrap();
+    let h = start(config(data.path())).await.unwrap();
+    let c = connect(&h, None).await;
+    let name = "x".repeat(10_000);
+    let probe = pack(&unit(&random_rows(&mut rng(1), 1, DIM)));
+    let req = proto::IdentifyRequest {
+        gallery: name,
+        probes: vec![probe],
+        k: 1,
+        threshold: None,
+    };
+    let e = c.raw().identify(c.request(req)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert!(
+        e.message().len() < 200 && e.message().contains("10000 bytes"),
+        "{}",
+        e.message()
+    );
+    h.shutdown().await.unwrap();
+}

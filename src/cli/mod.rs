@@ -50,6 +50,13 @@ pub(crate) enum Command {
     Serve(serve::ServeArgs),
     /// Talk to a running server.
     Client(client::ClientArgs),
+    /// Print a shell completion script (e.g. `biogate completions bash > /etc/bash_completion.d/biogate`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `biogate man | man -l -`.
+    Man,
 }
 
 /// Run one verb.
@@ -64,6 +71,20 @@ pub(crate) fn run(command: Command) -> Result<()> {
         Command::Dedup(a) => search::dedup(a),
         Command::Serve(a) => runtime()?.block_on(serve::run(a)),
         Command::Client(a) => runtime()?.block_on(client::run(a)),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "biogate", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| Error::Io {
+                    context: "writing the manual page".into(),
+                    source: e,
+                })
+        }
     }
 }
 

@@ -286,7 +286,7 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
-            .ok_or_else(|| Error::NotFound(format!("gallery {name:?}")))
+            .ok_or_else(|| Error::NotFound(format!("gallery {}", echo_name(name))))
     }
 
     /// Every gallery.
@@ -400,5 +400,18 @@ impl Registry {
         let lock = self.admin_lock(name);
         let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
         self.get(name)?.write(|g| g.compact())
+    }
+}
+
+/// A gallery name as an error echoes it: at most 64 characters, so that an absurd name
+/// (10 KB) cannot push the answer past a client's metadata limit and turn NOT_FOUND
+/// into RESOURCE_EXHAUSTED.
+pub fn echo_name(name: &str) -> String {
+    const MOST: usize = 64;
+    if name.chars().count() <= MOST {
+        format!("{name:?}")
+    } else {
+        let cut: String = name.chars().take(MOST).collect();
+        format!("{cut:?}... ({} bytes)", name.len())
     }
 }
