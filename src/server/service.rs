@@ -41,8 +41,38 @@ pub struct Service {
     pub in_flight: Arc<Semaphore>,
 }
 
-/// Map a library error to a gRPC status.
+/// Map a library error to a gRPC status. Messages keep file names but not the server's
+/// directories (a remote caller has no business knowing the layout of the host).
 pub fn status_of(e: Error) -> Status {
+    let status = status_with_paths(e);
+    Status::new(status.code(), without_directories(status.message()))
+}
+
+/// `/srv/biogate/galleries/g/seg-000003.bgs` -> `seg-000003.bgs`, for every absolute
+/// path in `text` (a run of characters from a `/` to a space, quote, colon or comma).
+fn without_directories(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find('/') {
+        let absolute = start == 0 || matches!(rest.as_bytes()[start - 1], b' ' | b'"' | b'(' | b'\'' | b'=');
+        if !absolute {
+            out.push_str(&rest[..=start]);
+            rest = &rest[start + 1..];
+            continue;
+        }
+        out.push_str(&rest[..start]);
+        let end = rest[start..]
+            .find([' ', '"', '\'', ':', ',', ')'])
+            .map_or(rest.len(), |e| start + e);
+        let path = &rest[start..end];
+        out.push_str(path.rsplit('/').find(|p| !p.is_empty()).unwrap_or(""));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn status_with_paths(e: Error) -> Status {
     match e {
         Error::InvalidInput(m) => Status::invalid_argument(m),
         Error::NotFound(m) => Status::not_found(m),
@@ -1040,5 +1070,16 @@ mod tests {
         assert!(r("2H").unwrap() > Duration::from_secs(7000));
         assert_eq!(r("5x"), None);
         assert_eq!(r("S"), None);
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    #[test]
+    fn remote_messages_keep_file_names_but_not_directories() {
+        let m = super::without_directories(
+            "opening /srv/biogate/galleries/g/seg-000003.bgs: No such file (see \"/var/lib/x/MANIFEST\"), 3/4 done",
+        );
+        assert_eq!(m, "opening seg-000003.bgs: No such file (see \"MANIFEST\"), 3/4 done");
     }
 }
