@@ -184,11 +184,16 @@ fn the_whole_command_line_journey() {
 
 #[test]
 fn the_demo_runs_with_no_setup() {
+    // Realistic synthetic data: a few poor captures and lookalikes, so the accuracy
+    // lines say something (rank-1 below 100% is possible, FNIR above 0).
     let out = ok(&["demo", "--subjects", "500"]);
-    assert!(out.contains("rank-1 100.0%"), "{out}");
+    assert!(
+        out.contains("realistic synthetic data") && out.contains("rank-1 "),
+        "{out}"
+    );
     assert!(out.contains("probes/s"), "{out}");
     assert!(
-        out.contains("over gRPC") && out.contains("500 matched to their subject"),
+        out.contains("over gRPC") && out.contains("matched to their subject"),
         "{out}"
     );
 }
@@ -309,6 +314,8 @@ fn synth_gallery(
         &n(dim),
         "--probes",
         &n(probes),
+        "--difficulty",
+        "easy",
         "--out",
         p(&data),
     ]);

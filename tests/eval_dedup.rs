@@ -167,6 +167,7 @@ fn planted(dir: &std::path::Path, dtype: Dtype) -> Vec<(String, String)> {
         dim: 128,
         probes: 5,
         seed: 9,
+        difficulty: biogate::synth::Difficulty::Easy,
     };
     let data = biogate::synth::generate(&spec).unwrap();
     let mut g = Gallery::create(dir, 128, dtype).unwrap();
@@ -338,4 +339,49 @@ fn interrupted_and_resumed_dedup_writes_what_one_run_writes() {
     drop(gw);
     let e = dedup(&Engine::cpu(), &g, opts, &parts, &mut |_, _| true).unwrap_err();
     assert!(e.to_string().contains("another gallery state"), "{e}");
+}
+
+/// `synth`'s default (realistic) data is as hard as the field: FNIR at FPIR 0.003
+/// between 0.1% and 5% (NIST FRTE 1:N's range from mugshots to harder imagery), and a
+/// DET curve, not a corner, while easy data separates mates from non-mates entirely.
+#[test]
+fn realistic_synthetic_data_gives_a_det_curve_and_a_field_like_fnir() {
+    use biogate::synth::{Difficulty, SynthSpec, generate};
+    for (difficulty, fnir_range) in [(Difficulty::Easy, 0.0..=0.0), (Difficulty::Realistic, 0.001..=0.05)] {
+        let spec = SynthSpec {
+            subjects: 8000,
+            samples: 1,
+            dim: 128,
+            probes: 3000,
+            seed: 1,
+            difficulty,
+        };
+        let data = generate(&spec).unwrap();
+        let snapshot = biogate::Snapshot::from_rows(&data.gallery, spec.dim, Dtype::F32);
+        // from_rows names row r "r{r:09}"; the gallery ids of synth are one row each.
+        let row_ids: Vec<String> = data
+            .mated_ids
+            .iter()
+            .map(|id| {
+                let row = data.gallery_ids.iter().position(|g| g == id).unwrap();
+                format!("r{row:09}")
+            })
+            .collect();
+        let report = evaluate(&Engine::cpu(), &snapshot, &data.mated, &row_ids, &data.nonmated, 20, 1).unwrap();
+        let at_0003 = report
+            .operating_points
+            .iter()
+            .find(|p| p.target_fpir == 0.003)
+            .unwrap()
+            .fnir;
+        assert!(
+            fnir_range.contains(&at_0003),
+            "{difficulty}: FNIR at FPIR 0.003 = {at_0003}"
+        );
+        if difficulty == Difficulty::Realistic {
+            let mut points = biogate::eval::det_curve(&report);
+            points.dedup_by(|a, b| a == b);
+            assert!(points.len() >= 10, "a DET curve, not a corner: {points:?}");
+        }
+    }
 }

@@ -35,10 +35,11 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
         dim: a.dim,
         probes: 500,
         seed: 42,
+        difficulty: biogate::synth::Difficulty::Realistic,
     };
     println!(
-        "biogate demo: {} subjects x {} templates, d = {}, dtype {}",
-        spec.subjects, spec.samples, spec.dim, a.dtype
+        "biogate demo: {} subjects x {} templates, d = {}, dtype {}, {} synthetic data",
+        spec.subjects, spec.samples, spec.dim, a.dtype, spec.difficulty
     );
     let data = generate(&spec)?;
     let data_dir = std::env::temp_dir().join(format!("biogate-demo-{}", std::process::id()));

@@ -2,7 +2,7 @@
 
 use super::progress;
 use biogate::error::Result;
-use biogate::synth::{SynthSpec, write_dir};
+use biogate::synth::{Difficulty, SynthSpec, write_dir};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -23,6 +23,10 @@ pub(crate) struct SynthArgs {
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// How hard the data is: easy (mates and non-mates fully apart), realistic (3% poor
+    /// captures among mated probes, 1% lookalike subjects) or hard (10%, 3%).
+    #[arg(long, value_enum, default_value_t = Difficulty::Realistic)]
+    difficulty: Difficulty,
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
@@ -36,17 +40,19 @@ pub(crate) fn run(a: SynthArgs) -> Result<()> {
         dim: a.dim,
         probes: a.probes,
         seed: a.seed,
+        difficulty: a.difficulty,
     };
     let bar = progress((a.subjects * a.samples) as u64, "synth");
     write_dir(&spec, &a.out, &|n| bar.set_position(n))?;
     bar.finish_and_clear();
     println!(
-        "wrote {} gallery rows ({} subjects x {}), {} mated and {} non-mated probes to {}",
+        "wrote {} gallery rows ({} subjects x {}), {} mated and {} non-mated probes ({} data) to {}",
         a.subjects * a.samples,
         a.subjects,
         a.samples,
         a.probes,
         a.probes,
+        a.difficulty,
         a.out.display()
     );
     Ok(())
