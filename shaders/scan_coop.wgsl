@@ -108,10 +108,5 @@ fn scan(
             break;
         }
     }
-    for (var p = 0u; p < PROBE_TILE; p++) {
-        let out = ((probe0 + p) * params.blocks + wg.x) * params.keep;
-        for (var i = lid; i < params.keep; i += WG) {
-            lists_in[out + i] = select_result(p, i);
-        }
-    }
+    select_write_block(lid, probe0, wg.x);
 }

@@ -128,3 +128,15 @@ fn select_result(p: u32, i: u32) -> Candidate {
     }
     return Candidate(MIN_SCORE, EMPTY, EMPTY);
 }
+
+// A scan's end (scan.wgsl, scan_coop.wgsl): each probe's selection becomes list `block`
+// of the tile's probes in `lists_in`.
+fn select_write_block(lid: u32, probe0: u32, block: u32) {
+    for (var p = 0u; p < PROBE_TILE; p++) {
+        let out = ((probe0 + p) * params.blocks + block) * params.keep;
+        for (var i = lid; i < params.keep; i += WG) {
+            lists_in[out + i] = select_result(p, i);
+        }
+    }
+}
+
