@@ -1,0 +1,56 @@
+"""biogate: exact 1:N biometric identification, numpy in and out."""
+
+from typing import Any, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+class Error(Exception):
+    """Base class of biogate's errors (bad input raises ValueError)."""
+
+class NotFoundError(Error):
+    """A gallery or subject that does not exist."""
+
+class CorruptError(Error):
+    """Damage found in a gallery's files."""
+
+class StorageError(Error):
+    """The disk failed, or the gallery is locked or closed for writing."""
+
+class GpuError(Error):
+    """The GPU failed or is not there."""
+
+class Gallery:
+    """A gallery on disk (one directory), opened for reading and writing."""
+
+    @staticmethod
+    def create(path: str, dim: int, dtype: str = "f32") -> "Gallery":
+        """An empty gallery for templates of `dim` values stored as "f32", "f16" or "i8"."""
+    @staticmethod
+    def open(path: str) -> "Gallery":
+        """Open a gallery (its files are checked; damage raises CorruptError)."""
+    @property
+    def path(self) -> str: ...
+    def enroll(self, subjects: list[str], templates: npt.ArrayLike) -> int:
+        """One template per row (rows x dim) under subjects[i]; durable on return."""
+    def delete(self, subject: str) -> None:
+        """Delete a subject and its templates (NotFoundError if not enrolled)."""
+    def identify(
+        self,
+        probes: npt.ArrayLike,
+        k: int = 10,
+        threshold: Optional[float] = None,
+        backend: str = "auto",
+    ) -> tuple[list[list[str]], npt.NDArray[np.float32], Optional[npt.NDArray[np.bool_]]]:
+        """Per probe: the best k distinct subjects (best first), their scores
+        (probes x k, NaN where there is no candidate) and, with a threshold, whether
+        each probe matched. The GIL is released while searching."""
+    def verify(self, probe: npt.ArrayLike, subject: str) -> Optional[float]:
+        """The score of `probe` against `subject`'s best template, or None."""
+    def info(self) -> dict[str, Any]:
+        """What `biogate gallery info` prints."""
+    def compact(self) -> None:
+        """Seal the log and rewrite the live rows into one segment."""
+
+def reads_in_place(array: npt.ArrayLike) -> bool:
+    """Whether biogate reads `array` in place (float32, C order) rather than converting it."""

@@ -1,0 +1,295 @@
+//! biogate for Python: a gallery on disk, searched with numpy arrays in and out.
+//!
+//! Probes and templates are 2-D float32 C-contiguous arrays, read in place (no copy);
+//! other dtypes and layouts are converted once, and anything that is not a matrix is
+//! refused with a ValueError naming its dtype and shape. Every search, enrollment and
+//! compaction runs with the GIL released, so Python threads search in parallel.
+
+use ::biogate::engine::{BackendChoice, Engine, SearchParams, open_engine};
+use ::biogate::error::Error as BgError;
+use ::biogate::gallery::{Enrollment, Gallery as BgGallery};
+use ::biogate::template::Dtype;
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+create_exception!(
+    biogate,
+    Error,
+    PyException,
+    "Base class of biogate's errors (other than bad input: ValueError)."
+);
+create_exception!(
+    biogate,
+    NotFoundError,
+    Error,
+    "A gallery or subject that does not exist."
+);
+create_exception!(biogate, CorruptError, Error, "Damage found in a gallery's files.");
+create_exception!(
+    biogate,
+    StorageError,
+    Error,
+    "The disk failed or the gallery is locked or closed for writing."
+);
+create_exception!(biogate, GpuError, Error, "The GPU failed or is not there.");
+
+/// A library error as a Python exception carrying the engine's message.
+fn py_err(e: BgError) -> PyErr {
+    let m = e.to_string();
+    match e {
+        BgError::InvalidInput(_) | BgError::AlreadyExists(_) => PyValueError::new_err(m),
+        BgError::NotFound(_) => NotFoundError::new_err(m),
+        BgError::Corrupt(_) => CorruptError::new_err(m),
+        BgError::Io { .. } | BgError::Locked(_) | BgError::Poisoned(_) | BgError::OutcomeUnknown(_) => {
+            StorageError::new_err(m)
+        }
+        BgError::Gpu(_) => GpuError::new_err(m),
+        _ => Error::new_err(m),
+    }
+}
+
+/// Rows of a 2-D float32 array, borrowed when it is C-contiguous, else copied once.
+fn rows<'a>(a: &'a PyReadonlyArray2<'_, f32>, what: &str) -> PyResult<std::borrow::Cow<'a, [f32]>> {
+    // as_slice also accepts Fortran order, whose memory is not rows: C order only.
+    match a.as_slice() {
+        Ok(s) if a.is_c_contiguous() => Ok(std::borrow::Cow::Borrowed(s)),
+        _ => {
+            let owned: Vec<f32> = a.as_array().iter().copied().collect();
+            if owned.len() != a.len() {
+                return Err(PyValueError::new_err(format!("{what}: could not read the array")));
+            }
+            Ok(std::borrow::Cow::Owned(owned))
+        }
+    }
+}
+
+/// An array argument as float32 rows: a 2-D array of any real dtype is converted
+/// (float32 C-contiguous arrays are read in place); anything else is refused.
+fn as_matrix<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonlyArray2<'py, f32>> {
+    if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f32>>() {
+        return Ok(a);
+    }
+    let np = py.import("numpy")?;
+    let describe = |o: &Bound<'py, PyAny>| -> String {
+        let dtype = o
+            .getattr("dtype")
+            .map(|d| d.to_string())
+            .unwrap_or_else(|_| o.get_type().to_string());
+        let shape = o.getattr("shape").map(|s| s.to_string()).unwrap_or_else(|_| "?".into());
+        format!("dtype {dtype}, shape {shape}")
+    };
+    let array = np.call_method1("asarray", (obj,))?;
+    let ndim: usize = array.getattr("ndim")?.extract()?;
+    let kind: String = array.getattr("dtype")?.getattr("kind")?.extract()?;
+    if ndim != 2 || !matches!(kind.as_str(), "f" | "i" | "u") {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be a 2-D array of numbers (rows x dim), got {}",
+            describe(&array)
+        )));
+    }
+    let converted = np.call_method1("ascontiguousarray", (array, "float32"))?;
+    converted
+        .extract::<PyReadonlyArray2<'py, f32>>()
+        .map_err(|_| PyValueError::new_err(format!("{what}: cannot read {}", describe(&converted))))
+}
+
+/// A gallery on disk (one directory), opened for reading and writing by this process.
+#[pyclass(name = "Gallery", module = "biogate")]
+struct PyGallery {
+    path: PathBuf,
+    gallery: Mutex<BgGallery>,
+    engines: Mutex<HashMap<String, Engine>>,
+}
+
+impl PyGallery {
+    fn engine(&self, backend: &str) -> PyResult<Engine> {
+        let choice: BackendChoice = backend.parse().map_err(py_err)?;
+        let mut engines = self.engines.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = engines.get(backend) {
+            return Ok(e.clone());
+        }
+        let (engine, _) = open_engine(choice).map_err(py_err)?;
+        engines.insert(backend.to_owned(), engine.clone());
+        Ok(engine)
+    }
+
+    fn snapshot(&self) -> Arc<::biogate::gallery::Snapshot> {
+        self.gallery.lock().unwrap_or_else(|p| p.into_inner()).snapshot()
+    }
+}
+
+#[pymethods]
+impl PyGallery {
+    /// Create an empty gallery at `path` for templates of `dim` values stored as
+    /// `dtype` ("f32", "f16" or "i8").
+    #[staticmethod]
+    #[pyo3(signature = (path, dim, dtype = "f32"))]
+    fn create(py: Python<'_>, path: PathBuf, dim: usize, dtype: &str) -> PyResult<PyGallery> {
+        let dtype = Dtype::ALL
+            .into_iter()
+            .find(|d| d.to_string() == dtype)
+            .ok_or_else(|| PyValueError::new_err(format!("dtype {dtype:?}: use \"f32\", \"f16\" or \"i8\"")))?;
+        let p = path.clone();
+        let g = py.detach(move || BgGallery::create(&p, dim, dtype)).map_err(py_err)?;
+        Ok(PyGallery {
+            path,
+            gallery: Mutex::new(g),
+            engines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Open the gallery at `path` (its files are checked; damage raises CorruptError).
+    #[staticmethod]
+    fn open(py: Python<'_>, path: PathBuf) -> PyResult<PyGallery> {
+        let p = path.clone();
+        let g = py.detach(move || BgGallery::open(&p)).map_err(py_err)?;
+        Ok(PyGallery {
+            path,
+            gallery: Mutex::new(g),
+            engines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Enroll one template per row of `templates` (rows x dim) under `subjects[i]`
+    /// (a subject may appear on several rows); durable when this returns. Returns the
+    /// number of templates enrolled.
+    fn enroll(&self, py: Python<'_>, subjects: Vec<String>, templates: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let array = as_matrix(py, templates, "templates")?;
+        let dim = array.shape()[1];
+        if array.shape()[0] != subjects.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} subjects for {} template rows",
+                subjects.len(),
+                array.shape()[0]
+            )));
+        }
+        let values = rows(&array, "templates")?;
+        let batch: Vec<Enrollment> = subjects
+            .into_iter()
+            .zip(values.chunks_exact(dim.max(1)))
+            .map(|(subject, row)| Enrollment {
+                subject,
+                templates: row.to_vec(),
+            })
+            .collect();
+        py.detach(|| {
+            let mut g = self.gallery.lock().unwrap_or_else(|p| p.into_inner());
+            g.enroll(&batch)
+        })
+        .map_err(py_err)?;
+        Ok(batch.len())
+    }
+
+    /// Delete a subject and all its templates (NotFoundError if it is not enrolled).
+    fn delete(&self, py: Python<'_>, subject: &str) -> PyResult<()> {
+        py.detach(|| {
+            let mut g = self.gallery.lock().unwrap_or_else(|p| p.into_inner());
+            g.delete_subject(subject)
+        })
+        .map_err(py_err)
+    }
+
+    /// Search `probes` (rows x dim). Returns `(subjects, scores, matched)`: per probe the
+    /// best `k` distinct subjects (a list of lists, best first, shorter where fewer
+    /// qualify), their scores as a float32 array (probes x k, NaN where there is no
+    /// candidate), and with a threshold whether each probe matched (bool array; without
+    /// one, None).
+    #[pyo3(signature = (probes, k = 10, threshold = None, backend = "auto"))]
+    #[allow(clippy::type_complexity)]
+    fn identify<'py>(
+        &self,
+        py: Python<'py>,
+        probes: &Bound<'py, PyAny>,
+        k: usize,
+        threshold: Option<f32>,
+        backend: &str,
+    ) -> PyResult<(
+        Vec<Vec<String>>,
+        Bound<'py, PyArray2<f32>>,
+        Option<Bound<'py, PyArray1<bool>>>,
+    )> {
+        let array = as_matrix(py, probes, "probes")?;
+        let values = rows(&array, "probes")?;
+        let engine = self.engine(backend)?;
+        let snapshot = self.snapshot();
+        let params = SearchParams { k, threshold };
+        let values: &[f32] = &values;
+        let results = py
+            .detach(|| engine.search(&snapshot, values, &params))
+            .map_err(py_err)?;
+        let mut scores = vec![f32::NAN; results.len() * k];
+        let mut subjects = Vec::with_capacity(results.len());
+        for (q, r) in results.iter().enumerate() {
+            for (i, c) in r.candidates.iter().enumerate() {
+                scores[q * k + i] = c.score;
+            }
+            subjects.push(r.candidates.iter().map(|c| c.subject.clone()).collect());
+        }
+        let scores = PyArray1::from_vec(py, scores).reshape([results.len(), k])?;
+        let matched =
+            threshold.map(|_| PyArray1::from_vec(py, results.iter().map(|r| r.matched.unwrap_or(false)).collect()));
+        Ok((subjects, scores, matched))
+    }
+
+    /// 1:1: the score of `probe` (a 1-D array of dim values) against `subject`'s best
+    /// template, or None if the subject is not enrolled.
+    fn verify(&self, py: Python<'_>, probe: Vec<f32>, subject: &str) -> PyResult<Option<f32>> {
+        let snapshot = self.snapshot();
+        py.detach(|| Engine::cpu().verify(&snapshot, &probe, subject))
+            .map_err(py_err)
+    }
+
+    /// What `biogate gallery info` prints, as a dict.
+    fn info(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let info = ::biogate::gallery::info(&self.path).map_err(py_err)?;
+        let text = serde_json::to_string(&info).map_err(|e| Error::new_err(e.to_string()))?;
+        Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
+    }
+
+    /// Seal the log and rewrite the live rows into one segment, dropping deleted rows.
+    fn compact(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            let mut g = self.gallery.lock().unwrap_or_else(|p| p.into_inner());
+            g.compact().map(|_| ())
+        })
+        .map_err(py_err)
+    }
+
+    /// The gallery's directory.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+}
+
+/// Whether `array` is read in place by biogate's calls (a float32 C-contiguous matrix)
+/// rather than converted once.
+#[pyfunction]
+fn reads_in_place(py: Python<'_>, array: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let is_f32_matrix = array.extract::<PyReadonlyArray2<'_, f32>>();
+    Ok(match is_f32_matrix {
+        Ok(a) => matches!(rows(&a, "array")?, std::borrow::Cow::Borrowed(_)),
+        Err(_) => {
+            let _ = as_matrix(py, array, "array")?;
+            false
+        }
+    })
+}
+
+/// biogate: exact 1:N biometric identification, numpy in and out.
+#[pymodule(name = "biogate")]
+fn biogate_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyGallery>()?;
+    m.add_function(wrap_pyfunction!(reads_in_place, m)?)?;
+    m.add("Error", m.py().get_type::<Error>())?;
+    m.add("NotFoundError", m.py().get_type::<NotFoundError>())?;
+    m.add("CorruptError", m.py().get_type::<CorruptError>())?;
+    m.add("StorageError", m.py().get_type::<StorageError>())?;
+    m.add("GpuError", m.py().get_type::<GpuError>())?;
+    Ok(())
+}
