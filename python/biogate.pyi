@@ -54,3 +54,22 @@ class Gallery:
 
 def reads_in_place(array: npt.ArrayLike) -> bool:
     """Whether biogate reads `array` in place (float32, C order) rather than converting it."""
+
+class Client:
+    """A connection to a biogate server, with the same searches against its galleries."""
+
+    def __init__(
+        self,
+        addr: str,
+        token: Optional[str] = None,
+        ca_cert: Optional[str] = None,
+        client_cert: Optional[str] = None,
+        client_key: Optional[str] = None,
+        domain: Optional[str] = None,
+    ) -> None: ...
+    def identify(
+        self, gallery: str, probes: npt.ArrayLike, k: int = 10, threshold: Optional[float] = None
+    ) -> tuple[list[list[str]], npt.NDArray[np.float32], Optional[npt.NDArray[np.bool_]]]: ...
+    def enroll(self, gallery: str, subjects: list[str], templates: npt.ArrayLike) -> int: ...
+    def delete(self, gallery: str, subject: str) -> None: ...
+    def galleries(self) -> list[str]: ...

@@ -7,8 +7,10 @@ use crate::error::{Error, IoContext, Result};
 use crate::server::proto;
 use crate::server::proto::biogate_client::BiogateClient;
 use std::path::PathBuf;
+use tonic::Request;
+/// The status a call fails with (tonic's), for callers that match on its code.
+pub use tonic::Status;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-use tonic::{Request, Status};
 
 /// How to reach a server.
 #[derive(Clone, Debug, Default)]

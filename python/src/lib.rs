@@ -49,6 +49,12 @@ fn py_err(e: BgError) -> PyErr {
             StorageError::new_err(m)
         }
         BgError::Gpu(_) => GpuError::new_err(m),
+        BgError::Remote { code, .. } => match code.as_str() {
+            "INVALID_ARGUMENT" | "ALREADY_EXISTS" => PyValueError::new_err(m),
+            "NOT_FOUND" => NotFoundError::new_err(m),
+            "DATA_LOSS" => CorruptError::new_err(m),
+            _ => Error::new_err(m),
+        },
         _ => Error::new_err(m),
     }
 }
@@ -267,6 +273,129 @@ impl PyGallery {
     }
 }
 
+/// A connection to a biogate server (`biogate serve`), with the same searches as
+/// `Gallery` against named galleries there.
+#[pyclass(name = "Client", module = "biogate")]
+struct PyClient {
+    runtime: tokio::runtime::Runtime,
+    client: ::biogate::client::Client,
+}
+
+impl PyClient {
+    fn call<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl std::future::Future<Output = Result<T, ::biogate::client::Status>> + Send,
+    ) -> PyResult<T> {
+        py.detach(|| self.runtime.block_on(f))
+            .map_err(|s| py_err(::biogate::client::remote_error(s)))
+    }
+}
+
+#[pymethods]
+impl PyClient {
+    /// Connect to `addr` (e.g. "http://127.0.0.1:50051"; https with `ca_cert`), with a
+    /// bearer `token` when the server asks for one.
+    #[new]
+    #[pyo3(signature = (addr, token = None, ca_cert = None, client_cert = None, client_key = None, domain = None))]
+    fn new(
+        py: Python<'_>,
+        addr: String,
+        token: Option<String>,
+        ca_cert: Option<PathBuf>,
+        client_cert: Option<PathBuf>,
+        client_key: Option<PathBuf>,
+        domain: Option<String>,
+    ) -> PyResult<PyClient> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::new_err(format!("starting the client's runtime: {e}")))?;
+        let options = ::biogate::client::ConnectOptions {
+            addr,
+            token,
+            ca_cert,
+            client_cert,
+            client_key,
+            domain,
+        };
+        let client = py
+            .detach(|| runtime.block_on(::biogate::client::Client::connect(&options)))
+            .map_err(py_err)?;
+        Ok(PyClient { runtime, client })
+    }
+
+    /// As `Gallery.identify`, against the server's gallery `gallery`.
+    #[pyo3(signature = (gallery, probes, k = 10, threshold = None))]
+    #[allow(clippy::type_complexity)]
+    fn identify<'py>(
+        &self,
+        py: Python<'py>,
+        gallery: &str,
+        probes: &Bound<'py, PyAny>,
+        k: usize,
+        threshold: Option<f32>,
+    ) -> PyResult<(
+        Vec<Vec<String>>,
+        Bound<'py, PyArray2<f32>>,
+        Option<Bound<'py, PyArray1<bool>>>,
+    )> {
+        let array = as_matrix(py, probes, "probes")?;
+        let dim = array.shape()[1];
+        let values = rows(&array, "probes")?;
+        let values: &[f32] = &values;
+        let k32 = u32::try_from(k).map_err(|_| PyValueError::new_err(format!("k = {k} is too large")))?;
+        let results = self.call(py, self.client.identify(gallery, values, dim, k32, threshold))?;
+        let mut scores = vec![f32::NAN; results.len() * k];
+        let mut subjects = Vec::with_capacity(results.len());
+        for (q, r) in results.iter().enumerate() {
+            for (i, c) in r.candidates.iter().take(k).enumerate() {
+                scores[q * k + i] = c.score;
+            }
+            subjects.push(r.candidates.iter().map(|c| c.subject.clone()).collect());
+        }
+        let scores = PyArray1::from_vec(py, scores).reshape([results.len(), k])?;
+        let matched = threshold.map(|_| PyArray1::from_vec(py, results.iter().map(|r| r.matched).collect()));
+        Ok((subjects, scores, matched))
+    }
+
+    /// Enroll one template per row under `subjects[i]`; returns the templates the
+    /// server made durable.
+    fn enroll(
+        &self,
+        py: Python<'_>,
+        gallery: &str,
+        subjects: Vec<String>,
+        templates: &Bound<'_, PyAny>,
+    ) -> PyResult<u64> {
+        let array = as_matrix(py, templates, "templates")?;
+        let dim = array.shape()[1];
+        if array.shape()[0] != subjects.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} subjects for {} template rows",
+                subjects.len(),
+                array.shape()[0]
+            )));
+        }
+        let values = rows(&array, "templates")?;
+        let values: &[f32] = &values;
+        let reply = self.call(py, self.client.enroll(gallery, values, dim, &subjects))?;
+        Ok(reply.templates)
+    }
+
+    /// Delete a subject from the server's gallery.
+    fn delete(&self, py: Python<'_>, gallery: &str, subject: &str) -> PyResult<()> {
+        self.call(py, self.client.delete_subject(gallery, subject))
+    }
+
+    /// The names of the server's galleries.
+    fn galleries(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let list = self.call(py, self.client.list_galleries())?;
+        Ok(list.into_iter().map(|g| g.name).collect())
+    }
+}
+
 /// Whether `array` is read in place by biogate's calls (a float32 C-contiguous matrix)
 /// rather than converted once.
 #[pyfunction]
@@ -285,6 +414,7 @@ fn reads_in_place(py: Python<'_>, array: &Bound<'_, PyAny>) -> PyResult<bool> {
 #[pymodule(name = "biogate")]
 fn biogate_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGallery>()?;
+    m.add_class::<PyClient>()?;
     m.add_function(wrap_pyfunction!(reads_in_place, m)?)?;
     m.add("Error", m.py().get_type::<Error>())?;
     m.add("NotFoundError", m.py().get_type::<NotFoundError>())?;
