@@ -51,6 +51,25 @@ class Gallery:
         """What `biogate gallery info` prints."""
     def compact(self) -> None:
         """Seal the log and rewrite the live rows into one segment."""
+    def eval(
+        self,
+        mated: npt.ArrayLike,
+        mated_ids: list[str],
+        nonmated: npt.ArrayLike,
+        k: int = 20,
+        rank: int = 1,
+        backend: str = "auto",
+    ) -> dict[str, Any]:
+        """What `biogate eval` writes to report.json for this gallery."""
+    def dedup(
+        self,
+        out: str,
+        threshold: Optional[float] = None,
+        top: Optional[int] = None,
+        batch: int = 1024,
+        backend: str = "auto",
+    ) -> tuple[list[str], list[str], npt.NDArray[np.float32]]:
+        """N:N de-duplication: pairs (subject_a, subject_b, scores), also written to `out`."""
 
 def reads_in_place(array: npt.ArrayLike) -> bool:
     """Whether biogate reads `array` in place (float32, C order) rather than converting it."""

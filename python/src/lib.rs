@@ -104,6 +104,33 @@ fn as_matrix<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, what: &str) -> PyRes
         .map_err(|_| PyValueError::new_err(format!("{what}: cannot read {}", describe(&converted))))
 }
 
+/// A serialisable value as Python objects (through JSON).
+fn as_python<T: serde::Serialize>(py: Python<'_>, value: &T) -> PyResult<Py<PyAny>> {
+    let text = serde_json::to_string(value).map_err(|e| Error::new_err(e.to_string()))?;
+    Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
+}
+
+/// The fields of one CSV line as dedup writes it (quoted ids, `""` for a quote).
+fn csv_fields(line: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => fields.push(std::mem::take(&mut field)),
+            c => field.push(c),
+        }
+    }
+    fields.push(field);
+    fields
+}
+
 /// A gallery on disk (one directory), opened for reading and writing by this process.
 #[pyclass(name = "Gallery", module = "biogate")]
 struct PyGallery {
@@ -253,8 +280,7 @@ impl PyGallery {
     /// What `biogate gallery info` prints, as a dict.
     fn info(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let info = ::biogate::gallery::info(&self.path).map_err(py_err)?;
-        let text = serde_json::to_string(&info).map_err(|e| Error::new_err(e.to_string()))?;
-        Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
+        as_python(py, &info)
     }
 
     /// Seal the log and rewrite the live rows into one segment, dropping deleted rows.
@@ -264,6 +290,70 @@ impl PyGallery {
             g.compact().map(|_| ())
         })
         .map_err(py_err)
+    }
+
+    /// Accuracy as `biogate eval` reports it: rank-1 and rank-k rates, FNIR at FPIR
+    /// 0.001 / 0.003 / 0.01 with their thresholds, and per search the mate's rank and
+    /// score and each non-mated search's top score (a dict, as report.json holds it).
+    #[pyo3(signature = (mated, mated_ids, nonmated, k = 20, rank = 1, backend = "auto"))]
+    #[allow(clippy::too_many_arguments)]
+    fn eval(
+        &self,
+        py: Python<'_>,
+        mated: &Bound<'_, PyAny>,
+        mated_ids: Vec<String>,
+        nonmated: &Bound<'_, PyAny>,
+        k: usize,
+        rank: usize,
+        backend: &str,
+    ) -> PyResult<Py<PyAny>> {
+        let mated = as_matrix(py, mated, "mated")?;
+        let nonmated = as_matrix(py, nonmated, "nonmated")?;
+        let (m, n) = (rows(&mated, "mated")?, rows(&nonmated, "nonmated")?);
+        let (m, n): (&[f32], &[f32]) = (&m, &n);
+        let engine = self.engine(backend)?;
+        let snapshot = self.snapshot();
+        let report = py
+            .detach(|| ::biogate::eval::evaluate(&engine, &snapshot, m, &mated_ids, n, k, rank))
+            .map_err(py_err)?;
+        as_python(py, &report)
+    }
+
+    /// N:N de-duplication as `biogate dedup` runs it: pairs of different subjects
+    /// scoring at or above `threshold` and/or each template's `top` nearest other
+    /// subjects, written to the CSV `out`. Returns `(subject_a, subject_b, scores)`:
+    /// two lists and a float32 array, best first.
+    #[pyo3(signature = (out, threshold = None, top = None, batch = 1024, backend = "auto"))]
+    #[allow(clippy::type_complexity)]
+    fn dedup<'py>(
+        &self,
+        py: Python<'py>,
+        out: PathBuf,
+        threshold: Option<f32>,
+        top: Option<usize>,
+        batch: usize,
+        backend: &str,
+    ) -> PyResult<(Vec<String>, Vec<String>, Bound<'py, PyArray1<f32>>)> {
+        let engine = self.engine(backend)?;
+        let options = ::biogate::dedup::DedupOptions { threshold, top, batch };
+        let (dir, path) = (self.path.clone(), out.clone());
+        py.detach(|| ::biogate::dedup::dedup(&engine, &dir, options, &path, &mut |_, _| true))
+            .map_err(py_err)?;
+        let text = std::fs::read_to_string(&out)
+            .map_err(|e| StorageError::new_err(format!("reading {}: {e}", out.display())))?;
+        let (mut a, mut b, mut scores) = (Vec::new(), Vec::new(), Vec::new());
+        for line in text.lines().skip(1) {
+            let fields = csv_fields(line);
+            if let [x, y, s] = fields.as_slice() {
+                a.push(x.clone());
+                b.push(y.clone());
+                scores.push(
+                    s.parse::<f32>()
+                        .map_err(|e| Error::new_err(format!("{}: {e}", out.display())))?,
+                );
+            }
+        }
+        Ok((a, b, PyArray1::from_vec(py, scores)))
     }
 
     /// The gallery's directory.

@@ -137,3 +137,24 @@ def test_searches_hold_no_gil(tmp_path):
     # it would only get the interpreter's switch interval now and then.
     assert elapsed > 0.05
     assert n > 100_000, f"{n} spins in {elapsed:.3f} s"
+
+
+def test_eval_and_dedup_return_what_the_command_line_writes(tmp_path):
+    rng = np.random.default_rng(21)
+    dim = 32
+    centres = unit(rng.standard_normal((100, dim)))
+    gallery = (centres + 0.1 * rng.standard_normal((100, dim))).astype(np.float32)
+    ids = [f"p{i:03}" for i in range(100)]
+    # p099 enrolled a second time as "alias" (a duplicate identity for dedup to find).
+    g = biogate.Gallery.create(str(tmp_path / "g"), dim, "f32")
+    g.enroll(ids + ["alias"], np.vstack([gallery, gallery[99:100]]))
+    mated = (centres[:20] + 0.1 * rng.standard_normal((20, dim))).astype(np.float32)
+    nonmated = rng.standard_normal((20, dim)).astype(np.float32)
+    report = g.eval(mated, ids[:20], nonmated, k=5, backend="cpu")
+    assert report["rank1"] == 1.0 and report["mated_searches"] == 20
+    assert [p["target_fpir"] for p in report["operating_points"]] == [0.001, 0.003, 0.01]
+    a, b, scores = g.dedup(str(tmp_path / "pairs.csv"), threshold=0.99, backend="cpu")
+    assert sorted([a[0], b[0]]) == ["alias", "p099"] and scores[0] == pytest.approx(1.0, abs=1e-5)
+    assert (tmp_path / "pairs.csv").exists()
+    with pytest.raises(ValueError):
+        g.dedup(str(tmp_path / "x.csv"))
