@@ -71,6 +71,27 @@ class Gallery:
     ) -> tuple[list[str], list[str], npt.NDArray[np.float32]]:
         """N:N de-duplication: pairs (subject_a, subject_b, scores), also written to `out`."""
 
+def eval(
+    path: str,
+    mated: npt.ArrayLike,
+    mated_ids: list[str],
+    nonmated: npt.ArrayLike,
+    k: int = 20,
+    rank: int = 1,
+    backend: str = "auto",
+) -> dict[str, Any]:
+    """`biogate eval` on the gallery at `path` (read-only): the report as a dict."""
+
+def dedup(
+    path: str,
+    out: str,
+    threshold: Optional[float] = None,
+    top: Optional[int] = None,
+    batch: int = 1024,
+    backend: str = "auto",
+) -> tuple[list[str], list[str], npt.NDArray[np.float32]]:
+    """`biogate dedup` on the gallery at `path`: pairs, also written to `out`."""
+
 def reads_in_place(array: npt.ArrayLike) -> bool:
     """Whether biogate reads `array` in place (float32, C order) rather than converting it."""
 
@@ -90,5 +111,6 @@ class Client:
         self, gallery: str, probes: npt.ArrayLike, k: int = 10, threshold: Optional[float] = None
     ) -> tuple[list[list[str]], npt.NDArray[np.float32], Optional[npt.NDArray[np.bool_]]]: ...
     def enroll(self, gallery: str, subjects: list[str], templates: npt.ArrayLike) -> int: ...
+    def verify(self, gallery: str, probe: npt.ArrayLike, subject: str) -> float: ...
     def delete(self, gallery: str, subject: str) -> None: ...
     def galleries(self) -> list[str]: ...

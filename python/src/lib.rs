@@ -339,21 +339,7 @@ impl PyGallery {
         let (dir, path) = (self.path.clone(), out.clone());
         py.detach(|| ::biogate::dedup::dedup(&engine, &dir, options, &path, &mut |_, _| true))
             .map_err(py_err)?;
-        let text = std::fs::read_to_string(&out)
-            .map_err(|e| StorageError::new_err(format!("reading {}: {e}", out.display())))?;
-        let (mut a, mut b, mut scores) = (Vec::new(), Vec::new(), Vec::new());
-        for line in text.lines().skip(1) {
-            let fields = csv_fields(line);
-            if let [x, y, s] = fields.as_slice() {
-                a.push(x.clone());
-                b.push(y.clone());
-                scores.push(
-                    s.parse::<f32>()
-                        .map_err(|e| Error::new_err(format!("{}: {e}", out.display())))?,
-                );
-            }
-        }
-        Ok((a, b, PyArray1::from_vec(py, scores)))
+        read_pairs(py, &out)
     }
 
     /// The gallery's directory.
@@ -474,6 +460,13 @@ impl PyClient {
         Ok(reply.templates)
     }
 
+    /// 1:1 on the server: the score of `probe` (a 1-D array of dim values) against
+    /// `subject`'s best template (NotFoundError if the subject is not enrolled there).
+    fn verify(&self, py: Python<'_>, gallery: &str, probe: Vec<f32>, subject: &str) -> PyResult<f32> {
+        let reply = self.call(py, self.client.verify(gallery, &probe, subject, None))?;
+        Ok(reply.score)
+    }
+
     /// Delete a subject from the server's gallery.
     fn delete(&self, py: Python<'_>, gallery: &str, subject: &str) -> PyResult<()> {
         self.call(py, self.client.delete_subject(gallery, subject))
@@ -484,6 +477,83 @@ impl PyClient {
         let list = self.call(py, self.client.list_galleries())?;
         Ok(list.into_iter().map(|g| g.name).collect())
     }
+}
+
+/// `biogate eval` on the gallery at `path` (read-only: it may be open elsewhere):
+/// the report as a dict. See `Gallery.eval`.
+#[pyfunction(name = "eval")]
+#[pyo3(signature = (path, mated, mated_ids, nonmated, k = 20, rank = 1, backend = "auto"))]
+#[allow(clippy::too_many_arguments)]
+fn eval_at(
+    py: Python<'_>,
+    path: PathBuf,
+    mated: &Bound<'_, PyAny>,
+    mated_ids: Vec<String>,
+    nonmated: &Bound<'_, PyAny>,
+    k: usize,
+    rank: usize,
+    backend: &str,
+) -> PyResult<Py<PyAny>> {
+    let mated = as_matrix(py, mated, "mated")?;
+    let nonmated = as_matrix(py, nonmated, "nonmated")?;
+    let (m, n) = (rows(&mated, "mated")?, rows(&nonmated, "nonmated")?);
+    let (m, n): (&[f32], &[f32]) = (&m, &n);
+    let choice: BackendChoice = backend.parse().map_err(py_err)?;
+    let report = py
+        .detach(|| {
+            let snapshot = ::biogate::gallery::open_snapshot(&path)?;
+            let (engine, _) = open_engine(choice)?;
+            ::biogate::eval::evaluate(&engine, &snapshot, m, &mated_ids, n, k, rank)
+        })
+        .map_err(py_err)?;
+    as_python(py, &report)
+}
+
+/// `biogate dedup` on the gallery at `path`: the pairs as `(subject_a, subject_b,
+/// scores)`, also written to the CSV `out`. See `Gallery.dedup`.
+#[pyfunction(name = "dedup")]
+#[pyo3(signature = (path, out, threshold = None, top = None, batch = 1024, backend = "auto"))]
+#[allow(clippy::type_complexity)]
+fn dedup_at<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    out: PathBuf,
+    threshold: Option<f32>,
+    top: Option<usize>,
+    batch: usize,
+    backend: &str,
+) -> PyResult<(Vec<String>, Vec<String>, Bound<'py, PyArray1<f32>>)> {
+    let choice: BackendChoice = backend.parse().map_err(py_err)?;
+    let options = ::biogate::dedup::DedupOptions { threshold, top, batch };
+    let written = out.clone();
+    py.detach(|| {
+        let (engine, _) = open_engine(choice)?;
+        ::biogate::dedup::dedup(&engine, &path, options, &written, &mut |_, _| true)
+    })
+    .map_err(py_err)?;
+    read_pairs(py, &out)
+}
+
+/// The pairs of a dedup CSV: two id lists and a float32 array of scores.
+#[allow(clippy::type_complexity)]
+fn read_pairs<'py>(
+    py: Python<'py>,
+    out: &std::path::Path,
+) -> PyResult<(Vec<String>, Vec<String>, Bound<'py, PyArray1<f32>>)> {
+    let text =
+        std::fs::read_to_string(out).map_err(|e| StorageError::new_err(format!("reading {}: {e}", out.display())))?;
+    let (mut a, mut b, mut scores) = (Vec::new(), Vec::new(), Vec::new());
+    for line in text.lines().skip(1) {
+        if let [x, y, s] = csv_fields(line).as_slice() {
+            a.push(x.clone());
+            b.push(y.clone());
+            scores.push(
+                s.parse::<f32>()
+                    .map_err(|e| Error::new_err(format!("{}: {e}", out.display())))?,
+            );
+        }
+    }
+    Ok((a, b, PyArray1::from_vec(py, scores)))
 }
 
 /// Whether `array` is read in place by biogate's calls (a float32 C-contiguous matrix)
@@ -506,6 +576,8 @@ fn biogate_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGallery>()?;
     m.add_class::<PyClient>()?;
     m.add_function(wrap_pyfunction!(reads_in_place, m)?)?;
+    m.add_function(wrap_pyfunction!(eval_at, m)?)?;
+    m.add_function(wrap_pyfunction!(dedup_at, m)?)?;
     m.add("Error", m.py().get_type::<Error>())?;
     m.add("NotFoundError", m.py().get_type::<NotFoundError>())?;
     m.add("CorruptError", m.py().get_type::<CorruptError>())?;

@@ -158,3 +158,7 @@ def test_eval_and_dedup_return_what_the_command_line_writes(tmp_path):
     assert (tmp_path / "pairs.csv").exists()
     with pytest.raises(ValueError):
         g.dedup(str(tmp_path / "x.csv"))
+    # The module-level forms read the gallery at a path (here still open above).
+    assert biogate.eval(str(g.path), mated, ids[:20], nonmated, k=5, backend="cpu")["rank1"] == 1.0
+    a2, b2, s2 = biogate.dedup(str(g.path), str(tmp_path / "pairs2.csv"), threshold=0.99, backend="cpu")
+    assert (a2, b2) == (a, b) and np.array_equal(s2, scores)

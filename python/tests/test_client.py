@@ -57,6 +57,9 @@ def test_enroll_identify_delete_through_the_server(server):
     found, scores, matched = client.identify("default", templates, k=3, threshold=0.9)
     assert [f[0] for f in found] == subjects
     assert matched.all() and scores.shape == (30, 3)
+    assert client.verify("default", templates[5], "gate-05") == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(biogate.NotFoundError):
+        client.verify("default", templates[5], "nobody")
     client.delete("default", "gate-00")
     found, _, _ = client.identify("default", templates[:1], k=3)
     assert "gate-00" not in found[0]
