@@ -192,15 +192,7 @@ impl PyGallery {
     /// (a subject may appear on several rows); durable when this returns. Returns the
     /// number of templates enrolled.
     fn enroll(&self, py: Python<'_>, subjects: Vec<String>, templates: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let array = as_matrix(py, templates, "templates")?;
-        let dim = array.shape()[1];
-        if array.shape()[0] != subjects.len() {
-            return Err(PyValueError::new_err(format!(
-                "{} subjects for {} template rows",
-                subjects.len(),
-                array.shape()[0]
-            )));
-        }
+        let (array, dim) = templates_for(py, templates, subjects.len())?;
         let values = rows(&array, "templates")?;
         let batch: Vec<Enrollment> = subjects
             .into_iter()
@@ -241,11 +233,7 @@ impl PyGallery {
         k: usize,
         threshold: Option<f32>,
         backend: &str,
-    ) -> PyResult<(
-        Vec<Vec<String>>,
-        Bound<'py, PyArray2<f32>>,
-        Option<Bound<'py, PyArray1<bool>>>,
-    )> {
+    ) -> PyResult<Answers<'py>> {
         let array = as_matrix(py, probes, "probes")?;
         let values = rows(&array, "probes")?;
         let engine = self.engine(backend)?;
@@ -255,18 +243,17 @@ impl PyGallery {
         let results = py
             .detach(|| engine.search(&snapshot, values, &params))
             .map_err(py_err)?;
-        let mut scores = vec![f32::NAN; results.len() * k];
-        let mut subjects = Vec::with_capacity(results.len());
-        for (q, r) in results.iter().enumerate() {
-            for (i, c) in r.candidates.iter().enumerate() {
-                scores[q * k + i] = c.score;
-            }
-            subjects.push(r.candidates.iter().map(|c| c.subject.clone()).collect());
-        }
-        let scores = PyArray1::from_vec(py, scores).reshape([results.len(), k])?;
-        let matched =
-            threshold.map(|_| PyArray1::from_vec(py, results.iter().map(|r| r.matched.unwrap_or(false)).collect()));
-        Ok((subjects, scores, matched))
+        let answers = results
+            .into_iter()
+            .map(|r| {
+                let matched = r.matched.unwrap_or(false);
+                (
+                    r.candidates.into_iter().map(|c| (c.subject, c.score)).collect(),
+                    matched,
+                )
+            })
+            .collect();
+        to_numpy(py, k, threshold, answers)
     }
 
     /// 1:1: the score of `probe` (a 1-D array of dim values) against `subject`'s best
@@ -307,16 +294,10 @@ impl PyGallery {
         rank: usize,
         backend: &str,
     ) -> PyResult<Py<PyAny>> {
-        let mated = as_matrix(py, mated, "mated")?;
-        let nonmated = as_matrix(py, nonmated, "nonmated")?;
-        let (m, n) = (rows(&mated, "mated")?, rows(&nonmated, "nonmated")?);
-        let (m, n): (&[f32], &[f32]) = (&m, &n);
         let engine = self.engine(backend)?;
         let snapshot = self.snapshot();
-        let report = py
-            .detach(|| ::biogate::eval::evaluate(&engine, &snapshot, m, &mated_ids, n, k, rank))
-            .map_err(py_err)?;
-        as_python(py, &report)
+        let searches = Searches { mated_ids, k, rank };
+        eval_with(py, mated, nonmated, searches, move || Ok((snapshot, engine)))
     }
 
     /// N:N de-duplication as `biogate dedup` runs it: pairs of different subjects
@@ -412,28 +393,23 @@ impl PyClient {
         probes: &Bound<'py, PyAny>,
         k: usize,
         threshold: Option<f32>,
-    ) -> PyResult<(
-        Vec<Vec<String>>,
-        Bound<'py, PyArray2<f32>>,
-        Option<Bound<'py, PyArray1<bool>>>,
-    )> {
+    ) -> PyResult<Answers<'py>> {
         let array = as_matrix(py, probes, "probes")?;
         let dim = array.shape()[1];
         let values = rows(&array, "probes")?;
         let values: &[f32] = &values;
         let k32 = u32::try_from(k).map_err(|_| PyValueError::new_err(format!("k = {k} is too large")))?;
         let results = self.call(py, self.client.identify(gallery, values, dim, k32, threshold))?;
-        let mut scores = vec![f32::NAN; results.len() * k];
-        let mut subjects = Vec::with_capacity(results.len());
-        for (q, r) in results.iter().enumerate() {
-            for (i, c) in r.candidates.iter().take(k).enumerate() {
-                scores[q * k + i] = c.score;
-            }
-            subjects.push(r.candidates.iter().map(|c| c.subject.clone()).collect());
-        }
-        let scores = PyArray1::from_vec(py, scores).reshape([results.len(), k])?;
-        let matched = threshold.map(|_| PyArray1::from_vec(py, results.iter().map(|r| r.matched).collect()));
-        Ok((subjects, scores, matched))
+        let answers = results
+            .into_iter()
+            .map(|r| {
+                (
+                    r.candidates.into_iter().map(|c| (c.subject, c.score)).collect(),
+                    r.matched,
+                )
+            })
+            .collect();
+        to_numpy(py, k, threshold, answers)
     }
 
     /// Enroll one template per row under `subjects[i]`; returns the templates the
@@ -445,15 +421,7 @@ impl PyClient {
         subjects: Vec<String>,
         templates: &Bound<'_, PyAny>,
     ) -> PyResult<u64> {
-        let array = as_matrix(py, templates, "templates")?;
-        let dim = array.shape()[1];
-        if array.shape()[0] != subjects.len() {
-            return Err(PyValueError::new_err(format!(
-                "{} subjects for {} template rows",
-                subjects.len(),
-                array.shape()[0]
-            )));
-        }
+        let (array, dim) = templates_for(py, templates, subjects.len())?;
         let values = rows(&array, "templates")?;
         let values: &[f32] = &values;
         let reply = self.call(py, self.client.enroll(gallery, values, dim, &subjects))?;
@@ -494,19 +462,89 @@ fn eval_at(
     rank: usize,
     backend: &str,
 ) -> PyResult<Py<PyAny>> {
+    let choice: BackendChoice = backend.parse().map_err(py_err)?;
+    let searches = Searches { mated_ids, k, rank };
+    eval_with(py, mated, nonmated, searches, move || {
+        let snapshot = Arc::new(::biogate::gallery::open_snapshot(&path)?);
+        let (engine, _) = open_engine(choice)?;
+        Ok((snapshot, engine))
+    })
+}
+
+/// Templates to enroll (rows x dim) with one subject per row: the array and dim.
+fn templates_for<'py>(
+    py: Python<'py>,
+    templates: &Bound<'py, PyAny>,
+    subjects: usize,
+) -> PyResult<(PyReadonlyArray2<'py, f32>, usize)> {
+    let array = as_matrix(py, templates, "templates")?;
+    let (rows, dim) = (array.shape()[0], array.shape()[1]);
+    if rows != subjects {
+        return Err(PyValueError::new_err(format!(
+            "{subjects} subjects for {rows} template rows"
+        )));
+    }
+    Ok((array, dim))
+}
+
+/// What an evaluation searches for.
+struct Searches {
+    mated_ids: Vec<String>,
+    k: usize,
+    rank: usize,
+}
+
+/// `evaluate` with the GIL released, on the snapshot and engine `open` gives: the
+/// report as a dict.
+fn eval_with(
+    py: Python<'_>,
+    mated: &Bound<'_, PyAny>,
+    nonmated: &Bound<'_, PyAny>,
+    s: Searches,
+    open: impl FnOnce() -> ::biogate::Result<(Arc<::biogate::Snapshot>, Engine)> + Send,
+) -> PyResult<Py<PyAny>> {
     let mated = as_matrix(py, mated, "mated")?;
     let nonmated = as_matrix(py, nonmated, "nonmated")?;
     let (m, n) = (rows(&mated, "mated")?, rows(&nonmated, "nonmated")?);
     let (m, n): (&[f32], &[f32]) = (&m, &n);
-    let choice: BackendChoice = backend.parse().map_err(py_err)?;
     let report = py
         .detach(|| {
-            let snapshot = ::biogate::gallery::open_snapshot(&path)?;
-            let (engine, _) = open_engine(choice)?;
-            ::biogate::eval::evaluate(&engine, &snapshot, m, &mated_ids, n, k, rank)
+            let (snapshot, engine) = open()?;
+            ::biogate::eval::evaluate(&engine, &snapshot, m, &s.mated_ids, n, s.k, s.rank)
         })
         .map_err(py_err)?;
     as_python(py, &report)
+}
+
+/// What identify returns to Python.
+type Answers<'py> = (
+    Vec<Vec<String>>,
+    Bound<'py, PyArray2<f32>>,
+    Option<Bound<'py, PyArray1<bool>>>,
+);
+
+/// Per probe its (subject, score) candidates, best first, and the decision, as identify
+/// returns them: subjects as lists, scores as a float32 array (probes x k, NaN where
+/// there is no candidate), decisions as a bool array when a threshold was given.
+fn to_numpy(
+    py: Python<'_>,
+    k: usize,
+    threshold: Option<f32>,
+    answers: Vec<(Vec<(String, f32)>, bool)>,
+) -> PyResult<Answers<'_>> {
+    let mut scores = vec![f32::NAN; answers.len() * k];
+    let mut subjects = Vec::with_capacity(answers.len());
+    let mut matched = Vec::with_capacity(answers.len());
+    for (q, (candidates, decision)) in answers.into_iter().enumerate() {
+        for (i, (_, score)) in candidates.iter().take(k).enumerate() {
+            scores[q * k + i] = *score;
+        }
+        subjects.push(candidates.into_iter().map(|(subject, _)| subject).collect());
+        matched.push(decision);
+    }
+    let rows = subjects.len();
+    let scores = PyArray1::from_vec(py, scores).reshape([rows, k])?;
+    Ok((subjects, scores, threshold.map(|_| PyArray1::from_vec(py, matched))))
 }
 
 /// `biogate dedup` on the gallery at `path`: the pairs as `(subject_a, subject_b,
