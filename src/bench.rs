@@ -63,9 +63,9 @@ pub fn run(
             )));
         }
         let q = &probes[..batch * dim];
-        let before = gpu.and_then(|g| g.last_upload()).map(|u| u.time);
+        let before = gpu.and_then(|g| g.last_upload()).map(|u| u.number);
         engine.search(snapshot, q, &params)?; // warm-up: page in (and upload) the gallery
-        let upload = gpu.and_then(|g| g.last_upload()).filter(|u| Some(u.time) != before);
+        let upload = gpu.and_then(|g| g.last_upload()).filter(|u| Some(u.number) != before);
         let mut times = Vec::new();
         let start = Instant::now();
         while times.len() < 3 || (start.elapsed() < min_time && times.len() < 1000) {

@@ -60,6 +60,8 @@ pub struct KernelTimes {
 /// What the last upload of a whole slab cost (the first search's extra time).
 #[derive(Clone, Copy, Debug)]
 pub struct Upload {
+    /// Which upload of this device it was (1 for the first): tells a new one from the last.
+    pub number: u64,
     pub time: Duration,
     pub bytes: u64,
 }

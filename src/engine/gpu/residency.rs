@@ -185,6 +185,7 @@ impl Residency {
                 let r = ctx.checked("uploading the gallery", || ResidentSlab::upload(ctx, slab, shard_rows))??;
                 ctx.wait()?;
                 self.last_upload = Some(Upload {
+                    number: self.last_upload.map_or(1, |u| u.number + 1),
                     time: started.elapsed(),
                     bytes: (slab.rows() * slab.stride()) as u64,
                 });
