@@ -142,11 +142,33 @@ fn a_flipped_byte_in_row_data_is_found_by_check_naming_the_rows() {
 }
 
 #[test]
-fn flipped_metadata_and_truncation_are_refused_on_open() {
+fn flipped_metadata_is_refused_before_any_answer_and_truncation_on_open() {
+    // Open reads only the header: damaged metadata is found by the verification that
+    // runs before a segment is first scored, and by `check`.
+    let search = |dir: &std::path::Path| {
+        let snapshot = gallery::open_snapshot(dir).expect("opening reads only the header");
+        biogate::Engine::cpu().search(
+            &snapshot,
+            &[0.5; 40],
+            &biogate::SearchParams { k: 3, threshold: None },
+        )
+    };
     let (dir, seg) = damaged(|_| {});
     let len = std::fs::metadata(&seg).unwrap().len() as usize;
     flip(&seg, len - 4096 - 3); // the chunk checksums, just before the footer
-    let msg = corrupt_message(gallery::open_snapshot(dir.path()).err().unwrap());
+    let msg = corrupt_message(search(dir.path()).err().unwrap());
+    assert!(msg.contains("metadata checksum"), "{msg}");
+    let msg = corrupt_message(gallery::check(dir.path()).err().unwrap());
+    assert!(msg.contains("metadata checksum"), "{msg}");
+    // The id table names itself, so a repair knows whether the ids can be read.
+    let header: biogate::gallery::format::SegmentHeader =
+        bytemuck::pod_read_unaligned(&std::fs::read(&seg).unwrap()[..4096]);
+    let (dir, _) = damaged(|p| flip(p, header.subject_bytes_offset as usize + 1));
+    let msg = corrupt_message(search(dir.path()).err().unwrap());
+    assert!(msg.contains("subject id table"), "{msg}");
+    // So is the subject index (each subject's rows), which 1:1 verification reads.
+    let (dir, _) = damaged(|p| flip(p, header.subject_rows_offset as usize + 4));
+    let msg = corrupt_message(search(dir.path()).err().unwrap());
     assert!(msg.contains("metadata checksum"), "{msg}");
     // The footer (the header's copy) is checked too.
     let (dir, seg) = damaged(|p| flip(p, len - 3));

@@ -94,7 +94,7 @@ impl CpuBackend {
                 for (r, &score) in scratch.scores[j * n..(j + 1) * n].iter().enumerate() {
                     if score >= top.bar() {
                         let subject = subjects[r];
-                        if !slab.is_dead(subject) {
+                        if !slab.is_dead_row(start + r) {
                             top.offer(score, subject, slab.rank(subject));
                         }
                     }

@@ -188,12 +188,7 @@ impl Engine {
             let Some(ordinal) = slab.find_subject(subject) else {
                 continue;
             };
-            if slab.is_dead(ordinal) {
-                continue;
-            }
-            let rows: Vec<usize> = (0..slab.rows())
-                .filter(|&r| slab.row_subjects()[r] == ordinal)
-                .collect();
+            let rows = slab.subject_rows(ordinal);
             for score in self.cpu.score_rows(&slab, &encoded, 0, &rows) {
                 best = Some(best.map_or(score, |b| b.max(score)));
             }

@@ -6,6 +6,8 @@
 //!                to a 64-byte multiple (data_offset is 4096-aligned, so rows are too)
 //! scales_offset  rows x f32: per-row dequantisation scale (1.0 for f32/f16)
 //! row_subject    rows x u32: each row's subject ordinal in this segment
+//! subject_row_starts (subjects + 1) x u32: where each subject's rows start in `subject_rows`
+//! subject_rows   rows x u32: row indices grouped by subject ordinal (ascending within one)
 //! subject_offs   (subjects + 1) x u64: byte offsets into the subject-id bytes
 //! subject_bytes  the subject ids, UTF-8, sorted ascending, unique
 //! chunk_crcs     chunks x u32: CRC32 of each `chunk_rows` block of row data
@@ -13,18 +15,23 @@
 //! ```
 //!
 //! Subject ordinals are assigned in sorted id order, so comparing ordinals inside a
-//! segment is the same as comparing ids (the engine's tie-break). `meta_crc` covers
-//! every byte from `scales_offset` to the footer and is verified on open, as is the
-//! footer (equal to the header);
-//! the chunk CRCs cover the row data and are verified by `gallery check` in parallel.
-//! All integers are little-endian.
+//! segment is the same as comparing ids (the engine's tie-break). The header carries the
+//! counts (`rows`, `subjects`, `max_subject_rows`), so nothing per row or per subject is
+//! read to open a segment or to describe it. A subject's rows are found in place
+//! (binary search of the sorted ids, then its run of `subject_rows`).
+//!
+//! Open verifies the header's CRC and layout; `meta_crc` (every byte from
+//! `scales_offset` to the footer) and the footer (equal to the header) are verified
+//! once per process before the segment's rows are first scored, with the chunk CRCs of
+//! the row data, and by `gallery check` and the server's scrub. All integers are
+//! little-endian.
 
 use bytemuck::{Pod, Zeroable};
 
 /// Identifies a biogate segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"BIOGSEG\0";
 /// Bumped on any incompatible layout change.
-pub const SEGMENT_VERSION: u32 = 2;
+pub const SEGMENT_VERSION: u32 = 3;
 /// Size of the header; the row data starts at this (page-aligned) offset.
 pub const HEADER_BYTES: usize = 4096;
 /// Target size of one checksummed chunk of row data.
@@ -58,7 +65,13 @@ pub struct SegmentHeader {
     pub ids_crc: u32,
     /// The gallery this segment belongs to (as in its manifest).
     pub gallery_id: u64,
-    pub _reserved: [u8; HEADER_BYTES - 136],
+    /// `(subjects + 1) x u32`: start of each subject's run in `subject_rows`.
+    pub subject_row_starts_offset: u64,
+    /// `rows x u32`: row indices grouped by subject.
+    pub subject_rows_offset: u64,
+    /// Most rows of one subject (what the GPU's exact selection must keep per subject).
+    pub max_subject_rows: u64,
+    pub _reserved: [u8; HEADER_BYTES - 160],
 }
 
 const _: () = assert!(std::mem::size_of::<SegmentHeader>() == HEADER_BYTES);

@@ -31,13 +31,19 @@ impl Gallery {
         self.check_writable()?;
         let id = self.manifest.next_file_id;
         let file = segment_file_name(id);
-        let mut counts = (0, 0);
+        let mut counts = ImportCounts::default();
         let segment = self.write_segment(&file, |writer| {
             counts = self.write_import(source, options, progress, writer)?;
             Ok(())
         })?;
-        let (rows, subjects) = counts;
+        let ImportCounts {
+            rows,
+            subjects,
+            unsealed,
+            live_new,
+        } = counts;
         let mut manifest = self.manifest.clone();
+        manifest.sealed_subjects = Some(self.sealed_subjects() + unsealed);
         manifest.segments.push(SegmentEntry {
             id,
             file: file.clone(),
@@ -50,10 +56,9 @@ impl Gallery {
             }
             return Err(e);
         }
-        self.segments.push(SegmentView {
-            segment,
-            dead_subjects: Vec::new(),
-        });
+        self.segments.push(SegmentView::new(segment));
+        self.counts.rows += rows;
+        self.counts.subjects += live_new;
         self.publish();
         Ok(ImportReport {
             rows,
@@ -68,7 +73,8 @@ impl Gallery {
         options: ImportOptions,
         progress: &dyn Fn(u64),
         writer: &mut SegmentWriter,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<ImportCounts> {
+        let (mut already_live, mut already_sealed) = (0, 0);
         const CHUNK: usize = 4096;
         let (dim, dtype) = (self.manifest.dim, self.manifest.dtype);
         let stride = row_stride(dtype, dim);
@@ -115,7 +121,12 @@ impl Gallery {
                     )?;
                 for (i, id) in ids.iter().enumerate() {
                     let first_row = writer.push(&encoded[i * stride..(i + 1) * stride], scales[i], id)?;
-                    if first_row && !options.add_to_existing && self.snapshot.has_subject(id) {
+                    if !first_row || (self.segments.is_empty() && self.memtable.rows() == 0) {
+                        continue;
+                    }
+                    // A subject new to this import: is it new to the gallery?
+                    let live = self.snapshot.has_subject(id);
+                    if live && !options.add_to_existing {
                         return Err(Error::AlreadyExists(format!(
                             "subject {id:?} ({label} row {}) is already enrolled in {}; nothing was imported \
                              (pass --add-to-existing to add templates to enrolled subjects)",
@@ -123,6 +134,8 @@ impl Gallery {
                             self.dir.display()
                         )));
                     }
+                    already_live += u64::from(live);
+                    already_sealed += u64::from(self.unsealed(std::iter::once(id.as_str())) == 0);
                 }
                 done += n as u64;
                 progress(done);
@@ -132,6 +145,23 @@ impl Gallery {
         if done == 0 {
             return Err(Error::invalid("the import source has no templates"));
         }
-        Ok((done, writer.subjects() as u64))
+        // Every subject of the segment, less those found above.
+        let subjects = writer.subjects() as u64;
+        Ok(ImportCounts {
+            rows: done,
+            subjects,
+            unsealed: subjects - already_sealed,
+            live_new: subjects - already_live,
+        })
     }
+}
+
+/// What an import adds: rows and subjects in its segment, subjects no other segment
+/// names, subjects with no live row before it.
+#[derive(Default)]
+struct ImportCounts {
+    rows: u64,
+    subjects: u64,
+    unsealed: u64,
+    live_new: u64,
 }

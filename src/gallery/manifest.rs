@@ -48,6 +48,11 @@ pub struct Manifest {
     pub wal_id: u64,
     /// The id the next segment (or log) file will get.
     pub next_file_id: u64,
+    /// Distinct subject ids in the segments, deletions not applied (the log's records
+    /// are applied to it at open, so live counts cost nothing per subject). Absent
+    /// after a repair or in an older manifest: counted once at open then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_subjects: Option<u64>,
 }
 
 /// Whether a commit's second copy was written.
@@ -72,6 +77,7 @@ impl Manifest {
             wal: wal_file_name(1),
             wal_id: 1,
             next_file_id: 2,
+            sealed_subjects: Some(0),
         }
     }
 

@@ -157,6 +157,11 @@ impl MemTable {
         self.index.get(subject).copied()
     }
 
+    /// Most rows of one subject here.
+    pub fn max_subject_rows(&self) -> usize {
+        self.rows_per_subject.iter().copied().max().unwrap_or(0) as usize
+    }
+
     /// Whether `subject` has rows here.
     pub fn has_subject(&self, subject: &str) -> bool {
         self.index

@@ -14,6 +14,7 @@
 //! [`Gallery::snapshot`] in the writer's process, or [`open_snapshot`] from any other
 //! process without taking the lock.
 
+pub mod deletions;
 mod files;
 pub mod format;
 pub mod identity;
@@ -30,7 +31,7 @@ pub mod wal;
 mod writer;
 
 pub use reader::{LogProbe, check, info, open_snapshot, state_fingerprint};
-pub use snapshot::{LiveRow, Origin, SegmentView, Slab, SlabIdentity, Snapshot, SubjectIds};
+pub use snapshot::{Counts, LiveRow, Origin, SegmentView, Slab, SlabIdentity, Snapshot, SubjectIds};
 pub use writer::Gallery;
 
 use crate::error::Result;

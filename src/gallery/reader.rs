@@ -6,7 +6,7 @@ use super::GalleryInfo;
 use super::manifest::{self, Manifest, SegmentEntry};
 use super::memtable::MemTable;
 use super::segment::Segment;
-use super::snapshot::{SegmentView, Snapshot};
+use super::snapshot::{Counts, SegmentView, Snapshot, subject_is_live};
 use super::wal::{self, LogContents, WalHeader, WalRecord};
 use crate::error::{Error, IoContext, Result};
 use crate::template::check_dim;
@@ -20,6 +20,9 @@ pub(super) struct LoadedState {
     pub(super) tombstones: usize,
     pub(super) memtable: MemTable,
     pub(super) log: LogContents,
+    /// Distinct subject ids in the segments, deletions not applied.
+    pub(super) sealed_subjects: u64,
+    pub(super) counts: Counts,
 }
 
 impl LoadedState {
@@ -29,7 +32,67 @@ impl LoadedState {
             self.manifest.dtype,
             self.segments,
             Arc::new(self.memtable),
+            self.counts,
         )
+    }
+}
+
+/// Distinct subject ids in `segments`, deletions not applied: a merge of their sorted id
+/// tables (O(subjects), no hashing). Only after a repair or for an older manifest; the
+/// writer otherwise keeps the number in the manifest.
+pub(super) fn count_sealed_subjects(segments: &[SegmentView]) -> u64 {
+    if let [one] = segments {
+        return one.segment.subjects() as u64;
+    }
+    distinct_ids(segments, false)
+}
+
+/// Distinct ids over the segments' sorted id tables (only those with live rows if
+/// `live_only`), merged in O(subjects) time and O(segments) memory.
+fn distinct_ids(segments: &[SegmentView], live_only: bool) -> u64 {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let live = |v: &SegmentView, o: u32| {
+        !live_only
+            || v.segment
+                .subject_rows(o)
+                .first()
+                .is_some_and(|&r| !v.deleted.contains(r as usize))
+    };
+    let mut heap: BinaryHeap<Reverse<(&str, usize, u32)>> = segments
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.segment.subjects() > 0)
+        .map(|(i, v)| Reverse((v.segment.subject_id(0), i, 0)))
+        .collect();
+    let (mut distinct, mut last): (u64, Option<&str>) = (0, None);
+    while let Some(Reverse((id, i, o))) = heap.pop() {
+        if last != Some(id) && live(&segments[i], o) {
+            distinct += 1;
+            last = Some(id);
+        }
+        let segment = &segments[i].segment;
+        if (o as usize + 1) < segment.subjects() {
+            heap.push(Reverse((segment.subject_id(o + 1), i, o + 1)));
+        }
+    }
+    distinct
+}
+
+/// Live templates and subjects counted from the data (what `check` compares the kept
+/// counts with): O(rows) reads, O(segments + the log's subjects) memory.
+fn recount(segments: &[SegmentView], memtable: &MemTable) -> Counts {
+    let sealed_rows: u64 = segments
+        .iter()
+        .map(|v| v.segment.rows() as u64 - v.deleted.count())
+        .sum();
+    let log_only = memtable
+        .live_subjects()
+        .filter(|s| !segments.iter().any(|v| v.has_live_subject(s)))
+        .count() as u64;
+    Counts {
+        rows: sealed_rows + memtable.rows() as u64,
+        subjects: distinct_ids(segments, true) + log_only,
     }
 }
 
@@ -87,16 +150,28 @@ pub(super) fn load_state(dir: &Path) -> Result<LoadedState> {
     check_dim(manifest.dim)?;
     let mut segments = Vec::with_capacity(manifest.segments.len());
     for entry in &manifest.segments {
-        segments.push(SegmentView {
-            segment: Arc::new(open_segment(dir, &manifest, entry)?),
-            dead_subjects: Vec::new(),
-        });
+        segments.push(SegmentView::new(Arc::new(open_segment(dir, &manifest, entry)?)));
     }
     let log = wal::read(&dir.join(&manifest.wal), &expected_log_header(&manifest))?;
     let mut memtable = MemTable::new(manifest.dtype, manifest.dim);
     let mut tombstones = 0;
+    let sealed_subjects = match manifest.sealed_subjects {
+        Some(n) => n,
+        None => count_sealed_subjects(&segments),
+    };
+    let mut counts = Counts {
+        rows: manifest.segments.iter().map(|s| s.rows).sum(),
+        subjects: sealed_subjects,
+    };
     for record in &log.records {
-        apply(record, &manifest, &mut segments, &mut memtable, &mut tombstones)?;
+        apply(
+            record,
+            &manifest,
+            &mut segments,
+            &mut memtable,
+            &mut tombstones,
+            &mut counts,
+        )?;
     }
     memtable.refresh_ranks();
     Ok(LoadedState {
@@ -105,6 +180,8 @@ pub(super) fn load_state(dir: &Path) -> Result<LoadedState> {
         tombstones,
         memtable,
         log,
+        sealed_subjects,
+        counts,
     })
 }
 
@@ -115,6 +192,7 @@ pub(super) fn apply(
     segments: &mut [SegmentView],
     memtable: &mut MemTable,
     tombstones: &mut usize,
+    counts: &mut Counts,
 ) -> Result<()> {
     match record {
         WalRecord::Enroll { subject, templates } => {
@@ -125,21 +203,26 @@ pub(super) fn apply(
                     manifest.dim
                 )));
             }
+            let new_subject = !subject_is_live(segments, memtable, subject);
             memtable.push(subject, templates);
+            counts.rows += (templates.len() / manifest.dim) as u64;
+            counts.subjects += u64::from(new_subject);
         }
         WalRecord::Delete {
             subject,
             segments_before,
         } => {
             *tombstones += 1;
-            memtable.delete(subject);
+            let was_live = subject_is_live(segments, memtable, subject);
+            let mut removed = memtable.delete(subject) as u64;
             for (view, entry) in segments.iter_mut().zip(&manifest.segments) {
-                if entry.id < *segments_before
-                    && let Some(o) = view.segment.find_subject(subject)
-                    && let Err(at) = view.dead_subjects.binary_search(&o)
-                {
-                    view.dead_subjects.insert(at, o);
+                if entry.id < *segments_before {
+                    removed += view.delete_subject(subject);
                 }
+            }
+            counts.rows = counts.rows.saturating_sub(removed);
+            if was_live && !subject_is_live(segments, memtable, subject) {
+                counts.subjects = counts.subjects.saturating_sub(1);
             }
         }
     }
@@ -168,6 +251,17 @@ pub fn check(dir: &Path) -> Result<GalleryInfo> {
     let state = load_state(dir)?;
     for view in &state.segments {
         view.segment.check()?;
+    }
+    let counted = recount(&state.segments, &state.memtable);
+    if counted != state.counts {
+        return Err(Error::corrupt(
+            &dir.join(manifest::MANIFEST_FILE),
+            format!(
+                "the gallery's kept counts ({} templates, {} subjects) differ from a recount ({} templates, \
+                 {} subjects); `biogate gallery repair` counts them again",
+                state.counts.rows, state.counts.subjects, counted.rows, counted.subjects
+            ),
+        ));
     }
     let mut notes = Vec::new();
     if state.log.torn_bytes() > 0 {

@@ -127,7 +127,7 @@ pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
     let mut segments = Vec::with_capacity(manifest.segments.len());
     for entry in original.segments.clone() {
         let path = dir.join(&entry.file);
-        match open_segment(dir, &original, &entry) {
+        match open_segment(dir, &original, &entry).and_then(|seg| seg.verify_metadata().map(|()| seg)) {
             Ok(seg) => {
                 let bad = seg.bad_chunks();
                 if bad.is_empty() {
@@ -175,6 +175,8 @@ pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
             }
         }
     }
+    // Counted again by the next open (and kept by its writer).
+    manifest.sealed_subjects = None;
     manifest.segments = segments;
 
     // 3. The log.

@@ -19,9 +19,11 @@ use std::sync::{Mutex, OnceLock};
 
 /// A sealed, memory-mapped segment. Cheap to share behind an `Arc`.
 ///
-/// Its header and metadata are verified when it is opened; its rows before they are
-/// first scored ([`Segment::ensure_verified`]) and again by every scrub. The first
-/// damage found is kept ([`Segment::damage`]) and every later use is refused with it.
+/// Opening it reads and verifies only its header (and the header's copy at the end):
+/// nothing per row or per subject, so a segment of 100M subjects opens in microseconds.
+/// Its metadata and rows are verified before they are first scored
+/// ([`Segment::ensure_verified`]) and again by every scrub. The first damage found is
+/// kept ([`Segment::damage`]) and every later use is refused with it.
 pub struct Segment {
     path: PathBuf,
     header: SegmentHeader,
@@ -30,14 +32,17 @@ pub struct Segment {
     map: Mmap,
     origin: Origin,
     identity: Mutex<FileIdentity>,
+    meta_verified: AtomicBool,
     rows_verified: AtomicBool,
     verifying: Mutex<()>,
     damage: OnceLock<String>,
 }
 
 impl Segment {
-    /// Map a segment and verify its header and metadata checksums (not the row data:
-    /// that is [`Segment::check`]'s job, so opening stays fast for large galleries).
+    /// Map a segment and verify its header, the header's copy at the end and the layout
+    /// they describe: O(1) of the segment's size. The metadata (scales, subjects, ids)
+    /// and rows are verified by [`Segment::verify_metadata`] and
+    /// [`Segment::ensure_verified`] before anything is scored, and by [`Segment::check`].
     pub fn open(path: &Path) -> Result<Segment> {
         let file = File::open(path).ctx(|| format!("opening segment {}", path.display()))?;
         let len = file
@@ -87,22 +92,51 @@ impl Segment {
             map,
             origin: Origin::new(),
             identity: Mutex::new(identity),
+            meta_verified: AtomicBool::new(false),
             rows_verified: AtomicBool::new(false),
             verifying: Mutex::new(()),
             damage: OnceLock::new(),
         };
         segment.validate_layout()?;
+        segment.check_footer()?;
+        segment.check_mapping()?;
+        Ok(segment)
+    }
+
+    /// [`Segment::open`], then [`Segment::verify_metadata`] (a repair, which must know
+    /// the metadata is sound before it copies rows by it).
+    pub fn open_verified(path: &Path) -> Result<Segment> {
+        let segment = Segment::open(path)?;
+        segment.verify_metadata()?;
+        Ok(segment)
+    }
+
+    /// Verify the metadata (scales, row subjects, the subject index and id table) once
+    /// per process: O(rows). Later calls return at once; damage is kept and refused.
+    pub fn verify_metadata(&self) -> Result<()> {
+        if let Some(d) = self.damage.get() {
+            return Err(Error::Corrupt(d.clone()));
+        }
+        if self.meta_verified.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.metadata_intact()
+            .map_err(|e| Error::Corrupt(self.record_damage(corrupt_message(e))))?;
+        self.meta_verified.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn metadata_intact(&self) -> Result<()> {
         // `meta_crc` covers the id table too; its own checksum is read only to say which
         // part is damaged (and by a repair, to name the subjects of a damaged segment).
-        if let Err(e) = segment.check_metadata() {
-            if !segment.ids_intact() {
-                return Err(Error::corrupt(path, "subject id table checksum mismatch"));
+        if let Err(e) = self.check_metadata() {
+            if !self.ids_intact() {
+                return Err(Error::corrupt(&self.path, "subject id table checksum mismatch"));
             }
             return Err(e);
         }
-        segment.validate_subjects()?;
-        segment.check_mapping()?;
-        Ok(segment)
+        self.validate_subjects()?;
+        self.check_mapping()
     }
 
     /// The bytes of a segment whose header (or its copy at the end) is damaged, with the
@@ -166,6 +200,10 @@ impl Segment {
         if crc32fast::hash(meta) != self.header.meta_crc {
             return Err(Error::corrupt(&self.path, "metadata checksum mismatch"));
         }
+        self.check_footer()
+    }
+
+    fn check_footer(&self) -> Result<()> {
         if self.map[self.footer_offset()..] != *bytemuck::bytes_of(&self.header) {
             return Err(Error::corrupt(
                 &self.path,
@@ -214,13 +252,15 @@ impl Segment {
             return Ok(());
         }
         self.check()?;
+        self.meta_verified.store(true, Ordering::Release);
         self.rows_verified.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// Skip row verification for this mapping (`--no-verify`): the caller accepts that
-    /// damaged rows would be scored.
+    /// Skip verification for this mapping (`--no-verify`): the caller accepts that
+    /// damaged rows or metadata would be used.
     pub fn trust_rows(&self) {
+        self.meta_verified.store(true, Ordering::Release);
         self.rows_verified.store(true, Ordering::Release);
     }
 
@@ -258,7 +298,7 @@ impl Segment {
         if let Some(d) = self.damage.get() {
             return Err(Error::Corrupt(d.clone()));
         }
-        let outcome = self.check_metadata().and_then(|_| {
+        let outcome = self.metadata_intact().and_then(|_| {
             let h = &self.header;
             for i in 0..h.chunks() {
                 self.check_chunk(i)?;
@@ -349,7 +389,12 @@ impl Segment {
             (h.data_offset, Some(HEADER_BYTES as u64)),
             (h.scales_offset, data_end),
             (h.row_subject_offset, Some(h.scales_offset + 4 * h.rows)),
-            (h.subject_offsets_offset, Some(h.row_subject_offset + 4 * h.rows)),
+            (h.subject_row_starts_offset, Some(h.row_subject_offset + 4 * h.rows)),
+            (
+                h.subject_rows_offset,
+                Some(h.subject_row_starts_offset + 4 * (h.subjects + 1)),
+            ),
+            (h.subject_offsets_offset, Some(h.subject_rows_offset + 4 * h.rows)),
             (
                 h.subject_bytes_offset,
                 Some(h.subject_offsets_offset + 8 * (h.subjects + 1)),
@@ -366,8 +411,13 @@ impl Segment {
                 _ => return bad("section offsets"),
             }
         }
+        if h.rows > u64::from(u32::MAX) || h.subjects > h.rows || h.max_subject_rows > h.rows {
+            return bad("counts");
+        }
         if !h.data_offset.is_multiple_of(4096)
             || !h.scales_offset.is_multiple_of(8)
+            || !h.subject_row_starts_offset.is_multiple_of(4)
+            || !h.subject_rows_offset.is_multiple_of(4)
             || !h.subject_offsets_offset.is_multiple_of(8)
             || !h.chunk_crcs_offset.is_multiple_of(4)
         {
@@ -400,13 +450,32 @@ impl Segment {
                 format!("row {row} names a subject out of range"),
             ));
         }
+        // The subject index: runs that tile `subject_rows`, each naming rows of its own
+        // subject in ascending order, no run longer than `max_subject_rows`.
+        let starts = self.subject_row_starts();
+        let rows = self.subject_rows_table();
+        let bad_index = || Error::corrupt(&self.path, "the subject index does not match the rows");
+        if starts.first() != Some(&0) || starts.last().map(|&l| l as usize) != Some(rows.len()) {
+            return Err(bad_index());
+        }
+        let row_subjects = self.row_subjects();
+        for (o, w) in starts.windows(2).enumerate() {
+            let run = rows.get(w[0] as usize..w[1] as usize).ok_or_else(bad_index)?;
+            if run.is_empty()
+                || run.len() as u64 > self.header.max_subject_rows
+                || run.windows(2).any(|p| p[0] >= p[1])
+                || run.iter().any(|&r| row_subjects.get(r as usize) != Some(&(o as u32)))
+            {
+                return Err(bad_index());
+            }
+        }
         Ok(())
     }
 
     /// Verify the metadata and every chunk of row data against their CRCs, in parallel.
     /// Names the first bad chunk, and keeps it as the segment's damage.
     pub fn check(&self) -> Result<()> {
-        let outcome = self.check_metadata().and_then(|_| {
+        let outcome = self.metadata_intact().and_then(|_| {
             let bad = (0..self.header.chunks())
                 .into_par_iter()
                 .find_first(|&i| self.check_chunk(i).is_err());
@@ -446,6 +515,26 @@ impl Segment {
     pub fn subjects(&self) -> usize {
         self.header.subjects as usize
     }
+    /// Most rows of one subject.
+    pub fn max_subject_rows(&self) -> usize {
+        self.header.max_subject_rows as usize
+    }
+    fn subject_row_starts(&self) -> &[u32] {
+        self.section(self.header.subject_row_starts_offset, 4 * (self.header.subjects + 1))
+    }
+    fn subject_rows_table(&self) -> &[u32] {
+        self.section(self.header.subject_rows_offset, 4 * self.header.rows)
+    }
+    /// The rows of subject `ordinal`, ascending (read in place; empty for an ordinal out
+    /// of range, which only damage found later can produce).
+    pub fn subject_rows(&self, ordinal: u32) -> &[u32] {
+        let starts = self.subject_row_starts();
+        let o = ordinal as usize;
+        match (starts.get(o), starts.get(o + 1)) {
+            (Some(&a), Some(&b)) => self.subject_rows_table().get(a as usize..b as usize).unwrap_or(&[]),
+            _ => &[],
+        }
+    }
     /// Size of the file in bytes.
     pub fn file_len(&self) -> u64 {
         self.header.file_len
@@ -478,11 +567,14 @@ impl Segment {
     /// The id of subject `ordinal` (ordinals are in ascending id order).
     pub fn subject_id(&self, ordinal: u32) -> &str {
         let offs = self.subject_offsets();
-        let (a, b) = (offs[ordinal as usize] as usize, offs[ordinal as usize + 1] as usize);
-        // Validated on open; only a file truncated under us (pages of zeros, see
-        // mapguard) can make this fail, and then the search that asked is refused.
+        let (Some(&a), Some(&b)) = (offs.get(ordinal as usize), offs.get(ordinal as usize + 1)) else {
+            return "";
+        };
+        // Verified before the segment's rows are scored; until then (a lookup for a
+        // write) and in a file truncated under us (pages of zeros, see mapguard) a
+        // damaged table reads as an empty id, which never matches a real one.
         self.subject_bytes()
-            .get(a..b)
+            .get(a as usize..b as usize)
             .and_then(|s| std::str::from_utf8(s).ok())
             .unwrap_or("")
     }
@@ -640,6 +732,13 @@ impl SegmentWriter {
     /// Returns whether this is the subject's first row in the segment.
     pub fn push(&mut self, encoded: &[u8], scale: f32, subject: &str) -> Result<bool> {
         assert_eq!(encoded.len(), self.stride(), "encoded row must be one stride");
+        if self.scales.len() >= u32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "{}: a segment holds at most {} rows",
+                self.path.display(),
+                u32::MAX
+            )));
+        }
         let (ordinal, new) = match self.subject_index.get(subject) {
             Some(&o) => (o, false),
             None => {
@@ -684,13 +783,33 @@ impl SegmentWriter {
         for s in &mut self.row_subject {
             *s = remap[*s as usize];
         }
+        // The subject index: each subject's rows, ascending, in ordinal order (a
+        // counting sort over the rows).
+        let mut starts = vec![0u32; ids.len() + 1];
+        for &s in &self.row_subject {
+            starts[s as usize + 1] += 1;
+        }
+        let max_subject_rows = starts.iter().copied().max().unwrap_or(0);
+        for i in 0..ids.len() {
+            starts[i + 1] += starts[i];
+        }
+        let mut next = starts.clone();
+        let mut subject_rows = vec![0u32; self.row_subject.len()];
+        for (row, &s) in self.row_subject.iter().enumerate() {
+            subject_rows[next[s as usize] as usize] = row as u32;
+            next[s as usize] += 1;
+        }
+        drop(next);
         let rows = self.scales.len() as u64;
         let h = &mut self.header;
         h.rows = rows;
         h.subjects = ids.len() as u64;
+        h.max_subject_rows = u64::from(max_subject_rows);
         h.scales_offset = align_up(h.data_offset + rows * h.row_stride, 64);
         h.row_subject_offset = h.scales_offset + 4 * rows;
-        h.subject_offsets_offset = align_up(h.row_subject_offset + 4 * rows, 8);
+        h.subject_row_starts_offset = h.row_subject_offset + 4 * rows;
+        h.subject_rows_offset = h.subject_row_starts_offset + 4 * (ids.len() as u64 + 1);
+        h.subject_offsets_offset = align_up(h.subject_rows_offset + 4 * rows, 8);
         let mut offsets = Vec::with_capacity(ids.len() + 1);
         let mut bytes = Vec::new();
         offsets.push(0u64);
@@ -713,6 +832,8 @@ impl SegmentWriter {
         };
         put(h.scales_offset, bytemuck::cast_slice(&self.scales));
         put(h.row_subject_offset, bytemuck::cast_slice(&self.row_subject));
+        put(h.subject_row_starts_offset, bytemuck::cast_slice(&starts));
+        put(h.subject_rows_offset, bytemuck::cast_slice(&subject_rows));
         put(h.subject_offsets_offset, bytemuck::cast_slice(&offsets));
         put(h.subject_bytes_offset, &bytes);
         put(h.chunk_crcs_offset, bytemuck::cast_slice(&self.chunk_crcs));

@@ -3,19 +3,62 @@
 //! Enrollment builds a new snapshot and swaps it in; a search keeps the one it started
 //! with, so searches never block writers and never see half an update.
 
+use super::deletions::DeletedRows;
 use super::memtable::MemTable;
 pub use super::origin::Origin;
 use super::segment::Segment;
 use crate::template::Dtype;
-use std::collections::HashSet;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 
-/// A sealed segment plus the ordinals of its subjects deleted since it was sealed.
+/// A sealed segment plus its rows deleted since it was sealed.
 #[derive(Clone)]
 pub struct SegmentView {
     pub segment: Arc<Segment>,
-    /// Sorted, unique.
-    pub dead_subjects: Vec<u32>,
+    /// Shared with the snapshots that hold it; a deletion copies what it changes.
+    pub deleted: Arc<DeletedRows>,
+}
+
+impl SegmentView {
+    /// A segment with nothing deleted.
+    pub fn new(segment: Arc<Segment>) -> SegmentView {
+        let deleted = Arc::new(DeletedRows::new(segment.rows()));
+        SegmentView { segment, deleted }
+    }
+
+    /// Whether `subject` has live rows here (a subject's rows are deleted together, so
+    /// its first row says).
+    pub fn has_live_subject(&self, subject: &str) -> bool {
+        self.segment
+            .find_subject(subject)
+            .and_then(|o| self.segment.subject_rows(o).first())
+            .is_some_and(|&row| !self.deleted.contains(row as usize))
+    }
+
+    /// Delete every row of `subject`; how many rows were live.
+    pub fn delete_subject(&mut self, subject: &str) -> u64 {
+        let Some(o) = self.segment.find_subject(subject) else {
+            return 0;
+        };
+        let rows = self.segment.subject_rows(o);
+        if rows.first().is_none_or(|&r| self.deleted.contains(r as usize)) {
+            return 0;
+        }
+        let deleted = Arc::make_mut(&mut self.deleted);
+        rows.iter().map(|&r| u64::from(deleted.insert(r as usize))).sum()
+    }
+}
+
+/// Live templates and subjects: kept up to date by the writer as it applies each
+/// change (never counted by reading every id).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub rows: u64,
+    pub subjects: u64,
+}
+
+/// Whether `subject` has a live row in `segments` or `memtable`.
+pub fn subject_is_live(segments: &[SegmentView], memtable: &MemTable, subject: &str) -> bool {
+    memtable.has_subject(subject) || segments.iter().any(|v| v.has_live_subject(subject))
 }
 
 /// Everything a search needs, frozen.
@@ -25,8 +68,7 @@ pub struct Snapshot {
     dtype: Dtype,
     segments: Vec<SegmentView>,
     memtable: Arc<MemTable>,
-    /// Counted once per snapshot (a snapshot never changes): (live rows, live subjects).
-    counts: OnceLock<(usize, usize)>,
+    counts: Counts,
 }
 
 /// What a cache needs to know to reuse rows it copied from a slab earlier.
@@ -66,8 +108,8 @@ pub struct Slab<'a> {
     row_subject: &'a [u32],
     /// Sorted-id rank per ordinal; `None` when ordinals are already in id order.
     subject_rank: Option<&'a [u32]>,
-    /// Sorted ordinals whose rows must be skipped (deleted subjects).
-    dead_subjects: &'a [u32],
+    /// Rows deleted since the segment was sealed (the log's rows are removed instead).
+    deleted: Option<&'a DeletedRows>,
     /// Ordinal to id.
     ids: SubjectIds<'a>,
 }
@@ -118,9 +160,13 @@ impl<'a> Slab<'a> {
     pub fn row_subjects(&self) -> &'a [u32] {
         self.row_subject
     }
-    /// Sorted ordinals of deleted subjects (their rows are skipped).
-    pub fn dead_subjects(&self) -> &'a [u32] {
-        self.dead_subjects
+    /// The rows deleted since the segment was sealed (None for the log's rows).
+    pub fn deleted(&self) -> Option<&'a DeletedRows> {
+        self.deleted
+    }
+    /// Whether any row is deleted.
+    pub fn has_deletions(&self) -> bool {
+        self.deleted.is_some_and(|d| !d.is_empty())
     }
     /// Where the subject ids come from (the segment, or the log's rows).
     pub fn ids(&self) -> SubjectIds<'a> {
@@ -131,7 +177,7 @@ impl<'a> Slab<'a> {
         let slab = *self;
         (0..slab.rows()).filter_map(move |row| {
             let ordinal = slab.row_subject[row];
-            (!slab.is_dead(ordinal)).then(|| LiveRow {
+            (!slab.is_dead_row(row)).then(|| LiveRow {
                 row,
                 ordinal,
                 subject: slab.subject_id(ordinal),
@@ -163,10 +209,30 @@ impl<'a> Slab<'a> {
             None => ordinal,
         }
     }
-    /// Whether the subject's rows here are deleted.
+    /// Whether row `row` is deleted.
     #[inline]
-    pub fn is_dead(&self, ordinal: u32) -> bool {
-        !self.dead_subjects.is_empty() && self.dead_subjects.binary_search(&ordinal).is_ok()
+    pub fn is_dead_row(&self, row: usize) -> bool {
+        self.deleted.is_some_and(|d| d.contains(row))
+    }
+    /// The live rows of subject `ordinal`, ascending (in place for a segment; the log's
+    /// rows are few and scanned).
+    pub fn subject_rows(&self, ordinal: u32) -> Vec<usize> {
+        match self.ids {
+            SubjectIds::Segment(s) => s
+                .subject_rows(ordinal)
+                .iter()
+                .map(|&r| r as usize)
+                .filter(|&r| !self.is_dead_row(r))
+                .collect(),
+            SubjectIds::Memtable(_) => (0..self.rows()).filter(|&r| self.row_subject[r] == ordinal).collect(),
+        }
+    }
+    /// Most rows of one subject (what an exact per-row selection must keep per subject).
+    pub fn max_subject_rows(&self) -> usize {
+        match self.ids {
+            SubjectIds::Segment(s) => s.max_subject_rows(),
+            SubjectIds::Memtable(m) => m.max_subject_rows(),
+        }
     }
     /// Which rows these are, for caches (see [`SlabIdentity`]).
     pub fn identity(&self) -> SlabIdentity {
@@ -188,14 +254,21 @@ impl<'a> Slab<'a> {
 }
 
 impl Snapshot {
-    /// Assemble a snapshot (the gallery does this after every change).
-    pub fn new(dim: usize, dtype: Dtype, segments: Vec<SegmentView>, memtable: Arc<MemTable>) -> Snapshot {
+    /// Assemble a snapshot (the gallery does this after every change, with the counts
+    /// it keeps).
+    pub fn new(
+        dim: usize,
+        dtype: Dtype,
+        segments: Vec<SegmentView>,
+        memtable: Arc<MemTable>,
+        counts: Counts,
+    ) -> Snapshot {
         Snapshot {
             dim,
             dtype,
             segments,
             memtable,
-            counts: OnceLock::new(),
+            counts,
         }
     }
 
@@ -212,7 +285,11 @@ impl Snapshot {
     /// A snapshot of rows held only in memory (benchmarks, tests, demos).
     pub fn in_memory(mut memtable: MemTable, dim: usize, dtype: Dtype) -> Snapshot {
         memtable.refresh_ranks();
-        Snapshot::new(dim, dtype, Vec::new(), Arc::new(memtable))
+        let counts = Counts {
+            rows: memtable.rows() as u64,
+            subjects: memtable.live_subjects().count() as u64,
+        };
+        Snapshot::new(dim, dtype, Vec::new(), Arc::new(memtable), counts)
     }
 
     /// Template dimension.
@@ -236,7 +313,7 @@ impl Snapshot {
                 scales: v.segment.scales(),
                 row_subject: v.segment.row_subjects(),
                 subject_rank: None,
-                dead_subjects: &v.dead_subjects,
+                deleted: Some(&v.deleted),
                 ids: SubjectIds::Segment(&v.segment),
             })
             .collect();
@@ -249,7 +326,7 @@ impl Snapshot {
                 scales: self.memtable.scales(),
                 row_subject: self.memtable.row_subjects(),
                 subject_rank: Some(self.memtable.ranks()),
-                dead_subjects: &[],
+                deleted: None,
                 ids: SubjectIds::Memtable(&self.memtable),
             });
         }
@@ -293,26 +370,12 @@ impl Snapshot {
 
     /// Live rows (templates) searchable in this snapshot.
     pub fn live_rows(&self) -> usize {
-        self.counts().0
+        self.counts.rows as usize
     }
 
-    fn counts(&self) -> (usize, usize) {
-        *self
-            .counts
-            .get_or_init(|| (self.count_live_rows(), self.count_live_subjects()))
-    }
-
-    fn count_live_rows(&self) -> usize {
-        self.slabs()
-            .iter()
-            .map(|s| {
-                if s.dead_subjects.is_empty() {
-                    s.rows()
-                } else {
-                    s.live_rows().count()
-                }
-            })
-            .sum()
+    /// Live templates and subjects (kept by the writer; O(1)).
+    pub fn counts(&self) -> Counts {
+        self.counts
     }
 
     /// Every live row of every slab, in scan order, with its slab's index.
@@ -323,30 +386,13 @@ impl Snapshot {
             .flat_map(|(i, slab)| slab.live_rows().map(move |r| (i, r)))
     }
 
-    /// Whether `subject` has any live row.
+    /// Whether `subject` has any live row (looked up in place: binary searches).
     pub fn has_subject(&self, subject: &str) -> bool {
-        self.memtable.has_subject(subject)
-            || self.segments.iter().any(|v| {
-                v.segment
-                    .find_subject(subject)
-                    .is_some_and(|o| v.dead_subjects.binary_search(&o).is_err())
-            })
+        subject_is_live(&self.segments, &self.memtable, subject)
     }
 
-    /// Number of distinct live subjects (reads every id once per snapshot, then cached).
+    /// Number of distinct live subjects (kept by the writer; O(1)).
     pub fn live_subjects(&self) -> usize {
-        self.counts().1
-    }
-
-    fn count_live_subjects(&self) -> usize {
-        let mut seen: HashSet<&str> = self.memtable.live_subjects().collect();
-        for v in &self.segments {
-            for o in 0..v.segment.subjects() as u32 {
-                if v.dead_subjects.binary_search(&o).is_err() {
-                    seen.insert(v.segment.subject_id(o));
-                }
-            }
-        }
-        seen.len()
+        self.counts.subjects as usize
     }
 }

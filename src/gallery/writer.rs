@@ -10,7 +10,7 @@ use super::manifest::{self, Committed, Manifest, SegmentEntry, segment_file_name
 use super::memtable::MemTable;
 use super::reader::{LogProbe, apply, expected_log_header, info_of, load_state};
 use super::segment::{Segment, SegmentWriter};
-use super::snapshot::{SegmentView, Snapshot};
+use super::snapshot::{Counts, SegmentView, Snapshot};
 use super::wal::{self, WalHeader, WalRecord, WalWriter};
 use super::{CompactReport, Enrollment, GalleryInfo};
 use crate::error::{Error, IoContext, Result};
@@ -28,6 +28,8 @@ pub struct Gallery {
     pub(super) manifest: Manifest,
     pub(super) segments: Vec<SegmentView>,
     pub(super) tombstones: usize,
+    /// Live templates and subjects, kept as each change is applied.
+    pub(super) counts: Counts,
     pub(super) memtable: Arc<MemTable>,
     pub(super) wal: WalWriter,
     /// The log file as opened (to notice it being changed under the process).
@@ -103,14 +105,17 @@ impl Gallery {
             state.manifest.dtype,
             state.segments.clone(),
             memtable.clone(),
+            state.counts,
         ));
-        let gallery = Gallery {
+        let recounted = state.manifest.sealed_subjects.is_none();
+        let mut gallery = Gallery {
             dir: dir.to_path_buf(),
             _lock: lock,
             storage,
             manifest: state.manifest,
             segments: state.segments,
             tombstones: state.tombstones,
+            counts: state.counts,
             memtable,
             wal,
             wal_identity,
@@ -118,6 +123,13 @@ impl Gallery {
             poisoned: None,
             copy_stale,
         };
+        if recounted {
+            // Counted at open (after a repair, or an older manifest): keep the number,
+            // so the next open reads it instead of every id.
+            let mut manifest = gallery.manifest.clone();
+            manifest.sealed_subjects = Some(state.sealed_subjects);
+            gallery.commit(manifest)?;
+        }
         gallery.remove_orphans();
         Ok(gallery)
     }
@@ -128,7 +140,22 @@ impl Gallery {
             self.manifest.dtype,
             self.segments.clone(),
             self.memtable.clone(),
+            self.counts,
         ));
+    }
+
+    /// Distinct subject ids in the segments, deletions not applied (the manifest's
+    /// `sealed_subjects`).
+    pub(super) fn sealed_subjects(&self) -> u64 {
+        self.manifest.sealed_subjects.unwrap_or_default()
+    }
+
+    /// How many of `subjects` no segment names (deleted or not): what a new segment
+    /// holding them adds to [`Gallery::sealed_subjects`].
+    pub(super) fn unsealed<'s>(&self, subjects: impl Iterator<Item = &'s str>) -> u64 {
+        subjects
+            .filter(|s| self.segments.iter().all(|v| v.segment.find_subject(s).is_none()))
+            .count() as u64
     }
 
     /// The current state, for searches. Later writes never change a snapshot.
@@ -252,7 +279,14 @@ impl Gallery {
         self.wal.append(&records)?;
         let memtable = Arc::make_mut(&mut self.memtable);
         for r in &records {
-            apply(r, &self.manifest, &mut self.segments, memtable, &mut self.tombstones)?;
+            apply(
+                r,
+                &self.manifest,
+                &mut self.segments,
+                memtable,
+                &mut self.tombstones,
+                &mut self.counts,
+            )?;
         }
         memtable.refresh_ranks();
         self.publish();
@@ -281,6 +315,7 @@ impl Gallery {
             &mut self.segments,
             memtable,
             &mut self.tombstones,
+            &mut self.counts,
         )?;
         self.publish();
         Ok(())
@@ -384,6 +419,7 @@ impl Gallery {
                 file: file.clone(),
                 rows: rows as u64,
             });
+            manifest.sealed_subjects = Some(self.sealed_subjects() + self.unsealed(table.live_subjects()));
             sealed = Some((segment, file));
             id += 1;
         }
@@ -391,8 +427,9 @@ impl Gallery {
         // reach every segment that existed when the subject was deleted (and none newer).
         let mut pending: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
         for (view, entry) in self.segments.iter().zip(&self.manifest.segments) {
-            for &o in &view.dead_subjects {
-                let mark = pending.entry(view.segment.subject_id(o)).or_insert(0);
+            let row_subjects = view.segment.row_subjects();
+            for row in view.deleted.iter() {
+                let mark = pending.entry(view.segment.subject_id(row_subjects[row])).or_insert(0);
                 *mark = (*mark).max(entry.id + 1);
             }
         }
@@ -442,10 +479,7 @@ impl Gallery {
         // Committed: the new segment replaces the log's rows.
         self.switch_log(wal, &wal_path)?;
         if let Some((segment, _)) = sealed {
-            self.segments.push(SegmentView {
-                segment,
-                dead_subjects: Vec::new(),
-            });
+            self.segments.push(SegmentView::new(segment));
         }
         self.tombstones = records.len();
         self.memtable = Arc::new(MemTable::new(self.manifest.dtype, self.manifest.dim));
@@ -479,15 +513,15 @@ impl Gallery {
                 }
                 snapshot.check_reads()
             })?;
-            new_segments.push(SegmentView {
-                segment,
-                dead_subjects: Vec::new(),
-            });
+            manifest.sealed_subjects = Some(segment.subjects() as u64);
+            new_segments.push(SegmentView::new(segment));
             manifest.segments.push(SegmentEntry {
                 id,
                 file: file.clone(),
                 rows: kept,
             });
+        } else {
+            manifest.sealed_subjects = Some(0);
         }
         let (wal, wal_path) = match self.new_log(wal_id) {
             Ok(w) => w,

@@ -17,6 +17,7 @@
 use super::context::GpuContext;
 use crate::engine::gpu_options::Upload;
 use crate::error::Result;
+use crate::gallery::deletions::DeletedRows;
 use crate::gallery::{Slab, SubjectIds};
 use crate::template::Dtype;
 use std::sync::Weak;
@@ -62,8 +63,10 @@ pub struct ResidentSlab {
     pub shards: Vec<Shard>,
     /// Host copy of every row's key (to find what a change must rewrite).
     keys: Vec<u32>,
-    /// Segment ordinals whose rows carry [`DEAD`].
-    dead: Vec<u32>,
+    /// The segment's deleted rows whose keys are [`DEAD`] (chunks shared with the
+    /// snapshot's: comparing them finds what changed).
+    deleted: Option<DeletedRows>,
+    /// Rows per subject of the log (a segment's header says its most).
     rows_per_subject: Vec<u32>,
     /// The most rows any one subject has here (bounds the rows a search must keep).
     pub max_rows_per_subject: usize,
@@ -95,8 +98,8 @@ pub enum Resident {
     Stale,
 }
 
-fn key_of(slab: &Slab<'_>, ordinal: u32) -> u32 {
-    if slab.is_dead(ordinal) {
+fn key_of(slab: &Slab<'_>, row: usize, ordinal: u32) -> u32 {
+    if slab.is_dead_row(row) {
         DEAD
     } else {
         slab.rank(ordinal)
@@ -215,9 +218,9 @@ impl ResidentSlab {
             stride: slab.stride(),
             shards: Vec::new(),
             keys: Vec::with_capacity(slab.rows()),
-            dead: slab.dead_subjects().to_vec(),
+            deleted: slab.deleted().cloned(),
             rows_per_subject: Vec::new(),
-            max_rows_per_subject: 0,
+            max_rows_per_subject: slab.max_subject_rows(),
         };
         r.append(ctx, slab, shard_rows)?;
         Ok(r)
@@ -234,7 +237,7 @@ impl ResidentSlab {
             self.subjects = id.subjects;
             let mut changed = false;
             for (row, key) in self.keys.iter_mut().enumerate() {
-                let k = key_of(slab, slab.row_subjects()[row]);
+                let k = key_of(slab, row, slab.row_subjects()[row]);
                 changed |= *key != k;
                 *key = k;
             }
@@ -242,29 +245,37 @@ impl ResidentSlab {
                 self.write_keys(ctx, 0..self.rows());
             }
         }
-        if self.dead != slab.dead_subjects() {
-            self.apply_tombstones(ctx, slab);
+        if let (Some(had), Some(now)) = (&self.deleted, slab.deleted()) {
+            let changed = now.differing_rows(had);
+            if !changed.is_empty() {
+                self.apply_deletions(ctx, slab, &changed);
+            }
         }
         Ok(())
     }
 
-    /// Mark the rows of subjects deleted (or re-enrolled) since the last search.
-    fn apply_tombstones(&mut self, ctx: &GpuContext, slab: &Slab<'_>) {
-        let changed: Vec<u32> = symmetric_difference(&self.dead, slab.dead_subjects());
-        let mut first = usize::MAX;
-        let mut last = 0;
-        for (row, &ordinal) in slab.row_subjects().iter().enumerate() {
-            if changed.binary_search(&ordinal).is_ok() {
-                self.keys[row] = key_of(slab, ordinal);
-                first = first.min(row);
-                last = row;
+    /// Mark the rows deleted since the last search (only the chunks of marks that changed
+    /// are looked at).
+    fn apply_deletions(&mut self, ctx: &GpuContext, slab: &Slab<'_>, changed: &[std::ops::Range<usize>]) {
+        let mut rewritten = 0;
+        for range in changed {
+            let rows = range.start.min(self.rows())..range.end.min(self.rows());
+            let (mut first, mut last) = (usize::MAX, 0);
+            for row in rows {
+                let k = key_of(slab, row, slab.row_subjects()[row]);
+                if self.keys[row] != k {
+                    self.keys[row] = k;
+                    first = first.min(row);
+                    last = row;
+                }
+            }
+            if first <= last {
+                self.write_keys(ctx, first..last + 1);
+                rewritten += last + 1 - first;
             }
         }
-        self.dead = slab.dead_subjects().to_vec();
-        if first <= last {
-            self.write_keys(ctx, first..last + 1);
-        }
-        tracing::debug!(subjects = changed.len(), "GPU tombstones updated");
+        self.deleted = slab.deleted().cloned();
+        tracing::debug!(rows = rewritten, "GPU deletion marks updated");
     }
 
     /// Upload rows `rows()..slab.rows()`.
@@ -272,13 +283,16 @@ impl ResidentSlab {
         let start = self.rows();
         let end = slab.rows();
         for row in start..end {
-            let ordinal = slab.row_subjects()[row] as usize;
-            if ordinal >= self.rows_per_subject.len() {
-                self.rows_per_subject.resize(ordinal + 1, 0);
+            let ordinal = slab.row_subjects()[row];
+            if self.is_log {
+                let o = ordinal as usize;
+                if o >= self.rows_per_subject.len() {
+                    self.rows_per_subject.resize(o + 1, 0);
+                }
+                self.rows_per_subject[o] += 1;
+                self.max_rows_per_subject = self.max_rows_per_subject.max(self.rows_per_subject[o] as usize);
             }
-            self.rows_per_subject[ordinal] += 1;
-            self.max_rows_per_subject = self.max_rows_per_subject.max(self.rows_per_subject[ordinal] as usize);
-            self.keys.push(key_of(slab, ordinal as u32));
+            self.keys.push(key_of(slab, row, ordinal));
         }
         // A segment's rows are checked against their chunk checksums as they are copied
         // (the bytes uploaded are the bytes verified).
@@ -437,37 +451,6 @@ pub fn interleave(rows: &[u8], stride: usize, out: &mut Vec<u8>) {
         });
 }
 
-/// Elements in exactly one of two sorted lists, sorted.
-fn symmetric_difference(a: &[u32], b: &[u32]) -> Vec<u32> {
-    let (mut i, mut j, mut out) = (0, 0, Vec::new());
-    while i < a.len() || j < b.len() {
-        match (a.get(i), b.get(j)) {
-            (Some(x), Some(y)) if x == y => {
-                i += 1;
-                j += 1;
-            }
-            (Some(x), Some(y)) if x < y => {
-                out.push(*x);
-                i += 1;
-            }
-            (Some(_), Some(y)) => {
-                out.push(*y);
-                j += 1;
-            }
-            (Some(x), None) => {
-                out.push(*x);
-                i += 1;
-            }
-            (None, Some(y)) => {
-                out.push(*y);
-                j += 1;
-            }
-            (None, None) => unreachable!(),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -485,11 +468,5 @@ mod tests {
             (128, 138, 0),
             "tile 2: rows 64..69, then zeros"
         );
-    }
-
-    #[test]
-    fn symmetric_difference_of_sorted_lists() {
-        assert_eq!(super::symmetric_difference(&[1, 3, 5], &[3, 4, 5, 9]), vec![1, 4, 9]);
-        assert_eq!(super::symmetric_difference(&[], &[2]), vec![2]);
     }
 }
