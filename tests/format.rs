@@ -147,11 +147,7 @@ fn flipped_metadata_is_refused_before_any_answer_and_truncation_on_open() {
     // runs before a segment is first scored, and by `check`.
     let search = |dir: &std::path::Path| {
         let snapshot = gallery::open_snapshot(dir).expect("opening reads only the header");
-        biogate::Engine::cpu().search(
-            &snapshot,
-            &[0.5; 40],
-            &biogate::SearchParams { k: 3, threshold: None },
-        )
+        biogate::Engine::cpu().search(&snapshot, &[0.5; 40], &biogate::SearchParams { k: 3, threshold: None })
     };
     let (dir, seg) = damaged(|_| {});
     let len = std::fs::metadata(&seg).unwrap().len() as usize;

@@ -139,3 +139,38 @@ fn verify_reads_a_subjects_rows_in_place_and_skips_deleted_ones() {
     let s = engine.verify(&g.snapshot(), probe, "v3").unwrap().unwrap();
     assert!(s < 0.99, "{s}");
 }
+
+#[test]
+fn ids_in_ascending_order_and_out_of_it_make_the_same_segment() {
+    let mut r = rng(9);
+    let rows = random_rows(&mut r, 9, DIM);
+    let ascending = ["a", "a", "b", "c", "c", "c", "d", "e", "f"];
+    let shuffled = ["c", "a", "f", "c", "b", "a", "d", "c", "e"];
+    let subjects_of = |ids: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = Gallery::create(dir.path(), DIM, Dtype::F16).unwrap();
+        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        let mut src = MemoryImport::new(DIM, &rows, &ids).unwrap();
+        g.import(&mut src, ImportOptions::default(), &|_| {}).unwrap();
+        gallery::check(dir.path()).unwrap();
+        let snap = g.snapshot();
+        let seg = &snap.segments()[0].segment;
+        let table: Vec<(String, Vec<u32>)> = (0..seg.subjects() as u32)
+            .map(|o| (seg.subject_id(o).to_owned(), seg.subject_rows(o).to_vec()))
+            .collect();
+        assert!(ids.iter().all(|id| seg.find_subject(id).is_some()));
+        table
+    };
+    let a = subjects_of(&ascending);
+    assert_eq!(
+        a.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "c", "d", "e", "f"]
+    );
+    assert_eq!(a[2].1, [3, 4, 5]);
+    let s = subjects_of(&shuffled);
+    assert_eq!(
+        s.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "c", "d", "e", "f"]
+    );
+    assert_eq!(s[2].1, [0, 3, 7]);
+}

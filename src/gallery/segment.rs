@@ -670,6 +670,85 @@ impl CopyVerifier<'_> {
     }
 }
 
+/// The subject ids of a segment being written, and each one's ordinal.
+enum SubjectTable {
+    /// Every id so far arrived in ascending order, each subject's rows together (an
+    /// import of a sorted id list, a seal): ordinals are already the sorted ones and
+    /// nothing is hashed or held twice.
+    Ascending { bytes: Vec<u8>, offsets: Vec<u64> },
+    /// Ids in any order: ordinals by first arrival, sorted at the end.
+    Hashed(HashMap<String, u32>),
+}
+
+impl SubjectTable {
+    fn len(&self) -> usize {
+        match self {
+            SubjectTable::Ascending { offsets, .. } => offsets.len() - 1,
+            SubjectTable::Hashed(map) => map.len(),
+        }
+    }
+
+    /// The ordinal of `subject`, and whether it is new.
+    fn ordinal(&mut self, subject: &str) -> (u32, bool) {
+        if let SubjectTable::Ascending { bytes, offsets } = self {
+            let n = offsets.len() - 1;
+            let last = (n > 0).then(|| &bytes[offsets[n - 1] as usize..]);
+            match last.map(|l| subject.as_bytes().cmp(l)) {
+                Some(std::cmp::Ordering::Equal) => return ((n - 1) as u32, false),
+                None | Some(std::cmp::Ordering::Greater) => {
+                    bytes.extend_from_slice(subject.as_bytes());
+                    offsets.push(bytes.len() as u64);
+                    return (n as u32, true);
+                }
+                Some(std::cmp::Ordering::Less) => {
+                    let map = offsets
+                        .windows(2)
+                        .enumerate()
+                        .map(|(o, w)| {
+                            let id = &bytes[w[0] as usize..w[1] as usize];
+                            (String::from_utf8_lossy(id).into_owned(), o as u32)
+                        })
+                        .collect();
+                    *self = SubjectTable::Hashed(map);
+                }
+            }
+        }
+        let SubjectTable::Hashed(map) = self else {
+            unreachable!("converted above")
+        };
+        match map.get(subject) {
+            Some(&o) => (o, false),
+            None => {
+                let o = map.len() as u32;
+                map.insert(subject.to_owned(), o);
+                (o, true)
+            }
+        }
+    }
+
+    /// The ids in sorted order (bytes and offsets), and the remapping of arrival
+    /// ordinals to sorted ones when they differ.
+    fn into_sorted(self) -> (Vec<u8>, Vec<u64>, Option<Vec<u32>>) {
+        match self {
+            SubjectTable::Ascending { bytes, offsets } => (bytes, offsets, None),
+            SubjectTable::Hashed(map) => {
+                let mut ids: Vec<(String, u32)> = map.into_iter().collect();
+                ids.sort_unstable();
+                let mut remap = vec![0u32; ids.len()];
+                let mut offsets = Vec::with_capacity(ids.len() + 1);
+                let mut bytes = Vec::new();
+                offsets.push(0u64);
+                for (sorted, (id, old)) in ids.iter().enumerate() {
+                    remap[*old as usize] = sorted as u32;
+                    bytes.extend_from_slice(id.as_bytes());
+                    offsets.push(bytes.len() as u64);
+                }
+                (bytes, offsets, Some(remap))
+            }
+        }
+    }
+}
+
 /// Streams encoded rows into a new segment file; nothing is visible until the caller
 /// renames the finished file into place and records it in the manifest.
 pub struct SegmentWriter {
@@ -678,7 +757,7 @@ pub struct SegmentWriter {
     header: SegmentHeader,
     scales: Vec<f32>,
     row_subject: Vec<u32>,
-    subject_index: HashMap<String, u32>,
+    subject_ids: SubjectTable,
     chunk_crcs: Vec<u32>,
     chunk_hasher: crc32fast::Hasher,
     rows_in_chunk: u64,
@@ -711,7 +790,10 @@ impl SegmentWriter {
             header,
             scales: Vec::new(),
             row_subject: Vec::new(),
-            subject_index: HashMap::new(),
+            subject_ids: SubjectTable::Ascending {
+                bytes: Vec::new(),
+                offsets: vec![0],
+            },
             chunk_crcs: Vec::new(),
             chunk_hasher: crc32fast::Hasher::new(),
             rows_in_chunk: 0,
@@ -739,14 +821,7 @@ impl SegmentWriter {
                 u32::MAX
             )));
         }
-        let (ordinal, new) = match self.subject_index.get(subject) {
-            Some(&o) => (o, false),
-            None => {
-                let o = self.subject_index.len() as u32;
-                self.subject_index.insert(subject.to_owned(), o);
-                (o, true)
-            }
-        };
+        let (ordinal, new) = self.subject_ids.ordinal(subject);
         self.out
             .write_all(encoded)
             .ctx(|| format!("writing {}", self.path.display()))?;
@@ -764,90 +839,104 @@ impl SegmentWriter {
 
     /// Distinct subjects written so far.
     pub fn subjects(&self) -> usize {
-        self.subject_index.len()
+        self.subject_ids.len()
     }
 
-    /// Write the metadata and header, fsync, and return the finished file's path.
+    /// Write the metadata and header, fsync, and return the finished file's path. The
+    /// metadata is written section by section as it is checksummed (never assembled in
+    /// one buffer), so a segment of 100M subjects needs its per-row arrays once.
     pub fn finish(mut self) -> Result<PathBuf> {
         if self.rows_in_chunk > 0 {
             let hasher = std::mem::take(&mut self.chunk_hasher);
             self.chunk_crcs.push(hasher.finalize());
         }
-        // Assign ordinals in sorted id order and remap the rows.
-        let mut ids: Vec<(String, u32)> = self.subject_index.drain().collect();
-        ids.sort_unstable();
-        let mut remap = vec![0u32; ids.len()];
-        for (sorted, (_, old)) in ids.iter().enumerate() {
-            remap[*old as usize] = sorted as u32;
+        // Ordinals in sorted id order (already so when the ids arrived ascending).
+        let subject_ids = std::mem::replace(
+            &mut self.subject_ids,
+            SubjectTable::Ascending {
+                bytes: Vec::new(),
+                offsets: Vec::new(),
+            },
+        );
+        let (bytes, offsets, remap) = subject_ids.into_sorted();
+        if let Some(remap) = remap {
+            for s in &mut self.row_subject {
+                *s = remap[*s as usize];
+            }
         }
-        for s in &mut self.row_subject {
-            *s = remap[*s as usize];
-        }
+        let subjects = offsets.len() - 1;
         // The subject index: each subject's rows, ascending, in ordinal order (a
         // counting sort over the rows).
-        let mut starts = vec![0u32; ids.len() + 1];
+        let mut starts = vec![0u32; subjects + 1];
         for &s in &self.row_subject {
             starts[s as usize + 1] += 1;
         }
         let max_subject_rows = starts.iter().copied().max().unwrap_or(0);
-        for i in 0..ids.len() {
+        for i in 0..subjects {
             starts[i + 1] += starts[i];
         }
-        let mut next = starts.clone();
         let mut subject_rows = vec![0u32; self.row_subject.len()];
-        for (row, &s) in self.row_subject.iter().enumerate() {
-            subject_rows[next[s as usize] as usize] = row as u32;
-            next[s as usize] += 1;
+        {
+            let mut next = starts.clone();
+            for (row, &s) in self.row_subject.iter().enumerate() {
+                subject_rows[next[s as usize] as usize] = row as u32;
+                next[s as usize] += 1;
+            }
         }
-        drop(next);
         let rows = self.scales.len() as u64;
         let h = &mut self.header;
         h.rows = rows;
-        h.subjects = ids.len() as u64;
+        h.subjects = subjects as u64;
         h.max_subject_rows = u64::from(max_subject_rows);
         h.scales_offset = align_up(h.data_offset + rows * h.row_stride, 64);
         h.row_subject_offset = h.scales_offset + 4 * rows;
         h.subject_row_starts_offset = h.row_subject_offset + 4 * rows;
-        h.subject_rows_offset = h.subject_row_starts_offset + 4 * (ids.len() as u64 + 1);
+        h.subject_rows_offset = h.subject_row_starts_offset + 4 * (subjects as u64 + 1);
         h.subject_offsets_offset = align_up(h.subject_rows_offset + 4 * rows, 8);
-        let mut offsets = Vec::with_capacity(ids.len() + 1);
-        let mut bytes = Vec::new();
-        offsets.push(0u64);
-        for (id, _) in &ids {
-            bytes.extend_from_slice(id.as_bytes());
-            offsets.push(bytes.len() as u64);
-        }
-        h.subject_bytes_offset = h.subject_offsets_offset + 8 * (ids.len() as u64 + 1);
+        h.subject_bytes_offset = h.subject_offsets_offset + 8 * (subjects as u64 + 1);
         h.subject_bytes_len = bytes.len() as u64;
         h.chunk_crcs_offset = align_up(h.subject_bytes_offset + h.subject_bytes_len, 4);
         let footer_offset = h.chunk_crcs_offset + 4 * self.chunk_crcs.len() as u64;
         h.file_len = footer_offset + HEADER_BYTES as u64;
-
-        // The metadata tail, with zero padding between sections, as one buffer.
-        let mut meta = vec![0u8; (footer_offset - h.scales_offset) as usize];
-        let base = h.scales_offset;
-        let mut put = |offset: u64, src: &[u8]| {
-            let at = (offset - base) as usize;
-            meta[at..at + src.len()].copy_from_slice(src);
-        };
-        put(h.scales_offset, bytemuck::cast_slice(&self.scales));
-        put(h.row_subject_offset, bytemuck::cast_slice(&self.row_subject));
-        put(h.subject_row_starts_offset, bytemuck::cast_slice(&starts));
-        put(h.subject_rows_offset, bytemuck::cast_slice(&subject_rows));
-        put(h.subject_offsets_offset, bytemuck::cast_slice(&offsets));
-        put(h.subject_bytes_offset, &bytes);
-        put(h.chunk_crcs_offset, bytemuck::cast_slice(&self.chunk_crcs));
-        h.meta_crc = crc32fast::hash(&meta);
-        let ids_table = (h.subject_offsets_offset - base) as usize..(h.chunk_crcs_offset - base) as usize;
-        h.ids_crc = crc32fast::hash(&meta[ids_table]);
-        h.header_crc = h.compute_crc();
+        let header = *h;
 
         let path = self.path.clone();
         let io = |what: &str| format!("{what} {}", path.display());
-        let data_end = h.data_offset + rows * h.row_stride;
-        let pad = (h.scales_offset - data_end) as usize;
-        self.out.write_all(&vec![0u8; pad]).ctx(|| io("writing"))?;
-        self.out.write_all(&meta).ctx(|| io("writing"))?;
+        // Zero padding up to the scales, then each section at its offset, the padding
+        // between sections checksummed with them.
+        let mut at = header.data_offset + rows * header.row_stride;
+        self.out
+            .write_all(&vec![0u8; (header.scales_offset - at) as usize])
+            .ctx(|| io("writing"))?;
+        at = header.scales_offset;
+        let mut meta = crc32fast::Hasher::new();
+        let mut ids = crc32fast::Hasher::new();
+        let sections: [(u64, &[u8]); 7] = [
+            (header.scales_offset, bytemuck::cast_slice(&self.scales)),
+            (header.row_subject_offset, bytemuck::cast_slice(&self.row_subject)),
+            (header.subject_row_starts_offset, bytemuck::cast_slice(&starts)),
+            (header.subject_rows_offset, bytemuck::cast_slice(&subject_rows)),
+            (header.subject_offsets_offset, bytemuck::cast_slice(&offsets)),
+            (header.subject_bytes_offset, &bytes),
+            (header.chunk_crcs_offset, bytemuck::cast_slice(&self.chunk_crcs)),
+        ];
+        // The id table's checksum covers `subject_offsets_offset..chunk_crcs_offset`:
+        // the offsets, the ids and the padding after them.
+        let id_table = header.subject_offsets_offset..header.chunk_crcs_offset;
+        for (offset, section) in sections {
+            let pad = vec![0u8; (offset - at) as usize];
+            for (part, start) in [(pad.as_slice(), at), (section, offset)] {
+                meta.update(part);
+                if !part.is_empty() && id_table.contains(&start) {
+                    ids.update(part);
+                }
+                self.out.write_all(part).ctx(|| io("writing"))?;
+            }
+            at = offset + section.len() as u64;
+        }
+        self.header.meta_crc = meta.finalize();
+        self.header.ids_crc = ids.finalize();
+        self.header.header_crc = self.header.compute_crc();
         // The header twice: at the start, and its copy at the end (a repair restores a
         // damaged one from the other).
         self.out
