@@ -743,6 +743,72 @@ async fn a_running_server_seals_the_log_and_loses_nothing() {
     h.shutdown().await.unwrap();
 }
 
+/// Many small seals do not pile up: the server merges similar-sized segments in the
+/// background. CompactGallery runs while enrollments and searches go on, and every
+/// answer during and after it is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_gallery_merges_in_the_background_and_compacts_while_writes_go_on() {
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.seal_log_rows = 8;
+    cfg.file_check_interval_ms = 50; // the tick that looks for merges
+    let h = start(cfg).await.unwrap();
+    let c = connect(&h, None).await;
+    create(&c, "g", "i8").await;
+    let n = 240;
+    let rows = random_rows(&mut rng(21), n, DIM);
+    let names = ids("s", n);
+    let dir = data.path().join("galleries/g");
+    let mut most = 0;
+    for chunk in 0..n / 8 {
+        let r = chunk * 8..(chunk + 1) * 8;
+        c.enroll("g", &rows[r.start * DIM..r.end * DIM], DIM, &names[r])
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        most = most.max(biogate::gallery::info(&dir).unwrap().segments);
+    }
+    assert!(most <= 10, "{most} segments piled up ({} seals)", n / 8);
+    // CompactGallery while another client enrolls and searches.
+    let writer = {
+        let c = connect(&h, None).await;
+        let rows = random_rows(&mut rng(22), 40, DIM);
+        tokio::spawn(async move {
+            for i in 0..40 {
+                let name = format!("late-{i:03}");
+                c.enroll("g", &rows[i * DIM..(i + 1) * DIM], DIM, std::slice::from_ref(&name))
+                    .await
+                    .unwrap();
+                let got = c
+                    .identify("g", &rows[i * DIM..(i + 1) * DIM], DIM, 1, None)
+                    .await
+                    .unwrap();
+                assert_eq!(got[0].candidates[0].subject, name, "found at once, compaction or not");
+            }
+            rows
+        })
+    };
+    c.delete_subject("g", &names[0]).await.unwrap();
+    let report = c.compact_gallery("g").await.unwrap();
+    let late = writer.await.unwrap();
+    assert!(report.segments_after <= 2, "{report:?}");
+    let res = c.identify("g", &rows, DIM, 1, None).await.unwrap();
+    for (i, r) in res.iter().enumerate().skip(1) {
+        assert_eq!(r.candidates[0].subject, names[i]);
+    }
+    assert_ne!(res[0].candidates[0].subject, names[0], "deleted before the compaction");
+    let res = c.identify("g", &late, DIM, 1, None).await.unwrap();
+    assert!(
+        res.iter()
+            .enumerate()
+            .all(|(i, r)| r.candidates[0].subject == format!("late-{i:03}"))
+    );
+    let info = biogate::gallery::info(&dir).unwrap();
+    assert_eq!((info.rows, info.subjects), ((n - 1 + 40) as u64, (n - 1 + 40) as u64));
+    h.shutdown().await.unwrap();
+    biogate::gallery::check(&dir).unwrap();
+}
+
 /// Reflection answers in both versions a stock client may speak: v1, and v1alpha
 /// (grpcio-reflection, grpcui, older grpcurl). `tests/python/reflection_client.py`,
 /// run by .ci/run, goes further with grpcio: enroll and identify from reflected

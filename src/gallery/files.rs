@@ -80,13 +80,22 @@ pub(crate) fn keep_aside(storage: &Storage, dir: &Path, path: &Path) -> Result<P
     Ok(to)
 }
 
-/// Remove files of ours that the manifest does not name.
-pub(crate) fn remove_orphans(storage: &Storage, dir: &Path, manifest: &Manifest) -> Result<()> {
+/// Remove files of ours that the manifest does not name, except `in_progress` (a
+/// segment a merge is writing, and its temporary file).
+pub(crate) fn remove_orphans(
+    storage: &Storage,
+    dir: &Path,
+    manifest: &Manifest,
+    in_progress: Option<&str>,
+) -> Result<()> {
+    let writing = in_progress.map(|f| format!("{f}.tmp"));
     let keep: HashSet<&str> = manifest
         .segments
         .iter()
         .map(|s| s.file.as_str())
         .chain([manifest.wal.as_str()])
+        .chain(in_progress)
+        .chain(writing.as_deref())
         .collect();
     for entry in std::fs::read_dir(dir).ctx(|| format!("listing {}", dir.display()))? {
         let entry = entry.ctx(|| format!("listing {}", dir.display()))?;

@@ -14,6 +14,7 @@
 //! [`Gallery::snapshot`] in the writer's process, or [`open_snapshot`] from any other
 //! process without taking the lock.
 
+pub mod compaction;
 pub mod deletions;
 mod files;
 pub mod format;

@@ -266,7 +266,7 @@ pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
     }
 
     if report.clean && report.actions.is_empty() {
-        remove_orphans(storage, dir, &manifest)?;
+        remove_orphans(storage, dir, &manifest, None)?;
         return Ok(report);
     }
 
@@ -285,7 +285,7 @@ pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
         storage.write_file_atomically(&path, &json)?;
     }
     manifest.commit(storage, dir)?;
-    remove_orphans(storage, dir, &manifest)?;
+    remove_orphans(storage, dir, &manifest, None)?;
     tracing::warn!(
         gallery = %dir.display(),
         actions = report.actions.len(),

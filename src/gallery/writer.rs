@@ -4,6 +4,7 @@
 //! ([`Gallery::commit`]); after a storage failure whose outcome is unknown it refuses
 //! writes until reopened.
 
+use super::compaction::MergeScope;
 use super::files::{keep_aside, lock_dir, remove_orphans, write_segment_file};
 use super::identity::{self, FileIdentity};
 use super::manifest::{self, Committed, Manifest, SegmentEntry, segment_file_name, wal_file_name};
@@ -39,6 +40,9 @@ pub struct Gallery {
     pub(super) poisoned: Option<String>,
     /// The manifest's copy lags behind: keep the files it names.
     pub(super) copy_stale: bool,
+    /// The file a planned merge is writing (see `compaction.rs`): kept from orphan
+    /// removal, and the log is not sealed meanwhile.
+    pub(super) merging: Option<String>,
 }
 
 impl Gallery {
@@ -122,7 +126,22 @@ impl Gallery {
             snapshot,
             poisoned: None,
             copy_stale,
+            merging: None,
         };
+        // Deletions in the log carry segment marks; a mark above the next id (a merge
+        // reserved an id and the process ended before committing it) must stay above
+        // every segment made from now on, or it would reach them on the next replay.
+        let highest_mark = state
+            .log
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                WalRecord::Delete { segments_before, .. } => Some(*segments_before),
+                WalRecord::Enroll { .. } => None,
+            })
+            .max()
+            .unwrap_or(0);
+        gallery.manifest.next_file_id = gallery.manifest.next_file_id.max(highest_mark);
         if recounted {
             // Counted at open (after a repair, or an older manifest): keep the number,
             // so the next open reads it instead of every id.
@@ -387,6 +406,11 @@ impl Gallery {
         if self.memtable.rows() == 0 {
             return Ok(0);
         }
+        if self.merging.is_some() {
+            // Deferred until the merge commits: the log keeps growing meanwhile.
+            tracing::debug!(gallery = %self.dir.display(), "sealing waits for a merge");
+            return Ok(0);
+        }
         self.rewrite_log(false)
     }
 
@@ -400,6 +424,12 @@ impl Gallery {
 
     fn rewrite_log(&mut self, keep_old_log: bool) -> Result<usize> {
         self.check_writable()?;
+        if let Some(file) = &self.merging {
+            return Err(Error::Aborted(format!(
+                "{}: a merge into {file} is running; try again when it ends",
+                self.dir.display()
+            )));
+        }
         let rows = self.memtable.rows();
         let mut id = self.manifest.next_file_id;
         let mut manifest = self.manifest.clone();
@@ -489,84 +519,62 @@ impl Gallery {
     }
 
     /// Rewrite every live row (segments minus deletions, plus the log's rows) into one
-    /// new segment and start an empty log; commits atomically through the manifest.
-    /// Rows are verified before they are copied, so damage is never sealed into a new
-    /// file with fresh checksums.
+    /// segment: the log is sealed, every segment merged into one (rows verified before
+    /// they are copied, so damage is never sealed into a new file with fresh
+    /// checksums), and the log rewritten without deletions that no longer apply. Each
+    /// step commits atomically through the manifest; a failure between steps leaves a
+    /// gallery with the same content.
     pub fn compact(&mut self) -> Result<CompactReport> {
+        let before = self.footprint();
+        if self.merging.is_some() {
+            return Err(Error::Aborted(format!(
+                "{}: a merge is running; try again when it ends",
+                self.dir.display()
+            )));
+        }
         self.check_writable()?;
-        let snapshot = self.snapshot.clone();
-        snapshot.ensure_verified()?;
-        let id = self.manifest.next_file_id;
-        let wal_id = id + 1;
-        let file = segment_file_name(id);
-        let total_rows: usize = snapshot.slabs().iter().map(|s| s.rows()).sum();
-        let mut kept = 0u64;
-        let mut manifest = self.manifest.clone();
-        manifest.segments.clear();
-        let mut new_segments = Vec::new();
-        let live_rows = snapshot.live_rows();
-        if live_rows > 0 {
-            let segment = self.write_segment(&file, |writer| {
-                for (_, row) in snapshot.each_live_row() {
-                    writer.push(row.bytes, row.scale, row.subject)?;
-                    kept += 1;
-                }
-                snapshot.check_reads()
-            })?;
-            manifest.sealed_subjects = Some(segment.subjects() as u64);
-            new_segments.push(SegmentView::new(segment));
-            manifest.segments.push(SegmentEntry {
-                id,
-                file: file.clone(),
-                rows: kept,
-            });
-        } else {
-            manifest.sealed_subjects = Some(0);
+        self.seal_log()?;
+        self.merge(MergeScope::Everything)?;
+        self.prune_log()?;
+        Ok(self.compact_report(before))
+    }
+
+    /// Rewrite the log without the deletions that no longer apply to any segment (after
+    /// a merge dropped their rows); nothing to do when it holds none.
+    pub fn prune_log(&mut self) -> Result<()> {
+        if self.tombstones > 0 {
+            self.rewrite_log(false)?;
         }
-        let (wal, wal_path) = match self.new_log(wal_id) {
-            Ok(w) => w,
-            Err(e) => {
-                let _ = std::fs::remove_file(self.dir.join(&file));
-                let _ = std::fs::remove_file(self.dir.join(wal_file_name(wal_id)));
-                return Err(e);
-            }
-        };
-        manifest.wal = wal_file_name(wal_id);
-        manifest.wal_id = wal_id;
-        manifest.next_file_id = wal_id + 1;
-        let segments_before = self.manifest.segments.len();
-        if let Err(e) = self.commit(manifest) {
-            if !matches!(e, Error::OutcomeUnknown(_)) {
-                let _ = std::fs::remove_file(self.dir.join(&file));
-                let _ = std::fs::remove_file(&wal_path);
-            }
-            return Err(e);
-        }
-        // Committed. Old files are now orphans; remove them.
-        self.switch_log(wal, &wal_path)?;
-        let report = CompactReport {
-            rows_kept: kept,
-            rows_dropped: total_rows as u64 - kept,
+        Ok(())
+    }
+
+    /// Rows stored (live or deleted, segments and log) and segments: what a compaction
+    /// report compares with.
+    pub fn footprint(&self) -> (u64, usize) {
+        let rows = self.memtable.rows() as u64 + self.manifest.segments.iter().map(|s| s.rows).sum::<u64>();
+        (rows, self.segments.len())
+    }
+
+    /// What a compaction did, from the footprint before it.
+    pub fn compact_report(&self, before: (u64, usize)) -> CompactReport {
+        let (rows_before, segments_before) = before;
+        CompactReport {
+            rows_kept: self.counts.rows,
+            rows_dropped: rows_before.saturating_sub(self.counts.rows),
             segments_before,
-            segments_after: new_segments.len(),
-        };
-        self.segments = new_segments;
-        self.memtable = Arc::new(MemTable::new(self.manifest.dtype, self.manifest.dim));
-        self.tombstones = 0;
-        self.publish();
-        self.remove_orphans();
-        Ok(report)
+            segments_after: self.segments.len(),
+        }
     }
 
     /// Remove files of ours that the manifest does not name (interrupted imports and
     /// compactions, logs and segments replaced by a compaction). Only while the
     /// manifest's copy is current (it might name them otherwise). Failures are logged,
     /// not returned: the commit before this stands either way.
-    fn remove_orphans(&self) {
+    pub(super) fn remove_orphans(&self) {
         if self.copy_stale {
             return;
         }
-        if let Err(e) = remove_orphans(&self.storage, &self.dir, &self.manifest) {
+        if let Err(e) = remove_orphans(&self.storage, &self.dir, &self.manifest, self.merging.as_deref()) {
             tracing::warn!(gallery = %self.dir.display(), error = %e, "could not remove unreferenced files");
         }
     }

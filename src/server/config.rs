@@ -42,6 +42,10 @@ pub struct Config {
     /// Seal a gallery's log into a segment once it holds this many templates (keeps
     /// memory, log size and start-up replay bounded while the server runs).
     pub seal_log_rows: usize,
+    /// Merge a gallery's segments in the background once this many are of a similar
+    /// size (within 4x), or rewrite one with a quarter of its rows deleted; 0 turns
+    /// automatic merges off (CompactGallery still compacts).
+    pub merge_segments: usize,
     /// How long a graceful shutdown waits for in-flight requests (and open streams, such
     /// as health watches) before it cuts them off.
     pub shutdown_grace_ms: u64,
@@ -157,6 +161,7 @@ impl Default for Config {
             max_probes_per_request: 1024,
             shutdown_grace_ms: 10_000,
             seal_log_rows: 100_000,
+            merge_segments: 4,
             max_connections: 1024,
             handshake_timeout_ms: 10_000,
             keepalive_interval_ms: 30_000,

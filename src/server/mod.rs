@@ -178,7 +178,7 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
     };
     let supervisor = supervisor::start(registry.clone(), health.clone(), metrics.clone(), &config);
     let mut known = std::collections::HashMap::new();
-    supervisor::sync_health(&registry, &health, &metrics, &mut known).await;
+    supervisor::sync_health(&registry, &health, &metrics, &mut known, None).await;
     health.set_serving::<BiogateServer<Arc<service::Service>>>().await;
     let galleries: Vec<String> = registry.all().iter().map(|g| g.name.clone()).collect();
     let not_serving: Vec<String> = known.iter().filter(|(_, s)| !**s).map(|(n, _)| n.clone()).collect();

@@ -10,12 +10,14 @@
 //! races between them give clean answers (ALREADY_EXISTS, NOT_FOUND, ABORTED).
 
 use crate::error::{Error, IoContext, Result};
+use crate::gallery::compaction::{MergePolicy, MergeScope};
 use crate::gallery::repair::RepairReport;
-use crate::gallery::{Gallery, GalleryInfo, Snapshot};
+use crate::gallery::{CompactReport, Gallery, GalleryInfo, Snapshot};
 use crate::storage::Storage;
 use crate::template::Dtype;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Why a gallery is not serving.
@@ -76,6 +78,11 @@ pub struct GalleryEntry {
     writer: Mutex<Option<Gallery>>,
     snapshot: RwLock<Option<Arc<Snapshot>>>,
     problem: RwLock<Option<Problem>>,
+    /// Held by a merge from plan to commit (background merges and CompactGallery take
+    /// turns).
+    merge_lock: Mutex<()>,
+    /// A background merge is running or about to.
+    merge_running: AtomicBool,
 }
 
 impl GalleryEntry {
@@ -98,6 +105,8 @@ impl GalleryEntry {
             writer: Mutex::new(gallery),
             snapshot: RwLock::new(snapshot),
             problem: RwLock::new(problem),
+            merge_lock: Mutex::new(()),
+            merge_running: AtomicBool::new(false),
         }
     }
 
@@ -145,6 +154,73 @@ impl GalleryEntry {
             self.mark_damaged(why.clone());
         }
         out
+    }
+
+    /// Merge segments in a thread of its own when `policy` says so (at most one merge
+    /// per gallery at a time); searches and enrollments go on meanwhile.
+    pub fn merge_in_background(self: &Arc<Self>, policy: MergePolicy) {
+        let due = self.snapshot().is_ok_and(|s| !policy.choose(s.segments()).is_empty());
+        if !due || self.merge_running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let entry = self.clone();
+        let spawned = std::thread::Builder::new().name("biogate-merge".into()).spawn(move || {
+            let _serial = entry.merge_lock.lock().unwrap_or_else(|p| p.into_inner());
+            match entry.merge(MergeScope::Policy(policy)) {
+                Ok(Some(r)) => tracing::info!(
+                    gallery = %entry.name,
+                    segments_before = r.segments_before,
+                    segments_after = r.segments_after,
+                    rows_dropped = r.rows_dropped,
+                    "merged segments"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::error!(gallery = %entry.name, error = %e, "merging segments failed"),
+            }
+            entry.merge_running.store(false, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            tracing::error!(gallery = %self.name, error = %e, "could not start a merge thread");
+            self.merge_running.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Plan a merge (writer held briefly), build it (writer free: searches and
+    /// enrollments go on), commit it (writer held briefly).
+    fn merge(&self, scope: MergeScope) -> Result<Option<CompactReport>> {
+        let Some(plan) = self.write(|g| g.plan_merge(scope))? else {
+            return Ok(None);
+        };
+        let file = plan.file().to_owned();
+        match plan.build() {
+            Ok(built) => self.write(|g| g.commit_merge(built)).map(Some),
+            Err(e) => {
+                if let Some(g) = self.lock_writer().as_mut() {
+                    g.abandon_merge(&file);
+                }
+                if let Error::Corrupt(why) = &e {
+                    self.mark_damaged(why.clone());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Compact while serving: seal the log, merge every segment into one (rows copied
+    /// without holding the writer), rewrite the log without stale deletions. Waits for
+    /// a background merge to end first.
+    pub fn compact(&self) -> Result<CompactReport> {
+        let _serial = self.merge_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let before = self.write(|g| {
+            let before = g.footprint();
+            g.seal_log()?;
+            Ok(before)
+        })?;
+        self.merge(MergeScope::Everything)?;
+        self.write(|g| {
+            g.prune_log()?;
+            Ok(g.compact_report(before))
+        })
     }
 
     /// Summary for GetGallery / ListGalleries.
@@ -395,11 +471,11 @@ impl Registry {
         Ok(report)
     }
 
-    /// Compact a gallery (see [`Gallery::compact`]).
-    pub fn compact(&self, name: &str) -> Result<crate::gallery::CompactReport> {
+    /// Compact a gallery while it serves (see [`GalleryEntry::compact`]).
+    pub fn compact(&self, name: &str) -> Result<CompactReport> {
         let lock = self.admin_lock(name);
         let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.get(name)?.write(|g| g.compact())
+        self.get(name)?.compact()
     }
 }
 

@@ -14,6 +14,7 @@
 use super::config::Config;
 use super::metrics::Metrics;
 use super::registry::Registry;
+use crate::gallery::compaction::MergePolicy;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -46,12 +47,19 @@ pub async fn sync_health(
     health: &HealthReporter,
     metrics: &Metrics,
     known: &mut HashMap<String, bool>,
+    merges: Option<MergePolicy>,
 ) {
     let r = registry.clone();
     let now = tokio::task::spawn_blocking(move || {
         r.all()
             .iter()
-            .map(|e| (e.name.clone(), e.check_integrity().is_none()))
+            .map(|e| {
+                let serving = e.check_integrity().is_none();
+                if let (true, Some(policy)) = (serving, merges) {
+                    e.merge_in_background(policy);
+                }
+                (e.name.clone(), serving)
+            })
             .collect::<HashMap<_, _>>()
     })
     .await
@@ -77,15 +85,24 @@ pub async fn sync_health(
 }
 
 /// Start the health loop and the scrub thread.
+/// The background merge policy the configuration asks for (None: off).
+pub fn merge_policy(config: &Config) -> Option<MergePolicy> {
+    (config.merge_segments > 0).then(|| MergePolicy {
+        fan_in: config.merge_segments.max(2),
+        ..MergePolicy::default()
+    })
+}
+
 pub fn start(registry: Arc<Registry>, health: HealthReporter, metrics: Arc<Metrics>, config: &Config) -> Supervisor {
     let stop = Arc::new((AtomicBool::new(false), Mutex::new(()), Condvar::new()));
     let interval = Duration::from_millis(config.file_check_interval_ms);
     let r = registry.clone();
     let m = metrics.clone();
+    let merges = merge_policy(config);
     let health_task = tokio::spawn(async move {
         let mut known = HashMap::new();
         loop {
-            sync_health(&r, &health, &m, &mut known).await;
+            sync_health(&r, &health, &m, &mut known, merges).await;
             tokio::time::sleep(interval).await;
         }
     });
