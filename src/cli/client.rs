@@ -76,7 +76,9 @@ pub(crate) enum ClientCommand {
     DropGallery { name: String },
     /// Repair a gallery on the server (one that is NOT_SERVING) without a restart.
     RepairGallery { name: String },
-    /// Rewrite a gallery's live rows into one segment, dropping deleted rows.
+    /// Merge a gallery's segments into one, dropping deleted rows, while it serves
+    /// (searches and enrollments go on).
+    #[command(alias = "compact")]
     CompactGallery { name: String },
 }
 

@@ -106,7 +106,9 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
                 println!("log rows   {} (not yet compacted)", info.log_rows);
                 println!("deletions  {} (not yet compacted)", info.deleted_subjects_pending);
                 println!("disk       {:.1} MB", info.bytes_on_disk as f64 / 1e6);
-                println!("opened in  {open_ms:.1} ms (headers, metadata checksums, the log; rows stay on disk)");
+                println!(
+                    "opened in  {open_ms:.1} ms (headers and the log; metadata and rows are verified before first use)"
+                );
             }
         }
         GalleryCommand::Check { dir } => {
