@@ -5,6 +5,13 @@
 use super::origin::Origin;
 use crate::template::{Dtype, encode_row, row_stride};
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+fn id_hash(id: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
+}
 
 /// The log's rows in memory, in the gallery's storage dtype.
 #[derive(Clone)]
@@ -15,11 +22,20 @@ pub struct MemTable {
     data: Vec<u8>,
     scales: Vec<f32>,
     row_subject: Vec<u32>,
-    subjects: Vec<String>,
-    index: HashMap<String, u32>,
+    /// Subject ids by ordinal, as one byte string and the offsets between them: a
+    /// snapshot's copy of the table is a few memcpys, not an allocation per subject.
+    id_bytes: Vec<u8>,
+    id_offsets: Vec<u32>,
+    /// Hash of an id -> its ordinal (plain numbers: copied, not allocated, with the
+    /// table); ids whose hash another id already had are in `collided`.
+    index: HashMap<u64, u32>,
+    collided: Vec<u32>,
     rows_per_subject: Vec<u32>,
     /// `rank[ordinal]` = position of the subject's id in sorted order (the tie-break).
     rank: Vec<u32>,
+    /// Ordinals in id order (what `rank` inverts), kept so that a few new subjects are
+    /// inserted rather than everything sorted again.
+    sorted: Vec<u32>,
     /// Shared by clones: a clone only appends to the rows it shares with the original.
     origin: Origin,
     /// Deletions so far (they remove rows, so resident copies must start again).
@@ -36,10 +52,13 @@ impl MemTable {
             data: Vec::new(),
             scales: Vec::new(),
             row_subject: Vec::new(),
-            subjects: Vec::new(),
+            id_bytes: Vec::new(),
+            id_offsets: vec![0],
             index: HashMap::new(),
+            collided: Vec::new(),
             rows_per_subject: Vec::new(),
             rank: Vec::new(),
+            sorted: Vec::new(),
             origin: Origin::new(),
             removals: 0,
         }
@@ -47,12 +66,17 @@ impl MemTable {
 
     /// Append normalised templates (`dim` values each) for `subject`.
     pub fn push(&mut self, subject: &str, templates: &[f32]) {
-        let ordinal = match self.index.get(subject) {
-            Some(&o) => o,
+        let ordinal = match self.find_subject(subject) {
+            Some(o) => o,
             None => {
-                let o = self.subjects.len() as u32;
-                self.subjects.push(subject.to_owned());
-                self.index.insert(subject.to_owned(), o);
+                let o = self.subject_count() as u32;
+                self.id_bytes.extend_from_slice(subject.as_bytes());
+                self.id_offsets.push(self.id_bytes.len() as u32);
+                if let Some(other) = self.index.insert(id_hash(subject), o) {
+                    // Two ids, one hash: keep the first in the index, this one aside.
+                    self.index.insert(id_hash(subject), other);
+                    self.collided.push(o);
+                }
                 self.rows_per_subject.push(0);
                 o
             }
@@ -69,7 +93,7 @@ impl MemTable {
 
     /// Remove every row of `subject`; returns how many rows went.
     pub fn delete(&mut self, subject: &str) -> usize {
-        let Some(&ordinal) = self.index.get(subject) else {
+        let Some(ordinal) = self.find_subject(subject) else {
             return 0;
         };
         let removed = self.rows_per_subject[ordinal as usize] as usize;
@@ -98,14 +122,26 @@ impl MemTable {
 
     /// Recompute the tie-break ranks after new subjects were pushed (once per batch:
     /// a snapshot must never be taken with stale ranks).
+    /// O(subjects) when a few are new (each inserted in id order), O(n log n) when many.
     pub fn refresh_ranks(&mut self) {
-        if self.rank.len() == self.subjects.len() {
+        let (known, now) = (self.sorted.len(), self.subject_count());
+        if known == now {
             return;
         }
-        let mut order: Vec<u32> = (0..self.subjects.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| self.subjects[a as usize].cmp(&self.subjects[b as usize]));
-        self.rank = vec![0; order.len()];
-        for (r, &o) in order.iter().enumerate() {
+        let mut sorted = std::mem::take(&mut self.sorted);
+        if (now - known) * 16 > now {
+            sorted = (0..now as u32).collect();
+            sorted.sort_unstable_by(|&a, &b| self.subject_id(a).cmp(self.subject_id(b)));
+        } else {
+            for o in known as u32..now as u32 {
+                let id = self.subject_id(o);
+                let at = sorted.partition_point(|&s| self.subject_id(s) < id);
+                sorted.insert(at, o);
+            }
+        }
+        self.sorted = sorted;
+        self.rank.resize(now, 0);
+        for (r, &o) in self.sorted.iter().enumerate() {
             self.rank[o as usize] = r as u32;
         }
     }
@@ -143,18 +179,28 @@ impl MemTable {
     pub fn row_subjects(&self) -> &[u32] {
         &self.row_subject
     }
-    /// Subject ids by ordinal (including subjects whose rows were all deleted).
-    pub fn subject_ids(&self) -> &[String] {
-        &self.subjects
+    /// Subjects known (including subjects whose rows were all deleted).
+    pub fn subject_count(&self) -> usize {
+        self.id_offsets.len() - 1
+    }
+    /// The id of subject `ordinal`.
+    pub fn subject_id(&self, ordinal: u32) -> &str {
+        let o = ordinal as usize;
+        let bytes = &self.id_bytes[self.id_offsets[o] as usize..self.id_offsets[o + 1] as usize];
+        std::str::from_utf8(bytes).expect("ids are pushed as str")
     }
     /// Sorted-id rank of each ordinal.
     pub fn ranks(&self) -> &[u32] {
-        assert_eq!(self.rank.len(), self.subjects.len(), "refresh_ranks() after pushing");
+        assert_eq!(self.rank.len(), self.subject_count(), "refresh_ranks() after pushing");
         &self.rank
     }
     /// The ordinal of a subject id (it may have no rows left after a deletion).
     pub fn find_subject(&self, subject: &str) -> Option<u32> {
-        self.index.get(subject).copied()
+        match self.index.get(&id_hash(subject)) {
+            Some(&o) if self.subject_id(o) == subject => Some(o),
+            Some(_) => self.collided.iter().copied().find(|&o| self.subject_id(o) == subject),
+            None => None,
+        }
     }
 
     /// Most rows of one subject here.
@@ -164,16 +210,46 @@ impl MemTable {
 
     /// Whether `subject` has rows here.
     pub fn has_subject(&self, subject: &str) -> bool {
-        self.index
-            .get(subject)
-            .is_some_and(|&o| self.rows_per_subject[o as usize] > 0)
+        self.find_subject(subject)
+            .is_some_and(|o| self.rows_per_subject[o as usize] > 0)
     }
     /// Ids of subjects that have rows here.
     pub fn live_subjects(&self) -> impl Iterator<Item = &str> {
-        self.subjects
-            .iter()
-            .zip(&self.rows_per_subject)
-            .filter(|(_, n)| **n > 0)
-            .map(|(s, _)| s.as_str())
+        (0..self.subject_count() as u32)
+            .filter(|&o| self.rows_per_subject[o as usize] > 0)
+            .map(|o| self.subject_id(o))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_found_by_hash_and_a_collision_is_resolved_by_the_id() {
+        let mut t = MemTable::new(Dtype::F32, 2);
+        t.push("a", &[1.0, 0.0]);
+        // Pretend "b" hashes like "a".
+        t.index.insert(id_hash("b"), 0);
+        t.push("b", &[0.0, 1.0]);
+        t.push("c", &[0.6, 0.8]);
+        t.push("b", &[0.8, 0.6]);
+        assert_eq!(t.collided, vec![1]);
+        assert_eq!(
+            (t.find_subject("a"), t.find_subject("b"), t.find_subject("c")),
+            (Some(0), Some(1), Some(2))
+        );
+        assert_eq!(t.find_subject("d"), None);
+        assert_eq!(t.rows(), 4);
+        t.refresh_ranks();
+        assert_eq!(t.ranks(), &[0, 1, 2]);
+        assert_eq!(t.delete("b"), 2);
+        assert!(!t.has_subject("b") && t.has_subject("c"));
+        assert_eq!(t.live_subjects().collect::<Vec<_>>(), ["a", "c"]);
+        // New subjects later in id order and earlier: ranks follow the ids.
+        t.push("0", &[1.0, 1.0]);
+        t.push("z", &[1.0, 1.0]);
+        t.refresh_ranks();
+        assert_eq!(t.ranks(), &[1, 2, 3, 0, 4]);
     }
 }

@@ -190,7 +190,7 @@ impl<'a> Slab<'a> {
     pub fn subject_id(&self, ordinal: u32) -> &'a str {
         match self.ids {
             SubjectIds::Segment(s) => s.subject_id(ordinal),
-            SubjectIds::Memtable(m) => &m.subject_ids()[ordinal as usize],
+            SubjectIds::Memtable(m) => m.subject_id(ordinal),
         }
     }
     /// The ordinal of a subject id in this slab, if it has one.
@@ -246,7 +246,7 @@ impl<'a> Slab<'a> {
             SubjectIds::Memtable(m) => SlabIdentity {
                 uid: m.origin().uid(),
                 removals: m.removals(),
-                subjects: m.subject_ids().len(),
+                subjects: m.subject_count(),
                 alive: m.origin().watch(),
             },
         }

@@ -439,7 +439,7 @@ impl Gallery {
             let file = segment_file_name(id);
             let segment = self.write_segment(&file, |writer| {
                 for r in 0..rows {
-                    let subject = &table.subject_ids()[table.row_subjects()[r] as usize];
+                    let subject = table.subject_id(table.row_subjects()[r]);
                     writer.push(table.row(r), table.scales()[r], subject)?;
                 }
                 Ok(())
