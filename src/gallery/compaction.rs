@@ -132,16 +132,33 @@ impl MergePlan {
         let mut rows_kept = 0;
         let segment = if live > 0 {
             write_segment_file(&self.storage, &self.dir, &self.manifest, &self.file, |writer| {
-                for (_, v) in &self.inputs {
+                // Subjects in id order over all inputs (a merge of their sorted id
+                // tables), each subject's live rows together: the writer keeps the ids
+                // as they come, never hashing them, and the merged file has each
+                // subject's rows side by side.
+                use std::cmp::Reverse;
+                let mut heap: std::collections::BinaryHeap<Reverse<(&str, usize, u32)>> = self
+                    .inputs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, v))| v.segment.subjects() > 0)
+                    .map(|(i, (_, v))| Reverse((v.segment.subject_id(0), i, 0)))
+                    .collect();
+                while let Some(Reverse((id, i, o))) = heap.pop() {
+                    let v = &self.inputs[i].1;
                     let seg = &v.segment;
-                    let subjects = seg.row_subjects();
-                    for row in (0..seg.rows()).filter(|&r| !v.deleted.contains(r)) {
-                        writer.push(seg.row(row), seg.scales()[row], seg.subject_id(subjects[row]))?;
-                        rows_kept += 1;
+                    for &row in seg.subject_rows(o) {
+                        let row = row as usize;
+                        if !v.deleted.contains(row) {
+                            writer.push(seg.row(row), seg.scales()[row], id)?;
+                            rows_kept += 1;
+                        }
                     }
-                    seg.after_read()?;
+                    if (o as usize + 1) < seg.subjects() {
+                        heap.push(Reverse((seg.subject_id(o + 1), i, o + 1)));
+                    }
                 }
-                Ok(())
+                self.inputs.iter().try_for_each(|(_, v)| v.segment.after_read())
             })?;
             Some(Arc::new(Segment::open(&self.dir.join(&self.file))?))
         } else {
