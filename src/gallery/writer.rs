@@ -295,9 +295,16 @@ impl Gallery {
             });
         }
         self.check_writable()?;
-        self.wal.append(&records)?;
+        self.log_and_apply(&records)?;
+        Ok(total)
+    }
+
+    /// Log `records` durably (one append, one fsync), then apply them to the state in
+    /// memory and publish the new snapshot.
+    fn log_and_apply(&mut self, records: &[WalRecord]) -> Result<()> {
+        self.wal.append(records)?;
         let memtable = Arc::make_mut(&mut self.memtable);
-        for r in &records {
+        for r in records {
             apply(
                 r,
                 &self.manifest,
@@ -309,7 +316,7 @@ impl Gallery {
         }
         memtable.refresh_ranks();
         self.publish();
-        Ok(total)
+        Ok(())
     }
 
     /// Delete a subject (all its templates), durably. Unknown subject: `NotFound`.
@@ -326,18 +333,7 @@ impl Gallery {
             subject: subject.to_owned(),
             segments_before: self.manifest.next_file_id,
         };
-        self.wal.append(std::slice::from_ref(&record))?;
-        let memtable = Arc::make_mut(&mut self.memtable);
-        apply(
-            &record,
-            &self.manifest,
-            &mut self.segments,
-            memtable,
-            &mut self.tombstones,
-            &mut self.counts,
-        )?;
-        self.publish();
-        Ok(())
+        self.log_and_apply(std::slice::from_ref(&record))
     }
 
     /// Write a new segment file (see [`write_segment_file`]) and map it.
