@@ -6,6 +6,7 @@ use super::origin::Origin;
 use crate::template::{Dtype, encode_row, row_stride};
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 fn id_hash(id: &str) -> u64 {
     let mut h = DefaultHasher::new();
@@ -146,6 +147,11 @@ impl MemTable {
         }
     }
 
+    /// Whether ranks are current (no subject pushed since `refresh_ranks`).
+    pub fn ranks_current(&self) -> bool {
+        self.sorted.len() == self.subject_count()
+    }
+
     /// Identity for caches of these rows.
     pub fn origin(&self) -> &Origin {
         &self.origin
@@ -218,6 +224,105 @@ impl MemTable {
         (0..self.subject_count() as u32)
             .filter(|&o| self.rows_per_subject[o as usize] > 0)
             .map(|o| self.subject_id(o))
+    }
+}
+
+/// The log's rows in memory, in pieces of about `PIECE_BYTES` of rows each: snapshots
+/// share every piece, and a write copies only the newest piece (or a piece a deletion
+/// changes) while a search holds it, so an enrollment costs the same with 100 or
+/// 100,000 rows in the log. Each piece is a slab of its own (its own subject ordinals
+/// and ranks); a subject may have rows in several, merged by id like segments.
+#[derive(Clone)]
+pub struct LogTable {
+    dtype: Dtype,
+    dim: usize,
+    piece_rows: usize,
+    pieces: Vec<Arc<MemTable>>,
+}
+
+/// Bytes of encoded rows per piece of the log.
+pub const PIECE_BYTES: usize = 4 << 20;
+
+impl LogTable {
+    /// An empty log table for rows of `dtype` x `dim`.
+    pub fn new(dtype: Dtype, dim: usize) -> LogTable {
+        LogTable {
+            dtype,
+            dim,
+            piece_rows: (PIECE_BYTES / row_stride(dtype, dim)).max(64),
+            pieces: Vec::new(),
+        }
+    }
+
+    /// One piece holding `table` whatever its size (in-memory galleries).
+    pub fn from_table(mut table: MemTable) -> LogTable {
+        table.refresh_ranks();
+        let mut log = LogTable::new(table.dtype, table.dim);
+        if table.rows() > 0 {
+            log.pieces.push(Arc::new(table));
+        }
+        log
+    }
+
+    /// The pieces, oldest first.
+    pub fn pieces(&self) -> &[Arc<MemTable>] {
+        &self.pieces
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.pieces.iter().map(|p| p.rows()).sum()
+    }
+
+    /// Append normalised templates for `subject` to the newest piece (a new one when it
+    /// is full; the full one keeps its ranks current).
+    pub fn push(&mut self, subject: &str, templates: &[f32]) {
+        if self.pieces.last().is_none_or(|p| p.rows() >= self.piece_rows) {
+            self.refresh_ranks();
+            self.pieces.push(Arc::new(MemTable::new(self.dtype, self.dim)));
+        }
+        let newest = self.pieces.last_mut().expect("a piece was just ensured");
+        Arc::make_mut(newest).push(subject, templates);
+    }
+
+    /// Remove every row of `subject` from every piece; how many rows went.
+    pub fn delete(&mut self, subject: &str) -> usize {
+        self.pieces
+            .iter_mut()
+            .filter(|p| p.has_subject(subject))
+            .map(|p| Arc::make_mut(p).delete(subject))
+            .sum()
+    }
+
+    /// Recompute the newest piece's ranks after pushes (see [`MemTable::refresh_ranks`]).
+    pub fn refresh_ranks(&mut self) {
+        if let Some(newest) = self.pieces.last_mut()
+            && !newest.ranks_current()
+        {
+            Arc::make_mut(newest).refresh_ranks();
+        }
+    }
+
+    /// Whether `subject` has rows here.
+    pub fn has_subject(&self, subject: &str) -> bool {
+        self.pieces.iter().any(|p| p.has_subject(subject))
+    }
+
+    /// Ids of subjects that have rows here, each once.
+    pub fn live_subjects(&self) -> Vec<&str> {
+        let mut seen = std::collections::HashSet::new();
+        self.pieces
+            .iter()
+            .flat_map(|p| p.live_subjects())
+            .filter(|s| seen.insert(*s))
+            .collect()
+    }
+
+    /// Every row, oldest first: its encoded bytes, scale and subject.
+    pub fn each_row(&self) -> impl Iterator<Item = (&[u8], f32, &str)> {
+        self.pieces
+            .iter()
+            .flat_map(|p| (0..p.rows()).map(move |r| (p.row(r), p.scales()[r], p.subject_id(p.row_subjects()[r]))))
     }
 }
 

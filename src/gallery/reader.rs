@@ -4,7 +4,7 @@
 
 use super::GalleryInfo;
 use super::manifest::{self, Manifest, SegmentEntry};
-use super::memtable::MemTable;
+use super::memtable::LogTable;
 use super::segment::Segment;
 use super::snapshot::{Counts, SegmentView, Snapshot, subject_is_live};
 use super::wal::{self, LogContents, WalHeader, WalRecord};
@@ -18,7 +18,7 @@ pub(super) struct LoadedState {
     pub(super) manifest: Manifest,
     pub(super) segments: Vec<SegmentView>,
     pub(super) tombstones: usize,
-    pub(super) memtable: MemTable,
+    pub(super) memtable: LogTable,
     pub(super) log: LogContents,
     /// Distinct subject ids in the segments, deletions not applied.
     pub(super) sealed_subjects: u64,
@@ -31,7 +31,7 @@ impl LoadedState {
             self.manifest.dim,
             self.manifest.dtype,
             self.segments,
-            Arc::new(self.memtable),
+            self.memtable,
             self.counts,
         )
     }
@@ -81,13 +81,14 @@ fn distinct_ids(segments: &[SegmentView], live_only: bool) -> u64 {
 
 /// Live templates and subjects counted from the data (what `check` compares the kept
 /// counts with): O(rows) reads, O(segments + the log's subjects) memory.
-fn recount(segments: &[SegmentView], memtable: &MemTable) -> Counts {
+fn recount(segments: &[SegmentView], memtable: &LogTable) -> Counts {
     let sealed_rows: u64 = segments
         .iter()
         .map(|v| v.segment.rows() as u64 - v.deleted.count())
         .sum();
     let log_only = memtable
         .live_subjects()
+        .into_iter()
         .filter(|s| !segments.iter().any(|v| v.has_live_subject(s)))
         .count() as u64;
     Counts {
@@ -153,7 +154,7 @@ pub(super) fn load_state(dir: &Path) -> Result<LoadedState> {
         segments.push(SegmentView::new(Arc::new(open_segment(dir, &manifest, entry)?)));
     }
     let log = wal::read(&dir.join(&manifest.wal), &expected_log_header(&manifest))?;
-    let mut memtable = MemTable::new(manifest.dtype, manifest.dim);
+    let mut memtable = LogTable::new(manifest.dtype, manifest.dim);
     let mut tombstones = 0;
     let sealed_subjects = match manifest.sealed_subjects {
         Some(n) => n,
@@ -190,7 +191,7 @@ pub(super) fn apply(
     record: &WalRecord,
     manifest: &Manifest,
     segments: &mut [SegmentView],
-    memtable: &mut MemTable,
+    memtable: &mut LogTable,
     tombstones: &mut usize,
     counts: &mut Counts,
 ) -> Result<()> {
@@ -306,7 +307,7 @@ pub(super) fn info_of(dir: &Path, manifest: &Manifest, snapshot: &Snapshot, tomb
         rows: snapshot.live_rows() as u64,
         subjects: snapshot.live_subjects() as u64,
         segments: snapshot.segments().len(),
-        log_rows: snapshot.memtable().rows() as u64,
+        log_rows: snapshot.log().rows() as u64,
         deleted_subjects_pending: tombstones,
         bytes_on_disk: bytes,
         notes: Vec::new(),

@@ -4,7 +4,7 @@
 //! with, so searches never block writers and never see half an update.
 
 use super::deletions::DeletedRows;
-use super::memtable::MemTable;
+use super::memtable::{LogTable, MemTable};
 pub use super::origin::Origin;
 use super::segment::Segment;
 use crate::template::Dtype;
@@ -56,9 +56,9 @@ pub struct Counts {
     pub subjects: u64,
 }
 
-/// Whether `subject` has a live row in `segments` or `memtable`.
-pub fn subject_is_live(segments: &[SegmentView], memtable: &MemTable, subject: &str) -> bool {
-    memtable.has_subject(subject) || segments.iter().any(|v| v.has_live_subject(subject))
+/// Whether `subject` has a live row in `segments` or the log's rows.
+pub fn subject_is_live(segments: &[SegmentView], log: &LogTable, subject: &str) -> bool {
+    log.has_subject(subject) || segments.iter().any(|v| v.has_live_subject(subject))
 }
 
 /// Everything a search needs, frozen.
@@ -67,7 +67,7 @@ pub struct Snapshot {
     dim: usize,
     dtype: Dtype,
     segments: Vec<SegmentView>,
-    memtable: Arc<MemTable>,
+    log: LogTable,
     counts: Counts,
 }
 
@@ -256,18 +256,12 @@ impl<'a> Slab<'a> {
 impl Snapshot {
     /// Assemble a snapshot (the gallery does this after every change, with the counts
     /// it keeps).
-    pub fn new(
-        dim: usize,
-        dtype: Dtype,
-        segments: Vec<SegmentView>,
-        memtable: Arc<MemTable>,
-        counts: Counts,
-    ) -> Snapshot {
+    pub fn new(dim: usize, dtype: Dtype, segments: Vec<SegmentView>, log: LogTable, counts: Counts) -> Snapshot {
         Snapshot {
             dim,
             dtype,
             segments,
-            memtable,
+            log,
             counts,
         }
     }
@@ -283,13 +277,12 @@ impl Snapshot {
     }
 
     /// A snapshot of rows held only in memory (benchmarks, tests, demos).
-    pub fn in_memory(mut memtable: MemTable, dim: usize, dtype: Dtype) -> Snapshot {
-        memtable.refresh_ranks();
+    pub fn in_memory(memtable: MemTable, dim: usize, dtype: Dtype) -> Snapshot {
         let counts = Counts {
             rows: memtable.rows() as u64,
             subjects: memtable.live_subjects().count() as u64,
         };
-        Snapshot::new(dim, dtype, Vec::new(), Arc::new(memtable), counts)
+        Snapshot::new(dim, dtype, Vec::new(), LogTable::from_table(memtable), counts)
     }
 
     /// Template dimension.
@@ -317,17 +310,17 @@ impl Snapshot {
                 ids: SubjectIds::Segment(&v.segment),
             })
             .collect();
-        if self.memtable.rows() > 0 {
+        for piece in self.log.pieces().iter().filter(|p| p.rows() > 0) {
             slabs.push(Slab {
                 dtype: self.dtype,
                 dim: self.dim,
-                stride: self.memtable.stride(),
-                data: self.memtable.data(),
-                scales: self.memtable.scales(),
-                row_subject: self.memtable.row_subjects(),
-                subject_rank: Some(self.memtable.ranks()),
+                stride: piece.stride(),
+                data: piece.data(),
+                scales: piece.scales(),
+                row_subject: piece.row_subjects(),
+                subject_rank: Some(piece.ranks()),
                 deleted: None,
-                ids: SubjectIds::Memtable(&self.memtable),
+                ids: SubjectIds::Memtable(piece),
             });
         }
         slabs
@@ -337,8 +330,8 @@ impl Snapshot {
         &self.segments
     }
     /// The log's rows.
-    pub fn memtable(&self) -> &MemTable {
-        &self.memtable
+    pub fn log(&self) -> &LogTable {
+        &self.log
     }
 
     /// Verify each segment's rows before they are first scored (a no-op once done); the
@@ -388,7 +381,7 @@ impl Snapshot {
 
     /// Whether `subject` has any live row (looked up in place: binary searches).
     pub fn has_subject(&self, subject: &str) -> bool {
-        subject_is_live(&self.segments, &self.memtable, subject)
+        subject_is_live(&self.segments, &self.log, subject)
     }
 
     /// Number of distinct live subjects (kept by the writer; O(1)).

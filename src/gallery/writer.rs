@@ -8,7 +8,7 @@ use super::compaction::MergeScope;
 use super::files::{keep_aside, lock_dir, remove_orphans, write_segment_file};
 use super::identity::{self, FileIdentity};
 use super::manifest::{self, Committed, Manifest, SegmentEntry, segment_file_name, wal_file_name};
-use super::memtable::MemTable;
+use super::memtable::LogTable;
 use super::reader::{LogProbe, apply, expected_log_header, info_of, load_state};
 use super::segment::{Segment, SegmentWriter};
 use super::snapshot::{Counts, SegmentView, Snapshot};
@@ -31,7 +31,7 @@ pub struct Gallery {
     pub(super) tombstones: usize,
     /// Live templates and subjects, kept as each change is applied.
     pub(super) counts: Counts,
-    pub(super) memtable: Arc<MemTable>,
+    pub(super) memtable: LogTable,
     pub(super) wal: WalWriter,
     /// The log file as opened (to notice it being changed under the process).
     pub(super) wal_identity: FileIdentity,
@@ -103,7 +103,7 @@ impl Gallery {
                 copy_stale = true;
             }
         }
-        let memtable = Arc::new(state.memtable);
+        let memtable = state.memtable;
         let snapshot = Arc::new(Snapshot::new(
             state.manifest.dim,
             state.manifest.dtype,
@@ -303,7 +303,7 @@ impl Gallery {
     /// memory and publish the new snapshot.
     fn log_and_apply(&mut self, records: &[WalRecord]) -> Result<()> {
         self.wal.append(records)?;
-        let memtable = Arc::make_mut(&mut self.memtable);
+        let memtable = &mut self.memtable;
         for r in records {
             apply(
                 r,
@@ -434,9 +434,8 @@ impl Gallery {
             let table = self.memtable.clone();
             let file = segment_file_name(id);
             let segment = self.write_segment(&file, |writer| {
-                for r in 0..rows {
-                    let subject = table.subject_id(table.row_subjects()[r]);
-                    writer.push(table.row(r), table.scales()[r], subject)?;
+                for (bytes, scale, subject) in table.each_row() {
+                    writer.push(bytes, scale, subject)?;
                 }
                 Ok(())
             })?;
@@ -445,7 +444,7 @@ impl Gallery {
                 file: file.clone(),
                 rows: rows as u64,
             });
-            manifest.sealed_subjects = Some(self.sealed_subjects() + self.unsealed(table.live_subjects()));
+            manifest.sealed_subjects = Some(self.sealed_subjects() + self.unsealed(table.live_subjects().into_iter()));
             sealed = Some((segment, file));
             id += 1;
         }
@@ -508,7 +507,7 @@ impl Gallery {
             self.segments.push(SegmentView::new(segment));
         }
         self.tombstones = records.len();
-        self.memtable = Arc::new(MemTable::new(self.manifest.dtype, self.manifest.dim));
+        self.memtable = LogTable::new(self.manifest.dtype, self.manifest.dim);
         self.publish();
         self.remove_orphans();
         Ok(rows)
