@@ -195,6 +195,20 @@ impl Client {
             name: name.into(),
             dim,
             dtype: dtype.into(),
+            ..Default::default()
+        };
+        Ok(self.raw().create_gallery(self.request(req)).await?.into_inner())
+    }
+
+    /// Create gallery `name` from the templates of `subjects` in gallery `source` (a
+    /// flight's gallery from the master); the answer's `missing_subjects` names those the
+    /// source lacks.
+    pub async fn derive_gallery(&self, name: &str, source: &str, subjects: &[String]) -> Reply<proto::GalleryInfo> {
+        let req = proto::CreateGalleryRequest {
+            name: name.into(),
+            source: source.into(),
+            subjects: subjects.to_vec(),
+            ..Default::default()
         };
         Ok(self.raw().create_gallery(self.request(req)).await?.into_inner())
     }

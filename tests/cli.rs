@@ -502,3 +502,48 @@ fn completions_and_the_manual_page_come_from_the_flag_definitions() {
     let man = ok(&["man"]);
     assert!(man.contains(".TH biogate") && man.contains("identify"), "{man}");
 }
+
+/// `gallery derive`: a flight's gallery from a master and a manifest file; unknown
+/// subjects named, a repeated one refused by its line.
+#[test]
+fn a_flight_gallery_is_derived_on_the_command_line() {
+    let work = tempfile::tempdir().unwrap();
+    let (_, g, _) = synth_gallery(work.path(), 100, 2, 32, 5, "f16");
+    let manifest = work.path().join("manifest.txt");
+    std::fs::write(&manifest, "subject-00000003\nsubject-00000042\nnobody\n").unwrap();
+    let flight = work.path().join("flight");
+    let out = ok(&[
+        "gallery",
+        "derive",
+        p(&g),
+        p(&flight),
+        "--subjects",
+        p(&manifest),
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (report["subjects"].as_u64(), report["rows"].as_u64()),
+        (Some(2), Some(4)),
+        "{out}"
+    );
+    assert_eq!(report["missing"], serde_json::json!(["nobody"]));
+    let info: serde_json::Value = serde_json::from_str(&ok(&["gallery", "info", p(&flight), "--json"])).unwrap();
+    assert_eq!(
+        (info["subjects"].as_u64(), info["dtype"].as_str()),
+        (Some(2), Some("f16"))
+    );
+    std::fs::write(&manifest, "a\nb\na\n").unwrap();
+    fails(
+        &[
+            "gallery",
+            "derive",
+            p(&g),
+            p(&work.path().join("f2")),
+            "--subjects",
+            p(&manifest),
+        ],
+        "repeats",
+    );
+    assert!(!work.path().join("f2").exists());
+}

@@ -230,6 +230,7 @@ async fn tokens_and_roles_are_enforced_and_refusals_change_nothing() {
             name: "h".into(),
             dim: 8,
             dtype: "f32".into(),
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -475,6 +476,7 @@ async fn bad_input_gets_the_right_status_naming_the_field_and_changes_nothing() 
             name: "h".into(),
             dim: 8,
             dtype: "f64".into(),
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -485,6 +487,7 @@ async fn bad_input_gets_the_right_status_naming_the_field_and_changes_nothing() 
             name: "../evil".into(),
             dim: 8,
             dtype: "f32".into(),
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -875,5 +878,50 @@ async fn an_absurd_gallery_name_is_echoed_cut_short() {
         "{}",
         e.message()
     );
+    h.shutdown().await.unwrap();
+}
+
+/// A flight's gallery derived from the master over gRPC answers like the master for
+/// its passengers; unknown passengers are listed, a repeated one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_gallery_is_derived_from_the_master_over_grpc() {
+    let data = tempfile::tempdir().unwrap();
+    let h = start(config(data.path())).await.unwrap();
+    let c = connect(&h, None).await;
+    create(&c, "master", "i8").await;
+    let rows = random_rows(&mut rng(31), 50, DIM);
+    let names = ids("p", 50);
+    c.enroll("master", &rows, DIM, &names).await.unwrap();
+    let mut manifest: Vec<String> = names.iter().step_by(5).cloned().collect();
+    manifest.push("nobody".into());
+    let info = c.derive_gallery("flight-1", "master", &manifest).await.unwrap();
+    assert_eq!((info.subjects, info.dim as usize, info.dtype.as_str()), (10, DIM, "i8"));
+    assert_eq!(info.missing_subjects, vec!["nobody".to_string()]);
+    let got = c.identify("flight-1", &rows, DIM, 1, None).await.unwrap();
+    for (i, r) in got.iter().enumerate() {
+        if i % 5 == 0 {
+            assert_eq!(r.candidates[0].subject, names[i]);
+            let master = c
+                .identify("master", &rows[i * DIM..(i + 1) * DIM], DIM, 1, None)
+                .await
+                .unwrap();
+            assert_eq!(
+                r.candidates[0].score, master[0].candidates[0].score,
+                "the master's bits"
+            );
+        } else {
+            assert!(manifest.contains(&r.candidates[0].subject));
+        }
+    }
+    let twice = vec!["p-00001".to_string(), "p-00001".to_string()];
+    let e = c.derive_gallery("flight-2", "master", &twice).await.err().unwrap();
+    assert!(
+        e.code() == tonic::Code::InvalidArgument && e.message().contains("entry 1"),
+        "{e:?}"
+    );
+    let e = c.derive_gallery("flight-2", "nope", &manifest).await.err().unwrap();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = c.derive_gallery("flight-1", "master", &manifest).await.err().unwrap();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
     h.shutdown().await.unwrap();
 }

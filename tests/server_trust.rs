@@ -372,6 +372,7 @@ async fn every_call_is_audited_with_its_outcome_and_never_a_token() {
         name: "h".into(),
         dim: 8,
         dtype: "f64".into(),
+        ..Default::default()
     };
     let invalid = admin.raw().create_gallery(admin.request(bad)).await.unwrap_err();
     assert_eq!(invalid.code(), Code::InvalidArgument);
@@ -488,6 +489,7 @@ async fn racing_admin_calls_get_clean_answers_and_are_audited_as_they_ended() {
                             name: "race".into(),
                             dim: DIM as u32,
                             dtype: "f16".into(),
+                            ..Default::default()
                         };
                         ("create", c.raw().create_gallery(c.request(req)).await.map(drop))
                     }

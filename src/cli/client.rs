@@ -67,10 +67,17 @@ pub(crate) enum ClientCommand {
     /// Create a gallery.
     CreateGallery {
         name: String,
-        #[arg(long)]
-        dim: u32,
+        #[arg(long, required_unless_present = "source")]
+        dim: Option<u32>,
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         dtype: Dtype,
+        /// Derive it from this gallery: copy the templates of the subjects listed in
+        /// --subjects (a flight's gallery from the master).
+        #[arg(long, requires = "subjects", conflicts_with = "dim")]
+        source: Option<String>,
+        /// Text file, one subject id per line, each once (with --source).
+        #[arg(long, requires = "source")]
+        subjects: Option<std::path::PathBuf>,
     },
     /// Drop a gallery and delete its data.
     DropGallery { name: String },
@@ -180,10 +187,34 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
                 );
             }
         }
-        ClientCommand::CreateGallery { name, dim, dtype } => {
-            let g = c.create_gallery(&name, dim, dtype.name()).await.map_err(rpc)?;
-            println!("created gallery {} (dim {}, dtype {})", g.name, g.dim, g.dtype);
-        }
+        ClientCommand::CreateGallery {
+            name,
+            dim,
+            dtype,
+            source,
+            subjects,
+        } => match (source, subjects, dim) {
+            (Some(source), Some(list), _) => {
+                let ids = biogate::npy::read_ids(&list)?;
+                let g = c.derive_gallery(&name, &source, &ids).await.map_err(rpc)?;
+                println!(
+                    "created gallery {} from {source}: {} subjects ({} templates, dim {}, dtype {})",
+                    g.name, g.subjects, g.rows, g.dim, g.dtype
+                );
+                if !g.missing_subjects.is_empty() {
+                    println!(
+                        "{} listed subject(s) not in {source}: {}",
+                        g.missing_subjects.len(),
+                        g.missing_subjects.join(", ")
+                    );
+                }
+            }
+            (_, _, Some(dim)) => {
+                let g = c.create_gallery(&name, dim, dtype.name()).await.map_err(rpc)?;
+                println!("created gallery {} (dim {}, dtype {})", g.name, g.dim, g.dtype);
+            }
+            _ => unreachable!("clap requires --dim or --source with --subjects"),
+        },
         ClientCommand::DropGallery { name } => {
             c.drop_gallery(&name).await.map_err(rpc)?;
             println!("dropped gallery {name}");

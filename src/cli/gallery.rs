@@ -49,6 +49,22 @@ pub(crate) enum GalleryCommand {
     },
     /// Seal the log and drop deleted rows into one new segment.
     Compact { dir: PathBuf },
+    /// Make a gallery of the listed subjects' templates, copied from MASTER (a flight's
+    /// gallery from its passenger manifest). Listed subjects MASTER lacks are named.
+    Derive {
+        master: PathBuf,
+        dst: PathBuf,
+        /// Text file, one subject id per line, each once.
+        #[arg(long)]
+        subjects: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Copy the master's rows without verifying its checksums first (a server has
+        /// verified them since it started; a damaged row would be copied silently).
+        #[arg(long)]
+        no_verify: bool,
+    },
     /// Delete a subject and all its templates.
     Delete {
         dir: PathBuf,
@@ -151,6 +167,50 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
                 }
                 if let Some(f) = &report.report_file {
                     println!("  report: {f}");
+                }
+            }
+        }
+        GalleryCommand::Derive {
+            master,
+            dst,
+            subjects,
+            json,
+            no_verify,
+        } => {
+            let ids = biogate::npy::read_ids(&subjects)?;
+            let t = Instant::now();
+            let snapshot = biogate::gallery::open_snapshot(&master)?;
+            if no_verify {
+                snapshot.trust_rows();
+            }
+            let (_, report) = Gallery::derive(&snapshot, &dst, &ids, Default::default())?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            tracing::info!(master = %master.display(), gallery = %dst.display(), subjects = report.subjects, "derived");
+            if json {
+                println!("{}", serde_json::to_string(&report).expect("report serialises"));
+            } else {
+                println!(
+                    "derived {} from {}: {} subjects ({} templates) in {ms:.1} ms",
+                    dst.display(),
+                    master.display(),
+                    report.subjects,
+                    report.rows
+                );
+                if !report.missing.is_empty() {
+                    const SHOWN: usize = 20;
+                    let shown: Vec<&str> = report.missing.iter().take(SHOWN).map(String::as_str).collect();
+                    let more = report.missing.len().saturating_sub(SHOWN);
+                    println!(
+                        "{} listed subject(s) not in {}: {}{}",
+                        report.missing.len(),
+                        master.display(),
+                        shown.join(", "),
+                        if more > 0 {
+                            format!(" and {more} more (--json lists all)")
+                        } else {
+                            String::new()
+                        }
+                    );
                 }
             }
         }

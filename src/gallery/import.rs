@@ -36,35 +36,42 @@ impl Gallery {
             counts = self.write_import(source, options, progress, writer)?;
             Ok(())
         })?;
-        let ImportCounts {
-            rows,
-            subjects,
-            unsealed,
-            live_new,
-        } = counts;
+        self.commit_new_segment(id, &file, segment, &counts)?;
+        Ok(ImportReport {
+            rows: counts.rows,
+            subjects: counts.subjects,
+            segment: file,
+        })
+    }
+
+    /// Commit segment `file` (id `id`, written and mapped) as a new segment of the
+    /// gallery, with what it adds to the counts; on a failed commit its file goes.
+    pub(super) fn commit_new_segment(
+        &mut self,
+        id: u64,
+        file: &str,
+        segment: std::sync::Arc<super::segment::Segment>,
+        counts: &ImportCounts,
+    ) -> Result<()> {
         let mut manifest = self.manifest.clone();
-        manifest.sealed_subjects = Some(self.sealed_subjects() + unsealed);
+        manifest.sealed_subjects = Some(self.sealed_subjects() + counts.unsealed);
         manifest.segments.push(SegmentEntry {
             id,
-            file: file.clone(),
-            rows,
+            file: file.to_owned(),
+            rows: counts.rows,
         });
-        manifest.next_file_id += 1;
+        manifest.next_file_id = manifest.next_file_id.max(id + 1);
         if let Err(e) = self.commit(manifest) {
             if !matches!(e, Error::OutcomeUnknown(_)) {
-                let _ = std::fs::remove_file(self.dir.join(&file));
+                let _ = std::fs::remove_file(self.dir.join(file));
             }
             return Err(e);
         }
         self.segments.push(SegmentView::new(segment));
-        self.counts.rows += rows;
-        self.counts.subjects += live_new;
+        self.counts.rows += counts.rows;
+        self.counts.subjects += counts.live_new;
         self.publish();
-        Ok(ImportReport {
-            rows,
-            subjects,
-            segment: file,
-        })
+        Ok(())
     }
 
     fn write_import(
@@ -156,12 +163,12 @@ impl Gallery {
     }
 }
 
-/// What an import adds: rows and subjects in its segment, subjects no other segment
-/// names, subjects with no live row before it.
+/// What a new segment adds: rows and subjects in it, subjects no other segment names,
+/// subjects with no live row before it.
 #[derive(Default)]
-struct ImportCounts {
-    rows: u64,
-    subjects: u64,
-    unsealed: u64,
-    live_new: u64,
+pub(super) struct ImportCounts {
+    pub(super) rows: u64,
+    pub(super) subjects: u64,
+    pub(super) unsealed: u64,
+    pub(super) live_new: u64,
 }

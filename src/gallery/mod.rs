@@ -16,6 +16,7 @@
 
 pub mod compaction;
 pub mod deletions;
+pub mod derive;
 mod files;
 pub mod format;
 pub mod identity;

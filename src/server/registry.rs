@@ -11,6 +11,7 @@
 
 use crate::error::{Error, IoContext, Result};
 use crate::gallery::compaction::{MergePolicy, MergeScope};
+use crate::gallery::derive::DeriveReport;
 use crate::gallery::repair::RepairReport;
 use crate::gallery::{CompactReport, Gallery, GalleryInfo, Snapshot};
 use crate::storage::Storage;
@@ -396,6 +397,27 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_owned(), entry.clone());
         Ok(entry)
+    }
+
+    /// Create gallery `name` from the templates of `subjects` in gallery `source` (see
+    /// [`Gallery::derive`]); the source is read through its current snapshot, so its
+    /// searches and enrollments go on.
+    pub fn derive(&self, name: &str, source: &str, subjects: &[String]) -> Result<(Arc<GalleryEntry>, DeriveReport)> {
+        check_gallery_name(name)?;
+        let lock = self.admin_lock(name);
+        let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.get(name).is_ok() {
+            return Err(Error::AlreadyExists(format!("gallery {name:?}")));
+        }
+        let master = self.get(source)?.snapshot()?;
+        let dir = self.root.join(name);
+        let (gallery, report) = Gallery::derive(&master, &dir, subjects, self.storage.clone())?;
+        let entry = Arc::new(GalleryEntry::new(name.to_owned(), dir, Some(gallery), None));
+        self.galleries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), entry.clone());
+        Ok((entry, report))
     }
 
     /// Drop a gallery (serving or not) and delete its files. Searches already running

@@ -233,6 +233,55 @@ fn gallery_info(s: &GalleryStatus, backend: &str) -> proto::GalleryInfo {
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<proto::IdentifyStreamResponse, Status>> + Send>>;
 
 impl Service {
+    /// CreateGallery from a source gallery and a subject list (a flight's gallery).
+    async fn derive_gallery(
+        &self,
+        call: &Call,
+        req: proto::CreateGalleryRequest,
+    ) -> Result<(proto::GalleryInfo, Audited), Status> {
+        super::registry::check_gallery_name(&req.name).map_err(status_of)?;
+        let source = self.gallery(&req.source)?;
+        let snapshot = source.snapshot().map_err(status_of)?;
+        if req.dim != 0 && req.dim as usize != snapshot.dim() {
+            return Err(Status::invalid_argument(format!(
+                "dim: {} differs from the source gallery's {}",
+                req.dim,
+                snapshot.dim()
+            )));
+        }
+        if !req.dtype.is_empty() && req.dtype != snapshot.dtype().name() {
+            return Err(Status::invalid_argument(format!(
+                "dtype: {:?} differs from the source gallery's {}",
+                req.dtype,
+                snapshot.dtype()
+            )));
+        }
+        crate::gallery::derive::check_subject_list(&req.subjects).map_err(status_of)?;
+        let registry = self.registry.clone();
+        let (name, from, subjects) = (req.name.clone(), req.source.clone(), req.subjects);
+        let (entry, report) = self
+            .admin_write(call, move || registry.derive(&name, &from, &subjects))
+            .await?;
+        tracing::info!(
+            caller = %call.caller,
+            gallery = %req.name,
+            source = %req.source,
+            subjects = report.subjects,
+            missing = report.missing.len(),
+            "derived gallery"
+        );
+        let mut info = gallery_info(&entry.status(), self.engine.backend_name());
+        info.missing_subjects = report.missing;
+        Ok((
+            info,
+            Audited {
+                count: report.subjects as usize,
+                took_effect: true,
+                ..Default::default()
+            },
+        ))
+    }
+
     /// Start a call: note who is asking from where.
     fn begin<T>(&self, method: &'static str, request: &Request<T>, gallery: &str) -> Call {
         Call {
@@ -820,6 +869,14 @@ impl Biogate for Arc<Service> {
             self.admit(&mut call)?;
             self.authorize(&mut call, &request, Role::Admin)?;
             let req = request.into_inner();
+            if !req.source.is_empty() {
+                return self.derive_gallery(&call, req).await;
+            }
+            if !req.subjects.is_empty() {
+                return Err(Status::invalid_argument(
+                    "subjects: a subject list needs a source gallery to copy them from",
+                ));
+            }
             let dtype = Dtype::ALL.into_iter().find(|d| d.name() == req.dtype).ok_or_else(|| {
                 Status::invalid_argument(format!("dtype: {:?} is not one of f32, f16, i8", req.dtype))
             })?;

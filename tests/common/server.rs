@@ -34,6 +34,7 @@ pub async fn create(c: &Client, name: &str, dtype: &str) {
         name: name.into(),
         dim: DIM as u32,
         dtype: dtype.into(),
+        ..Default::default()
     };
     c.raw().create_gallery(c.request(req)).await.unwrap();
 }

@@ -1,0 +1,110 @@
+//! Galleries derived from another: a flight's gallery cut from a master gallery by the
+//! passenger manifest, every template of the listed subjects copied in the master's
+//! encoding (no re-encoding, so scores are bit for bit the master's).
+
+use super::import::ImportCounts;
+use super::manifest::segment_file_name;
+use super::snapshot::Snapshot;
+use super::writer::Gallery;
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+use crate::template::check_subject_id;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// What a derivation did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeriveReport {
+    /// Subjects found in the master and copied.
+    pub subjects: u64,
+    /// Templates copied.
+    pub rows: u64,
+    /// Listed subjects the master has no live template of (not an error: a passenger
+    /// may not be enrolled), in the order listed.
+    pub missing: Vec<String>,
+}
+
+/// Check a subject list: valid ids, each once. The error names the first bad entry by
+/// its position (0-based) and nothing is created.
+pub fn check_subject_list(subjects: &[String]) -> Result<()> {
+    let mut first_at: HashMap<&str, usize> = HashMap::with_capacity(subjects.len());
+    for (i, s) in subjects.iter().enumerate() {
+        check_subject_id(s).map_err(|e| e.in_context(&format!("subjects: entry {i}")))?;
+        if let Some(j) = first_at.insert(s, i) {
+            return Err(Error::invalid(format!(
+                "subjects: entry {i} ({s:?}) repeats entry {j}; list each subject once"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Gallery {
+    /// Create a gallery in `dir` holding every live template of `subjects` in `master`
+    /// (its dimension and dtype), as one sealed segment. The master's rows are verified
+    /// before they are copied. On error nothing is left in `dir`.
+    pub fn derive(
+        master: &Snapshot,
+        dir: &Path,
+        subjects: &[String],
+        storage: Storage,
+    ) -> Result<(Gallery, DeriveReport)> {
+        check_subject_list(subjects)?;
+        master.ensure_verified()?;
+        let existed = dir.exists();
+        let mut g = Gallery::create_with(dir, master.dim(), master.dtype(), storage)?;
+        match g.fill_from(master, subjects) {
+            Ok(report) => Ok((g, report)),
+            Err(e) => {
+                drop(g);
+                if !existed {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn fill_from(&mut self, master: &Snapshot, subjects: &[String]) -> Result<DeriveReport> {
+        let mut sorted: Vec<&str> = subjects.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        let slabs = master.slabs();
+        let mut found = std::collections::HashSet::new();
+        let mut rows = 0u64;
+        let id = self.manifest.next_file_id;
+        let file = segment_file_name(id);
+        let any = sorted.iter().any(|s| master.has_subject(s));
+        if any {
+            let segment = self.write_segment(&file, |writer| {
+                for &subject in &sorted {
+                    for slab in &slabs {
+                        let Some(o) = slab.find_subject(subject) else { continue };
+                        for r in slab.subject_rows(o) {
+                            writer.push(slab.row(r), slab.scales()[r], subject)?;
+                            rows += 1;
+                            found.insert(subject);
+                        }
+                    }
+                }
+                master.check_reads()
+            })?;
+            let n = found.len() as u64;
+            let counts = ImportCounts {
+                rows,
+                subjects: n,
+                unsealed: n,
+                live_new: n,
+            };
+            self.commit_new_segment(id, &file, segment, &counts)?;
+        }
+        Ok(DeriveReport {
+            subjects: found.len() as u64,
+            rows,
+            missing: subjects
+                .iter()
+                .filter(|s| !found.contains(s.as_str()))
+                .cloned()
+                .collect(),
+        })
+    }
+}
