@@ -115,8 +115,32 @@ impl Client {
             probes: probes.chunks_exact(dim).map(pack).collect(),
             k,
             threshold,
+            ..Default::default()
         };
         Ok(self.raw().identify(self.request(req)).await?.into_inner().results)
+    }
+
+    /// Identify probes in several galleries at once, each `(gallery, k, threshold)`;
+    /// one list of results per gallery, in the order given.
+    pub async fn identify_in(
+        &self,
+        galleries: &[(&str, u32, Option<f32>)],
+        probes: &[f32],
+        dim: usize,
+    ) -> Reply<Vec<proto::GalleryResults>> {
+        let req = proto::IdentifyRequest {
+            probes: probes.chunks_exact(dim).map(pack).collect(),
+            galleries: galleries
+                .iter()
+                .map(|&(gallery, k, threshold)| proto::GallerySearch {
+                    gallery: gallery.into(),
+                    k,
+                    threshold,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        Ok(self.raw().identify(self.request(req)).await?.into_inner().galleries)
     }
 
     /// Verify one probe against a claimed subject.

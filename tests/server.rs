@@ -385,6 +385,7 @@ async fn bad_input_gets_the_right_status_naming_the_field_and_changes_nothing() 
             probes,
             k,
             threshold,
+            ..Default::default()
         };
         let c = c.clone();
         async move { c.raw().identify(c.request(req)).await.unwrap_err() }
@@ -682,6 +683,7 @@ async fn a_gate_streams_probes_and_gets_tagged_answers_and_errors() {
             probe: pack(&rows[i * DIM..(i + 1) * DIM]),
             k: 3,
             threshold: Some(0.5),
+            ..Default::default()
         })
         .collect();
     // Two bad probes in the middle: their errors come back tagged, the rest are served.
@@ -870,6 +872,7 @@ async fn an_absurd_gallery_name_is_echoed_cut_short() {
         probes: vec![probe],
         k: 1,
         threshold: None,
+        ..Default::default()
     };
     let e = c.raw().identify(c.request(req)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
@@ -923,5 +926,88 @@ async fn a_flight_gallery_is_derived_from_the_master_over_grpc() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     let e = c.derive_gallery("flight-1", "master", &manifest).await.err().unwrap();
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
+    h.shutdown().await.unwrap();
+}
+
+/// One Identify searches the flight and a watchlist, each with its own k and threshold:
+/// the answers are those of two single-gallery requests, in the order asked; the same
+/// through IdentifyStream; a mixed or repeated request is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_searches_a_flight_and_a_watchlist() {
+    let data = tempfile::tempdir().unwrap();
+    let h = start(config(data.path())).await.unwrap();
+    let c = connect(&h, None).await;
+    create(&c, "flight", "f16").await;
+    create(&c, "watchlist", "i8").await;
+    let rows = random_rows(&mut rng(51), 60, DIM);
+    c.enroll("flight", &rows[..40 * DIM], DIM, &ids("p", 40)).await.unwrap();
+    c.enroll("watchlist", &rows[30 * DIM..], DIM, &ids("w", 30))
+        .await
+        .unwrap();
+    let probes = &rows[25 * DIM..45 * DIM];
+    let both = c
+        .identify_in(&[("watchlist", 2, Some(0.6)), ("flight", 5, None)], probes, DIM)
+        .await
+        .unwrap();
+    assert_eq!(both.len(), 2);
+    assert_eq!(
+        (both[0].gallery.as_str(), both[1].gallery.as_str()),
+        ("watchlist", "flight")
+    );
+    assert_eq!(
+        both[0].results,
+        c.identify("watchlist", probes, DIM, 2, Some(0.6)).await.unwrap()
+    );
+    assert_eq!(
+        both[1].results,
+        c.identify("flight", probes, DIM, 5, None).await.unwrap()
+    );
+    // Probe 30 (row 35) is on the flight and on the watchlist: a hit in both.
+    assert_eq!(both[0].results[10].candidates[0].subject, "w-00005");
+    assert_eq!(both[1].results[10].candidates[0].subject, "p-00035");
+    // The same through a stream.
+    let search = |g: &str, k: u32, t: Option<f32>| proto::GallerySearch {
+        gallery: g.into(),
+        k,
+        threshold: t,
+    };
+    let req = proto::IdentifyStreamRequest {
+        request_id: "gate-1".into(),
+        probe: biogate::client::pack(&rows[35 * DIM..36 * DIM]),
+        galleries: vec![search("flight", 1, None), search("watchlist", 1, Some(0.6))],
+        ..Default::default()
+    };
+    let mut answers = c
+        .raw()
+        .identify_stream(c.request(tokio_stream::iter([req])))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = answers.message().await.unwrap().unwrap();
+    assert_eq!((r.error_code, r.galleries.len()), (0, 2), "{r:?}");
+    assert_eq!(r.galleries[0].result.as_ref().unwrap().candidates[0].subject, "p-00035");
+    assert_eq!(r.galleries[1].result.as_ref().unwrap().candidates[0].subject, "w-00005");
+    // Refusals name the field.
+    let raw = |galleries: Vec<proto::GallerySearch>, gallery: &str| proto::IdentifyRequest {
+        gallery: gallery.into(),
+        probes: vec![biogate::client::pack(&rows[..DIM])],
+        galleries,
+        ..Default::default()
+    };
+    for (req, needle) in [
+        (raw(vec![search("flight", 1, None)], "flight"), "galleries"),
+        (
+            raw(vec![search("flight", 1, None), search("flight", 2, None)], ""),
+            "galleries[1]",
+        ),
+        (
+            raw(vec![search("flight", 1, None), search("nope", 1, None)], ""),
+            "galleries[1]",
+        ),
+        (raw(vec![search("flight", 0, None)], ""), "galleries[0]"),
+    ] {
+        let e = c.raw().identify(c.request(req)).await.err().unwrap();
+        assert!(e.message().contains(needle), "{needle}: {e:?}");
+    }
     h.shutdown().await.unwrap();
 }

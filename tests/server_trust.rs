@@ -86,6 +86,7 @@ async fn identify(c: &biogate::client::Client, gallery: &str, probe: &[f32]) -> 
         probes: vec![biogate::client::pack(probe)],
         k: 1,
         threshold: None,
+        ..Default::default()
     };
     let r = c.raw().identify(c.request(req)).await?.into_inner();
     Ok(r.results[0].candidates[0].subject.clone())

@@ -163,6 +163,34 @@ fn check_threshold(t: Option<f32>) -> Result<(), Status> {
 }
 
 /// What one identify asks, borrowed from either request type.
+/// A request names either one gallery (with k and threshold) or `galleries`.
+fn check_one_kind_of_search(gallery: &str, k: u32, threshold: Option<f32>) -> Result<(), Status> {
+    if !gallery.is_empty() || k != 0 || threshold.is_some() {
+        return Err(Status::invalid_argument(
+            "galleries: with several galleries, give k and threshold per gallery and leave gallery, k and threshold unset",
+        ));
+    }
+    Ok(())
+}
+
+/// The galleries of a multi-gallery search, as the audit log names them.
+fn gallery_names(searches: &[proto::GallerySearch]) -> String {
+    searches
+        .iter()
+        .map(|s| super::registry::echo_name(&s.gallery))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Most galleries one Identify may search (a flight and a few watchlists).
+const MAX_GALLERIES_PER_SEARCH: usize = 8;
+
+/// A query queued for the engine, not yet answered.
+struct Pending {
+    wait: oneshot::Receiver<Result<Vec<ProbeResult>, JobError>>,
+    probes: usize,
+}
+
 struct IdentifyQuery<'a> {
     gallery: &'a str,
     probes: &'a [Vec<u8>],
@@ -438,6 +466,68 @@ impl Service {
         query: IdentifyQuery<'_>,
         deadline: Option<Instant>,
     ) -> Result<(Vec<ProbeResult>, Audited), Status> {
+        let pending = self.submit_probes(query, deadline)?;
+        self.answer_of(pending, deadline).await
+    }
+
+    /// Search the same probes in several galleries, each with its own k and threshold:
+    /// every search is queued before any is awaited, so the engine takes them in one
+    /// batch. Answers in the order of `searches`.
+    async fn identify_in_galleries(
+        &self,
+        searches: &[proto::GallerySearch],
+        probes: &[Vec<u8>],
+        field: &str,
+        deadline: Option<Instant>,
+    ) -> Result<(Vec<(String, Vec<ProbeResult>)>, Audited), Status> {
+        if searches.len() > MAX_GALLERIES_PER_SEARCH {
+            return Err(Status::invalid_argument(format!(
+                "galleries: {} galleries is more than the {MAX_GALLERIES_PER_SEARCH} allowed per request",
+                searches.len()
+            )));
+        }
+        for (i, s) in searches.iter().enumerate() {
+            if let Some(j) = searches[..i].iter().position(|t| t.gallery == s.gallery) {
+                return Err(Status::invalid_argument(format!(
+                    "galleries[{i}]: gallery {} is also galleries[{j}]",
+                    super::registry::echo_name(&s.gallery)
+                )));
+            }
+        }
+        let mut pending = Vec::with_capacity(searches.len());
+        for (i, s) in searches.iter().enumerate() {
+            let query = IdentifyQuery {
+                gallery: &s.gallery,
+                probes,
+                k: s.k,
+                threshold: s.threshold,
+                field,
+            };
+            let submitted = self.submit_probes(query, deadline).map_err(|e| {
+                Status::new(
+                    e.code(),
+                    format!(
+                        "galleries[{i}] ({}): {}",
+                        super::registry::echo_name(&s.gallery),
+                        e.message()
+                    ),
+                )
+            })?;
+            pending.push(submitted);
+        }
+        let mut answers = Vec::with_capacity(searches.len());
+        let mut audited = Audited::default();
+        for (s, p) in searches.iter().zip(pending) {
+            let (results, a) = self.answer_of(p, deadline).await?;
+            audited.subjects.extend(a.subjects);
+            audited.count = audited.count.max(a.count);
+            answers.push((s.gallery.clone(), results));
+        }
+        Ok((answers, audited))
+    }
+
+    /// Validate a query and queue it for the engine.
+    fn submit_probes(&self, query: IdentifyQuery<'_>, deadline: Option<Instant>) -> Result<Pending, Status> {
         let IdentifyQuery {
             gallery,
             probes,
@@ -479,17 +569,27 @@ impl Service {
             reply,
         };
         match self.batcher.submit(job) {
-            Ok(()) => {}
+            Ok(()) => Ok(Pending {
+                wait,
+                probes: probes.len(),
+            }),
             Err(SubmitError::Full(_)) => {
                 self.metrics.refuse(Refusal::Queue, "the search queue is full");
-                return Err(Status::resource_exhausted("the search queue is full; retry later"));
+                Err(Status::resource_exhausted("the search queue is full; retry later"))
             }
-            Err(SubmitError::Stopped(_)) => {
-                return Err(Status::unavailable(
-                    "the search engine could not be started; see the server's log",
-                ));
-            }
+            Err(SubmitError::Stopped(_)) => Err(Status::unavailable(
+                "the search engine could not be started; see the server's log",
+            )),
         }
+    }
+
+    /// Wait for a queued query's answer.
+    async fn answer_of(
+        &self,
+        pending: Pending,
+        deadline: Option<Instant>,
+    ) -> Result<(Vec<ProbeResult>, Audited), Status> {
+        let Pending { wait, probes } = pending;
         let answer = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), wait)
                 .await
@@ -509,7 +609,7 @@ impl Service {
                 .iter()
                 .flat_map(|r| r.candidates.iter().map(|c| (c.subject.clone(), Some(c.score))))
                 .collect(),
-            count: probes.len(),
+            count: probes,
             took_effect: false,
         };
         Ok((results, audited))
@@ -676,6 +776,28 @@ impl Biogate for Arc<Service> {
             self.authorize(&mut call, &request, Role::Identify)?;
             let deadline = deadline_of(&request);
             let req = request.into_inner();
+            if !req.galleries.is_empty() {
+                check_one_kind_of_search(&req.gallery, req.k, req.threshold)?;
+                call.gallery = gallery_names(&req.galleries);
+                tracing::debug!(caller = %call.caller, galleries = %call.gallery, probes = req.probes.len(), "identify");
+                let (answers, audited) = self
+                    .identify_in_galleries(&req.galleries, &req.probes, "probes", deadline)
+                    .await?;
+                let galleries = answers
+                    .into_iter()
+                    .map(|(gallery, results)| proto::GalleryResults {
+                        gallery,
+                        results: results.iter().map(to_proto).collect(),
+                    })
+                    .collect();
+                return Ok((
+                    proto::IdentifyResponse {
+                        results: Vec::new(),
+                        galleries,
+                    },
+                    audited,
+                ));
+            }
             tracing::debug!(caller = %call.caller, gallery = %req.gallery, probes = req.probes.len(), k = req.k, "identify");
             let (results, audited) = self
                 .identify_probes(
@@ -686,6 +808,7 @@ impl Biogate for Arc<Service> {
             Ok((
                 proto::IdentifyResponse {
                     results: results.iter().map(to_proto).collect(),
+                    galleries: Vec::new(),
                 },
                 audited,
             ))
@@ -720,43 +843,63 @@ impl Biogate for Arc<Service> {
                     }
                 };
                 let (service, tx) = (service.clone(), tx.clone());
+                let many = !msg.galleries.is_empty();
                 let mut call = Call {
                     method: "IdentifyStream",
                     peer: opening.peer.clone(),
                     caller: opening.caller.clone(),
-                    gallery: msg.gallery.clone(),
+                    gallery: if many {
+                        gallery_names(&msg.galleries)
+                    } else {
+                        msg.gallery.clone()
+                    },
                     start: Instant::now(),
                     _permit: None,
                 };
                 tokio::spawn(async move {
+                    let probe = std::slice::from_ref(&msg.probe);
                     let r = async {
                         service.admit(&mut call)?;
-                        service
-                            .identify_probes(
-                                IdentifyQuery {
-                                    gallery: &msg.gallery,
-                                    probes: std::slice::from_ref(&msg.probe),
-                                    k: msg.k,
-                                    threshold: msg.threshold,
-                                    field: "probe",
-                                },
-                                deadline,
-                            )
-                            .await
+                        if many {
+                            check_one_kind_of_search(&msg.gallery, msg.k, msg.threshold)?;
+                            return service
+                                .identify_in_galleries(&msg.galleries, probe, "probe", deadline)
+                                .await;
+                        }
+                        let query = IdentifyQuery {
+                            gallery: &msg.gallery,
+                            probes: probe,
+                            k: msg.k,
+                            threshold: msg.threshold,
+                            field: "probe",
+                        };
+                        let (results, audited) = service.identify_probes(query, deadline).await?;
+                        Ok((vec![(String::new(), results)], audited))
                     }
                     .await;
                     let response = match service.finish(call, r).await {
-                        Ok(results) => proto::IdentifyStreamResponse {
-                            request_id: msg.request_id,
-                            result: results.get_ref().first().map(to_proto),
-                            error_code: 0,
-                            error_message: String::new(),
-                        },
+                        Ok(answers) => {
+                            let mut answers = answers.into_inner().into_iter();
+                            let first = |(_, r): (String, Vec<ProbeResult>)| r.first().map(to_proto);
+                            proto::IdentifyStreamResponse {
+                                request_id: msg.request_id,
+                                result: if many { None } else { answers.next().and_then(first) },
+                                error_code: 0,
+                                error_message: String::new(),
+                                galleries: answers
+                                    .map(|(gallery, r)| proto::GalleryResult {
+                                        gallery,
+                                        result: r.first().map(to_proto),
+                                    })
+                                    .collect(),
+                            }
+                        }
                         Err(s) => proto::IdentifyStreamResponse {
                             request_id: msg.request_id,
                             result: None,
                             error_code: s.code() as i32,
                             error_message: s.message().to_owned(),
+                            galleries: Vec::new(),
                         },
                     };
                     let _ = tx.send(Ok(response)).await;
@@ -1084,6 +1227,7 @@ mod tests {
             probes: vec![probe],
             k: 1,
             threshold: None,
+            ..Default::default()
         });
         r.metadata_mut().insert("grpc-timeout", timeout.parse().unwrap());
         r
