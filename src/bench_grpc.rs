@@ -1,7 +1,8 @@
 //! `biogate bench --grpc`: the server under load on loopback. Builds a gallery, times
 //! the engine alone at batch 1 and batch 256 on it, then starts the real server and
 //! runs 1, 16 and 256 concurrent clients that each send single-probe Identify calls,
-//! reporting throughput and p50/p99 latency beside the engine's own numbers.
+//! reporting throughput and p50/p99 latency beside the engine's own numbers. With a
+//! watchlist, every request searches the gallery and the watchlist at once.
 
 use crate::client::{Client, ConnectOptions, remote_error};
 use crate::engine::{Engine, SearchParams};
@@ -30,7 +31,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Run the load benchmark on a `rows x dim` gallery of `dtype`.
-pub async fn run(rows: usize, dim: usize, dtype: Dtype, concurrency: &[usize], seconds: f64) -> Result<Vec<LoadRow>> {
+pub async fn run(
+    rows: usize,
+    dim: usize,
+    dtype: Dtype,
+    concurrency: &[usize],
+    seconds: f64,
+    watchlist: Option<usize>,
+) -> Result<Vec<LoadRow>> {
     let dir = std::env::temp_dir().join(format!("biogate-grpc-bench-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(dir.clone());
     let gallery_dir = dir.join("galleries").join("bench");
@@ -38,16 +46,15 @@ pub async fn run(rows: usize, dim: usize, dtype: Dtype, concurrency: &[usize], s
         context: "bench dir".into(),
         source: e,
     })?;
-    {
-        let mut g = Gallery::create(&gallery_dir, dim, dtype)?;
-        let data = random_unit_rows(rows, dim, 7);
-        let ids: Vec<String> = (0..rows).map(|i| format!("r{i:09}")).collect();
-        g.import(
-            &mut MemoryImport::new(dim, &data, &ids)?,
-            ImportOptions::default(),
-            &|_| {},
-        )?;
+    make_gallery(&gallery_dir, rows, dim, dtype, 7, "r")?;
+    if let Some(n) = watchlist {
+        make_gallery(&dir.join("galleries").join("watchlist"), n, dim, dtype, 9, "w")?;
     }
+    let searches: Vec<(&str, u32, Option<f32>)> = match watchlist {
+        Some(_) => vec![("bench", 10, None), ("watchlist", 10, Some(0.5))],
+        None => vec![("bench", 10, None)],
+    };
+    let searches = Arc::new(searches);
     let probes = Arc::new(random_unit_rows(1024, dim, 8));
     let params = SearchParams { k: 10, threshold: None };
     let mut out = Vec::new();
@@ -94,14 +101,18 @@ pub async fn run(rows: usize, dim: usize, dtype: Dtype, concurrency: &[usize], s
         let start = Instant::now();
         let mut tasks = Vec::new();
         for t in 0..c {
-            let (client, probes) = (client.clone(), probes.clone());
+            let (client, probes, searches) = (client.clone(), probes.clone(), searches.clone());
             tasks.push(tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut i = t;
                 while latencies.len() < 2 || Instant::now() < deadline {
                     let p = &probes[(i % 1024) * dim..(i % 1024 + 1) * dim];
                     let t0 = Instant::now();
-                    client.identify("bench", p, dim, 10, None).await.map_err(remote_error)?;
+                    if searches.len() == 1 {
+                        client.identify("bench", p, dim, 10, None).await.map_err(remote_error)?;
+                    } else {
+                        client.identify_in(&searches, p, dim).await.map_err(remote_error)?;
+                    }
                     latencies.push(t0.elapsed().as_secs_f64() * 1e3);
                     i += c;
                 }
@@ -115,7 +126,11 @@ pub async fn run(rows: usize, dim: usize, dtype: Dtype, concurrency: &[usize], s
         let wall = start.elapsed().as_secs_f64();
         all.sort_by(f64::total_cmp);
         out.push(LoadRow {
-            what: "grpc single-probe clients".into(),
+            what: if watchlist.is_some() {
+                "grpc gallery+watchlist".into()
+            } else {
+                "grpc single-probe clients".into()
+            },
             concurrency: c,
             requests: all.len(),
             probes_per_s: all.len() as f64 / wall,
@@ -140,6 +155,19 @@ pub fn format_table(rows: &[LoadRow]) -> String {
         );
     }
     s
+}
+
+/// An imported gallery of `rows` random unit templates, ids `{prefix}000000000`...
+fn make_gallery(dir: &std::path::Path, rows: usize, dim: usize, dtype: Dtype, seed: u64, prefix: &str) -> Result<()> {
+    let mut g = Gallery::create(dir, dim, dtype)?;
+    let data = random_unit_rows(rows, dim, seed);
+    let ids: Vec<String> = (0..rows).map(|i| format!("{prefix}{i:09}")).collect();
+    g.import(
+        &mut MemoryImport::new(dim, &data, &ids)?,
+        ImportOptions::default(),
+        &|_| {},
+    )?;
+    Ok(())
 }
 
 struct RemoveOnDrop(std::path::PathBuf);

@@ -57,6 +57,10 @@ pub(crate) struct BenchArgs {
     /// Concurrent single-probe clients for --grpc.
     #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
     concurrency: Vec<usize>,
+    /// With --grpc: also make a watchlist of this many subjects, and have every request
+    /// search the gallery and the watchlist at once (a flight plus a watchlist).
+    #[arg(long)]
+    watchlist: Option<usize>,
 }
 
 pub(crate) fn run(a: BenchArgs) -> Result<()> {
@@ -68,6 +72,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
             dtype,
             &a.concurrency,
             a.min_seconds,
+            a.watchlist,
         ))?;
         if a.json {
             for r in &rows {
@@ -75,9 +80,12 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
             }
         } else {
             println!(
-                "gallery: {} x {} {dtype}, k = 10, cpu engine, {} threads",
+                "gallery: {} x {} {dtype}, k = 10{}, cpu engine, {} threads",
                 a.rows,
                 a.dim,
+                a.watchlist
+                    .map(|n| format!("; with a watchlist of {n} (k = 10, threshold 0.5) in every request"))
+                    .unwrap_or_default(),
                 rayon::current_num_threads()
             );
             print!("{}", biogate::bench_grpc::format_table(&rows));
