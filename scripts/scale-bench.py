@@ -8,8 +8,9 @@ For each gallery (made with `biogate synth` + `biogate gallery import`, any size
   - `identify` of one probe with --no-verify (best of 5) and `bench --gallery` (the
     scan alone, batch 1), and the first `identify` that verifies the rows;
   - `serve`: seconds from start to its "serving" line, RssAnon then and after the
-    background verification; enrollment of 5,000 single-subject messages into it and
-    into an empty gallery on the same server (templates/s), and RssAnon after.
+    background verification; `biogate client enroll` of 5,000 new subjects into it
+    and into an empty gallery on the same server (templates/s), and RssAnon after.
+    This ADDS the 5,000 subjects ("new-<time>-...") to the measured gallery's log.
 Standard library only. The page cache should hold the gallery (run it once before);
 the numbers are for this machine, printed as one JSON line per gallery.
 """

@@ -20,7 +20,7 @@
 use super::CompactReport;
 use super::files::write_segment_file;
 use super::manifest::{Manifest, SegmentEntry, segment_file_name};
-use super::segment::Segment;
+use super::segment::{Segment, subjects_in_order};
 use super::snapshot::SegmentView;
 use super::writer::Gallery;
 use crate::error::{Error, Result};
@@ -132,30 +132,18 @@ impl MergePlan {
         let mut rows_kept = 0;
         let segment = if live > 0 {
             write_segment_file(&self.storage, &self.dir, &self.manifest, &self.file, |writer| {
-                // Subjects in id order over all inputs (a merge of their sorted id
-                // tables), each subject's live rows together: the writer keeps the ids
-                // as they come, never hashing them, and the merged file has each
-                // subject's rows side by side.
-                use std::cmp::Reverse;
-                let mut heap: std::collections::BinaryHeap<Reverse<(&str, usize, u32)>> = self
-                    .inputs
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, (_, v))| v.segment.subjects() > 0)
-                    .map(|(i, (_, v))| Reverse((v.segment.subject_id(0), i, 0)))
-                    .collect();
-                while let Some(Reverse((id, i, o))) = heap.pop() {
+                // Subjects in id order over all inputs, each subject's live rows
+                // together: the writer keeps the ids as they come, never hashing them,
+                // and the merged file has each subject's rows side by side.
+                let inputs: Vec<&Segment> = self.inputs.iter().map(|(_, v)| v.segment.as_ref()).collect();
+                for (id, i, o) in subjects_in_order(&inputs) {
                     let v = &self.inputs[i].1;
-                    let seg = &v.segment;
-                    for &row in seg.subject_rows(o) {
+                    for &row in v.segment.subject_rows(o) {
                         let row = row as usize;
                         if !v.deleted.contains(row) {
-                            writer.push(seg.row(row), seg.scales()[row], id)?;
+                            writer.push(v.segment.row(row), v.segment.scales()[row], id)?;
                             rows_kept += 1;
                         }
-                    }
-                    if (o as usize + 1) < seg.subjects() {
-                        heap.push(Reverse((seg.subject_id(o + 1), i, o + 1)));
                     }
                 }
                 self.inputs.iter().try_for_each(|(_, v)| v.segment.after_read())
@@ -172,9 +160,9 @@ impl MergePlan {
             let subjects = v.segment.row_subjects();
             for row in v.deleted.iter() {
                 let id = v.segment.subject_id(subjects[row]);
-                if merged.is_some_and(|m| m.find_subject(id).is_some())
+                if !seen.insert(id)
+                    || merged.is_some_and(|m| m.find_subject(id).is_some())
                     || self.others.iter().any(|s| s.segment.find_subject(id).is_some())
-                    || !seen.insert(id)
                 {
                     continue;
                 }

@@ -2,7 +2,7 @@
 //! passenger manifest, every template of the listed subjects copied in the master's
 //! encoding (no re-encoding, so scores are bit for bit the master's).
 
-use super::import::ImportCounts;
+use super::import::SegmentCounts;
 use super::manifest::segment_file_name;
 use super::snapshot::Snapshot;
 use super::writer::Gallery;
@@ -89,7 +89,7 @@ impl Gallery {
                 master.check_reads()
             })?;
             let n = found.len() as u64;
-            let counts = ImportCounts {
+            let counts = SegmentCounts {
                 rows,
                 subjects: n,
                 unsealed: n,

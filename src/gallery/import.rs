@@ -31,7 +31,7 @@ impl Gallery {
         self.check_writable()?;
         let id = self.manifest.next_file_id;
         let file = segment_file_name(id);
-        let mut counts = ImportCounts::default();
+        let mut counts = SegmentCounts::default();
         let segment = self.write_segment(&file, |writer| {
             counts = self.write_import(source, options, progress, writer)?;
             Ok(())
@@ -51,7 +51,7 @@ impl Gallery {
         id: u64,
         file: &str,
         segment: std::sync::Arc<super::segment::Segment>,
-        counts: &ImportCounts,
+        counts: &SegmentCounts,
     ) -> Result<()> {
         let mut manifest = self.manifest.clone();
         manifest.sealed_subjects = Some(self.sealed_subjects() + counts.unsealed);
@@ -80,7 +80,7 @@ impl Gallery {
         options: ImportOptions,
         progress: &dyn Fn(u64),
         writer: &mut SegmentWriter,
-    ) -> Result<ImportCounts> {
+    ) -> Result<SegmentCounts> {
         let (mut already_live, mut already_sealed) = (0, 0);
         const CHUNK: usize = 4096;
         let (dim, dtype) = (self.manifest.dim, self.manifest.dtype);
@@ -154,7 +154,7 @@ impl Gallery {
         }
         // Every subject of the segment, less those found above.
         let subjects = writer.subjects() as u64;
-        Ok(ImportCounts {
+        Ok(SegmentCounts {
             rows: done,
             subjects,
             unsealed: subjects - already_sealed,
@@ -166,7 +166,7 @@ impl Gallery {
 /// What a new segment adds: rows and subjects in it, subjects no other segment names,
 /// subjects with no live row before it.
 #[derive(Default)]
-pub(super) struct ImportCounts {
+pub(super) struct SegmentCounts {
     pub(super) rows: u64,
     pub(super) subjects: u64,
     pub(super) unsealed: u64,

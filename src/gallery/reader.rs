@@ -5,7 +5,7 @@
 use super::GalleryInfo;
 use super::manifest::{self, Manifest, SegmentEntry};
 use super::memtable::LogTable;
-use super::segment::Segment;
+use super::segment::{Segment, subjects_in_order};
 use super::snapshot::{Counts, SegmentView, Snapshot, subject_is_live};
 use super::wal::{self, LogContents, WalHeader, WalRecord};
 use crate::error::{Error, IoContext, Result};
@@ -50,30 +50,12 @@ pub(super) fn count_sealed_subjects(segments: &[SegmentView]) -> u64 {
 /// Distinct ids over the segments' sorted id tables (only those with live rows if
 /// `live_only`), merged in O(subjects) time and O(segments) memory.
 fn distinct_ids(segments: &[SegmentView], live_only: bool) -> u64 {
-    use std::cmp::Reverse;
-    use std::collections::BinaryHeap;
-    let live = |v: &SegmentView, o: u32| {
-        !live_only
-            || v.segment
-                .subject_rows(o)
-                .first()
-                .is_some_and(|&r| !v.deleted.contains(r as usize))
-    };
-    let mut heap: BinaryHeap<Reverse<(&str, usize, u32)>> = segments
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| v.segment.subjects() > 0)
-        .map(|(i, v)| Reverse((v.segment.subject_id(0), i, 0)))
-        .collect();
+    let mapped: Vec<&Segment> = segments.iter().map(|v| v.segment.as_ref()).collect();
     let (mut distinct, mut last): (u64, Option<&str>) = (0, None);
-    while let Some(Reverse((id, i, o))) = heap.pop() {
-        if last != Some(id) && live(&segments[i], o) {
+    for (id, i, o) in subjects_in_order(&mapped) {
+        if last != Some(id) && (!live_only || segments[i].is_live(o)) {
             distinct += 1;
             last = Some(id);
-        }
-        let segment = &segments[i].segment;
-        if (o as usize + 1) < segment.subjects() {
-            heap.push(Reverse((segment.subject_id(o + 1), i, o + 1)));
         }
     }
     distinct

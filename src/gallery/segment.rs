@@ -599,6 +599,28 @@ impl Segment {
     }
 }
 
+/// The subjects of several segments in ascending id order (a merge of their sorted id
+/// tables: O(segments) memory, no hashing), as `(id, segment index, ordinal)`; an id
+/// in several segments comes once per segment, those entries adjacent.
+pub fn subjects_in_order<'a>(segments: &[&'a Segment]) -> impl Iterator<Item = (&'a str, usize, u32)> + use<'a> {
+    use std::cmp::Reverse;
+    let segments = segments.to_vec();
+    let mut heap: std::collections::BinaryHeap<Reverse<(&'a str, usize, u32)>> = segments
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.subjects() > 0)
+        .map(|(i, s)| Reverse((s.subject_id(0), i, 0)))
+        .collect();
+    std::iter::from_fn(move || {
+        let Reverse((id, i, o)) = heap.pop()?;
+        let segment = segments[i];
+        if (o as usize + 1) < segment.subjects() {
+            heap.push(Reverse((segment.subject_id(o + 1), i, o + 1)));
+        }
+        Some((id, i, o))
+    })
+}
+
 /// A segment header at byte `at` of `bytes`, if it is one biogate wrote and understands.
 fn read_header(bytes: &[u8], at: usize) -> std::result::Result<SegmentHeader, String> {
     let raw = bytes

@@ -25,25 +25,27 @@ impl SegmentView {
         SegmentView { segment, deleted }
     }
 
-    /// Whether `subject` has live rows here (a subject's rows are deleted together, so
-    /// its first row says).
-    pub fn has_live_subject(&self, subject: &str) -> bool {
+    /// Whether subject `ordinal` has live rows here (a subject's rows are deleted
+    /// together, so its first row says).
+    pub fn is_live(&self, ordinal: u32) -> bool {
         self.segment
-            .find_subject(subject)
-            .and_then(|o| self.segment.subject_rows(o).first())
+            .subject_rows(ordinal)
+            .first()
             .is_some_and(|&row| !self.deleted.contains(row as usize))
+    }
+
+    /// Whether `subject` has live rows here.
+    pub fn has_live_subject(&self, subject: &str) -> bool {
+        self.segment.find_subject(subject).is_some_and(|o| self.is_live(o))
     }
 
     /// Delete every row of `subject`; how many rows were live.
     pub fn delete_subject(&mut self, subject: &str) -> u64 {
-        let Some(o) = self.segment.find_subject(subject) else {
+        let Some(o) = self.segment.find_subject(subject).filter(|&o| self.is_live(o)) else {
             return 0;
         };
-        let rows = self.segment.subject_rows(o);
-        if rows.first().is_none_or(|&r| self.deleted.contains(r as usize)) {
-            return 0;
-        }
         let deleted = Arc::make_mut(&mut self.deleted);
+        let rows = self.segment.subject_rows(o);
         rows.iter().map(|&r| u64::from(deleted.insert(r as usize))).sum()
     }
 }
