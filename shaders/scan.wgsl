@@ -15,6 +15,11 @@
 // The tile's scores then go to the selection (select.wgsl) in ROWS_PER_INV rounds of
 // ROUND offers per probe: they never reach global memory. Each probe's best `keep`
 // rows of the block are written to `lists_in`.
+//
+// `score_slice` (the SLICE words' multiply-adds) and `offer_row` (one row's offers) are
+// written out by the host with every loop over the register block unrolled
+// (shaders.rs, `unrolled`): the accumulators are indexed by constants only, so they
+// stay in registers, and a slice's row loads are all issued before its arithmetic.
 
 var<workgroup> slice_rows: array<Word, ROW_SLOTS>;
 var<workgroup> slice_probes: array<Word, PROBE_TILE * SLICE * PW>;
@@ -42,30 +47,7 @@ fn score_tile(lid: u32, r0: u32, end: u32, probe0: u32) -> array<Acc, BLOCK> {
             }
         }
         workgroupBarrier();
-        for (var w = 0u; w < SLICE; w++) {
-            var raw: array<vec4<u32>, ROWS_PER_INV>;
-            if !STAGE_ROWS {
-                for (var i = 0u; i < ROWS_PER_INV; i++) {
-                    raw[i] = gallery_word(r0 + rg + i * ROUND, end, k0 + w);
-                }
-            }
-            for (var h = 0u; h < PW; h++) {
-                var g: array<Word, ROWS_PER_INV>;
-                for (var i = 0u; i < ROWS_PER_INV; i++) {
-                    if STAGE_ROWS {
-                        g[i] = slice_rows[(w * PW + h) * ROW_TILE + rg + i * ROUND];
-                    } else {
-                        g[i] = widen(raw[i], h);
-                    }
-                }
-                for (var j = 0u; j < PROBES_PER_INV; j++) {
-                    let q = slice_probes[(w * PW + h) * PROBE_TILE + p0 + j];
-                    for (var i = 0u; i < ROWS_PER_INV; i++) {
-                        acc[i * PROBES_PER_INV + j] = fma_word(acc[i * PROBES_PER_INV + j], g[i], q);
-                    }
-                }
-            }
-        }
+        acc = score_slice(acc, rg, p0, r0, end, k0);
         workgroupBarrier();
     }
     return acc;
@@ -92,10 +74,7 @@ fn scan(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: ve
             if live && row < end {
                 let key = row_keys[row];
                 if key != DEAD {
-                    for (var j = 0u; j < PROBES_PER_INV; j++) {
-                        let s = to_score(acc[i * PROBES_PER_INV + j], row, probe0 + p0 + j);
-                        select_offer(p0 + j, s, key, row);
-                    }
+                    offer_row(acc, i, row, key, probe0 + p0, p0);
                 }
             }
             select_round_end(lid, !live);

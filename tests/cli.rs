@@ -373,10 +373,30 @@ fn identify_on_the_gpu_prints_what_the_cpu_prints() {
     }
     let cpu = identify("cpu");
     assert!(cpu.status.success());
+    let cpu_out = String::from_utf8(cpu.stdout).unwrap();
     assert_eq!(
         String::from_utf8(gpu.stdout).unwrap(),
-        String::from_utf8(cpu.stdout).unwrap(),
+        cpu_out,
         "i8 candidate lists and scores are bit-identical"
+    );
+    // Scan blocks as short as they go (one row tile) and longer than the gallery: the
+    // block length moves work between the scan and the merge, never the answers.
+    let mated = data.join("mated.npy");
+    for rows in ["1", "100000"] {
+        let args = ["identify", p(&g), "--probes", p(&mated), "-k", "7", "--backend", "gpu"];
+        let out = biogate_env(&args, &[("BIOGATE_GPU_BLOCK_ROWS", rows)]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), cpu_out, "blocks of {rows} rows");
+    }
+    let bad = biogate_env(
+        &["identify", p(&g), "--probes", p(&mated), "--backend", "cpu"],
+        &[("BIOGATE_GPU_BLOCK_ROWS", "0")],
+    );
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("BIOGATE_GPU_BLOCK_ROWS=\"0\" is not a positive number of rows"),
+        "{err}"
     );
     // The bench names the card and reports the kernels' time when it can.
     let out = ok(&[

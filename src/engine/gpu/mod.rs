@@ -58,8 +58,13 @@ const TARGET_WORKGROUPS_PER_CPU_CORE: usize = 4;
 /// not the new kernels' logic; short blocks keep lavapipe exact (`bench --check` and
 /// tests/gpu.rs), and the merge tree takes the extra blocks.
 const SOFTWARE_MAX_ROWS_PER_BLOCK: usize = 2048;
-/// Fewest rows a scan block covers (amortises its final selection).
-const MIN_ROWS_PER_BLOCK: usize = 256;
+/// Fewest rows a scan block covers, per probe of its tile. Each block starts its
+/// selection with no bar and sorts often until the bar rises, so a wider tile (more
+/// probes sorting) wants longer blocks. Measured on an H100 (BENCHMARKS.md, "block
+/// sweep"): at 1M x 512 the best of 256 / 1,024 / 4,096 / 16,384 rows per block was
+/// 256 for one-probe tiles and 4,096 for 16-probe tiles, as this gives; 32-probe
+/// tiles (8,192 here) measured best at 16,384 of those four (not 8,192 itself).
+const MIN_ROWS_PER_BLOCK_PER_PROBE: usize = 256;
 /// Probes sent to the GPU in one submission.
 const MAX_PROBES_PER_DISPATCH: usize = 4096;
 /// Bytes of per-block lists one submission may write (all shards together).
@@ -628,6 +633,9 @@ impl Plan {
             TARGET_WORKGROUPS
         };
         let row_tile = shape.blocking.row_tile() as usize;
+        let min_rows_per_block = options
+            .min_rows_per_block
+            .unwrap_or(MIN_ROWS_PER_BLOCK_PER_PROBE * tile);
         let results_bytes = (padded * keep) as u64 * SLOT_BYTES;
         let binding_limit = ctx.limits.max_storage_buffer_binding_size;
         let shard_count = resident.shards.len().max(1) as u64;
@@ -648,7 +656,7 @@ impl Plan {
             let best_at = i as u64 * align(results_bytes);
             let wanted = target_workgroups.div_ceil(tiles as usize);
             let mut blocks = wanted
-                .min(s.rows.div_ceil(MIN_ROWS_PER_BLOCK.max(row_tile)))
+                .min(s.rows.div_ceil(min_rows_per_block.max(row_tile)))
                 .min(max_blocks_by_memory)
                 .max(1);
             let most_rows = if ctx.info.device_type == wgpu::DeviceType::Cpu {

@@ -233,12 +233,94 @@ impl KernelShape {
              const SLICE: u32 = {}u;\n\
              const STAGE_ROWS: bool = {};\n\
              const ROW_SLOTS: u32 = {}u;\n\n\
-             {LAYOUT}\n{SELECT}\n{score}\n{SCAN}\n{MERGE}",
+             {LAYOUT}\n{SELECT}\n{score}\n{SCAN}\n{}\n{MERGE}",
             b.probes_per_inv,
             self.slice,
             b.stage_rows(),
             self.row_slots(),
+            self.unrolled(),
         )
+    }
+}
+
+impl KernelShape {
+    /// scan.wgsl's `score_slice` and `offer_row`, with every loop over the register
+    /// block, the slice's words and the parts of a word written out, so that the
+    /// accumulators are indexed by constants only (drivers keep an array indexed by a
+    /// loop variable in memory rather than registers, and unroll few loops).
+    fn unrolled(&self) -> String {
+        use std::fmt::Write;
+        let b = &self.blocking;
+        let (rows, probes, words, parts) = (b.rows_per_inv, b.probes_per_inv, self.slice, self.probe_words());
+        let round = b.round();
+        let row_tile = b.row_tile();
+        let tile = b.probe_tile;
+        let mut f = String::from(
+            "// Generated (shaders.rs, KernelShape::unrolled): SLICE words of the register block.\n\
+             fn score_slice(acc_in: array<Acc, BLOCK>, rg: u32, p0: u32, r0: u32, end: u32, k0: u32) -> array<Acc, BLOCK> {\n\
+             \x20   var acc = acc_in;\n",
+        );
+        if !b.stage_rows() {
+            // Every row word of the slice is asked for before any is used.
+            for w in 0..words {
+                for i in 0..rows {
+                    let _ = writeln!(
+                        f,
+                        "    let raw_{w}_{i} = gallery_word(r0 + rg + {}u, end, k0 + {w}u);",
+                        i * round
+                    );
+                }
+            }
+        }
+        for w in 0..words {
+            for h in 0..parts {
+                let x = w * parts + h;
+                for i in 0..rows {
+                    if b.stage_rows() {
+                        let _ = writeln!(
+                            f,
+                            "    let g_{x}_{i} = slice_rows[{}u + rg + {}u];",
+                            x * row_tile,
+                            i * round
+                        );
+                    } else {
+                        let _ = writeln!(f, "    let g_{x}_{i} = widen(raw_{w}_{i}, {h}u);");
+                    }
+                }
+                for j in 0..probes {
+                    let _ = writeln!(f, "    let q_{x}_{j} = slice_probes[{}u + p0 + {j}u];", x * tile);
+                    for i in 0..rows {
+                        let a = i * probes + j;
+                        let _ = writeln!(f, "    acc[{a}] = fma_word(acc[{a}], g_{x}_{i}, q_{x}_{j});");
+                    }
+                }
+            }
+        }
+        f.push_str("    return acc;\n}\n\n");
+        f.push_str(
+            "// Generated: the offers of row group `i` of the register block (row `row`, the\n\
+             // probes from `probe`, selection slots from `p`).\n\
+             fn offer_row(acc: array<Acc, BLOCK>, i: u32, row: u32, key: u32, probe: u32, p: u32) {\n\
+             \x20   var a: array<Acc, PROBES_PER_INV>;\n\
+             \x20   switch i {\n",
+        );
+        for i in 0..rows {
+            let items: Vec<String> = (0..probes).map(|j| format!("acc[{}]", i * probes + j)).collect();
+            let _ = writeln!(
+                f,
+                "        case {i}u: {{ a = array<Acc, PROBES_PER_INV>({}); }}",
+                items.join(", ")
+            );
+        }
+        f.push_str("        default: {}\n    }\n");
+        for j in 0..probes {
+            let _ = writeln!(
+                f,
+                "    select_offer(p + {j}u, to_score(a[{j}], row, probe + {j}u), key, row);"
+            );
+        }
+        f.push_str("}\n");
+        f
     }
 }
 
