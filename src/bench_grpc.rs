@@ -2,7 +2,9 @@
 //! the engine alone at batch 1 and batch 256 on it, then starts the real server and
 //! runs 1, 16 and 256 concurrent clients that each send single-probe Identify calls,
 //! reporting throughput and p50/p99 latency beside the engine's own numbers. With a
-//! watchlist, every request searches the gallery and the watchlist at once.
+//! watchlist, every request searches the gallery and the watchlist at once. With
+//! encounters, each concurrency level runs twice, the second time with an encounter
+//! context on every request (the cost of recording them).
 
 use crate::client::{Client, ConnectOptions, remote_error};
 use crate::engine::{Engine, SearchParams};
@@ -38,6 +40,7 @@ pub async fn run(
     concurrency: &[usize],
     seconds: f64,
     watchlist: Option<usize>,
+    encounters: bool,
 ) -> Result<Vec<LoadRow>> {
     let dir = std::env::temp_dir().join(format!("biogate-grpc-bench-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(dir.clone());
@@ -91,7 +94,8 @@ pub async fn run(
         ..Default::default()
     })
     .await?;
-    for &c in concurrency {
+    let runs: &[bool] = if encounters { &[false, true] } else { &[false] };
+    for (&c, &recording) in concurrency.iter().flat_map(|c| runs.iter().map(move |r| (c, r))) {
         // Warm up the connection and the gallery's pages.
         client
             .identify("bench", &probes[..dim], dim, 10, None)
@@ -108,7 +112,19 @@ pub async fn run(
                 while latencies.len() < 2 || Instant::now() < deadline {
                     let p = &probes[(i % 1024) * dim..(i % 1024 + 1) * dim];
                     let t0 = Instant::now();
-                    if searches.len() == 1 {
+                    if recording {
+                        let context = crate::server::proto::EncounterContext {
+                            location: "BENCH".into(),
+                            gate: format!("G{}", t % 64),
+                            direction: if i % 2 == 0 { "entry" } else { "exit" }.into(),
+                            device: format!("cam-{t}"),
+                            capture_time: String::new(),
+                        };
+                        client
+                            .identify_at(&searches, p, dim, context, None)
+                            .await
+                            .map_err(remote_error)?;
+                    } else if searches.len() == 1 {
                         client.identify("bench", p, dim, 10, None).await.map_err(remote_error)?;
                     } else {
                         client.identify_in(&searches, p, dim).await.map_err(remote_error)?;
@@ -126,11 +142,15 @@ pub async fn run(
         let wall = start.elapsed().as_secs_f64();
         all.sort_by(f64::total_cmp);
         out.push(LoadRow {
-            what: if watchlist.is_some() {
-                "grpc gallery+watchlist".into()
-            } else {
-                "grpc single-probe clients".into()
-            },
+            what: format!(
+                "{}{}",
+                if watchlist.is_some() {
+                    "grpc gallery+watchlist"
+                } else {
+                    "grpc single-probe clients"
+                },
+                if recording { " + encounters" } else { "" }
+            ),
             concurrency: c,
             requests: all.len(),
             probes_per_s: all.len() as f64 / wall,

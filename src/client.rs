@@ -143,6 +143,63 @@ impl Client {
         Ok(self.raw().identify(self.request(req)).await?.into_inner().galleries)
     }
 
+    /// Identify probes in several galleries (`(gallery, k, threshold)`) at a border
+    /// point: the server records an encounter per probe and gallery under the
+    /// response's request id (`request_id`, or one the server makes).
+    pub async fn identify_at(
+        &self,
+        galleries: &[(&str, u32, Option<f32>)],
+        probes: &[f32],
+        dim: usize,
+        context: proto::EncounterContext,
+        request_id: Option<&str>,
+    ) -> Reply<proto::IdentifyResponse> {
+        let req = proto::IdentifyRequest {
+            probes: probes.chunks_exact(dim).map(pack).collect(),
+            galleries: galleries
+                .iter()
+                .map(|&(gallery, k, threshold)| proto::GallerySearch {
+                    gallery: gallery.into(),
+                    k,
+                    threshold,
+                })
+                .collect(),
+            encounter: Some(context),
+            request_id: request_id.unwrap_or_default().into(),
+            ..Default::default()
+        };
+        Ok(self.raw().identify(self.request(req)).await?.into_inner())
+    }
+
+    /// A traveller's matched encounters, oldest first.
+    pub async fn encounter_history(&self, subject: &str) -> Reply<Vec<proto::Encounter>> {
+        let req = proto::EncounterHistoryRequest {
+            subject: subject.into(),
+        };
+        Ok(self
+            .raw()
+            .encounter_history(self.request(req))
+            .await?
+            .into_inner()
+            .encounters)
+    }
+
+    /// Subjects whose last entry has no exit within `max_stay` ("90d"), as of `as_of`
+    /// (RFC 3339; now when empty).
+    pub async fn overstays(&self, max_stay: &str, as_of: &str) -> Reply<Vec<proto::Overstay>> {
+        let req = proto::OverstaysRequest {
+            max_stay: max_stay.into(),
+            as_of: as_of.into(),
+        };
+        Ok(self.raw().overstays(self.request(req)).await?.into_inner().overstays)
+    }
+
+    /// Probes, matches and match rate per gallery and `by` ("", "location", "gate", "day").
+    pub async fn encounter_stats(&self, by: &str) -> Reply<Vec<proto::EncounterStats>> {
+        let req = proto::EncounterStatsRequest { by: by.into() };
+        Ok(self.raw().encounter_stats(self.request(req)).await?.into_inner().rows)
+    }
+
     /// Verify one probe against a claimed subject.
     pub async fn verify(
         &self,

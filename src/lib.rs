@@ -14,6 +14,8 @@ pub mod bench_grpc;
 #[cfg(feature = "server")]
 pub mod client;
 pub mod dedup;
+#[cfg(feature = "server")]
+pub mod encounters;
 pub mod engine;
 pub mod error;
 pub mod eval;
@@ -26,6 +28,7 @@ pub mod server;
 pub mod storage;
 pub mod synth;
 pub mod template;
+pub mod time_text;
 
 pub use engine::{Candidate, Engine, ProbeResult, SearchParams};
 pub use error::{Error, Result};

@@ -61,9 +61,26 @@ pub(crate) struct BenchArgs {
     /// search the gallery and the watchlist at once (a flight plus a watchlist).
     #[arg(long)]
     watchlist: Option<usize>,
+    /// With --grpc: run each concurrency level again with an encounter context on every
+    /// request (what recording encounters costs).
+    #[arg(long)]
+    encounters: bool,
+    /// Instead: build an encounter database of this many encounters (a temporary
+    /// directory) and time the overstay report, a history and the stats over it.
+    #[arg(long)]
+    encounter_reports: Option<usize>,
 }
 
 pub(crate) fn run(a: BenchArgs) -> Result<()> {
+    if let Some(n) = a.encounter_reports {
+        let dir = std::env::temp_dir().join(format!("biogate-encounter-bench-{}", std::process::id()));
+        let timed = biogate::encounters::bench_reports(n, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        for (what, seconds) in timed? {
+            println!("{what:<48} {seconds:>9.3} s");
+        }
+        return Ok(());
+    }
     if a.grpc {
         let dtype = a.dtypes.first().copied().unwrap_or(Dtype::F32);
         let rows = runtime()?.block_on(biogate::bench_grpc::run(
@@ -73,6 +90,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
             &a.concurrency,
             a.min_seconds,
             a.watchlist,
+            a.encounters,
         ))?;
         if a.json {
             for r in &rows {

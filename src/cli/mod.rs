@@ -4,6 +4,7 @@
 mod bench;
 mod client;
 mod demo;
+mod encounters;
 mod gallery;
 mod search;
 mod serve;
@@ -50,6 +51,8 @@ pub(crate) enum Command {
     Serve(serve::ServeArgs),
     /// Talk to a running server.
     Client(client::ClientArgs),
+    /// Border reports from a server's encounter log: history, overstays, stats.
+    Encounters(encounters::EncountersArgs),
     /// Print a shell completion script (e.g. `biogate completions bash > /etc/bash_completion.d/biogate`).
     Completions {
         #[arg(value_enum)]
@@ -71,6 +74,7 @@ pub(crate) fn run(command: Command) -> Result<()> {
         Command::Dedup(a) => search::dedup(a),
         Command::Serve(a) => runtime()?.block_on(serve::run(a)),
         Command::Client(a) => runtime()?.block_on(client::run(a)),
+        Command::Encounters(a) => encounters::run(a),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "biogate", &mut std::io::stdout());

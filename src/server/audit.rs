@@ -39,8 +39,11 @@ pub struct AuditEntry<'a> {
     pub error: Option<&'a str>,
     /// Subject ids (and scores) returned or affected; never template values.
     pub subjects: Vec<(&'a str, Option<f32>)>,
-    /// Number of probes or templates involved.
+    /// Number of probes or templates involved (rows removed, for a purge).
     pub count: usize,
+    /// The retention rule a purge applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<&'a str>,
 }
 
 type Pending = (Vec<u8>, oneshot::Sender<std::io::Result<()>>);
@@ -226,6 +229,7 @@ impl Writer {
             error: None,
             subjects: vec![(&rotated_name, None)],
             count: 0,
+            rule: None,
         });
         let rotate = self
             .append(&line)
@@ -285,6 +289,7 @@ impl Writer {
                 error: None,
                 subjects: vec![(&name, None)],
                 count: self.config.keep_days as usize,
+                rule: None,
             });
             // The deletion is recorded durably before it happens.
             if self.append(&line).is_ok() {
@@ -348,6 +353,7 @@ mod tests {
             error: None,
             subjects: vec![("s1", Some(0.5))],
             count: n,
+            rule: None,
         }
     }
 

@@ -74,6 +74,8 @@ pub struct Config {
     pub file_check_interval_ms: u64,
     /// The audit log's rotation and retention.
     pub audit: AuditConfig,
+    /// Retention of the encounter log (`DATA/encounters.sqlite`).
+    pub encounters: EncountersConfig,
     /// TLS (and mutual TLS when `client_ca` is set).
     pub tls: Option<TlsConfig>,
     /// Bearer tokens. Empty: no authentication (every caller is "anonymous" with every
@@ -109,6 +111,54 @@ impl Default for AuditConfig {
             rotate_after_s: 86_400,
             keep_days: 400,
         }
+    }
+}
+
+/// How long encounters are kept, and how often the rule is applied.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncountersConfig {
+    /// Every encounter is kept this long (a whole number and s, m, h, d or y).
+    pub keep: String,
+    /// An overstayer's encounters are kept this long (at least `keep`).
+    pub keep_overstayers: String,
+    /// A stay longer than this makes an overstayer.
+    pub max_stay: String,
+    /// Seconds between purges (0: never purge).
+    pub purge_interval_s: u64,
+}
+
+impl Default for EncountersConfig {
+    fn default() -> Self {
+        // The EU Entry/Exit System's periods: 3 years, 5 for overstayers, 90 days' stay.
+        EncountersConfig {
+            keep: "3y".into(),
+            keep_overstayers: "5y".into(),
+            max_stay: "90d".into(),
+            purge_interval_s: 3600,
+        }
+    }
+}
+
+impl EncountersConfig {
+    /// The rule, checked.
+    pub fn retention(&self) -> Result<crate::encounters::Retention> {
+        use crate::time_text::parse_duration;
+        let field = |name: &str, text: &str| {
+            parse_duration(text, &format!("encounters.{name}")).map_err(|e| Error::Config(e.to_string()))
+        };
+        let rule = crate::encounters::Retention {
+            keep_ms: field("keep", &self.keep)?,
+            keep_overstayers_ms: field("keep_overstayers", &self.keep_overstayers)?,
+            max_stay_ms: field("max_stay", &self.max_stay)?,
+        };
+        if rule.keep_overstayers_ms < rule.keep_ms {
+            return Err(Error::Config(format!(
+                "encounters.keep_overstayers ({}) is shorter than encounters.keep ({})",
+                self.keep_overstayers, self.keep
+            )));
+        }
+        Ok(rule)
     }
 }
 
@@ -172,6 +222,7 @@ impl Default for Config {
             scrub_mb_per_s: 200,
             file_check_interval_ms: 1000,
             audit: AuditConfig::default(),
+            encounters: EncountersConfig::default(),
             tls: None,
             tokens: Vec::new(),
         }
@@ -190,6 +241,7 @@ impl Config {
 
     /// Check values that TOML's types cannot.
     pub fn validate(&self) -> Result<()> {
+        self.encounters.retention()?;
         if self.max_batch == 0 || self.queue_capacity == 0 || self.max_probes_per_request == 0 {
             return Err(Error::Config(
                 "max_batch, queue_capacity and max_probes_per_request must be positive".into(),
@@ -284,6 +336,29 @@ mod tests {
         )
         .unwrap();
         assert!(Config::load(&path).unwrap_err().to_string().contains("shorter than 16"));
+    }
+
+    #[test]
+    fn encounter_retention_rules_are_checked_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let rule = Config::default().encounters.retention().unwrap();
+        assert_eq!(
+            (rule.keep_ms, rule.max_stay_ms),
+            (3 * 365 * 86_400_000, 90 * 86_400_000)
+        );
+        for (toml, needle) in [
+            ("[encounters]\nkeep = \"3 years\"\n", "encounters.keep"),
+            ("[encounters]\nmax_stay = \"0d\"\n", "encounters.max_stay"),
+            (
+                "[encounters]\nkeep = \"5y\"\nkeep_overstayers = \"3y\"\n",
+                "shorter than encounters.keep",
+            ),
+        ] {
+            std::fs::write(&path, toml).unwrap();
+            let e = Config::load(&path).unwrap_err().to_string();
+            assert!(e.contains(needle), "{toml}: {e}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod connections;
+pub mod encounters;
 pub mod metrics;
 pub mod registry;
 pub mod service;
@@ -56,6 +57,7 @@ pub struct ServerHandle {
     task: tokio::task::JoinHandle<Result<()>>,
     grace: std::time::Duration,
     _supervisor: supervisor::Supervisor,
+    _retention: encounters::RetentionTask,
 }
 
 impl ServerHandle {
@@ -117,11 +119,20 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
             tracing::warn!(listen = %config.listen, "no tokens configured: authentication is off (every caller has every role)");
         }
     }
+    let audit = audit::AuditLog::open(&config.data_dir, &config.audit, storage)?;
+    let encounter_log = crate::encounters::EncounterLog::open(&config.data_dir)?;
+    let retention = encounters::RetentionTask::start(
+        config.data_dir.clone(),
+        config.encounters.retention()?,
+        std::time::Duration::from_secs(config.encounters.purge_interval_s),
+        audit.clone(),
+    );
     let service = Arc::new(service::Service {
         registry: registry.clone(),
         batcher,
         engine,
-        audit: audit::AuditLog::open(&config.data_dir, &config.audit, storage)?,
+        audit,
+        encounters: encounter_log,
         metrics: metrics.clone(),
         auth,
         config: config.clone(),
@@ -218,6 +229,7 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
         task,
         grace: std::time::Duration::from_millis(config.shutdown_grace_ms),
         _supervisor: supervisor,
+        _retention: retention,
     })
 }
 

@@ -12,10 +12,12 @@ use super::audit::{AuditEntry, AuditLog};
 use super::auth::{Auth, Caller};
 use super::batcher::{Batcher, Job, JobError, SubmitError};
 use super::config::{Config, Role};
+use super::encounters as encounter_rpc;
 use super::metrics::{Metrics, Refusal};
 use super::proto;
 use super::proto::biogate_server::Biogate;
 use super::registry::{GalleryEntry, GalleryStatus, Registry};
+use crate::encounters::{EncounterLog, EncounterStore, StatsBy};
 use crate::engine::{Engine, ProbeResult};
 use crate::error::{Error, GpuErrorKind};
 use crate::gallery::Enrollment;
@@ -34,6 +36,8 @@ pub struct Service {
     pub batcher: Batcher,
     pub engine: Engine,
     pub audit: AuditLog,
+    /// Where Identify requests with an encounter context are recorded.
+    pub encounters: EncounterLog,
     pub metrics: Arc<Metrics>,
     pub auth: Arc<Auth>,
     pub config: Arc<Config>,
@@ -383,6 +387,7 @@ impl Service {
                 error: None,
                 subjects: subjects.iter().map(|s| (*s, None)).collect(),
                 count,
+                rule: None,
             })
             .await
             .map_err(|e| {
@@ -417,6 +422,7 @@ impl Service {
                 error: error.as_deref(),
                 subjects: audited.subjects.iter().map(|(s, v)| (s.as_str(), *v)).collect(),
                 count: audited.count,
+                rule: None,
             })
             .await;
         let answer = match (r, written) {
@@ -752,6 +758,24 @@ impl Service {
         ))
     }
 
+    /// Make a request's encounters durable before it is answered; if they cannot be,
+    /// the answer is withheld (the client retries under the same request id).
+    async fn record_encounters(&self, rows: Vec<crate::encounters::Encounter>) -> Result<(), Status> {
+        self.encounters.record(rows).await.map_err(|e| {
+            tracing::error!(error = %e, "encounters could not be recorded; the answer is withheld");
+            Status::unavailable("the encounter could not be recorded; the answer is withheld (retry)")
+        })
+    }
+
+    /// Run a report over the encounter database on a blocking thread.
+    async fn encounter_report<T: Send + 'static>(
+        &self,
+        report: impl FnOnce(&EncounterStore) -> crate::error::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let dir = self.config.data_dir.clone();
+        blocking(move || report(&EncounterStore::open(&dir)?)).await
+    }
+
     /// An admin write on a gallery by name: intent line, the blocking operation, then
     /// the outcome (audited by `finish`).
     async fn admin_write<T: Send + 'static>(
@@ -776,42 +800,76 @@ impl Biogate for Arc<Service> {
             self.authorize(&mut call, &request, Role::Identify)?;
             let deadline = deadline_of(&request);
             let req = request.into_inner();
-            if !req.galleries.is_empty() {
-                check_one_kind_of_search(&req.gallery, req.k, req.threshold)?;
-                call.gallery = gallery_names(&req.galleries);
-                tracing::debug!(caller = %call.caller, galleries = %call.gallery, probes = req.probes.len(), "identify");
-                let (answers, audited) = self
-                    .identify_in_galleries(&req.galleries, &req.probes, "probes", deadline)
-                    .await?;
-                let galleries = answers
-                    .into_iter()
-                    .map(|(gallery, results)| proto::GalleryResults {
-                        gallery,
-                        results: results.iter().map(to_proto).collect(),
+            // The context is checked before anything is searched.
+            let context = req
+                .encounter
+                .as_ref()
+                .map(|c| encounter_rpc::check_context(c, "encounter"))
+                .transpose()?;
+            let request_id = match (&context, req.request_id.is_empty()) {
+                (Some(_), true) => encounter_rpc::new_request_id(),
+                _ => {
+                    if !req.request_id.is_empty() {
+                        encounter_rpc::check_request_id(&req.request_id, "request_id")?;
+                    }
+                    req.request_id.clone()
+                }
+            };
+            // (gallery, threshold, one result per probe), in request order.
+            let (answers, audited): (Vec<(String, Option<f32>, Vec<ProbeResult>)>, Audited) =
+                if !req.galleries.is_empty() {
+                    check_one_kind_of_search(&req.gallery, req.k, req.threshold)?;
+                    call.gallery = gallery_names(&req.galleries);
+                    tracing::debug!(caller = %call.caller, galleries = %call.gallery, probes = req.probes.len(), "identify");
+                    let (answers, audited) = self
+                        .identify_in_galleries(&req.galleries, &req.probes, "probes", deadline)
+                        .await?;
+                    let answers = answers
+                        .into_iter()
+                        .zip(&req.galleries)
+                        .map(|((gallery, results), s)| (gallery, s.threshold, results))
+                        .collect();
+                    (answers, audited)
+                } else {
+                    tracing::debug!(caller = %call.caller, gallery = %req.gallery, probes = req.probes.len(), k = req.k, "identify");
+                    let query = IdentifyQuery {
+                        gallery: &req.gallery,
+                        probes: &req.probes,
+                        k: req.k,
+                        threshold: req.threshold,
+                        field: "probes",
+                    };
+                    let (results, audited) = self.identify_probes(query, deadline).await?;
+                    (vec![(req.gallery.clone(), req.threshold, results)], audited)
+                };
+            let mut response = if req.galleries.is_empty() {
+                proto::IdentifyResponse {
+                    results: answers[0].2.iter().map(to_proto).collect(),
+                    ..Default::default()
+                }
+            } else {
+                proto::IdentifyResponse {
+                    galleries: answers
+                        .iter()
+                        .map(|(gallery, _, results)| proto::GalleryResults {
+                            gallery: gallery.clone(),
+                            results: results.iter().map(to_proto).collect(),
+                        })
+                        .collect(),
+                    ..Default::default()
+                }
+            };
+            if let Some(context) = &context {
+                let rows = answers
+                    .iter()
+                    .flat_map(|(gallery, threshold, results)| {
+                        encounter_rpc::rows_of(context, &request_id, gallery, *threshold, results)
                     })
                     .collect();
-                return Ok((
-                    proto::IdentifyResponse {
-                        results: Vec::new(),
-                        galleries,
-                    },
-                    audited,
-                ));
+                self.record_encounters(rows).await?;
+                response.request_id = request_id;
             }
-            tracing::debug!(caller = %call.caller, gallery = %req.gallery, probes = req.probes.len(), k = req.k, "identify");
-            let (results, audited) = self
-                .identify_probes(
-                    IdentifyQuery { gallery: &req.gallery, probes: &req.probes, k: req.k, threshold: req.threshold, field: "probes" },
-                    deadline,
-                )
-                .await?;
-            Ok((
-                proto::IdentifyResponse {
-                    results: results.iter().map(to_proto).collect(),
-                    galleries: Vec::new(),
-                },
-                audited,
-            ))
+            Ok((response, audited))
         }
         .await;
         self.finish(call, r).await
@@ -860,21 +918,41 @@ impl Biogate for Arc<Service> {
                     let probe = std::slice::from_ref(&msg.probe);
                     let r = async {
                         service.admit(&mut call)?;
-                        if many {
-                            check_one_kind_of_search(&msg.gallery, msg.k, msg.threshold)?;
-                            return service
-                                .identify_in_galleries(&msg.galleries, probe, "probe", deadline)
-                                .await;
-                        }
-                        let query = IdentifyQuery {
-                            gallery: &msg.gallery,
-                            probes: probe,
-                            k: msg.k,
-                            threshold: msg.threshold,
-                            field: "probe",
+                        let context = match &msg.encounter {
+                            Some(c) => {
+                                encounter_rpc::check_request_id(&msg.request_id, "request_id")?;
+                                Some(encounter_rpc::check_context(c, "encounter")?)
+                            }
+                            None => None,
                         };
-                        let (results, audited) = service.identify_probes(query, deadline).await?;
-                        Ok((vec![(String::new(), results)], audited))
+                        let (answers, audited, thresholds) = if many {
+                            check_one_kind_of_search(&msg.gallery, msg.k, msg.threshold)?;
+                            let (answers, audited) = service
+                                .identify_in_galleries(&msg.galleries, probe, "probe", deadline)
+                                .await?;
+                            (answers, audited, msg.galleries.iter().map(|g| g.threshold).collect())
+                        } else {
+                            let query = IdentifyQuery {
+                                gallery: &msg.gallery,
+                                probes: probe,
+                                k: msg.k,
+                                threshold: msg.threshold,
+                                field: "probe",
+                            };
+                            let (results, audited) = service.identify_probes(query, deadline).await?;
+                            (vec![(msg.gallery.clone(), results)], audited, vec![msg.threshold])
+                        };
+                        if let Some(context) = &context {
+                            let rows = answers
+                                .iter()
+                                .zip(thresholds)
+                                .flat_map(|((gallery, results), threshold)| {
+                                    encounter_rpc::rows_of(context, &msg.request_id, gallery, threshold, results)
+                                })
+                                .collect();
+                            service.record_encounters(rows).await?;
+                        }
+                        Ok((answers, audited))
                     }
                     .await;
                     let response = match service.finish(call, r).await {
@@ -1180,6 +1258,92 @@ impl Biogate for Arc<Service> {
         .await;
         self.finish(call, r).await
     }
+
+    async fn encounter_history(
+        &self,
+        request: Request<proto::EncounterHistoryRequest>,
+    ) -> Result<Response<proto::EncounterList>, Status> {
+        let mut call = self.begin("EncounterHistory", &request, "");
+        let r = async {
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Admin)?;
+            let subject = request.into_inner().subject;
+            check_subject_id(&subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
+            let wanted = subject.clone();
+            let rows = self.encounter_report(move |store| store.history(&wanted)).await?;
+            Ok((
+                proto::EncounterList {
+                    encounters: rows.iter().map(encounter_rpc::encounter_to_proto).collect(),
+                },
+                Audited {
+                    subjects: vec![(subject, None)],
+                    count: rows.len(),
+                    took_effect: false,
+                },
+            ))
+        }
+        .await;
+        self.finish(call, r).await
+    }
+
+    async fn overstays(
+        &self,
+        request: Request<proto::OverstaysRequest>,
+    ) -> Result<Response<proto::OverstayList>, Status> {
+        let mut call = self.begin("Overstays", &request, "");
+        let r = async {
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Admin)?;
+            let req = request.into_inner();
+            let invalid = |e: Error| Status::invalid_argument(e.to_string().replace("invalid input: ", ""));
+            let max_stay = crate::time_text::parse_duration(&req.max_stay, "max_stay").map_err(invalid)?;
+            let as_of = if req.as_of.is_empty() {
+                crate::time_text::now_ms()
+            } else {
+                crate::time_text::parse_time(&req.as_of, "as_of").map_err(invalid)?
+            };
+            let rows = self
+                .encounter_report(move |store| store.overstays(max_stay, as_of))
+                .await?;
+            Ok((
+                proto::OverstayList {
+                    overstays: rows.iter().map(encounter_rpc::overstay_to_proto).collect(),
+                },
+                Audited {
+                    subjects: rows.iter().map(|o| (o.subject.clone(), None)).collect(),
+                    count: rows.len(),
+                    took_effect: false,
+                },
+            ))
+        }
+        .await;
+        self.finish(call, r).await
+    }
+
+    async fn encounter_stats(
+        &self,
+        request: Request<proto::EncounterStatsRequest>,
+    ) -> Result<Response<proto::EncounterStatsList>, Status> {
+        let mut call = self.begin("EncounterStats", &request, "");
+        let r = async {
+            self.admit(&mut call)?;
+            self.authorize(&mut call, &request, Role::Admin)?;
+            let by = StatsBy::parse(&request.into_inner().by, "by")
+                .map_err(|e| Status::invalid_argument(e.to_string().replace("invalid input: ", "")))?;
+            let rows = self.encounter_report(move |store| store.stats(by)).await?;
+            Ok((
+                proto::EncounterStatsList {
+                    rows: rows.iter().map(encounter_rpc::stats_to_proto).collect(),
+                },
+                Audited {
+                    count: rows.len(),
+                    ..Default::default()
+                },
+            ))
+        }
+        .await;
+        self.finish(call, r).await
+    }
 }
 
 #[cfg(test)]
@@ -1213,6 +1377,7 @@ mod tests {
             batcher: Batcher::start(engine.clone(), batch, metrics.clone()),
             engine,
             audit: AuditLog::open(dir, &config.audit, crate::storage::Storage::default()).unwrap(),
+            encounters: EncounterLog::open(dir).unwrap(),
             metrics,
             auth: Arc::new(Auth::new(&[])),
             in_flight: Arc::new(Semaphore::new(config.max_requests_in_flight)),
