@@ -196,6 +196,16 @@ fn the_demo_runs_with_no_setup() {
         out.contains("over gRPC") && out.contains("matched to their subject"),
         "{out}"
     );
+    // The day at the border: two flights derived, one watchlist hit, exactly one
+    // overstayer (the demo itself fails unless the reports show what it planted).
+    assert!(
+        out.contains("flight-AF0123: derived") && out.contains("flight-LH0456: derived"),
+        "{out}"
+    );
+    assert!(out.contains("watchlist hits: subject-"), "{out}");
+    let overstays = out.split("encounters overstays").nth(1).expect("an overstay report");
+    let rows: Vec<&str> = overstays.lines().skip(2).take_while(|l| !l.is_empty()).collect();
+    assert_eq!(rows.len(), 1, "one overstayer: {out}");
 }
 
 #[test]

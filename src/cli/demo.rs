@@ -115,12 +115,34 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
     if rank1 as f64 / n < 0.95 {
         return Err(Error::invalid("demo accuracy is unexpectedly low"));
     }
+    // The border day's travellers: mated probes matched to their own subject at the
+    // threshold (a probe the matcher misses would make a traveller who never entered),
+    // one per subject.
+    let mut seen = std::collections::HashSet::new();
+    let travellers: Vec<usize> = mated
+        .iter()
+        .zip(&data.mated_ids)
+        .enumerate()
+        .filter(|(_, (r, id))| {
+            r.candidates
+                .first()
+                .is_some_and(|c| &c.subject == *id && c.score >= threshold)
+        })
+        .filter(|(_, (_, id))| seen.insert(id.as_str()))
+        .map(|(i, _)| i)
+        .take(400)
+        .collect();
     drop(g);
-    runtime()?.block_on(demo_over_grpc(&data_dir, &data, k))
+    runtime()?.block_on(demo_over_grpc(&data_dir, &data, k, &travellers))
 }
 
 /// The same gallery served over gRPC on loopback: identify through a real client.
-async fn demo_over_grpc(data_dir: &std::path::Path, data: &biogate::synth::SynthData, k: usize) -> Result<()> {
+async fn demo_over_grpc(
+    data_dir: &std::path::Path,
+    data: &biogate::synth::SynthData,
+    k: usize,
+    travellers: &[usize],
+) -> Result<()> {
     use biogate::client::{Client, ConnectOptions};
     let config = Config::loopback(data_dir);
     let server = biogate::server::start(config).await?;
@@ -159,8 +181,135 @@ async fn demo_over_grpc(data_dir: &std::path::Path, data: &biogate::synth::Synth
         data.mated_ids.len() as f64 / wall,
         one.elapsed().as_secs_f64() * 1e3
     );
-    println!("to serve your own galleries: biogate serve   (then: biogate client galleries)");
-    server.shutdown().await
+    println!("\na day at the border (CDG), over the same server:");
+    let day = border_day(&client, data_dir, data, travellers).await;
+    println!(
+        "\nto serve your own galleries: biogate serve   (then: biogate client galleries; the reports: biogate encounters --help)"
+    );
+    server.shutdown().await?;
+    day
+}
+
+/// A day at the border on the demo's server: two flight galleries derived from the
+/// master by their manifests, a watchlist, entries at gates and exits two weeks later
+/// with encounter contexts, one traveller who never leaves, one watchlist hit; then the
+/// programme's reports from the encounter log.
+async fn border_day(
+    client: &biogate::client::Client,
+    data_dir: &std::path::Path,
+    data: &biogate::synth::SynthData,
+    travellers: &[usize],
+) -> Result<()> {
+    use biogate::client::remote_error;
+    use biogate::encounters::{EncounterStore, Format, Report, StatsBy};
+    use biogate::server::proto::EncounterContext;
+    use biogate::time_text::parse_time;
+    let dim = data.dim;
+    let threshold = 0.4;
+    let half = travellers.len() / 2;
+    let flights = [
+        ("flight-AF0123", &travellers[..half]),
+        ("flight-LH0456", &travellers[half..]),
+    ];
+    for (name, people) in flights {
+        let manifest: Vec<String> = people.iter().map(|&i| data.mated_ids[i].clone()).collect();
+        let t = Instant::now();
+        let info = client
+            .derive_gallery(name, "demo", &manifest)
+            .await
+            .map_err(remote_error)?;
+        println!(
+            "  {name}: derived from the master's {} subjects by its manifest in {:.1} ms ({} travellers)",
+            data.gallery_ids.len() / 2,
+            t.elapsed().as_secs_f64() * 1e3,
+            info.subjects
+        );
+    }
+    // The watchlist: one traveller of the first flight, derived from the master too.
+    let wanted = travellers[7];
+    client
+        .derive_gallery("watchlist", "demo", std::slice::from_ref(&data.mated_ids[wanted]))
+        .await
+        .map_err(remote_error)?;
+    let context = |direction: &str, gate: String, time: &str| EncounterContext {
+        location: "CDG".into(),
+        gate,
+        direction: direction.into(),
+        device: "egate".into(),
+        capture_time: time.into(),
+    };
+    let second =
+        |base: &str, s: usize| parse_time(base, "t").map(|t| biogate::time_text::format_time(t + s as i64 * 1000));
+    // Entries: each flight's travellers at four gates, against the flight and the watchlist.
+    let mut hits = Vec::new();
+    for (f, &(name, people)) in flights.iter().enumerate() {
+        let base = ["2026-03-01T06:00:00Z", "2026-03-01T09:30:00Z"][f];
+        for (n, &i) in people.iter().enumerate() {
+            let gate = format!("{}{}", ["A", "B"][f], n % 4 + 1);
+            let answer = client
+                .identify_at(
+                    &[(name, 1, Some(threshold)), ("watchlist", 1, Some(threshold))],
+                    &data.mated[i * dim..(i + 1) * dim],
+                    dim,
+                    context("entry", gate.clone(), &second(base, n * 7)?),
+                    None,
+                )
+                .await
+                .map_err(remote_error)?;
+            if let Some(hit) = answer.galleries[1].results[0]
+                .candidates
+                .first()
+                .filter(|_| answer.galleries[1].results[0].matched)
+            {
+                hits.push(format!("{} at gate {gate} (score {:.3})", hit.subject, hit.score));
+            }
+        }
+    }
+    // Exits two weeks later, against the master; the overstayer does not leave.
+    let overstayer = travellers[3];
+    for (n, &i) in travellers.iter().enumerate().filter(|(_, i)| **i != overstayer) {
+        client
+            .identify_at(
+                &[("demo", 1, Some(threshold))],
+                &data.mated[i * dim..(i + 1) * dim],
+                dim,
+                context(
+                    "exit",
+                    format!("X{}", n % 2 + 1),
+                    &second("2026-03-15T12:00:00Z", n * 5)?,
+                ),
+                None,
+            )
+            .await
+            .map_err(remote_error)?;
+    }
+    println!(
+        "  {} entries and {} exits at gates; watchlist hits: {}",
+        travellers.len(),
+        travellers.len() - 1,
+        hits.join("; ")
+    );
+    let store = EncounterStore::open(data_dir)?;
+    println!("\nencounters stats --by location:");
+    print!(
+        "{}",
+        Report::stats(&store.stats(StatsBy::Location)?, StatsBy::Location).render(Format::Table)
+    );
+    let as_of = "2026-07-01T00:00:00Z";
+    println!("\nencounters overstays --max-stay 90d --as-of {as_of}:");
+    let over = store.overstays(90 * 86_400_000, parse_time(as_of, "as_of")?)?;
+    print!("{}", Report::overstays(&over).render(Format::Table));
+    println!("\nencounters history {}:", data.mated_ids[wanted]);
+    print!(
+        "{}",
+        Report::history(&store.history(&data.mated_ids[wanted])?).render(Format::Table)
+    );
+    if over.len() != 1 || over[0].subject != data.mated_ids[overstayer] || hits.is_empty() {
+        return Err(Error::Internal(
+            "the border day's reports are not what it planted".into(),
+        ));
+    }
+    Ok(())
 }
 
 struct RemoveOnDrop(PathBuf);
