@@ -45,6 +45,18 @@ pub fn remote_error(s: Status) -> Error {
     }
 }
 
+/// `(gallery, k, threshold)` as a request's gallery searches.
+fn searches(galleries: &[(&str, u32, Option<f32>)]) -> Vec<proto::GallerySearch> {
+    galleries
+        .iter()
+        .map(|&(gallery, k, threshold)| proto::GallerySearch {
+            gallery: gallery.into(),
+            k,
+            threshold,
+        })
+        .collect()
+}
+
 /// Pack f32 values as little-endian bytes (the API's template encoding).
 pub fn pack(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -130,14 +142,7 @@ impl Client {
     ) -> Reply<Vec<proto::GalleryResults>> {
         let req = proto::IdentifyRequest {
             probes: probes.chunks_exact(dim).map(pack).collect(),
-            galleries: galleries
-                .iter()
-                .map(|&(gallery, k, threshold)| proto::GallerySearch {
-                    gallery: gallery.into(),
-                    k,
-                    threshold,
-                })
-                .collect(),
+            galleries: searches(galleries),
             ..Default::default()
         };
         Ok(self.raw().identify(self.request(req)).await?.into_inner().galleries)
@@ -156,14 +161,7 @@ impl Client {
     ) -> Reply<proto::IdentifyResponse> {
         let req = proto::IdentifyRequest {
             probes: probes.chunks_exact(dim).map(pack).collect(),
-            galleries: galleries
-                .iter()
-                .map(|&(gallery, k, threshold)| proto::GallerySearch {
-                    gallery: gallery.into(),
-                    k,
-                    threshold,
-                })
-                .collect(),
+            galleries: searches(galleries),
             encounter: Some(context),
             request_id: request_id.unwrap_or_default().into(),
             ..Default::default()
@@ -236,6 +234,7 @@ impl Client {
                 gallery: gallery.into(),
                 subject: ids[i].clone(),
                 templates: (i..j).map(|r| pack(&templates[r * dim..(r + 1) * dim])).collect(),
+                ..Default::default()
             });
             i = j;
         }

@@ -7,11 +7,11 @@
 
 mod common;
 
-use biogate::client::{Client, ConnectOptions, pack};
+use biogate::client::{Client, pack};
 use biogate::encounters::EncounterStore;
 use biogate::server::proto;
 use biogate::server::start;
-use common::server::{DIM, config, connect, create, ids};
+use common::server::{DIM, config, connect, connect_when_up, create, free_port, ids, serve_process};
 use common::{random_rows, rng};
 use rand::Rng;
 use std::collections::HashMap;
@@ -256,43 +256,10 @@ async fn identify_with_a_context_records_encounters_and_the_reports_read_them() 
 #[allow(clippy::zombie_processes)]
 fn kill_9_under_load_keeps_every_answered_encounter_exactly_once() {
     let data = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_biogate"))
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--metrics-listen",
-                "off",
-                "--data-dir",
-            ])
-            .arg(data.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let port = free_port();
+    let spawn = || serve_process(port, data.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let connect = || async {
-        for _ in 0..400 {
-            let options = ConnectOptions {
-                addr: format!("http://127.0.0.1:{port}"),
-                ..Default::default()
-            };
-            if let Ok(c) = Client::connect(&options).await
-                && c.list_galleries().await.is_ok()
-            {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("server did not come up");
-    };
+    let connect = || connect_when_up(port);
     let rows = random_rows(&mut rng(72), 8, 512);
     let mut answered: Vec<String> = Vec::new();
     let mut r = rng(73);

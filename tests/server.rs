@@ -499,11 +499,13 @@ async fn bad_input_gets_the_right_status_naming_the_field_and_changes_nothing() 
             gallery: "g".into(),
             subject: "ok-1".into(),
             templates: vec![good.clone()],
+            ..Default::default()
         },
         proto::EnrollRequest {
             gallery: "g".into(),
             subject: "bad".into(),
             templates: vec![pack(&nan)],
+            ..Default::default()
         },
     ];
     let e = c.raw().enroll(c.request(tokio_stream::iter(msgs))).await.unwrap_err();
@@ -587,49 +589,15 @@ async fn health_reports_serving_then_not_serving_and_shutdown_drains() {
 #[allow(clippy::zombie_processes)]
 fn kill_9_during_enroll_streams_loses_nothing_acknowledged() {
     let data = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_biogate");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let spawn = || {
-        std::process::Command::new(bin)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--metrics-listen",
-                "off",
-                "--data-dir",
-            ])
-            .arg(data.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let port = common::server::free_port();
+    let spawn = || common::server::serve_process(port, data.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let addr = format!("http://127.0.0.1:{port}");
-    let connect = |addr: String| async move {
-        for _ in 0..200 {
-            if let Ok(c) = Client::connect(&ConnectOptions {
-                addr: addr.clone(),
-                ..Default::default()
-            })
-            .await
-            {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("server did not come up");
-    };
+    let connect = || common::server::connect_when_up(port);
     let mut acked: Vec<(String, Vec<f32>)> = Vec::new();
     let mut r = rng(7);
     for round in 0..3 {
         let mut server = spawn();
-        let c = rt.block_on(connect(addr.clone()));
+        let c = rt.block_on(connect());
         let kill_after = r.random_range(3..12);
         for call in 0.. {
             let rows = random_rows(&mut r, 5, 512);
@@ -651,7 +619,7 @@ fn kill_9_during_enroll_streams_loses_nothing_acknowledged() {
         }
         // Restart: every acknowledged subject is there and is its own best match.
         let mut server = spawn();
-        let c = rt.block_on(connect(addr.clone()));
+        let c = rt.block_on(connect());
         for chunk in acked.chunks(64) {
             let probes: Vec<f32> = chunk.iter().flat_map(|(_, t)| unit(t)).collect();
             let res = rt.block_on(c.identify("default", &probes, 512, 1, None)).unwrap();

@@ -64,6 +64,9 @@ pub(crate) enum GalleryCommand {
         /// verified them since it started; a damaged row would be copied silently).
         #[arg(long)]
         no_verify: bool,
+        /// RFC 3339 time at which the new gallery expires (answers nothing from then on).
+        #[arg(long)]
+        expires_at: Option<String>,
     },
     /// Delete a subject and all its templates.
     Delete {
@@ -176,14 +179,18 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
             subjects,
             json,
             no_verify,
+            expires_at,
         } => {
+            let expires_at = expires_at
+                .map(|t| biogate::time_text::parse_time(&t, "--expires-at"))
+                .transpose()?;
             let ids = biogate::npy::read_ids(&subjects)?;
             let t = Instant::now();
             let snapshot = biogate::gallery::open_snapshot(&master)?;
             if no_verify {
                 snapshot.trust_rows();
             }
-            let (_, report) = Gallery::derive(&snapshot, &dst, &ids, Default::default())?;
+            let (_, report) = Gallery::derive_expiring(&snapshot, &dst, &ids, expires_at, Default::default())?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             tracing::info!(master = %master.display(), gallery = %dst.display(), subjects = report.subjects, "derived");
             if json {

@@ -182,6 +182,13 @@ impl Engine {
             )));
         }
         let encoded = EncodedProbes::new(snapshot.dtype(), dim, probe)?;
+        let now = crate::time_text::now_ms();
+        if snapshot.expiry().gallery_expired(now) {
+            return Err(snapshot.expiry().gallery_expired_error());
+        }
+        if snapshot.expiry().subject_expired(subject, now) {
+            return Ok(None);
+        }
         snapshot.ensure_verified()?;
         let mut best: Option<f32> = None;
         for slab in snapshot.slabs() {
@@ -211,6 +218,14 @@ impl Engine {
             )));
         }
         let encoded = EncodedProbes::new(snapshot.dtype(), dim, probes)?;
+        // Expired subjects are never returned: the backends are asked for as many more
+        // candidates as there are expired live subjects, which are then dropped, so the
+        // best k of the others are all among them (exact, on every backend).
+        let now = crate::time_text::now_ms();
+        if snapshot.expiry().gallery_expired(now) {
+            return Err(snapshot.expiry().gallery_expired_error());
+        }
+        let expired: std::collections::HashSet<&str> = snapshot.expired_live(now).into_iter().collect();
         // Damaged rows are never scored: each segment's checksums are verified before
         // its rows are first read (once), and a read that faulted fails the search.
         snapshot.ensure_verified()?;
@@ -218,7 +233,10 @@ impl Engine {
         let slabs = snapshot.slabs();
         let mut per_slab = Vec::with_capacity(slabs.len());
         for slab in &slabs {
-            per_slab.push(self.backend.search_slab(slab, &encoded, params.k, floor)?);
+            per_slab.push(
+                self.backend
+                    .search_slab(slab, &encoded, params.k + expired.len(), floor)?,
+            );
         }
         let results = (0..encoded.count)
             .map(|q| {
@@ -226,6 +244,9 @@ impl Engine {
                 for (slab, hits) in slabs.iter().zip(&per_slab) {
                     for h in &hits[q] {
                         let id = slab.subject_id(h.subject);
+                        if expired.contains(id) {
+                            continue;
+                        }
                         let e = best.entry(id).or_insert(h.score);
                         *e = e.max(h.score);
                     }

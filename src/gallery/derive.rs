@@ -49,11 +49,44 @@ impl Gallery {
         subjects: &[String],
         storage: Storage,
     ) -> Result<(Gallery, DeriveReport)> {
+        Gallery::derive_expiring(master, dir, subjects, None, storage)
+    }
+
+    /// [`Gallery::derive`], the new gallery expiring at `expires_at` (ms since the
+    /// epoch; in the future). Subjects expired in the master are not copied (they are
+    /// listed as missing); the others keep their expiry.
+    pub fn derive_expiring(
+        master: &Snapshot,
+        dir: &Path,
+        subjects: &[String],
+        expires_at: Option<i64>,
+        storage: Storage,
+    ) -> Result<(Gallery, DeriveReport)> {
         check_subject_list(subjects)?;
+        let now = crate::time_text::now_ms();
+        if let Some(t) = expires_at {
+            super::expiry::check_future(t, now, "expires_at")?;
+        }
+        if master.expiry().gallery_expired(now) {
+            return Err(master.expiry().gallery_expired_error());
+        }
         master.ensure_verified()?;
         let existed = dir.exists();
         let mut g = Gallery::create_with(dir, master.dim(), master.dtype(), storage)?;
-        match g.fill_from(master, subjects) {
+        let filled = g.fill_from(master, subjects, now).and_then(|report| {
+            let mut expiry = super::expiry::Expiry::default();
+            expiry.gallery_ms = expires_at;
+            for s in subjects {
+                if let Some(t) = master.expiry().subject_ms(s).filter(|_| g.snapshot().has_subject(s)) {
+                    expiry.set(s, Some(t));
+                }
+            }
+            if !expiry.is_empty() {
+                g.commit_expiry(expiry)?;
+            }
+            Ok(report)
+        });
+        match filled {
             Ok(report) => Ok((g, report)),
             Err(e) => {
                 drop(g);
@@ -65,8 +98,12 @@ impl Gallery {
         }
     }
 
-    fn fill_from(&mut self, master: &Snapshot, subjects: &[String]) -> Result<DeriveReport> {
-        let mut sorted: Vec<&str> = subjects.iter().map(String::as_str).collect();
+    fn fill_from(&mut self, master: &Snapshot, subjects: &[String], now_ms: i64) -> Result<DeriveReport> {
+        let mut sorted: Vec<&str> = subjects
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !master.expiry().subject_expired(s, now_ms))
+            .collect();
         sorted.sort_unstable();
         let slabs = master.slabs();
         let mut found = std::collections::HashSet::new();

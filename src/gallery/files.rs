@@ -103,7 +103,8 @@ pub(crate) fn remove_orphans(
         let Some(name) = name.to_str() else { continue };
         let ours = name.starts_with("seg-")
             || name.starts_with("wal-")
-            || (name.starts_with("MANIFEST") && name.ends_with(".tmp"));
+            || (name.starts_with("MANIFEST") && name.ends_with(".tmp"))
+            || name == "EXPIRY.tmp";
         if ours && !keep.contains(name) && entry.file_type().is_ok_and(|t| t.is_file()) {
             tracing::info!(gallery = %dir.display(), file = name, "removing unreferenced file");
             storage.remove_file(&entry.path())?;

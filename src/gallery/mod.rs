@@ -17,6 +17,7 @@
 pub mod compaction;
 pub mod deletions;
 pub mod derive;
+pub mod expiry;
 mod files;
 pub mod format;
 pub mod identity;

@@ -26,14 +26,17 @@ pub(super) struct LoadedState {
 }
 
 impl LoadedState {
-    fn into_snapshot(self) -> Snapshot {
-        Snapshot::new(
+    /// The snapshot of this state, with the retention state read from `dir`.
+    fn into_snapshot(self, dir: &Path) -> Result<Snapshot> {
+        let expiry = std::sync::Arc::new(super::expiry::Expiry::load(dir)?);
+        Ok(Snapshot::new(
             self.manifest.dim,
             self.manifest.dtype,
             self.segments,
             self.memtable,
             self.counts,
         )
+        .with_expiry(expiry))
     }
 }
 
@@ -219,7 +222,7 @@ pub fn open_snapshot(dir: &Path) -> Result<Snapshot> {
     let mut attempt = 0;
     loop {
         match load_state(dir) {
-            Ok(s) => return Ok(s.into_snapshot()),
+            Ok(s) => return s.into_snapshot(dir),
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && attempt < 3 => {
                 attempt += 1;
             }
@@ -263,7 +266,7 @@ pub fn check(dir: &Path) -> Result<GalleryInfo> {
     }
     let tombstones = state.tombstones;
     let manifest = state.manifest.clone();
-    let mut info = info_of(dir, &manifest, &state.into_snapshot(), tombstones);
+    let mut info = info_of(dir, &manifest, &state.into_snapshot(dir)?, tombstones);
     info.notes = notes;
     Ok(info)
 }
@@ -282,12 +285,14 @@ pub(super) fn info_of(dir: &Path, manifest: &Manifest, snapshot: &Snapshot, tomb
         .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
         .map(|m| m.len())
         .sum();
+    // Expired subjects are not counted, though their rows are here until a purge.
+    let (expired_subjects, expired_rows) = snapshot.expired_counts(crate::time_text::now_ms());
     GalleryInfo {
         path: dir.display().to_string(),
         dim: snapshot.dim(),
         dtype: snapshot.dtype(),
-        rows: snapshot.live_rows() as u64,
-        subjects: snapshot.live_subjects() as u64,
+        rows: snapshot.live_rows() as u64 - expired_rows,
+        subjects: snapshot.live_subjects() as u64 - expired_subjects,
         segments: snapshot.segments().len(),
         log_rows: snapshot.log().rows() as u64,
         deleted_subjects_pending: tombstones,
@@ -316,7 +321,7 @@ pub fn info(dir: &Path) -> Result<GalleryInfo> {
     Ok(info_of(
         dir,
         &state.manifest.clone(),
-        &state.into_snapshot(),
+        &state.into_snapshot(dir)?,
         tombstones,
     ))
 }

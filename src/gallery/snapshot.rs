@@ -4,6 +4,7 @@
 //! with, so searches never block writers and never see half an update.
 
 use super::deletions::DeletedRows;
+use super::expiry::Expiry;
 use super::memtable::{LogTable, MemTable};
 pub use super::origin::Origin;
 use super::segment::Segment;
@@ -71,6 +72,8 @@ pub struct Snapshot {
     segments: Vec<SegmentView>,
     log: LogTable,
     counts: Counts,
+    /// When the gallery and its subjects expire (see expiry.rs).
+    expiry: Arc<Expiry>,
 }
 
 /// What a cache needs to know to reuse rows it copied from a slab earlier.
@@ -265,7 +268,39 @@ impl Snapshot {
             segments,
             log,
             counts,
+            expiry: Arc::new(Expiry::default()),
         }
+    }
+
+    /// The same snapshot with the gallery's retention state.
+    pub fn with_expiry(mut self, expiry: Arc<Expiry>) -> Snapshot {
+        self.expiry = expiry;
+        self
+    }
+
+    /// The gallery's retention state.
+    pub fn expiry(&self) -> &Expiry {
+        &self.expiry
+    }
+
+    /// Live subjects whose expiry is at or before `now_ms`: never to be returned,
+    /// verified or counted, though their rows are still here until a purge.
+    pub fn expired_live(&self, now_ms: i64) -> Vec<&str> {
+        self.expiry.expired(now_ms).filter(|s| self.has_subject(s)).collect()
+    }
+
+    /// Subjects and live rows of `expired_live(now_ms)` (what counts leave out).
+    pub fn expired_counts(&self, now_ms: i64) -> (u64, u64) {
+        let expired = self.expired_live(now_ms);
+        let mut rows = 0u64;
+        for s in &expired {
+            for slab in self.slabs() {
+                if let Some(ordinal) = slab.find_subject(s) {
+                    rows += slab.subject_rows(ordinal).len() as u64;
+                }
+            }
+        }
+        (expired.len() as u64, rows)
     }
 
     /// An in-memory snapshot with one subject per row (`r000000000`, ...): benchmarks,

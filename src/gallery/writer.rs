@@ -5,6 +5,7 @@
 //! writes until reopened.
 
 use super::compaction::MergeScope;
+use super::expiry::{Expiry, check_future};
 use super::files::{keep_aside, lock_dir, remove_orphans, write_segment_file};
 use super::identity::{self, FileIdentity};
 use super::manifest::{self, Committed, Manifest, SegmentEntry, segment_file_name, wal_file_name};
@@ -36,6 +37,8 @@ pub struct Gallery {
     /// The log file as opened (to notice it being changed under the process).
     pub(super) wal_identity: FileIdentity,
     pub(super) snapshot: Arc<Snapshot>,
+    /// When the gallery and its subjects expire (`EXPIRY`; see expiry.rs).
+    pub(super) expiry: Arc<Expiry>,
     /// Set when a commit's outcome is unknown: no further writes until reopened.
     pub(super) poisoned: Option<String>,
     /// The manifest's copy lags behind: keep the files it names.
@@ -104,13 +107,17 @@ impl Gallery {
             }
         }
         let memtable = state.memtable;
-        let snapshot = Arc::new(Snapshot::new(
-            state.manifest.dim,
-            state.manifest.dtype,
-            state.segments.clone(),
-            memtable.clone(),
-            state.counts,
-        ));
+        let expiry = Arc::new(Expiry::load(dir)?);
+        let snapshot = Arc::new(
+            Snapshot::new(
+                state.manifest.dim,
+                state.manifest.dtype,
+                state.segments.clone(),
+                memtable.clone(),
+                state.counts,
+            )
+            .with_expiry(expiry.clone()),
+        );
         let recounted = state.manifest.sealed_subjects.is_none();
         let mut gallery = Gallery {
             dir: dir.to_path_buf(),
@@ -124,6 +131,7 @@ impl Gallery {
             wal,
             wal_identity,
             snapshot,
+            expiry,
             poisoned: None,
             copy_stale,
             merging: None,
@@ -154,13 +162,16 @@ impl Gallery {
     }
 
     pub(super) fn publish(&mut self) {
-        self.snapshot = Arc::new(Snapshot::new(
-            self.manifest.dim,
-            self.manifest.dtype,
-            self.segments.clone(),
-            self.memtable.clone(),
-            self.counts,
-        ));
+        self.snapshot = Arc::new(
+            Snapshot::new(
+                self.manifest.dim,
+                self.manifest.dtype,
+                self.segments.clone(),
+                self.memtable.clone(),
+                self.counts,
+            )
+            .with_expiry(self.expiry.clone()),
+        );
     }
 
     /// Distinct subject ids in the segments, deletions not applied (the manifest's
@@ -255,8 +266,29 @@ impl Gallery {
     /// logs it with one fsync, then makes it visible to the next search. Returns the
     /// number of templates enrolled.
     pub fn enroll(&mut self, batch: &[Enrollment]) -> Result<usize> {
+        self.enroll_expiring(batch, &vec![None; batch.len()])
+    }
+
+    /// [`Gallery::enroll`], each subject with its expiry (`expires[i]`, ms since the
+    /// epoch; None: it does not expire, and an earlier expiry is cleared). An expiry
+    /// must be in the future. The expiries are committed before the enrollment is
+    /// logged (expiry.rs says why that order).
+    pub fn enroll_expiring(&mut self, batch: &[Enrollment], expires: &[Option<i64>]) -> Result<usize> {
         if batch.is_empty() {
             return Err(Error::invalid("enrollment batch is empty"));
+        }
+        if expires.len() != batch.len() {
+            return Err(Error::invalid(format!(
+                "{} expiries for {} enrollments",
+                expires.len(),
+                batch.len()
+            )));
+        }
+        let now = crate::time_text::now_ms();
+        for (i, (e, at)) in batch.iter().zip(expires).enumerate() {
+            if let Some(t) = at {
+                check_future(*t, now, &format!("enrollment {i} (subject {:?}) expires_at", e.subject))?;
+            }
         }
         let dim = self.manifest.dim;
         let mut records = Vec::with_capacity(batch.len());
@@ -295,8 +327,98 @@ impl Gallery {
             });
         }
         self.check_writable()?;
+        if self.expiry.gallery_expired(now) {
+            return Err(self.expiry.gallery_expired_error());
+        }
+        if batch
+            .iter()
+            .zip(expires)
+            .any(|(e, at)| self.expiry.subject_ms(&e.subject) != *at)
+        {
+            let mut next = (*self.expiry).clone();
+            for (e, at) in batch.iter().zip(expires) {
+                next.set(&e.subject, *at);
+            }
+            self.commit_expiry(next)?;
+        }
         self.log_and_apply(&records)?;
         Ok(total)
+    }
+
+    /// Make `next` the gallery's retention state, durably, and publish it. If the
+    /// commit fails, the state is read back from the file (whichever it holds).
+    pub(super) fn commit_expiry(&mut self, next: Expiry) -> Result<()> {
+        match next.commit(&self.storage, &self.dir) {
+            Ok(()) => {
+                self.expiry = Arc::new(next);
+                self.publish();
+                Ok(())
+            }
+            Err(e) => {
+                match Expiry::load(&self.dir) {
+                    Ok(on_disk) => self.expiry = Arc::new(on_disk),
+                    Err(read) => self.poisoned = Some(format!("{e}; reading EXPIRY back: {read}")),
+                }
+                self.publish();
+                Err(e)
+            }
+        }
+    }
+
+    /// When the whole gallery expires (None: never), durably. Must be in the future.
+    pub fn set_gallery_expiry(&mut self, at: Option<i64>) -> Result<()> {
+        if let Some(t) = at {
+            check_future(t, crate::time_text::now_ms(), "expires_at")?;
+        }
+        self.check_writable()?;
+        let mut next = (*self.expiry).clone();
+        next.gallery_ms = at;
+        self.commit_expiry(next)
+    }
+
+    /// The gallery's retention state.
+    pub fn expiry(&self) -> &Expiry {
+        &self.expiry
+    }
+
+    /// Delete every live subject expired at `now_ms` (one log append and fsync), then
+    /// drop the entries of subjects no longer live. Returns the subjects deleted; their
+    /// rows go at the next compaction. A crash at any point leaves the expired
+    /// subjects deleted or still expired (never answered either way) and every other
+    /// subject as it was.
+    pub fn purge_expired(&mut self, now_ms: i64) -> Result<Vec<String>> {
+        let expired: Vec<String> = self
+            .snapshot
+            .expired_live(now_ms)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        if !expired.is_empty() {
+            self.check_writable()?;
+            let records: Vec<WalRecord> = expired
+                .iter()
+                .map(|s| WalRecord::Delete {
+                    subject: s.clone(),
+                    segments_before: self.manifest.next_file_id,
+                })
+                .collect();
+            self.log_and_apply(&records)?;
+        }
+        let stale: Vec<String> = self
+            .expiry
+            .subjects
+            .keys()
+            .filter(|s| !self.snapshot.has_subject(s))
+            .cloned()
+            .collect();
+        if !stale.is_empty() {
+            let mut next = (*self.expiry).clone();
+            for s in &stale {
+                next.set(s, None);
+            }
+            self.commit_expiry(next)?;
+        }
+        Ok(expired)
     }
 
     /// Log `records` durably (one append, one fsync), then apply them to the state in

@@ -76,6 +76,9 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Retention of the encounter log (`DATA/encounters.sqlite`).
     pub encounters: EncountersConfig,
+    /// Retention of galleries and subjects: default expiries by gallery name, and how
+    /// often expired ones are purged.
+    pub retention: RetentionConfig,
     /// TLS (and mutual TLS when `client_ca` is set).
     pub tls: Option<TlsConfig>,
     /// Bearer tokens. Empty: no authentication (every caller is "anonymous" with every
@@ -162,6 +165,85 @@ impl EncountersConfig {
     }
 }
 
+/// Expiry rules for galleries and their subjects.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Seconds between purges of expired galleries and subjects (0: never purge;
+    /// expired ones are still never answered).
+    pub purge_interval_s: u64,
+    /// The first rule whose `galleries` matches a gallery's name applies to it.
+    pub rules: Vec<RetentionRule>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            purge_interval_s: 60,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// Default expiries for the galleries a name pattern matches.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    /// A gallery name, or a prefix ending in `*` (`"flight-*"`).
+    pub galleries: String,
+    /// A subject enrolled without `expires_at` expires this long after its enrollment
+    /// (e.g. "12h", "3y").
+    pub subject_retention: Option<String>,
+    /// A gallery created without `expires_at` expires this long after its creation.
+    pub gallery_retention: Option<String>,
+}
+
+impl RetentionRule {
+    fn matches(&self, gallery: &str) -> bool {
+        match self.galleries.strip_suffix('*') {
+            Some(prefix) => gallery.starts_with(prefix),
+            None => gallery == self.galleries,
+        }
+    }
+}
+
+impl RetentionConfig {
+    fn duration(text: &Option<String>, field: String) -> Result<Option<i64>> {
+        text.as_deref()
+            .map(|t| crate::time_text::parse_duration(t, &field).map_err(|e| Error::Config(e.to_string())))
+            .transpose()
+    }
+
+    /// Check every rule's durations (errors name the rule and field).
+    pub fn validate(&self) -> Result<()> {
+        for (i, r) in self.rules.iter().enumerate() {
+            if r.galleries.is_empty() {
+                return Err(Error::Config(format!("retention.rules[{i}].galleries: empty")));
+            }
+            Self::duration(&r.subject_retention, format!("retention.rules[{i}].subject_retention"))?;
+            Self::duration(&r.gallery_retention, format!("retention.rules[{i}].gallery_retention"))?;
+        }
+        Ok(())
+    }
+
+    /// The rule for gallery `name`, if any.
+    pub fn rule_for(&self, name: &str) -> Option<&RetentionRule> {
+        self.rules.iter().find(|r| r.matches(name))
+    }
+
+    /// How long `name`'s subjects are kept by default (ms).
+    pub fn subject_retention_ms(&self, name: &str) -> Option<i64> {
+        let r = self.rule_for(name)?;
+        Self::duration(&r.subject_retention, String::new()).ok().flatten()
+    }
+
+    /// How long a new gallery `name` is kept by default (ms).
+    pub fn gallery_retention_ms(&self, name: &str) -> Option<i64> {
+        let r = self.rule_for(name)?;
+        Self::duration(&r.gallery_retention, String::new()).ok().flatten()
+    }
+}
+
 /// PEM files for TLS.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -223,6 +305,7 @@ impl Default for Config {
             file_check_interval_ms: 1000,
             audit: AuditConfig::default(),
             encounters: EncountersConfig::default(),
+            retention: RetentionConfig::default(),
             tls: None,
             tokens: Vec::new(),
         }
@@ -242,6 +325,7 @@ impl Config {
     /// Check values that TOML's types cannot.
     pub fn validate(&self) -> Result<()> {
         self.encounters.retention()?;
+        self.retention.validate()?;
         if self.max_batch == 0 || self.queue_capacity == 0 || self.max_probes_per_request == 0 {
             return Err(Error::Config(
                 "max_batch, queue_capacity and max_probes_per_request must be positive".into(),

@@ -15,6 +15,7 @@ pub mod connections;
 pub mod encounters;
 pub mod metrics;
 pub mod registry;
+pub mod retention;
 pub mod service;
 pub mod supervisor;
 
@@ -58,6 +59,7 @@ pub struct ServerHandle {
     grace: std::time::Duration,
     _supervisor: supervisor::Supervisor,
     _retention: encounters::RetentionTask,
+    _gallery_retention: retention::GalleryRetention,
 }
 
 impl ServerHandle {
@@ -127,6 +129,8 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
         std::time::Duration::from_secs(config.encounters.purge_interval_s),
         audit.clone(),
     );
+    let gallery_retention =
+        retention::GalleryRetention::start(registry.clone(), config.retention.clone(), audit.clone());
     let service = Arc::new(service::Service {
         registry: registry.clone(),
         batcher,
@@ -230,6 +234,7 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
         grace: std::time::Duration::from_millis(config.shutdown_grace_ms),
         _supervisor: supervisor,
         _retention: retention,
+        _gallery_retention: gallery_retention,
     })
 }
 

@@ -402,7 +402,13 @@ impl Registry {
     /// Create gallery `name` from the templates of `subjects` in gallery `source` (see
     /// [`Gallery::derive`]); the source is read through its current snapshot, so its
     /// searches and enrollments go on.
-    pub fn derive(&self, name: &str, source: &str, subjects: &[String]) -> Result<(Arc<GalleryEntry>, DeriveReport)> {
+    pub fn derive(
+        &self,
+        name: &str,
+        source: &str,
+        subjects: &[String],
+        expires_at: Option<i64>,
+    ) -> Result<(Arc<GalleryEntry>, DeriveReport)> {
         check_gallery_name(name)?;
         let lock = self.admin_lock(name);
         let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -411,7 +417,7 @@ impl Registry {
         }
         let master = self.get(source)?.snapshot()?;
         let dir = self.root.join(name);
-        let (gallery, report) = Gallery::derive(&master, &dir, subjects, self.storage.clone())?;
+        let (gallery, report) = Gallery::derive_expiring(&master, &dir, subjects, expires_at, self.storage.clone())?;
         let entry = Arc::new(GalleryEntry::new(name.to_owned(), dir, Some(gallery), None));
         self.galleries
             .write()

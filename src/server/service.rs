@@ -289,10 +289,15 @@ impl Service {
             )));
         }
         crate::gallery::derive::check_subject_list(&req.subjects).map_err(status_of)?;
+        let expires_at = self.expiry_of(
+            &req.expires_at,
+            "expires_at",
+            self.config.retention.gallery_retention_ms(&req.name),
+        )?;
         let registry = self.registry.clone();
         let (name, from, subjects) = (req.name.clone(), req.source.clone(), req.subjects);
         let (entry, report) = self
-            .admin_write(call, move || registry.derive(&name, &from, &subjects))
+            .admin_write(call, move || registry.derive(&name, &from, &subjects, expires_at))
             .await?;
         tracing::info!(
             caller = %call.caller,
@@ -449,11 +454,27 @@ impl Service {
         answer.map(Response::new)
     }
 
+    /// A gallery by name; an expired one is NOT_FOUND (it answers nothing and is
+    /// dropped at the next purge).
     fn gallery(&self, name: &str) -> Result<Arc<GalleryEntry>, Status> {
         if name.is_empty() {
             return Err(Status::invalid_argument("gallery: empty gallery name"));
         }
-        self.registry.get(name).map_err(status_of)
+        let entry = self.registry.get(name).map_err(status_of)?;
+        if let Ok(snapshot) = entry.snapshot()
+            && snapshot.expiry().gallery_expired(crate::time_text::now_ms())
+        {
+            return Err(Status::not_found(format!(
+                "gallery {}: {}",
+                super::registry::echo_name(name),
+                snapshot
+                    .expiry()
+                    .gallery_expired_error()
+                    .to_string()
+                    .trim_start_matches("not found: ")
+            )));
+        }
+        Ok(entry)
     }
 
     fn check_k(&self, k: u32) -> Result<usize, Status> {
@@ -651,11 +672,11 @@ impl Service {
                 }
             }
             // Validate in order; a bad message cuts the group there.
-            let mut valid: Vec<(Arc<GalleryEntry>, proto::EnrollRequest, Enrollment)> = Vec::new();
+            let mut valid: Vec<(Arc<GalleryEntry>, proto::EnrollRequest, Enrollment, Option<i64>)> = Vec::new();
             let mut failure = None;
             for msg in group {
                 match self.check_enrollment(&msg) {
-                    Ok((entry, enrollment)) => valid.push((entry, msg, enrollment)),
+                    Ok((entry, enrollment, expires_at)) => valid.push((entry, msg, enrollment, expires_at)),
                     Err(s) => {
                         failure = Some((index + valid.len(), s));
                         break;
@@ -668,6 +689,7 @@ impl Service {
                 let gallery = valid[at].0.clone();
                 let end = at + valid[at..].iter().take_while(|v| Arc::ptr_eq(&v.0, &gallery)).count();
                 let batch: Vec<Enrollment> = valid[at..end].iter().map(|v| v.2.clone()).collect();
+                let expires: Vec<Option<i64>> = valid[at..end].iter().map(|v| v.3).collect();
                 let templates: usize = valid[at..end].iter().map(|v| v.1.templates.len()).sum();
                 let subjects: Vec<&str> = valid[at..end].iter().map(|v| v.1.subject.as_str()).collect();
                 let group_call = Call {
@@ -684,7 +706,7 @@ impl Service {
                     let seal_at = self.config.seal_log_rows;
                     blocking(move || {
                         writer.write(|g| {
-                            let n = g.enroll(&batch)?;
+                            let n = g.enroll_expiring(&batch, &expires)?;
                             if g.log_rows() >= seal_at {
                                 // The enrollment is durable either way: a failed seal is
                                 // logged and retried on the next enroll, not reported.
@@ -738,9 +760,29 @@ impl Service {
         Ok((done, audited))
     }
 
-    fn check_enrollment(&self, msg: &proto::EnrollRequest) -> Result<(Arc<GalleryEntry>, Enrollment), Status> {
+    /// An expiry from a request's RFC 3339 `text` (`field` names it), in the future;
+    /// empty: `default_ms` from now, if a rule gives one.
+    fn expiry_of(&self, text: &str, field: &str, default_ms: Option<i64>) -> Result<Option<i64>, Status> {
+        let now = crate::time_text::now_ms();
+        if text.is_empty() {
+            return Ok(default_ms.map(|d| now.saturating_add(d)));
+        }
+        let at = crate::time_text::parse_time(text, field).map_err(status_of)?;
+        crate::gallery::expiry::check_future(at, now, field).map_err(status_of)?;
+        Ok(Some(at))
+    }
+
+    fn check_enrollment(
+        &self,
+        msg: &proto::EnrollRequest,
+    ) -> Result<(Arc<GalleryEntry>, Enrollment, Option<i64>), Status> {
         let entry = self.gallery(&msg.gallery)?;
         check_subject_id(&msg.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
+        let expires_at = self.expiry_of(
+            &msg.expires_at,
+            "expires_at",
+            self.config.retention.subject_retention_ms(&msg.gallery),
+        )?;
         if msg.templates.is_empty() {
             return Err(Status::invalid_argument("templates: no templates given"));
         }
@@ -755,6 +797,7 @@ impl Service {
                 subject: msg.subject.clone(),
                 templates,
             },
+            expires_at,
         ))
     }
 
@@ -1103,10 +1146,21 @@ impl Biogate for Arc<Service> {
             })?;
             super::registry::check_gallery_name(&req.name).map_err(status_of)?;
             crate::template::check_dim(req.dim as usize).map_err(status_of)?;
+            let expires_at = self.expiry_of(
+                &req.expires_at,
+                "expires_at",
+                self.config.retention.gallery_retention_ms(&req.name),
+            )?;
             let registry = self.registry.clone();
             let name = req.name.clone();
             let entry = self
-                .admin_write(&call, move || registry.create(&name, req.dim as usize, dtype))
+                .admin_write(&call, move || {
+                    let entry = registry.create(&name, req.dim as usize, dtype)?;
+                    if expires_at.is_some() {
+                        entry.write(|g| g.set_gallery_expiry(expires_at))?;
+                    }
+                    Ok(entry)
+                })
                 .await?;
             tracing::info!(caller = %call.caller, gallery = %req.name, dim = req.dim, %dtype, "created gallery");
             Ok((

@@ -74,3 +74,47 @@ pub fn tokens() -> Vec<TokenConfig> {
         t("ops", "admin-token-0123456789", &[Role::Admin]),
     ]
 }
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `biogate serve` on `port` over `data`, as a child process (for kill -9 tests).
+pub fn serve_process(port: u16, data: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_biogate"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            "off",
+            "--data-dir",
+        ])
+        .arg(data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A client of the server on `port`, once it answers.
+pub async fn connect_when_up(port: u16) -> Client {
+    for _ in 0..400 {
+        let options = ConnectOptions {
+            addr: format!("http://127.0.0.1:{port}"),
+            ..Default::default()
+        };
+        if let Ok(c) = Client::connect(&options).await
+            && c.list_galleries().await.is_ok()
+        {
+            return c;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("server did not come up");
+}

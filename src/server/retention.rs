@@ -1,0 +1,136 @@
+//! The gallery retention purge: every `retention.purge_interval_s`, galleries past
+//! their expiry are dropped, and subjects past theirs are deleted through the log and
+//! their rows removed by a compaction. Each purge writes an audit line (gallery, how
+//! many, the rule; never a subject or a template). Until a purge reaches them, expired
+//! galleries and subjects are already never answered (expiry.rs).
+
+use super::audit::{AuditEntry, AuditLog};
+use super::config::RetentionConfig;
+use super::registry::Registry;
+use crate::time_text::{format_time, now_ms};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Runs the purge while the server runs; stops when dropped.
+pub struct GalleryRetention(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for GalleryRetention {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+    }
+}
+
+/// What one gallery's purge did.
+struct Purged {
+    gallery: String,
+    method: &'static str,
+    count: usize,
+    rule: String,
+    error: Option<String>,
+}
+
+/// Purge every gallery once at `now` (blocking: writes, fsyncs, compactions).
+fn purge_all(registry: &Registry, rules: &RetentionConfig, now: i64) -> Vec<Purged> {
+    let mut done = Vec::new();
+    for entry in registry.all() {
+        let Ok(snapshot) = entry.snapshot() else { continue };
+        let name = entry.name.clone();
+        let expiry = snapshot.expiry();
+        if expiry.gallery_expired(now) {
+            let rule = format!(
+                "gallery expires_at {}",
+                format_time(expiry.gallery_ms.unwrap_or_default())
+            );
+            let count = snapshot.live_subjects();
+            drop(snapshot);
+            let error = registry.drop_gallery(&name).err().map(|e| e.to_string());
+            done.push(Purged {
+                gallery: name,
+                method: "purge_expired_gallery",
+                count,
+                rule,
+                error,
+            });
+            continue;
+        }
+        if snapshot.expired_live(now).is_empty() {
+            continue;
+        }
+        drop(snapshot);
+        let rule = match rules.rule_for(&name).and_then(|r| r.subject_retention.clone()) {
+            Some(keep) => format!(
+                "subject expires_at, or subject_retention {keep} (rule {:?})",
+                rules.rule_for(&name).map(|r| r.galleries.as_str()).unwrap_or("")
+            ),
+            None => "subject expires_at".to_owned(),
+        };
+        let purged = entry.write(|g| g.purge_expired(now));
+        let (count, error) = match purged {
+            Ok(deleted) => {
+                // The rows themselves go now, not at some later merge.
+                let compacted = registry
+                    .compact(&name)
+                    .err()
+                    .map(|e| format!("compaction after the purge: {e}"));
+                (deleted.len(), compacted)
+            }
+            Err(e) => (0, Some(e.to_string())),
+        };
+        done.push(Purged {
+            gallery: name,
+            method: "purge_expired_subjects",
+            count,
+            rule,
+            error,
+        });
+    }
+    done
+}
+
+impl GalleryRetention {
+    pub fn start(registry: Arc<Registry>, rules: RetentionConfig, audit: AuditLog) -> GalleryRetention {
+        if rules.purge_interval_s == 0 {
+            return GalleryRetention(None);
+        }
+        let every = Duration::from_secs(rules.purge_interval_s);
+        GalleryRetention(Some(tokio::spawn(async move {
+            loop {
+                let (r, c) = (registry.clone(), rules.clone());
+                let purged = tokio::task::spawn_blocking(move || purge_all(&r, &c, now_ms()))
+                    .await
+                    .unwrap_or_default();
+                for p in purged {
+                    let entry = AuditEntry {
+                        peer: "-",
+                        caller: "biogate",
+                        method: p.method,
+                        gallery: &p.gallery,
+                        phase: "done",
+                        outcome: if p.error.is_some() { "INTERNAL" } else { "ok" },
+                        code: if p.error.is_some() {
+                            tonic::Code::Internal as i32
+                        } else {
+                            0
+                        },
+                        error: p.error.as_deref(),
+                        subjects: Vec::new(),
+                        count: p.count,
+                        rule: Some(&p.rule),
+                    };
+                    match &p.error {
+                        Some(e) => tracing::error!(gallery = %p.gallery, error = %e, "retention purge failed"),
+                        None => {
+                            tracing::info!(gallery = %p.gallery, purge = p.method, count = p.count, rule = %p.rule, "retention purge")
+                        }
+                    }
+                    if let Err(e) = audit.record(&entry).await {
+                        tracing::error!(gallery = %p.gallery, error = %e, "audit log: could not record a retention purge");
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        })))
+    }
+}

@@ -1,0 +1,405 @@
+//! Retention: from its expiry instant a subject is never returned, verified or counted
+//! (CPU and GPU, answers exactly those of a twin gallery that never held it), before
+//! and after the purge and compaction that remove it, and across reopen; a purge hit
+//! by a storage fault at any point loses nothing unexpired; an expired gallery answers
+//! nothing; an expiry in the past is refused naming the field, nothing changed.
+
+mod common;
+
+use biogate::engine::Engine;
+use biogate::error::Error;
+use biogate::gallery::{Enrollment, Gallery};
+use biogate::storage::{EIO, FaultPlan, Storage};
+use biogate::template::Dtype;
+use biogate::time_text::now_ms;
+use biogate::{ProbeResult, SearchParams};
+use common::{copy_dir, random_rows, rng};
+use std::path::Path;
+use std::time::Duration;
+
+const DIM: usize = 24;
+
+fn enrollments(rows: &[f32], prefix: &str) -> Vec<Enrollment> {
+    rows.chunks_exact(DIM)
+        .enumerate()
+        .map(|(i, r)| Enrollment {
+            subject: format!("{prefix}{i:03}"),
+            templates: r.to_vec(),
+        })
+        .collect()
+}
+
+/// A gallery of 50 kept subjects and 10 that expire `in_ms` from now (their rows
+/// scored highest for the probes below), and its twin holding the 50 alone.
+fn pair(dir: &Path, dtype: Dtype, in_ms: i64) -> (Gallery, Gallery, Vec<f32>, i64) {
+    let kept = random_rows(&mut rng(1), 50, DIM);
+    let expiring = random_rows(&mut rng(2), 10, DIM);
+    let mut g = Gallery::create(&dir.join("g"), DIM, dtype).unwrap();
+    let mut twin = Gallery::create(&dir.join("twin"), DIM, dtype).unwrap();
+    g.enroll(&enrollments(&kept, "k")).unwrap();
+    twin.enroll(&enrollments(&kept, "k")).unwrap();
+    // Half of them sealed into a segment, half in the log.
+    g.seal_log().unwrap();
+    let at = now_ms() + in_ms;
+    let batch = enrollments(&expiring, "x");
+    g.enroll_expiring(&batch[..5], &[Some(at); 5]).unwrap();
+    g.seal_log().unwrap();
+    g.enroll_expiring(&batch[5..], &[Some(at); 5]).unwrap();
+    (g, twin, expiring, at)
+}
+
+/// Sleep until just after `at_ms`.
+fn sleep_past(at_ms: i64) {
+    let left = at_ms + 20 - now_ms();
+    if left > 0 {
+        std::thread::sleep(Duration::from_millis(left as u64));
+    }
+}
+
+fn search(engine: &Engine, g: &biogate::Snapshot, probes: &[f32]) -> Vec<ProbeResult> {
+    engine
+        .search(g, probes, &SearchParams { k: 7, threshold: None })
+        .unwrap()
+}
+
+fn engines() -> Vec<Engine> {
+    #[allow(unused_mut)] // without the gpu feature nothing is added
+    let mut all = vec![Engine::cpu()];
+    #[cfg(feature = "gpu")]
+    {
+        use biogate::engine::gpu::{GpuBackend, GpuOptions};
+        match GpuBackend::open(GpuOptions::default()) {
+            Ok(Some(gpu)) => all.push(Engine::new(std::sync::Arc::new(gpu))),
+            Ok(None) if std::env::var("BIOGATE_REQUIRE_GPU").as_deref() == Ok("1") => {
+                panic!("BIOGATE_REQUIRE_GPU=1 but no GPU adapter was found")
+            }
+            Ok(None) => eprintln!("NOTICE: no GPU adapter; retention checked on the CPU only"),
+            Err(e) => panic!("opening the GPU failed: {e}"),
+        }
+    }
+    all
+}
+
+#[test]
+fn expired_subjects_are_never_answered_verified_or_counted() {
+    let engines = engines();
+    for dtype in Dtype::ALL {
+        let work = tempfile::tempdir().unwrap();
+        let (g, twin, expiring, at) = pair(work.path(), dtype, 500);
+        // Probes: the expiring subjects' own templates (they would rank first) and others.
+        let mut probes = expiring.clone();
+        probes.extend(random_rows(&mut rng(3), 5, DIM));
+        let before = search(&Engine::cpu(), &g.snapshot(), &probes);
+        assert_eq!(before[0].candidates[0].subject, "x000", "{dtype}: not yet expired");
+        assert_eq!(g.info().unwrap().subjects, 60);
+        sleep_past(at);
+        // Each backend against itself on the twin (the GPU sums floats in another order
+        // than the CPU; each backend's order is the same for every gallery).
+        let expected = search(&Engine::cpu(), &twin.snapshot(), &probes);
+        let twin_on: Vec<_> = engines.iter().map(|e| search(e, &twin.snapshot(), &probes)).collect();
+        for (engine, expected) in engines.iter().zip(&twin_on) {
+            let name = engine.backend_name();
+            assert_eq!(
+                &search(engine, &g.snapshot(), &probes),
+                expected,
+                "{dtype} {name}: expired, not purged"
+            );
+            assert_eq!(engine.verify(&g.snapshot(), &expiring[..DIM], "x000").unwrap(), None);
+            assert!(
+                engine
+                    .verify(&g.snapshot(), &expiring[..DIM], "k000")
+                    .unwrap()
+                    .is_some()
+            );
+        }
+        let info = g.info().unwrap();
+        assert_eq!(
+            (info.subjects, info.rows),
+            (50, 50),
+            "{dtype}: expired subjects are not counted"
+        );
+        // Across a reopen (the library's reader too): still expired.
+        let dir = g.dir().to_owned();
+        drop(g);
+        let snapshot = biogate::gallery::open_snapshot(&dir).unwrap();
+        assert_eq!(
+            search(&Engine::cpu(), &snapshot, &probes),
+            expected,
+            "{dtype}: reopened"
+        );
+        let mut g = Gallery::open(&dir).unwrap();
+        // The purge deletes them, a compaction removes their rows; answers unchanged.
+        let mut purged = g.purge_expired(now_ms()).unwrap();
+        purged.sort();
+        assert_eq!(purged.len(), 10);
+        assert!(g.expiry().subjects.is_empty(), "purged subjects leave the table");
+        g.compact().unwrap();
+        assert_eq!(g.snapshot().live_rows(), 50);
+        for (engine, expected) in engines.iter().zip(&twin_on) {
+            assert_eq!(&search(engine, &g.snapshot(), &probes), expected, "{dtype}: purged");
+        }
+        drop(g);
+        let g = Gallery::open(&dir).unwrap();
+        assert_eq!(
+            search(&Engine::cpu(), &g.snapshot(), &probes),
+            expected,
+            "{dtype}: purged, reopened"
+        );
+    }
+}
+
+#[test]
+fn expiries_are_set_cleared_and_refused_in_the_past() {
+    let work = tempfile::tempdir().unwrap();
+    let mut g = Gallery::create(&work.path().join("g"), DIM, Dtype::F32).unwrap();
+    let rows = random_rows(&mut rng(4), 2, DIM);
+    let batch = enrollments(&rows, "s");
+    let past = now_ms() - 1000;
+    let e = g.enroll_expiring(&batch, &[None, Some(past)]).unwrap_err();
+    assert!(matches!(e, Error::InvalidInput(_)), "{e:?}");
+    assert!(
+        e.to_string().contains("enrollment 1") && e.to_string().contains("expires_at"),
+        "{e}"
+    );
+    assert_eq!(g.info().unwrap().subjects, 0, "nothing enrolled");
+    assert!(!g.dir().join("EXPIRY").exists(), "nothing written");
+    let later = now_ms() + 3_600_000;
+    g.enroll_expiring(&batch, &[Some(later), Some(later)]).unwrap();
+    assert_eq!(g.expiry().subject_ms("s000"), Some(later));
+    // Enrolling again without an expiry clears it (the newest enrollment decides).
+    g.enroll(&batch[..1]).unwrap();
+    assert_eq!(g.expiry().subject_ms("s000"), None);
+    assert_eq!(g.expiry().subject_ms("s001"), Some(later));
+    let dir = g.dir().to_owned();
+    drop(g);
+    let g = Gallery::open(&dir).unwrap();
+    assert_eq!(g.expiry().subject_ms("s001"), Some(later), "durable");
+}
+
+#[test]
+fn an_expired_gallery_answers_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let mut master = Gallery::create(&work.path().join("master"), DIM, Dtype::I8).unwrap();
+    let rows = random_rows(&mut rng(5), 6, DIM);
+    master.enroll(&enrollments(&rows, "p")).unwrap();
+    let ids: Vec<String> = (0..3).map(|i| format!("p{i:03}")).collect();
+    let past = now_ms() - 1;
+    let e = Gallery::derive_expiring(
+        &master.snapshot(),
+        &work.path().join("f0"),
+        &ids,
+        Some(past),
+        Storage::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("expires_at"), "{e}");
+    assert!(!work.path().join("f0").exists(), "nothing created");
+    let flight_ends = now_ms() + 1000;
+    let (mut flight, report) = Gallery::derive_expiring(
+        &master.snapshot(),
+        &work.path().join("f1"),
+        &ids,
+        Some(flight_ends),
+        Storage::default(),
+    )
+    .unwrap();
+    assert_eq!(report.subjects, 3);
+    let engine = Engine::cpu();
+    assert_eq!(
+        search(&engine, &flight.snapshot(), &rows[..DIM])[0].candidates[0].subject,
+        "p000"
+    );
+    sleep_past(flight_ends);
+    let e = engine
+        .search(
+            &flight.snapshot(),
+            &rows[..DIM],
+            &SearchParams { k: 1, threshold: None },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::NotFound(_)) && e.to_string().contains("expired"),
+        "{e:?}"
+    );
+    assert!(engine.verify(&flight.snapshot(), &rows[..DIM], "p000").is_err());
+    assert!(
+        flight.enroll(&enrollments(&rows[..DIM], "n")).is_err(),
+        "no writes either"
+    );
+}
+
+/// A storage fault at every call of a purge (one at a time, then sticky): afterwards,
+/// reopened, every subject that had not expired is there with its templates, and no
+/// expired subject is answered, whether or not the purge got through.
+#[test]
+fn a_purge_interrupted_anywhere_loses_nothing_unexpired() {
+    let work = tempfile::tempdir().unwrap();
+    let (g, twin, expiring, at) = pair(work.path(), Dtype::F16, 300);
+    let golden = g.dir().to_owned();
+    drop(g);
+    sleep_past(at);
+    let mut probes = expiring.clone();
+    probes.extend(random_rows(&mut rng(6), 5, DIM));
+    let expected = search(&Engine::cpu(), &twin.snapshot(), &probes);
+    // How many storage calls a purge (and the compaction after it) makes.
+    let clean = work.path().join("clean");
+    copy_dir(&golden, &clean);
+    let counter = FaultPlan::counting();
+    let mut g = Gallery::open_with(&clean, Storage::with_faults(counter.clone())).unwrap();
+    let opening = counter.seen();
+    g.purge_expired(now_ms()).unwrap();
+    g.compact().unwrap();
+    let points = counter.seen() - opening;
+    drop(g);
+    assert!(points >= 4, "a purge makes {points} storage calls");
+    let mut failed = 0;
+    for sticky in [false, true] {
+        for i in 0..points {
+            let dir = work.path().join("case");
+            let _ = std::fs::remove_dir_all(&dir);
+            copy_dir(&golden, &dir);
+            let mut g =
+                Gallery::open_with(&dir, Storage::with_faults(FaultPlan::fail(opening + i, EIO, sticky))).unwrap();
+            let result = g.purge_expired(now_ms()).map(drop).and_then(|_| g.compact().map(drop));
+            failed += usize::from(result.is_err());
+            drop(g);
+            let g = Gallery::open(&dir).unwrap_or_else(|e| panic!("fault {i} sticky {sticky}: reopen: {e}"));
+            assert_eq!(
+                search(&Engine::cpu(), &g.snapshot(), &probes),
+                expected,
+                "fault {i} sticky {sticky} ({result:?})"
+            );
+            assert_eq!(g.info().unwrap().subjects, 50, "fault {i} sticky {sticky}");
+            biogate::gallery::check(&dir).unwrap_or_else(|e| panic!("fault {i}: check: {e}"));
+        }
+    }
+    assert!(failed > 0, "the faults reached the purge");
+}
+
+/// Through the server: `expires_at` on Enroll and CreateGallery, a TOML rule's default
+/// for a gallery name pattern, bad expiries refused naming the field, and the purge
+/// dropping an expired gallery and deleting expired subjects, each with an audit line.
+#[cfg(feature = "cli")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_applies_expiries_and_rules_and_purges_with_an_audit_line() {
+    use biogate::client::pack;
+    use biogate::server::config::RetentionRule;
+    use biogate::server::proto;
+    use common::server::{DIM as SDIM, config, connect, create, ids};
+    use tonic::Code;
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.retention.purge_interval_s = 1;
+    cfg.retention.rules = vec![RetentionRule {
+        galleries: "flight-*".into(),
+        subject_retention: Some("1s".into()),
+        gallery_retention: None,
+    }];
+    let h = biogate::server::start(cfg).await.unwrap();
+    let c = connect(&h, None).await;
+    create(&c, "master", "f32").await;
+    let rows = random_rows(&mut rng(8), 12, SDIM);
+    c.enroll("master", &rows[..10 * SDIM], SDIM, &ids("s", 10))
+        .await
+        .unwrap();
+    let fmt = biogate::time_text::format_time;
+    let enroll = |subject: &str, row: usize, gallery: &str, expires_at: String| proto::EnrollRequest {
+        gallery: gallery.into(),
+        subject: subject.into(),
+        templates: vec![pack(&rows[row * SDIM..(row + 1) * SDIM])],
+        expires_at,
+    };
+    for (bad, needle) in [
+        ("yesterday", "expires_at"),
+        ("2020-01-01T00:00:00Z", "not in the future"),
+    ] {
+        let msg = enroll("tmp-0", 10, "master", bad.into());
+        let e = c
+            .raw()
+            .enroll(c.request(tokio_stream::iter([msg])))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            e.code() == Code::InvalidArgument && e.message().contains(needle),
+            "{bad}: {e:?}"
+        );
+    }
+    let soon = now_ms() + 1500;
+    let msg = enroll("tmp-1", 10, "master", fmt(soon));
+    c.raw().enroll(c.request(tokio_stream::iter([msg]))).await.unwrap();
+    let flight_ends = now_ms() + 2500;
+    let req = proto::CreateGalleryRequest {
+        name: "flight-1".into(),
+        source: "master".into(),
+        subjects: ids("s", 5),
+        expires_at: fmt(flight_ends),
+        ..Default::default()
+    };
+    c.raw().create_gallery(c.request(req)).await.unwrap();
+    // The rule: a subject enrolled into flight-1 without expires_at goes in 1 s.
+    let msg = enroll("late-1", 11, "flight-1", String::new());
+    c.raw().enroll(c.request(tokio_stream::iter([msg]))).await.unwrap();
+    let answer = c
+        .identify("flight-1", &rows[11 * SDIM..12 * SDIM], SDIM, 1, None)
+        .await
+        .unwrap();
+    assert_eq!(answer[0].candidates[0].subject, "late-1");
+    let probe = &rows[10 * SDIM..11 * SDIM];
+    assert_eq!(
+        c.identify("master", probe, SDIM, 1, None).await.unwrap()[0].candidates[0].subject,
+        "tmp-1"
+    );
+    sleep_past(soon);
+    // Expired: another subject answers, even before any purge.
+    assert_ne!(
+        c.identify("master", probe, SDIM, 1, None).await.unwrap()[0].candidates[0].subject,
+        "tmp-1"
+    );
+    let e = c.verify("master", probe, "tmp-1", None).await.err().unwrap();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let late = &rows[11 * SDIM..12 * SDIM];
+    let answer = c.identify("flight-1", late, SDIM, 1, None).await.unwrap();
+    assert_ne!(answer[0].candidates[0].subject, "late-1", "the rule's 1 s have passed");
+    sleep_past(flight_ends);
+    let e = c.identify("flight-1", probe, SDIM, 1, None).await.err().unwrap();
+    assert!(e.code() == Code::NotFound && e.message().contains("expired"), "{e:?}");
+    // The purge (every second) drops the flight and deletes tmp-1.
+    let mut listed = Vec::new();
+    for _ in 0..60 {
+        listed = c.list_galleries().await.unwrap().into_iter().map(|g| g.name).collect();
+        if listed == ["master"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed, ["master"]);
+    let info = c.get_gallery("master").await.unwrap();
+    assert_eq!((info.subjects, info.rows), (10, 10));
+    h.shutdown().await.unwrap();
+    let audit = std::fs::read_to_string(data.path().join("audit.log")).unwrap();
+    let lines: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let purge = |method: &str, gallery: &str| {
+        lines
+            .iter()
+            .find(|l| l["method"] == method && l["gallery"] == gallery)
+            .cloned()
+    };
+    let subjects = purge("purge_expired_subjects", "master").expect("a line for the master's purge");
+    assert_eq!(subjects["count"].as_u64(), Some(1));
+    assert_eq!(subjects["rule"], "subject expires_at");
+    let late = purge("purge_expired_subjects", "flight-1").expect("a line for the rule's purge");
+    assert_eq!(late["count"].as_u64(), Some(1));
+    assert!(
+        late["rule"].as_str().unwrap().contains("subject_retention 1s"),
+        "{late}"
+    );
+    let gallery = purge("purge_expired_gallery", "flight-1").expect("a line for the gallery's drop");
+    assert_eq!(gallery["gallery"], "flight-1");
+    assert!(
+        gallery["rule"].as_str().unwrap().starts_with("gallery expires_at "),
+        "{gallery}"
+    );
+    assert!(!audit.contains("templates\""), "never a template");
+}
