@@ -329,6 +329,21 @@ async fn the_server_applies_expiries_and_rules_and_purges_with_an_audit_line() {
     let soon = now_ms() + 1500;
     let msg = enroll("tmp-1", 10, "master", fmt(soon));
     c.raw().enroll(c.request(tokio_stream::iter([msg]))).await.unwrap();
+    // Which file of the master holds tmp-1's template as stored (normalised f32), if any.
+    let mut stored = vec![0.0f32; SDIM];
+    biogate::template::normalize_into(&rows[10 * SDIM..11 * SDIM], &mut stored, String::new).unwrap();
+    let needle: Vec<u8> = stored.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let master_dir = data.path().join("galleries").join("master");
+    let holding = || {
+        std::fs::read_dir(&master_dir)
+            .unwrap()
+            .map(|f| f.unwrap().path())
+            .find(|p| {
+                let bytes = std::fs::read(p).unwrap_or_default();
+                bytes.windows(needle.len()).any(|w| w == needle.as_slice())
+            })
+    };
+    assert!(holding().is_some(), "the log holds the enrollment");
     let flight_ends = now_ms() + 2500;
     let req = proto::CreateGalleryRequest {
         name: "flight-1".into(),
@@ -377,6 +392,8 @@ async fn the_server_applies_expiries_and_rules_and_purges_with_an_audit_line() {
     assert_eq!(listed, ["master"]);
     let info = c.get_gallery("master").await.unwrap();
     assert_eq!((info.subjects, info.rows), (10, 10));
+    // tmp-1's template (as stored: normalised f32) is in no file of the gallery any more.
+    assert_eq!(holding(), None);
     h.shutdown().await.unwrap();
     let audit = std::fs::read_to_string(data.path().join("audit.log")).unwrap();
     let lines: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -402,4 +419,47 @@ async fn the_server_applies_expiries_and_rules_and_purges_with_an_audit_line() {
         "{gallery}"
     );
     assert!(!audit.contains("templates\""), "never a template");
+}
+
+/// What a purge runs to take deleted templates off the disk rewrites the segments that
+/// hold deleted rows and leaves the others' files as they are.
+#[test]
+fn removing_deleted_rows_rewrites_only_the_segments_holding_them() {
+    use biogate::gallery::compaction::MergeScope;
+    let work = tempfile::tempdir().unwrap();
+    let mut g = Gallery::create(&work.path().join("g"), DIM, Dtype::I8).unwrap();
+    for (i, prefix) in ["a", "b", "c"].into_iter().enumerate() {
+        g.enroll(&enrollments(&random_rows(&mut rng(10 + i as u64), 4, DIM), prefix))
+            .unwrap();
+        g.seal_log().unwrap();
+    }
+    let files = |g: &Gallery| -> Vec<String> {
+        let mut f: Vec<String> = std::fs::read_dir(g.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("seg-"))
+            .collect();
+        f.sort();
+        f
+    };
+    let before = files(&g);
+    assert_eq!(before.len(), 3);
+    assert!(
+        g.merge(MergeScope::WithDeletions).unwrap().is_none(),
+        "nothing deleted: nothing to do"
+    );
+    g.delete_subject("b001").unwrap();
+    g.merge(MergeScope::WithDeletions)
+        .unwrap()
+        .expect("the segment holding b001 is rewritten");
+    let after = files(&g);
+    assert_eq!(after.len(), 3);
+    assert_eq!(
+        (&after[0], &after[1]),
+        (&before[0], &before[2]),
+        "the others are untouched"
+    );
+    assert_ne!(after[2], before[1]);
+    assert_eq!(g.snapshot().live_rows(), 11);
+    assert!(g.snapshot().segments().iter().all(|v| v.deleted.is_empty()));
 }

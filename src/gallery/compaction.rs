@@ -84,6 +84,9 @@ pub enum MergeScope {
     Policy(MergePolicy),
     /// Every segment (a full compaction; the caller seals the log first).
     Everything,
+    /// Every segment holding deleted rows, and no other (a retention purge: the rows
+    /// of the subjects it deleted leave the disk without rewriting the rest).
+    WithDeletions,
 }
 
 /// A merge planned against the gallery as it was at one instant.
@@ -201,10 +204,13 @@ impl Gallery {
         let chosen: Vec<usize> = match scope {
             MergeScope::Everything => (0..self.segments.len()).collect(),
             MergeScope::Policy(policy) => policy.choose(&self.segments),
+            MergeScope::WithDeletions => (0..self.segments.len())
+                .filter(|&i| !self.segments[i].deleted.is_empty())
+                .collect(),
         };
         let worth_it = match scope {
             MergeScope::Everything => self.segments.len() > 1 || self.segments.iter().any(|v| !v.deleted.is_empty()),
-            MergeScope::Policy(_) => !chosen.is_empty(),
+            MergeScope::Policy(_) | MergeScope::WithDeletions => !chosen.is_empty(),
         };
         if !worth_it {
             return Ok(None);

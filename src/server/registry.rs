@@ -211,13 +211,24 @@ impl GalleryEntry {
     /// without holding the writer), rewrite the log without stale deletions. Waits for
     /// a background merge to end first.
     pub fn compact(&self) -> Result<CompactReport> {
+        self.compact_scope(MergeScope::Everything)
+    }
+
+    /// Take deleted subjects' templates off the disk: seal the log (a new log without
+    /// their enrollment records), rewrite only the segments holding deleted rows, and
+    /// prune the log. What a retention purge runs after deleting expired subjects.
+    pub fn remove_deleted(&self) -> Result<CompactReport> {
+        self.compact_scope(MergeScope::WithDeletions)
+    }
+
+    fn compact_scope(&self, scope: MergeScope) -> Result<CompactReport> {
         let _serial = self.merge_lock.lock().unwrap_or_else(|p| p.into_inner());
         let before = self.write(|g| {
             let before = g.footprint();
             g.seal_log()?;
             Ok(before)
         })?;
-        self.merge(MergeScope::Everything)?;
+        self.merge(scope)?;
         self.write(|g| {
             g.prune_log()?;
             Ok(g.compact_report(before))
@@ -504,6 +515,13 @@ impl Registry {
         let lock = self.admin_lock(name);
         let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
         self.get(name)?.compact()
+    }
+
+    /// [`GalleryEntry::remove_deleted`] of gallery `name`.
+    pub fn remove_deleted(&self, name: &str) -> Result<CompactReport> {
+        let lock = self.admin_lock(name);
+        let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.get(name)?.remove_deleted()
     }
 }
 

@@ -1,6 +1,6 @@
 //! The gallery retention purge: every `retention.purge_interval_s`, galleries past
 //! their expiry are dropped, and subjects past theirs are deleted through the log and
-//! their rows removed by a compaction. Each purge writes an audit line (gallery, how
+//! their rows removed (the segments holding them rewritten, the log sealed and pruned). Each purge writes an audit line (gallery, how
 //! many, the rule; never a subject or a template). Until a purge reaches them, expired
 //! galleries and subjects are already never answered (expiry.rs).
 
