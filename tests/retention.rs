@@ -352,7 +352,8 @@ async fn the_server_applies_expiries_and_rules_and_purges_with_an_audit_line() {
         expires_at: fmt(flight_ends),
         ..Default::default()
     };
-    c.raw().create_gallery(c.request(req)).await.unwrap();
+    let info = c.raw().create_gallery(c.request(req)).await.unwrap().into_inner();
+    assert_eq!(info.expires_at, fmt(flight_ends), "GalleryInfo says when it ends");
     // The rule: a subject enrolled into flight-1 without expires_at goes in 1 s.
     let msg = enroll("late-1", 11, "flight-1", String::new());
     c.raw().enroll(c.request(tokio_stream::iter([msg]))).await.unwrap();

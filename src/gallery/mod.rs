@@ -91,6 +91,10 @@ pub struct CompactReport {
     pub segments_after: usize,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Summary of a gallery, as `gallery info` prints it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct GalleryInfo {
@@ -103,6 +107,12 @@ pub struct GalleryInfo {
     pub log_rows: u64,
     pub deleted_subjects_pending: usize,
     pub bytes_on_disk: u64,
+    /// When the gallery expires (RFC 3339), if it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Subjects with an expiry (expired ones included until a purge deletes them).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub expiring_subjects: u64,
     /// Things worth knowing that are not damage (a torn log tail the next writer cuts,
     /// a stale manifest copy the next writer rewrites).
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -297,6 +297,8 @@ pub(super) fn info_of(dir: &Path, manifest: &Manifest, snapshot: &Snapshot, tomb
         log_rows: snapshot.log().rows() as u64,
         deleted_subjects_pending: tombstones,
         bytes_on_disk: bytes,
+        expires_at: snapshot.expiry().gallery_ms.map(crate::time_text::format_time),
+        expiring_subjects: snapshot.expiry().subjects.len() as u64,
         notes: Vec::new(),
     }
 }

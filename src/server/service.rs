@@ -258,6 +258,7 @@ fn gallery_info(s: &GalleryStatus, backend: &str) -> proto::GalleryInfo {
         g.rows = i.rows;
         g.subjects = i.subjects;
         g.bytes = i.bytes_on_disk;
+        g.expires_at = i.expires_at.clone().unwrap_or_default();
     }
     g
 }
