@@ -550,6 +550,8 @@ fn a_flight_gallery_is_derived_on_the_command_line() {
         "--subjects",
         p(&manifest),
         "--json",
+        "--expires-at",
+        "2099-01-01T06:00:00+02:00",
     ]);
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -563,6 +565,27 @@ fn a_flight_gallery_is_derived_on_the_command_line() {
         (info["subjects"].as_u64(), info["dtype"].as_str()),
         (Some(2), Some("f16"))
     );
+    assert_eq!(info["expires_at"], "2099-01-01T04:00:00Z", "the flight's end, in UTC");
+    let derive_until = |at: &str| {
+        let dst = work.path().join("f3");
+        let args = [
+            "gallery",
+            "derive",
+            p(&g),
+            p(&dst),
+            "--subjects",
+            p(&manifest),
+            "--expires-at",
+            at,
+        ];
+        args.map(str::to_owned)
+    };
+    fails(
+        &derive_until("2020-01-01T00:00:00Z").each_ref().map(String::as_str),
+        "not in the future",
+    );
+    fails(&derive_until("tomorrow").each_ref().map(String::as_str), "--expires-at");
+    assert!(!work.path().join("f3").exists());
     std::fs::write(&manifest, "a\nb\na\n").unwrap();
     fails(
         &[

@@ -125,6 +125,12 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
                 println!("log rows   {} (not yet compacted)", info.log_rows);
                 println!("deletions  {} (not yet compacted)", info.deleted_subjects_pending);
                 println!("disk       {:.1} MB", info.bytes_on_disk as f64 / 1e6);
+                if let Some(t) = &info.expires_at {
+                    println!("expires    {t}");
+                }
+                if info.expiring_subjects > 0 {
+                    println!("expiring   {} subjects have an expiry", info.expiring_subjects);
+                }
                 println!(
                     "opened in  {open_ms:.1} ms (headers and the log; metadata and rows are verified before first use)"
                 );
