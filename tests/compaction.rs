@@ -15,7 +15,6 @@ use common::{random_rows, rng};
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 const DIM: usize = 16;
 
@@ -247,20 +246,7 @@ fn kill_9_during_merges_loses_nothing() {
     let mut start = 0u64;
     let mut r = rng(5);
     for round in 0..6 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "child_merger",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("BIOGATE_CRASH_DIR", dir.path())
-            .env("BIOGATE_CRASH_START", start.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = common::crash_child("child_merger", dir.path(), start);
         let stop_after = rand::Rng::random_range(&mut r, 20..120);
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut seen = 0;

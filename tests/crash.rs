@@ -159,19 +159,7 @@ fn kill_9_while_enrolling_loses_nothing_acknowledged() {
     let mut r = rng(11);
     let mut acked_total = 0u64;
     for round in 0..4 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "child_enroller",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("BIOGATE_CRASH_DIR", dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = common::crash_child("child_enroller", dir.path(), 0);
         let stop_after = r.random_range(5..60);
         let mut last = None;
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();

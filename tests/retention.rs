@@ -504,27 +504,13 @@ fn child_purger() {
 #[test]
 fn kill_9_during_purges_loses_nothing_unexpired() {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     Gallery::create(dir.path(), DIM, Dtype::F32).unwrap();
     let mut acked: Vec<(String, u64)> = Vec::new();
     let mut r = rng(12);
     let mut start = 0u64;
     for round in 0..6 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "child_purger",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("BIOGATE_CRASH_DIR", dir.path())
-            .env("BIOGATE_CRASH_START", start.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = common::crash_child("child_purger", dir.path(), start);
         let stop_after = rand::Rng::random_range(&mut r, 20..150);
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut seen = 0;

@@ -279,3 +279,16 @@ pub fn content(dir: &std::path::Path) -> Vec<(String, u32)> {
     rows.sort();
     rows
 }
+
+/// This test binary again, running only the ignored test `child` (a crash test's
+/// child process) on the gallery in `dir`, from `start`, its stdout piped.
+pub fn crash_child(child: &str, dir: &std::path::Path, start: u64) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", child, "--nocapture", "--test-threads=1"])
+        .env("BIOGATE_CRASH_DIR", dir)
+        .env("BIOGATE_CRASH_START", start.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
