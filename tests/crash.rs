@@ -12,7 +12,6 @@ use common::{copy_dir, random_rows, rng};
 use rand::Rng;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 const DIM: usize = 16;
 
@@ -203,6 +202,7 @@ fn kill_9_while_enrolling_loses_nothing_acknowledged() {
 #[test]
 #[cfg(feature = "cli")]
 fn kill_9_during_import_leaves_the_gallery_as_it_was_or_complete() {
+    use std::process::{Command, Stdio};
     let work = tempfile::tempdir().unwrap();
     let rows = 60_000;
     let dim = 128;
