@@ -291,15 +291,6 @@ fn kill_9_during_merges_loses_nothing() {
         counts_hold(&g);
         start += 10_000;
         drop(g);
-        gallery::check(dir.path())
-            .map(drop)
-            .or_else(|e| {
-                if e.to_string().contains("torn tail") {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-            .unwrap();
+        common::check_after_crash(dir.path());
     }
 }

@@ -292,9 +292,10 @@ impl Snapshot {
     /// Subjects and live rows of `expired_live(now_ms)` (what counts leave out).
     pub fn expired_counts(&self, now_ms: i64) -> (u64, u64) {
         let expired = self.expired_live(now_ms);
+        let slabs = self.slabs();
         let mut rows = 0u64;
         for s in &expired {
-            for slab in self.slabs() {
+            for slab in &slabs {
                 if let Some(ordinal) = slab.find_subject(s) {
                     rows += slab.subject_rows(ordinal).len() as u64;
                 }

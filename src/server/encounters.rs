@@ -3,6 +3,7 @@
 //! rows, and the report RPCs' conversions.
 
 use super::proto;
+use super::service::status_of;
 use crate::encounters::{Decision, Direction, Encounter, Overstay, StatsRow};
 use crate::engine::ProbeResult;
 use crate::time_text::{format_time, now_ms, parse_time};
@@ -24,10 +25,6 @@ pub struct Context {
     pub time_ms: i64,
 }
 
-fn invalid(e: crate::error::Error) -> Status {
-    Status::invalid_argument(e.to_string().trim_start_matches("invalid input: ").to_owned())
-}
-
 fn check_text(value: &str, field: &str) -> Result<(), Status> {
     if value.chars().count() > MAX_FIELD_CHARS || value.chars().any(char::is_control) {
         return Err(Status::invalid_argument(format!(
@@ -45,12 +42,12 @@ pub fn check_context(c: &proto::EncounterContext, field: &str) -> Result<Context
     check_text(&c.location, &format!("{field}.location"))?;
     check_text(&c.gate, &format!("{field}.gate"))?;
     check_text(&c.device, &format!("{field}.device"))?;
-    let direction = Direction::parse(&c.direction, &format!("{field}.direction")).map_err(invalid)?;
+    let direction = Direction::parse(&c.direction, &format!("{field}.direction")).map_err(status_of)?;
     let now = now_ms();
     let time_ms = if c.capture_time.is_empty() {
         now
     } else {
-        let t = parse_time(&c.capture_time, &format!("{field}.capture_time")).map_err(invalid)?;
+        let t = parse_time(&c.capture_time, &format!("{field}.capture_time")).map_err(status_of)?;
         if t > now + CLOCK_SKEW_MS {
             return Err(Status::invalid_argument(format!(
                 "{field}.capture_time: {} is in the future (the server's time is {})",
@@ -153,73 +150,60 @@ pub fn stats_to_proto(s: &StatsRow) -> proto::EncounterStats {
 }
 
 /// Applies the encounter retention rule every `every` while the server runs, with an
-/// audit line per purge (how many, the rule; never a traveller). Stops when dropped.
-pub struct RetentionTask(Option<tokio::task::JoinHandle<()>>);
-
-impl Drop for RetentionTask {
-    fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            t.abort();
-        }
+/// audit line per purge (how many, the rule; never a traveller).
+pub fn start_retention(
+    dir: std::path::PathBuf,
+    rule: crate::encounters::Retention,
+    every: std::time::Duration,
+    audit: super::audit::AuditLog,
+) -> super::BackgroundTask {
+    if every.is_zero() {
+        return super::BackgroundTask::none();
     }
-}
-
-impl RetentionTask {
-    pub fn start(
-        dir: std::path::PathBuf,
-        rule: crate::encounters::Retention,
-        every: std::time::Duration,
-        audit: super::audit::AuditLog,
-    ) -> RetentionTask {
-        if every.is_zero() {
-            return RetentionTask(None);
-        }
-        let rule_text = format!(
-            "keep {}, overstayers {}, max stay {}",
-            crate::time_text::format_duration(rule.keep_ms),
-            crate::time_text::format_duration(rule.keep_overstayers_ms),
-            crate::time_text::format_duration(rule.max_stay_ms)
-        );
-        RetentionTask(Some(tokio::spawn(async move {
-            loop {
-                let d = dir.clone();
-                let purged = tokio::task::spawn_blocking(move || {
-                    crate::encounters::EncounterStore::open(&d)?.purge(rule, now_ms())
-                })
-                .await;
-                let (outcome, error, removed) = match purged {
-                    Ok(Ok(r)) => ("ok", None, r.removed as usize),
-                    Ok(Err(e)) => ("INTERNAL", Some(e.to_string()), 0),
-                    Err(e) => ("INTERNAL", Some(e.to_string()), 0),
-                };
-                if let Some(e) = &error {
-                    tracing::error!(error = %e, "the encounter retention purge failed");
-                }
-                if removed > 0 || error.is_some() {
-                    let entry = super::audit::AuditEntry {
-                        peer: "-",
-                        caller: "biogate",
-                        method: "purge_encounters",
-                        gallery: "",
-                        phase: "done",
-                        outcome,
-                        code: if error.is_some() {
-                            tonic::Code::Internal as i32
-                        } else {
-                            0
-                        },
-                        error: error.as_deref(),
-                        subjects: Vec::new(),
-                        count: removed,
-                        rule: Some(&rule_text),
-                    };
-                    if let Err(e) = audit.record(&entry).await {
-                        tracing::error!(error = %e, removed, "audit log: could not record an encounter purge");
-                    }
-                    tracing::info!(removed, rule = %rule_text, "encounter retention purge");
-                }
-                tokio::time::sleep(every).await;
+    let rule_text = format!(
+        "keep {}, overstayers {}, max stay {}",
+        crate::time_text::format_duration(rule.keep_ms),
+        crate::time_text::format_duration(rule.keep_overstayers_ms),
+        crate::time_text::format_duration(rule.max_stay_ms)
+    );
+    super::BackgroundTask::spawn(async move {
+        loop {
+            let d = dir.clone();
+            let purged =
+                tokio::task::spawn_blocking(move || crate::encounters::EncounterStore::open(&d)?.purge(rule, now_ms()))
+                    .await;
+            let (outcome, error, removed) = match purged {
+                Ok(Ok(r)) => ("ok", None, r.removed as usize),
+                Ok(Err(e)) => ("INTERNAL", Some(e.to_string()), 0),
+                Err(e) => ("INTERNAL", Some(e.to_string()), 0),
+            };
+            if let Some(e) = &error {
+                tracing::error!(error = %e, "the encounter retention purge failed");
             }
-        })))
-    }
+            if removed > 0 || error.is_some() {
+                let entry = super::audit::AuditEntry {
+                    peer: "-",
+                    caller: "biogate",
+                    method: "purge_encounters",
+                    gallery: "",
+                    phase: "done",
+                    outcome,
+                    code: if error.is_some() {
+                        tonic::Code::Internal as i32
+                    } else {
+                        0
+                    },
+                    error: error.as_deref(),
+                    subjects: Vec::new(),
+                    count: removed,
+                    rule: Some(&rule_text),
+                };
+                if let Err(e) = audit.record(&entry).await {
+                    tracing::error!(error = %e, removed, "audit log: could not record an encounter purge");
+                }
+                tracing::info!(removed, rule = %rule_text, "encounter retention purge");
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
 }

@@ -48,6 +48,28 @@ pub fn status_code_name(code: tonic::Code) -> String {
     out
 }
 
+/// A background task of the server (a retention purge), stopped when dropped.
+pub struct BackgroundTask(Option<tokio::task::JoinHandle<()>>);
+
+impl BackgroundTask {
+    /// Nothing to run (the task is turned off).
+    pub fn none() -> BackgroundTask {
+        BackgroundTask(None)
+    }
+
+    pub fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> BackgroundTask {
+        BackgroundTask(Some(tokio::spawn(task)))
+    }
+}
+
+impl Drop for BackgroundTask {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+    }
+}
+
 /// A running server.
 pub struct ServerHandle {
     /// Where gRPC listens (the real port when the config asked for port 0).
@@ -58,8 +80,8 @@ pub struct ServerHandle {
     task: tokio::task::JoinHandle<Result<()>>,
     grace: std::time::Duration,
     _supervisor: supervisor::Supervisor,
-    _retention: encounters::RetentionTask,
-    _gallery_retention: retention::GalleryRetention,
+    _retention: BackgroundTask,
+    _gallery_retention: BackgroundTask,
 }
 
 impl ServerHandle {
@@ -123,14 +145,13 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
     }
     let audit = audit::AuditLog::open(&config.data_dir, &config.audit, storage)?;
     let encounter_log = crate::encounters::EncounterLog::open(&config.data_dir)?;
-    let retention = encounters::RetentionTask::start(
+    let retention = encounters::start_retention(
         config.data_dir.clone(),
         config.encounters.retention()?,
         std::time::Duration::from_secs(config.encounters.purge_interval_s),
         audit.clone(),
     );
-    let gallery_retention =
-        retention::GalleryRetention::start(registry.clone(), config.retention.clone(), audit.clone());
+    let gallery_retention = retention::start(registry.clone(), config.retention.clone(), audit.clone());
     let service = Arc::new(service::Service {
         registry: registry.clone(),
         batcher,

@@ -11,17 +11,6 @@ use crate::time_text::{format_time, now_ms};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Runs the purge while the server runs; stops when dropped.
-pub struct GalleryRetention(Option<tokio::task::JoinHandle<()>>);
-
-impl Drop for GalleryRetention {
-    fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            t.abort();
-        }
-    }
-}
-
 /// What one gallery's purge did.
 struct Purged {
     gallery: String,
@@ -59,11 +48,11 @@ fn purge_all(registry: &Registry, rules: &RetentionConfig, now: i64) -> Vec<Purg
             continue;
         }
         drop(snapshot);
-        let rule = match rules.rule_for(&name).and_then(|r| r.subject_retention.clone()) {
-            Some(keep) => format!(
-                "subject expires_at, or subject_retention {keep} (rule {:?})",
-                rules.rule_for(&name).map(|r| r.galleries.as_str()).unwrap_or("")
-            ),
+        let rule = match rules
+            .rule_for(&name)
+            .and_then(|r| Some((r.subject_retention.as_ref()?, &r.galleries)))
+        {
+            Some((keep, pattern)) => format!("subject expires_at, or subject_retention {keep} (rule {pattern:?})"),
             None => "subject expires_at".to_owned(),
         };
         let purged = entry.write(|g| g.purge_expired(now));
@@ -89,48 +78,47 @@ fn purge_all(registry: &Registry, rules: &RetentionConfig, now: i64) -> Vec<Purg
     done
 }
 
-impl GalleryRetention {
-    pub fn start(registry: Arc<Registry>, rules: RetentionConfig, audit: AuditLog) -> GalleryRetention {
-        if rules.purge_interval_s == 0 {
-            return GalleryRetention(None);
-        }
-        let every = Duration::from_secs(rules.purge_interval_s);
-        GalleryRetention(Some(tokio::spawn(async move {
-            loop {
-                let (r, c) = (registry.clone(), rules.clone());
-                let purged = tokio::task::spawn_blocking(move || purge_all(&r, &c, now_ms()))
-                    .await
-                    .unwrap_or_default();
-                for p in purged {
-                    let entry = AuditEntry {
-                        peer: "-",
-                        caller: "biogate",
-                        method: p.method,
-                        gallery: &p.gallery,
-                        phase: "done",
-                        outcome: if p.error.is_some() { "INTERNAL" } else { "ok" },
-                        code: if p.error.is_some() {
-                            tonic::Code::Internal as i32
-                        } else {
-                            0
-                        },
-                        error: p.error.as_deref(),
-                        subjects: Vec::new(),
-                        count: p.count,
-                        rule: Some(&p.rule),
-                    };
-                    match &p.error {
-                        Some(e) => tracing::error!(gallery = %p.gallery, error = %e, "retention purge failed"),
-                        None => {
-                            tracing::info!(gallery = %p.gallery, purge = p.method, count = p.count, rule = %p.rule, "retention purge")
-                        }
-                    }
-                    if let Err(e) = audit.record(&entry).await {
-                        tracing::error!(gallery = %p.gallery, error = %e, "audit log: could not record a retention purge");
+/// Runs the purge every `rules.purge_interval_s` while the server runs.
+pub fn start(registry: Arc<Registry>, rules: RetentionConfig, audit: AuditLog) -> super::BackgroundTask {
+    if rules.purge_interval_s == 0 {
+        return super::BackgroundTask::none();
+    }
+    let every = Duration::from_secs(rules.purge_interval_s);
+    super::BackgroundTask::spawn(async move {
+        loop {
+            let (r, c) = (registry.clone(), rules.clone());
+            let purged = tokio::task::spawn_blocking(move || purge_all(&r, &c, now_ms()))
+                .await
+                .unwrap_or_default();
+            for p in purged {
+                let entry = AuditEntry {
+                    peer: "-",
+                    caller: "biogate",
+                    method: p.method,
+                    gallery: &p.gallery,
+                    phase: "done",
+                    outcome: if p.error.is_some() { "INTERNAL" } else { "ok" },
+                    code: if p.error.is_some() {
+                        tonic::Code::Internal as i32
+                    } else {
+                        0
+                    },
+                    error: p.error.as_deref(),
+                    subjects: Vec::new(),
+                    count: p.count,
+                    rule: Some(&p.rule),
+                };
+                match &p.error {
+                    Some(e) => tracing::error!(gallery = %p.gallery, error = %e, "retention purge failed"),
+                    None => {
+                        tracing::info!(gallery = %p.gallery, purge = p.method, count = p.count, rule = %p.rule, "retention purge")
                     }
                 }
-                tokio::time::sleep(every).await;
+                if let Err(e) = audit.record(&entry).await {
+                    tracing::error!(gallery = %p.gallery, error = %e, "audit log: could not record a retention purge");
+                }
             }
-        })))
-    }
+            tokio::time::sleep(every).await;
+        }
+    })
 }

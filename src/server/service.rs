@@ -465,14 +465,11 @@ impl Service {
         if let Ok(snapshot) = entry.snapshot()
             && snapshot.expiry().gallery_expired(crate::time_text::now_ms())
         {
+            let expired = status_of(snapshot.expiry().gallery_expired_error());
             return Err(Status::not_found(format!(
                 "gallery {}: {}",
                 super::registry::echo_name(name),
-                snapshot
-                    .expiry()
-                    .gallery_expired_error()
-                    .to_string()
-                    .trim_start_matches("not found: ")
+                expired.message()
             )));
         }
         Ok(entry)
@@ -1350,12 +1347,11 @@ impl Biogate for Arc<Service> {
             self.admit(&mut call)?;
             self.authorize(&mut call, &request, Role::Admin)?;
             let req = request.into_inner();
-            let invalid = |e: Error| Status::invalid_argument(e.to_string().replace("invalid input: ", ""));
-            let max_stay = crate::time_text::parse_duration(&req.max_stay, "max_stay").map_err(invalid)?;
+            let max_stay = crate::time_text::parse_duration(&req.max_stay, "max_stay").map_err(status_of)?;
             let as_of = if req.as_of.is_empty() {
                 crate::time_text::now_ms()
             } else {
-                crate::time_text::parse_time(&req.as_of, "as_of").map_err(invalid)?
+                crate::time_text::parse_time(&req.as_of, "as_of").map_err(status_of)?
             };
             let rows = self
                 .encounter_report(move |store| store.overstays(max_stay, as_of))
@@ -1383,8 +1379,7 @@ impl Biogate for Arc<Service> {
         let r = async {
             self.admit(&mut call)?;
             self.authorize(&mut call, &request, Role::Admin)?;
-            let by = StatsBy::parse(&request.into_inner().by, "by")
-                .map_err(|e| Status::invalid_argument(e.to_string().replace("invalid input: ", "")))?;
+            let by = StatsBy::parse(&request.into_inner().by, "by").map_err(status_of)?;
             let rows = self.encounter_report(move |store| store.stats(by)).await?;
             Ok((
                 proto::EncounterStatsList {
