@@ -271,10 +271,25 @@ impl Client {
 
     /// Create a gallery (`dtype`: "f32", "f16" or "i8").
     pub async fn create_gallery(&self, name: &str, dim: u32, dtype: &str) -> Reply<proto::GalleryInfo> {
+        self.create_sharded_gallery(name, dim, dtype, 0, 0).await
+    }
+
+    /// Create a gallery of `shards` shards with `replicas` replicas each, through a
+    /// cluster's router (0 and 0: the defaults; a single server takes only those or 1).
+    pub async fn create_sharded_gallery(
+        &self,
+        name: &str,
+        dim: u32,
+        dtype: &str,
+        shards: u32,
+        replicas: u32,
+    ) -> Reply<proto::GalleryInfo> {
         let req = proto::CreateGalleryRequest {
             name: name.into(),
             dim,
             dtype: dtype.into(),
+            shards,
+            replicas,
             ..Default::default()
         };
         Ok(self.raw().create_gallery(self.request(req)).await?.into_inner())

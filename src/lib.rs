@@ -4,15 +4,18 @@
 //! [`gallery::Snapshot`] (what searches read), [`engine::Engine`] (searches a snapshot
 //! with a backend), and [`template::Dtype`] (how rows are stored).
 //!
-//! Features: `gpu` (the wgpu backend), `server` (the gRPC server and client), `report`
-//! (DET plots), `cli` (the binary; all of them). The engine and the store build with
-//! none (`--no-default-features`).
+//! Features: `gpu` (the wgpu backend), `server` (the gRPC server and client), `cluster`
+//! (shard servers on etcd and object storage, and the router), `report` (DET plots),
+//! `cli` (the binary; all of them). The engine and the store build with none
+//! (`--no-default-features`).
 
 pub mod bench;
 #[cfg(feature = "server")]
 pub mod bench_grpc;
 #[cfg(feature = "server")]
 pub mod client;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod dedup;
 #[cfg(feature = "server")]
 pub mod encounters;

@@ -78,6 +78,12 @@ pub(crate) enum ClientCommand {
         /// Text file, one subject id per line, each once (with --source).
         #[arg(long, requires = "source")]
         subjects: Option<std::path::PathBuf>,
+        /// Through a cluster's router: shards (subjects placed by a hash of their id).
+        #[arg(long, default_value_t = 1, conflicts_with = "source")]
+        shards: u32,
+        /// Through a cluster's router: replicas of each shard (0: the router's default, 2).
+        #[arg(long, default_value_t = 0, conflicts_with = "source")]
+        replicas: u32,
     },
     /// Drop a gallery and delete its data.
     DropGallery { name: String },
@@ -193,6 +199,8 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
             dtype,
             source,
             subjects,
+            shards,
+            replicas,
         } => match (source, subjects, dim) {
             (Some(source), Some(list), _) => {
                 let ids = biogate::npy::read_ids(&list)?;
@@ -210,8 +218,18 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
                 }
             }
             (_, _, Some(dim)) => {
-                let g = c.create_gallery(&name, dim, dtype.name()).await.map_err(rpc)?;
-                println!("created gallery {} (dim {}, dtype {})", g.name, g.dim, g.dtype);
+                let g = c
+                    .create_sharded_gallery(&name, dim, dtype.name(), shards, replicas)
+                    .await
+                    .map_err(rpc)?;
+                if g.shards > 0 {
+                    println!(
+                        "created gallery {} (dim {}, dtype {}, {} shards x {} replicas)",
+                        g.name, g.dim, g.dtype, g.shards, g.replicas
+                    );
+                } else {
+                    println!("created gallery {} (dim {}, dtype {})", g.name, g.dim, g.dtype);
+                }
             }
             _ => unreachable!("clap requires --dim or --source with --subjects"),
         },

@@ -49,6 +49,8 @@ pub(crate) enum Command {
     Dedup(search::DedupArgs),
     /// Serve galleries over gRPC (defaults: ./biogate-data on 127.0.0.1:50051).
     Serve(serve::ServeArgs),
+    /// The cluster's front door: serve the same API over galleries sharded on `serve --etcd` nodes.
+    Router(serve::RouterArgs),
     /// Talk to a running server.
     Client(client::ClientArgs),
     /// Border reports from a server's encounter log: history, overstays, stats.
@@ -73,6 +75,7 @@ pub(crate) fn run(command: Command) -> Result<()> {
         Command::Eval(a) => search::eval(a),
         Command::Dedup(a) => search::dedup(a),
         Command::Serve(a) => runtime()?.block_on(serve::run(a)),
+        Command::Router(a) => runtime()?.block_on(serve::router(a)),
         Command::Client(a) => runtime()?.block_on(client::run(a)),
         Command::Encounters(a) => encounters::run(a),
         Command::Completions { shell } => {

@@ -29,6 +29,36 @@ pub(crate) struct ServeArgs {
     /// cpu, gpu or auto (default: the configuration's `backend`, else auto).
     #[arg(long, env = "BIOGATE_BACKEND")]
     backend: Option<BackendChoice>,
+    /// Join a cluster: its etcd members' client URLs (comma-separated). Without it, a
+    /// single server.
+    #[arg(long, env = "BIOGATE_ETCD", value_delimiter = ',', requires_all = ["store", "node"])]
+    etcd: Vec<String>,
+    /// The cluster's object store: file:///dir (or s3://bucket/prefix with the s3 feature).
+    #[arg(long, env = "BIOGATE_STORE", requires = "etcd")]
+    store: Option<String>,
+    /// This node's name in the cluster (unique; replicas are placed by it).
+    #[arg(long, env = "BIOGATE_NODE", requires = "etcd")]
+    node: Option<String>,
+    /// The address routers reach this node at (default: the listen address).
+    #[arg(long, env = "BIOGATE_ADVERTISE", requires = "etcd")]
+    advertise: Option<String>,
+}
+
+#[derive(Args)]
+pub(crate) struct RouterArgs {
+    /// The cluster's etcd members' client URLs (comma-separated).
+    #[arg(long, env = "BIOGATE_ETCD", value_delimiter = ',', required = true)]
+    etcd: Vec<String>,
+    /// gRPC listen address.
+    #[arg(long, env = "BIOGATE_LISTEN", default_value = "127.0.0.1:50050")]
+    listen: std::net::SocketAddr,
+}
+
+pub(crate) async fn router(a: RouterArgs) -> Result<()> {
+    let handle = biogate::cluster::router::start(&a.etcd, a.listen).await?;
+    println!("biogate router on {} (etcd {})", handle.addr, a.etcd.join(","));
+    wait_for_signal().await;
+    handle.shutdown().await
 }
 
 pub(crate) async fn run(a: ServeArgs) -> Result<()> {
@@ -62,7 +92,17 @@ pub(crate) async fn run(a: ServeArgs) -> Result<()> {
         config.backend = b;
     }
     let data_dir = config.data_dir.clone();
-    let handle = biogate::server::start(config).await?;
+    let handle = if a.etcd.is_empty() {
+        biogate::server::start(config).await?
+    } else {
+        let options = biogate::cluster::node::ClusterOptions {
+            etcd: a.etcd,
+            store: a.store.expect("clap requires --store"),
+            node: a.node.expect("clap requires --node"),
+            advertise: a.advertise,
+        };
+        biogate::server::start_node(config, options).await?
+    };
     let scheme = "http";
     println!(
         "biogate serving {} on {} (metrics: {})",

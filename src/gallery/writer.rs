@@ -290,6 +290,28 @@ impl Gallery {
                 check_future(*t, now, &format!("enrollment {i} (subject {:?}) expires_at", e.subject))?;
             }
         }
+        let (records, total) = self.enrollment_records(batch)?;
+        self.check_writable()?;
+        if self.expiry.gallery_expired(now) {
+            return Err(self.expiry.gallery_expired_error());
+        }
+        if batch
+            .iter()
+            .zip(expires)
+            .any(|(e, at)| self.expiry.subject_ms(&e.subject) != *at)
+        {
+            let mut next = (*self.expiry).clone();
+            for (e, at) in batch.iter().zip(expires) {
+                next.set(&e.subject, *at);
+            }
+            self.commit_expiry(next)?;
+        }
+        self.log_and_apply(&records)?;
+        Ok(total)
+    }
+
+    /// Check and normalise a batch of enrollments into log records; the templates count.
+    fn enrollment_records(&self, batch: &[Enrollment]) -> Result<(Vec<WalRecord>, usize)> {
         let dim = self.manifest.dim;
         let mut records = Vec::with_capacity(batch.len());
         let mut total = 0;
@@ -326,23 +348,40 @@ impl Gallery {
                 templates: normalized,
             });
         }
-        self.check_writable()?;
-        if self.expiry.gallery_expired(now) {
-            return Err(self.expiry.gallery_expired_error());
-        }
-        if batch
-            .iter()
-            .zip(expires)
-            .any(|(e, at)| self.expiry.subject_ms(&e.subject) != *at)
-        {
-            let mut next = (*self.expiry).clone();
-            for (e, at) in batch.iter().zip(expires) {
-                next.set(&e.subject, *at);
+        Ok((records, total))
+    }
+
+    /// Apply one batch of a cluster shard's log as one commit group: `enrollments`
+    /// (checked and normalised as [`Gallery::enroll`] does), then `deletions` (a subject
+    /// this replica does not hold is skipped: every replica applies the same batches in
+    /// the same order, so they all skip it). No expiries: a cluster's galleries have none.
+    pub fn apply_replicated(&mut self, enrollments: &[Enrollment], deletions: &[String]) -> Result<()> {
+        let (mut records, _) = if enrollments.is_empty() {
+            (Vec::new(), 0)
+        } else {
+            self.enrollment_records(enrollments)?
+        };
+        for subject in deletions {
+            check_subject_id(subject)?;
+            if self.snapshot.has_subject(subject) {
+                records.push(WalRecord::Delete {
+                    subject: subject.clone(),
+                    segments_before: self.manifest.next_file_id,
+                });
             }
-            self.commit_expiry(next)?;
         }
-        self.log_and_apply(&records)?;
-        Ok(total)
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.check_writable()?;
+        self.log_and_apply(&records)
+    }
+
+    /// The number the next logged record will get: it grows by one for each record and
+    /// never goes back (seals and compactions carry it on), so it tells whether a commit
+    /// group reached the log.
+    pub fn log_position(&self) -> u64 {
+        self.wal.next_seq()
     }
 
     /// Make `next` the gallery's retention state, durably, and publish it. If the

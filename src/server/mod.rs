@@ -82,12 +82,18 @@ pub struct ServerHandle {
     _supervisor: supervisor::Supervisor,
     _retention: BackgroundTask,
     _gallery_retention: BackgroundTask,
+    #[cfg(feature = "cluster")]
+    node: Option<Arc<crate::cluster::node::Node>>,
 }
 
 impl ServerHandle {
     /// Graceful shutdown: NOT_SERVING, stop accepting, finish in-flight requests; after
     /// the grace period, cut off whatever is still open.
     pub async fn shutdown(mut self) -> Result<()> {
+        #[cfg(feature = "cluster")]
+        if let Some(node) = self.node.take() {
+            node.leave().await;
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -109,6 +115,21 @@ pub async fn start(config: Config) -> Result<ServerHandle> {
 
 /// Start serving `config`, writing through `storage` (tests inject disk faults).
 pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Result<ServerHandle> {
+    start_inner(config, storage, None).await
+}
+
+/// Start serving `config` as a node of the cluster `cluster` (`serve --etcd`).
+#[cfg(feature = "cluster")]
+pub async fn start_node(config: Config, cluster: crate::cluster::node::ClusterOptions) -> Result<ServerHandle> {
+    start_inner(config, crate::storage::Storage::default(), Some(cluster)).await
+}
+
+#[cfg(feature = "cluster")]
+type ClusterChoice = Option<crate::cluster::node::ClusterOptions>;
+#[cfg(not(feature = "cluster"))]
+type ClusterChoice = Option<std::convert::Infallible>;
+
+async fn start_inner(config: Config, storage: crate::storage::Storage, cluster: ClusterChoice) -> Result<ServerHandle> {
     config.validate()?;
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir).ctx(|| format!("creating {}", config.data_dir.display()))?;
@@ -117,7 +138,9 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
     health.set_not_serving::<BiogateServer<Arc<service::Service>>>().await;
 
     let registry = Arc::new(registry::Registry::open(&config.data_dir, storage.clone())?);
+    // A cluster node holds only the replicas the shard map gives it.
     if registry.is_empty()
+        && cluster.is_none()
         && let Some(d) = &config.default_gallery
     {
         registry.create(&d.name, d.dim, d.dtype)?;
@@ -162,7 +185,11 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
         auth,
         config: config.clone(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_requests_in_flight)),
+        #[cfg(feature = "cluster")]
+        cluster: std::sync::OnceLock::new(),
     });
+    #[cfg(feature = "cluster")]
+    let service_for_node = service.clone();
 
     let keepalive =
         (config.keepalive_interval_ms > 0).then(|| std::time::Duration::from_millis(config.keepalive_interval_ms));
@@ -206,6 +233,33 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
         .await
         .ctx(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr().ctx(|| "reading the bound address".into())?;
+    #[cfg(feature = "cluster")]
+    let node = match cluster {
+        Some(options) => {
+            let advertise = match &options.advertise {
+                Some(a) => a.clone(),
+                None if addr.ip().is_unspecified() => {
+                    return Err(Error::Config(format!(
+                        "listening on {addr}: give --advertise HOST:PORT, the address other nodes and routers reach this one at"
+                    )));
+                }
+                None => addr.to_string(),
+            };
+            let node = crate::cluster::node::Node::join(
+                &options,
+                advertise,
+                registry.clone(),
+                &config.data_dir,
+                config.seal_log_rows,
+            )
+            .await?;
+            let _ = service_for_node.cluster.set(node.clone());
+            Some(node)
+        }
+        None => None,
+    };
+    #[cfg(not(feature = "cluster"))]
+    let _ = cluster;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (metrics_stop_tx, metrics_stop_rx) = oneshot::channel::<()>();
     let metrics_addr = match config.metrics_listen {
@@ -256,6 +310,8 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
         _supervisor: supervisor,
         _retention: retention,
         _gallery_retention: gallery_retention,
+        #[cfg(feature = "cluster")]
+        node,
     })
 }
 

@@ -43,6 +43,10 @@ pub struct Service {
     pub config: Arc<Config>,
     /// One permit per call being handled (`max_requests_in_flight`).
     pub in_flight: Arc<Semaphore>,
+    /// Set when this server is a node of a cluster (`serve --etcd`): writes to its
+    /// replicas go through the shard's log.
+    #[cfg(feature = "cluster")]
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::node::Node>>,
 }
 
 /// Map a library error to a gRPC status. Messages keep file names but not the server's
@@ -457,6 +461,25 @@ impl Service {
 
     /// A gallery by name; an expired one is NOT_FOUND (it answers nothing and is
     /// dropped at the next purge).
+    /// The cluster this server is a node of, if any: then every write goes through a
+    /// shard's log (`Node::commit`), never straight to a local gallery.
+    #[cfg(feature = "cluster")]
+    fn cluster_node(&self) -> Option<Arc<crate::cluster::node::Node>> {
+        self.cluster.get().cloned()
+    }
+
+    /// Refuse a catalogue change on a cluster node (the router makes them).
+    fn not_on_a_node(&self) -> Result<(), Status> {
+        #[cfg(feature = "cluster")]
+        if let Some(node) = self.cluster.get() {
+            return Err(Status::failed_precondition(format!(
+                "this server is node {:?} of a cluster: create and drop galleries through `biogate router`",
+                node.name
+            )));
+        }
+        Ok(())
+    }
+
     fn gallery(&self, name: &str) -> Result<Arc<GalleryEntry>, Status> {
         if name.is_empty() {
             return Err(Status::invalid_argument("gallery: empty gallery name"));
@@ -700,6 +723,23 @@ impl Service {
                 };
                 let committed = async {
                     self.intent(&group_call, &subjects, templates).await?;
+                    #[cfg(feature = "cluster")]
+                    if let Some(node) = self.cluster_node() {
+                        if valid[at..end].iter().any(|v| !v.1.expires_at.is_empty()) {
+                            return Err(Status::invalid_argument(
+                                "expires_at: a cluster's galleries do not expire subjects yet",
+                            ));
+                        }
+                        let ops = batch
+                            .into_iter()
+                            .map(|e| crate::cluster::batch::Op::Enroll {
+                                subject: e.subject,
+                                templates: e.templates,
+                            })
+                            .collect();
+                        node.commit(&gallery.name, ops).await.map_err(status_of)?;
+                        return Ok(templates);
+                    }
                     let writer = gallery.clone();
                     let seal_at = self.config.seal_log_rows;
                     blocking(move || {
@@ -1011,6 +1051,7 @@ impl Biogate for Arc<Service> {
                                         result: r.first().map(to_proto),
                                     })
                                     .collect(),
+                                ..Default::default()
                             }
                         }
                         Err(s) => proto::IdentifyStreamResponse {
@@ -1018,7 +1059,7 @@ impl Biogate for Arc<Service> {
                             result: None,
                             error_code: s.code() as i32,
                             error_message: s.message().to_owned(),
-                            galleries: Vec::new(),
+                            ..Default::default()
                         },
                     };
                     let _ = tx.send(Ok(response)).await;
@@ -1108,6 +1149,19 @@ impl Biogate for Arc<Service> {
             }
             self.intent(&call, &[req.subject.as_str()], 1).await?;
             let subject = req.subject.clone();
+            #[cfg(feature = "cluster")]
+            if let Some(node) = self.cluster_node() {
+                let op = crate::cluster::batch::Op::Delete { subject };
+                node.commit(&entry.name, vec![op]).await.map_err(status_of)?;
+                return Ok((
+                    proto::DeleteSubjectResponse {},
+                    Audited {
+                        subjects: vec![(req.subject.clone(), None)],
+                        count: 1,
+                        took_effect: true,
+                    },
+                ));
+            }
             blocking(move || entry.write(|g| g.delete_subject(&subject))).await?;
             Ok((
                 proto::DeleteSubjectResponse {},
@@ -1130,7 +1184,14 @@ impl Biogate for Arc<Service> {
         let r = async {
             self.admit(&mut call)?;
             self.authorize(&mut call, &request, Role::Admin)?;
+            self.not_on_a_node()?;
             let req = request.into_inner();
+            if req.shards > 1 || req.replicas > 1 {
+                return Err(Status::invalid_argument(format!(
+                    "shards/replicas: a single server holds one copy of a gallery ({} shards, {} replicas asked); create sharded galleries through `biogate router`",
+                    req.shards, req.replicas
+                )));
+            }
             if !req.source.is_empty() {
                 return self.derive_gallery(&call, req).await;
             }
@@ -1181,6 +1242,7 @@ impl Biogate for Arc<Service> {
         let r = async {
             self.admit(&mut call)?;
             self.authorize(&mut call, &request, Role::Admin)?;
+            self.not_on_a_node()?;
             let req = request.into_inner();
             self.gallery(&req.name)?;
             let registry = self.registry.clone();
@@ -1432,6 +1494,8 @@ mod tests {
             auth: Arc::new(Auth::new(&[])),
             in_flight: Arc::new(Semaphore::new(config.max_requests_in_flight)),
             config,
+            #[cfg(feature = "cluster")]
+            cluster: std::sync::OnceLock::new(),
         })
     }
 

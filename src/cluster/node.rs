@@ -1,0 +1,719 @@
+//! A shard server: `biogate serve --etcd ...`. It registers under a lease, holds the
+//! replicas the shard map gives it (each a gallery in its own registry, named
+//! `{gallery}.s{shard}`), applies each shard's batches in commit order, commits the
+//! writes it is sent, and, while it holds the coordinator key, places replicas.
+//!
+//! The commit order of an enrollment (or deletion), as [`Node::commit`] runs it:
+//! 1. the batch is written to the object store (durably) under a unique name;
+//! 2. this replica catches up to the last batch it knows of, and checks the batch
+//!    against that state (a deletion names an enrolled subject);
+//! 3. it is committed as `/biogate/log/{g}/{s}/{seq}` for the next `seq` by an etcd
+//!    transaction that succeeds only if that key does not exist yet (another writer
+//!    took it: catch up, check again, take the next);
+//! 4. it is applied here, then on every live replica in the shard map (each reports
+//!    `/biogate/applied/...`), for up to `VISIBLE_WAIT`;
+//! 5. `/biogate/visible/{g}/{s}` is raised to `seq`, and the caller is answered.
+//!
+//! A replica that has not applied the visible batch is not searched (see
+//! `ClusterState::serving`), so an acknowledged write is seen by every search.
+//!
+//! Each replica keeps a cursor file beside its gallery (`DATA/cluster/{g}.s{s}.cursor`):
+//! the last batch applied and the gallery's log position after it. A batch is one
+//! commit group of the gallery's log, so after a crash the log position says whether
+//! the batch after the cursor's reached the disk.
+
+use super::batch::{self, Op};
+use super::etcd::{self, Etcd};
+use super::keys::{self, ClusterState, GalleryMeta, LogEntry};
+use super::objects::Objects;
+use super::view::View;
+use crate::error::{Error, IoContext, Result};
+use crate::gallery::Enrollment;
+use crate::server::registry::{GalleryEntry, Registry};
+use crate::storage::Storage;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// A node's lease: it disappears from the cluster this long after it stops.
+pub const LEASE_TTL_S: i64 = 3;
+/// How long a commit waits for the other replicas before it is acknowledged anyway
+/// (a replica still behind is not searched until it catches up).
+pub const VISIBLE_WAIT: Duration = Duration::from_secs(3);
+/// How long a commit waits for this replica to catch up or apply.
+const APPLY_WAIT: Duration = Duration::from_secs(30);
+
+/// How `serve` joins a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub etcd: Vec<String>,
+    /// The object store's URL (`file:///dir`, or `s3://...` with the `s3` feature).
+    pub store: String,
+    /// This node's name (unique in the cluster; its replicas are placed by it).
+    pub node: String,
+    /// The address routers and other nodes reach this one at (default: the bound one).
+    pub advertise: Option<String>,
+}
+
+/// A replica this node holds.
+struct Replica {
+    gallery: String,
+    shard: u32,
+    created_ms: i64,
+    entry: Arc<GalleryEntry>,
+    /// The last batch applied.
+    applied: watch::Sender<u64>,
+    /// One commit at a time from this node.
+    commit: tokio::sync::Mutex<()>,
+    tail: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(t) = self.tail.lock().expect("tail lock").take() {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Cursor {
+    created_ms: i64,
+    seq: u64,
+    position: u64,
+}
+
+/// A shard server's part in the cluster.
+pub struct Node {
+    pub name: String,
+    address: String,
+    etcd: Arc<Etcd>,
+    pub view: Arc<View>,
+    objects: Objects,
+    registry: Arc<Registry>,
+    storage: Storage,
+    cursors: PathBuf,
+    seal_log_rows: usize,
+    lease: AtomicI64,
+    replicas: Mutex<HashMap<(String, u32), Arc<Replica>>>,
+    batches: AtomicU64,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for t in self.tasks.lock().expect("tasks lock").drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Node {
+    /// Join the cluster: check the store, register `address` under a lease, and start
+    /// following the shard map.
+    pub async fn join(
+        options: &ClusterOptions,
+        address: String,
+        registry: Arc<Registry>,
+        data_dir: &std::path::Path,
+        seal_log_rows: usize,
+    ) -> Result<Arc<Node>> {
+        crate::server::registry::check_gallery_name(&options.node)
+            .map_err(|_| Error::Config(format!("--node {:?}: use letters, digits, '_', '-', '.'", options.node)))?;
+        let etcd = Arc::new(Etcd::connect(&options.etcd)?);
+        let objects = Objects::open(&options.store)?;
+        // Every node must use the same store: the first one to join names it.
+        let r = etcd
+            .txn(
+                "the store check",
+                etcd::TxnRequest {
+                    compare: vec![etcd::absent(keys::STORE)],
+                    success: vec![etcd::put_op(keys::STORE, options.store.as_bytes().to_vec(), 0)],
+                    failure: Vec::new(),
+                },
+            )
+            .await?;
+        if !r.succeeded {
+            let set = etcd.get(keys::STORE).await?.map(|kv| kv.value).unwrap_or_default();
+            if set != options.store.as_bytes() {
+                return Err(Error::Config(format!(
+                    "--store {}: this cluster's object store is {}",
+                    options.store,
+                    String::from_utf8_lossy(&set)
+                )));
+            }
+        }
+        let lease = etcd.grant_lease(LEASE_TTL_S).await?;
+        let info = keys::NodeInfo {
+            address: address.clone(),
+        };
+        etcd.put(&keys::node_key(&options.node), keys::encode(&info), lease)
+            .await?;
+        let view = View::start(etcd.clone(), Duration::from_secs(5)).await;
+        let cursors = data_dir.join("cluster");
+        std::fs::create_dir_all(&cursors).ctx(|| format!("creating {}", cursors.display()))?;
+        let node = Arc::new(Node {
+            name: options.node.clone(),
+            address,
+            etcd,
+            view,
+            objects,
+            registry,
+            storage: Storage::default(),
+            cursors,
+            seal_log_rows,
+            lease: AtomicI64::new(lease),
+            replicas: Mutex::new(HashMap::new()),
+            batches: AtomicU64::new(0),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let tasks = vec![
+            tokio::spawn(Self::keep_alive(Arc::downgrade(&node))),
+            tokio::spawn(Self::follow_map(Arc::downgrade(&node))),
+        ];
+        node.tasks.lock().expect("tasks lock").extend(tasks);
+        tracing::info!(node = %node.name, address = %node.address, store = %node.objects.url(), "joined the cluster");
+        Ok(node)
+    }
+
+    /// Leave: revoke the lease (the node and its applied marks go at once).
+    pub async fn leave(&self) {
+        let lease = self.lease.load(Ordering::Relaxed);
+        if let Err(e) = self.etcd.revoke_lease(lease).await {
+            tracing::warn!(error = %e, "could not revoke the node's lease (it expires by itself)");
+        }
+    }
+
+    /// Renew the lease every second; if it was lost, take a new one and register again.
+    async fn keep_alive(node: std::sync::Weak<Node>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let Some(node) = node.upgrade() else { return };
+            let lease = node.lease.load(Ordering::Relaxed);
+            match node.etcd.keep_alive(lease).await {
+                Ok(ttl) if ttl > 0 => {}
+                Ok(_) => {
+                    tracing::warn!(node = %node.name, "the node's lease expired: registering again");
+                    if let Err(e) = node.register_again().await {
+                        tracing::warn!(error = %e, "registering again failed; retrying");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not renew the node's lease"),
+            }
+        }
+    }
+
+    async fn register_again(&self) -> Result<()> {
+        let lease = self.etcd.grant_lease(LEASE_TTL_S).await?;
+        self.lease.store(lease, Ordering::Relaxed);
+        let info = keys::NodeInfo {
+            address: self.address.clone(),
+        };
+        self.etcd
+            .put(&keys::node_key(&self.name), keys::encode(&info), lease)
+            .await?;
+        let held: Vec<Arc<Replica>> = self.replicas.lock().expect("replicas lock").values().cloned().collect();
+        for r in held {
+            let at = *r.applied.borrow();
+            self.publish_applied(&r, at).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_applied(&self, r: &Replica, seq: u64) -> Result<()> {
+        let key = keys::applied_key(&r.gallery, r.shard, &self.name);
+        self.etcd
+            .put(&key, keys::encode(&seq), self.lease.load(Ordering::Relaxed))
+            .await
+    }
+
+    /// Hold the replicas the shard map gives this node; place replicas while this node
+    /// is the coordinator. Runs on every change of the cluster's keys.
+    async fn follow_map(node: std::sync::Weak<Node>) {
+        let Some(mut changes) = node.upgrade().map(|n| n.view.changed()) else {
+            return;
+        };
+        loop {
+            {
+                let Some(node) = node.upgrade() else { return };
+                if let Err(e) = node.reconcile().await {
+                    tracing::warn!(error = %e, "holding this node's replicas");
+                }
+                if let Err(e) = node.coordinate().await {
+                    tracing::warn!(error = %e, "placing replicas");
+                }
+            }
+            // Wake on a change, or each second (a lost race is retried).
+            let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+        }
+    }
+
+    /// Open (and start tailing) the replicas the map gives this node; stop the ones it
+    /// no longer does; drop those of galleries that are gone.
+    async fn reconcile(self: &Arc<Self>) -> Result<()> {
+        let wanted: Vec<(String, u32, GalleryMeta)> = self.view.read(|st| {
+            let mut out = Vec::new();
+            for (g, meta) in &st.galleries {
+                for s in 0..meta.shards {
+                    if st.shard_map(g, s).is_some_and(|m| m.replicas.contains(&self.name)) {
+                        out.push((g.clone(), s, meta.clone()));
+                    }
+                }
+            }
+            out
+        });
+        let galleries = self.view.read(|st| st.galleries.clone());
+        let connected = self.view.connected();
+        let held: Vec<((String, u32), Arc<Replica>)> = self
+            .replicas
+            .lock()
+            .expect("replicas lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for ((g, s), r) in held {
+            let gone = galleries.get(&g).is_none_or(|m| m.created_ms != r.created_ms);
+            let unwanted = !wanted.iter().any(|w| w.0 == g && w.1 == s);
+            if connected && (gone || unwanted) {
+                self.replicas.lock().expect("replicas lock").remove(&(g.clone(), s));
+                drop(r);
+                let _ = self.etcd.delete(&keys::applied_key(&g, s, &self.name)).await;
+                if gone {
+                    self.drop_local(&g, s)?;
+                    tracing::info!(gallery = %g, shard = s, "dropped the replica of a dropped gallery");
+                } else {
+                    tracing::info!(gallery = %g, shard = s, "no longer holds this replica (data kept)");
+                }
+            }
+        }
+        for (g, s, meta) in wanted {
+            if self
+                .replicas
+                .lock()
+                .expect("replicas lock")
+                .contains_key(&(g.clone(), s))
+            {
+                continue;
+            }
+            let replica = self.open_replica(&g, s, &meta)?;
+            self.replicas
+                .lock()
+                .expect("replicas lock")
+                .insert((g.clone(), s), replica.clone());
+            let at = *replica.applied.borrow();
+            self.publish_applied(&replica, at).await?;
+            let tail = tokio::spawn(Self::tail(Arc::downgrade(self), Arc::downgrade(&replica)));
+            *replica.tail.lock().expect("tail lock") = Some(tail);
+            tracing::info!(gallery = %g, shard = s, applied = at, "holding a replica");
+        }
+        Ok(())
+    }
+
+    fn cursor_path(&self, g: &str, s: u32) -> PathBuf {
+        self.cursors.join(format!("{}.cursor", keys::replica_name(g, s)))
+    }
+
+    fn drop_local(&self, g: &str, s: u32) -> Result<()> {
+        let local = keys::replica_name(g, s);
+        if self.registry.get(&local).is_ok() {
+            self.registry.drop_gallery(&local)?;
+        }
+        let cursor = self.cursor_path(g, s);
+        if cursor.exists() {
+            self.storage.remove_file(&cursor)?;
+        }
+        Ok(())
+    }
+
+    /// Open a replica's local gallery, or make it afresh when there is none, it belongs
+    /// to an older gallery of the same name, or its cursor is missing.
+    fn open_replica(&self, g: &str, s: u32, meta: &GalleryMeta) -> Result<Arc<Replica>> {
+        let local = keys::replica_name(g, s);
+        let cursor: Option<Cursor> = std::fs::read(self.cursor_path(g, s))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let existing = self.registry.get(&local).ok();
+        let reuse = match (&existing, &cursor) {
+            (Some(entry), Some(c)) => c.created_ms == meta.created_ms && entry.problem().is_none(),
+            _ => false,
+        };
+        let (entry, applied) = if reuse {
+            let entry = existing.expect("checked");
+            let c = cursor.expect("checked");
+            let position = entry.write(|gal| Ok(gal.log_position()))?;
+            // A batch is one commit group: if the log moved past the cursor, the batch
+            // after it is on disk (its cursor was not written).
+            let applied = if position == c.position { c.seq } else { c.seq + 1 };
+            if applied != c.seq {
+                self.write_cursor(g, s, meta.created_ms, applied, position)?;
+            }
+            (entry, applied)
+        } else {
+            if existing.is_some() {
+                self.drop_local(g, s)?;
+            }
+            let entry = self.registry.create(&local, meta.dim, meta.dtype)?;
+            let position = entry.write(|gal| Ok(gal.log_position()))?;
+            self.write_cursor(g, s, meta.created_ms, 0, position)?;
+            (entry, 0)
+        };
+        Ok(Arc::new(Replica {
+            gallery: g.to_owned(),
+            shard: s,
+            created_ms: meta.created_ms,
+            entry,
+            applied: watch::channel(applied).0,
+            commit: tokio::sync::Mutex::new(()),
+            tail: Mutex::new(None),
+        }))
+    }
+
+    fn write_cursor(&self, g: &str, s: u32, created_ms: i64, seq: u64, position: u64) -> Result<()> {
+        let c = Cursor {
+            created_ms,
+            seq,
+            position,
+        };
+        self.storage
+            .write_file_atomically(&self.cursor_path(g, s), &serde_json::to_vec(&c).expect("cursor"))
+    }
+
+    /// Apply the shard's batches in order as they are committed.
+    async fn tail(node: std::sync::Weak<Node>, replica: std::sync::Weak<Replica>) {
+        let Some(mut changes) = node.upgrade().map(|n| n.view.changed()) else {
+            return;
+        };
+        let mut published = None;
+        loop {
+            let (Some(node), Some(r)) = (node.upgrade(), replica.upgrade()) else {
+                return;
+            };
+            let at = *r.applied.borrow();
+            let next = node.view.log_after(&r.gallery, r.shard, at);
+            let mut failed = false;
+            for (seq, entry) in next {
+                if seq != *r.applied.borrow() + 1 || entry.gallery_created_ms != r.created_ms {
+                    break;
+                }
+                if let Err(e) = node.apply(&r, seq, &entry).await {
+                    tracing::error!(gallery = %r.gallery, shard = r.shard, seq, error = %e, "applying a batch failed; retrying");
+                    failed = true;
+                    break;
+                }
+            }
+            let now = *r.applied.borrow();
+            if published != Some(now) && node.publish_applied(&r, now).await.is_ok() {
+                published = Some(now);
+            }
+            drop((node, r));
+            if failed || published.is_none() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            } else {
+                let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+            }
+        }
+    }
+
+    async fn apply(&self, r: &Replica, seq: u64, entry: &LogEntry) -> Result<()> {
+        let bytes = self.objects.get(&entry.object).await?;
+        let ops = batch::decode(&bytes, &entry.object)?;
+        let mut enrollments = Vec::new();
+        let mut deletions = Vec::new();
+        for op in ops {
+            match op {
+                Op::Enroll { subject, templates } => enrollments.push(Enrollment { subject, templates }),
+                Op::Delete { subject } => deletions.push(subject),
+            }
+        }
+        let writer = r.entry.clone();
+        let seal_at = self.seal_log_rows;
+        let position = tokio::task::spawn_blocking(move || {
+            writer.write(|g| {
+                g.apply_replicated(&enrollments, &deletions)?;
+                let position = g.log_position();
+                if g.log_rows() >= seal_at
+                    && let Err(e) = g.seal_log()
+                {
+                    tracing::error!(gallery = %g.dir().display(), error = %e, "sealing the log failed");
+                }
+                Ok(position)
+            })
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("apply task: {e}")))??;
+        self.write_cursor(&r.gallery, r.shard, r.created_ms, seq, position)?;
+        r.applied.send_replace(seq);
+        Ok(())
+    }
+
+    fn replica_of_local(&self, local: &str) -> Option<Arc<Replica>> {
+        self.replicas
+            .lock()
+            .expect("replicas lock")
+            .values()
+            .find(|r| r.entry.name == local)
+            .cloned()
+    }
+
+    /// Whether `local` (a gallery of this node's registry) is a cluster replica.
+    pub fn holds(&self, local: &str) -> bool {
+        self.replica_of_local(local).is_some()
+    }
+
+    /// Commit `ops` to the log of the shard whose replica is `local`, and wait until
+    /// they are visible (the module's doc gives the order). Returns the batch's number.
+    pub async fn commit(&self, local: &str, ops: Vec<Op>) -> Result<u64> {
+        let r = self.replica_of_local(local).ok_or_else(|| {
+            Error::Unavailable(format!(
+                "{local}: this node does not hold that replica now (ask the router)"
+            ))
+        })?;
+        let shards = self.view.read(|st| st.galleries.get(&r.gallery).map(|m| m.shards));
+        let shards = shards.ok_or_else(|| Error::NotFound(format!("gallery {:?}", r.gallery)))?;
+        for (i, op) in ops.iter().enumerate() {
+            let owner = keys::shard_of(op.subject(), shards);
+            if owner != r.shard {
+                return Err(Error::invalid(format!(
+                    "operation {i}: subject {:?} belongs to shard {owner} of {:?}, not {}",
+                    op.subject(),
+                    r.gallery,
+                    r.shard
+                )));
+            }
+        }
+        let _one_at_a_time = r.commit.lock().await;
+        let n = self.batches.fetch_add(1, Ordering::Relaxed);
+        let object = format!(
+            "{}/{}-{}-{n}.bgb",
+            keys::batch_prefix(&r.gallery, r.created_ms, r.shard),
+            self.name,
+            crate::time_text::now_ms()
+        );
+        self.objects.put(&object, batch::encode(&ops)).await?;
+        let entry = LogEntry {
+            object,
+            ops: ops.len() as u32,
+            node: self.name.clone(),
+            gallery_created_ms: r.created_ms,
+        };
+        let value = keys::encode(&entry);
+        let seq = loop {
+            let head = self
+                .view
+                .read(|st| st.committed.get(&(r.gallery.clone(), r.shard)).copied().unwrap_or(0));
+            self.wait_applied(&r, head, APPLY_WAIT).await?;
+            self.check_deletions(&r, &ops)?;
+            let seq = head + 1;
+            let key = keys::log_key(&r.gallery, r.shard, seq);
+            let txn = etcd::TxnRequest {
+                compare: vec![etcd::absent(&key), gallery_exists(&r.gallery)],
+                success: vec![etcd::put_op(&key, value.clone(), 0)],
+                failure: Vec::new(),
+            };
+            match self
+                .etcd
+                .txn(&format!("the commit of batch {seq} of {local}"), txn)
+                .await
+            {
+                Ok(t) if t.succeeded => break seq,
+                Ok(_) => {
+                    if self.view.read(|st| !st.galleries.contains_key(&r.gallery)) {
+                        return Err(Error::NotFound(format!("gallery {:?} was dropped", r.gallery)));
+                    }
+                    // Another writer took `seq`: wait to see it, then go again.
+                    let deadline = Instant::now() + APPLY_WAIT;
+                    let g = r.gallery.clone();
+                    let s = r.shard;
+                    self.view
+                        .wait_for(deadline, |st| {
+                            st.committed.get(&(g.clone(), s)).copied().unwrap_or(0) >= seq
+                        })
+                        .await;
+                }
+                Err(e) => {
+                    // Did it commit before the answer was lost?
+                    return match self.etcd.get(&key).await {
+                        Ok(Some(kv)) if kv.value == value => break seq,
+                        Ok(_) => Err(Error::Unavailable(format!("{e}; the batch was not committed"))),
+                        Err(_) => Err(Error::Unavailable(format!(
+                            "{e}; the batch is not acknowledged (it can have been committed only if etcd took it just before losing its quorum)"
+                        ))),
+                    };
+                }
+            }
+        };
+        self.wait_applied(&r, seq, APPLY_WAIT).await?;
+        // Every live replica in the map, for a while; then whoever is behind is not
+        // searched until it catches up.
+        let (g, s) = (r.gallery.clone(), r.shard);
+        self.view
+            .wait_for(Instant::now() + VISIBLE_WAIT, |st| all_applied(st, &g, s, seq))
+            .await;
+        self.raise_visible(&g, s, seq).await?;
+        Ok(seq)
+    }
+
+    fn check_deletions(&self, r: &Replica, ops: &[Op]) -> Result<()> {
+        let snapshot = r.entry.snapshot()?;
+        for op in ops {
+            if let Op::Delete { subject } = op
+                && !snapshot.has_subject(subject)
+            {
+                return Err(Error::NotFound(format!(
+                    "subject: {subject:?} is not enrolled in {:?}",
+                    r.gallery
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_applied(&self, r: &Replica, seq: u64, wait: Duration) -> Result<()> {
+        let mut rx = r.applied.subscribe();
+        match tokio::time::timeout(wait, rx.wait_for(|a| *a >= seq)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::Unavailable(format!(
+                "replica {}.s{} has applied batch {} of {seq} after {wait:?}",
+                r.gallery,
+                r.shard,
+                *r.applied.borrow()
+            ))),
+        }
+    }
+
+    async fn raise_visible(&self, g: &str, s: u32, seq: u64) -> Result<()> {
+        let key = keys::visible_key(g, s);
+        loop {
+            let (now, revision) = self
+                .view
+                .read(|st| st.visible.get(&(g.to_owned(), s)).copied().unwrap_or((0, 0)));
+            if now >= seq {
+                return Ok(());
+            }
+            let txn = etcd::TxnRequest {
+                compare: vec![etcd::unchanged_since(&key, revision)],
+                success: vec![etcd::put_op(&key, keys::encode(&seq), 0)],
+                failure: Vec::new(),
+            };
+            if self.etcd.txn(&format!("raising {key}"), txn).await?.succeeded {
+                return Ok(());
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            self.view
+                .wait_for(deadline, |st| {
+                    st.visible.get(&(g.to_owned(), s)).is_none_or(|v| v.1 != revision)
+                })
+                .await;
+        }
+    }
+
+    /// While this node is the coordinator (it holds `/biogate/coordinator` under its
+    /// lease), keep each shard's replicas where [`keys::placement`] puts them. A node
+    /// placed anew is added first; the replicas it replaces are removed only once every
+    /// placed replica has caught up, so a shard never has fewer serving replicas than
+    /// before.
+    async fn coordinate(&self) -> Result<()> {
+        let (coordinator, connected) = (self.view.read(|st| st.coordinator.clone()), self.view.connected());
+        if !connected {
+            return Ok(());
+        }
+        match coordinator {
+            Some(c) if c == self.name => {}
+            Some(_) => return Ok(()),
+            None => {
+                let lease = self.lease.load(Ordering::Relaxed);
+                let txn = etcd::TxnRequest {
+                    compare: vec![etcd::absent(keys::COORDINATOR)],
+                    success: vec![etcd::put_op(keys::COORDINATOR, self.name.as_bytes().to_vec(), lease)],
+                    failure: Vec::new(),
+                };
+                if !self.etcd.txn("taking the coordinator key", txn).await?.succeeded {
+                    return Ok(());
+                }
+                tracing::info!(node = %self.name, "coordinating replica placement");
+            }
+        }
+        let changes = self.view.read(|st| {
+            let live = st.live_nodes();
+            let mut out = Vec::new();
+            if live.is_empty() {
+                return out;
+            }
+            for (g, meta) in &st.galleries {
+                for s in 0..meta.shards {
+                    let (current, revision) = st.shards.get(&(g.clone(), s)).cloned().unwrap_or_default();
+                    let next = next_replicas(st, g, s, meta.replicas, &live, &current.replicas);
+                    if next != current.replicas {
+                        out.push((g.clone(), s, next, revision));
+                    }
+                }
+            }
+            out
+        });
+        for (g, s, replicas, revision) in changes {
+            let key = keys::shard_key(&g, s);
+            let txn = etcd::TxnRequest {
+                compare: vec![etcd::unchanged_since(&key, revision), gallery_exists(&g)],
+                success: vec![etcd::put_op(
+                    &key,
+                    keys::encode(&keys::ShardMap {
+                        replicas: replicas.clone(),
+                    }),
+                    0,
+                )],
+                failure: Vec::new(),
+            };
+            if self.etcd.txn(&format!("placing {key}"), txn).await?.succeeded {
+                tracing::info!(gallery = %g, shard = s, replicas = %replicas.join(","), "placed replicas");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The shard map's next replica list: the placement's nodes added to the current ones;
+/// once every placed node has caught up, the placement alone.
+pub fn next_replicas(
+    st: &ClusterState,
+    g: &str,
+    s: u32,
+    replicas: u32,
+    live: &[String],
+    current: &[String],
+) -> Vec<String> {
+    let want = keys::placement(g, s, replicas, live);
+    let visible = st.visible.get(&(g.to_owned(), s)).map_or(0, |v| v.0);
+    let applied = st.applied.get(&(g.to_owned(), s));
+    let ready = |n: &String| applied.and_then(|a| a.get(n)).is_some_and(|&a| a >= visible);
+    if want.iter().all(ready) {
+        return want;
+    }
+    let mut next = current.to_vec();
+    next.extend(want.into_iter().filter(|n| !current.contains(n)));
+    next
+}
+
+/// Whether every replica that serves searches (live, in the map, caught up to the
+/// visible batch) has applied `seq`. Replicas still catching up are not waited for:
+/// they are not searched until they pass the visible batch.
+fn all_applied(st: &ClusterState, g: &str, s: u32, seq: u64) -> bool {
+    let applied = st.applied.get(&(g.to_owned(), s));
+    st.serving(g, s)
+        .iter()
+        .all(|(n, _)| applied.and_then(|a| a.get(n)).is_some_and(|&a| a >= seq))
+}
+
+/// Compare: the gallery still exists.
+fn gallery_exists(g: &str) -> etcd::pb::Compare {
+    use etcd::pb::compare::{CompareResult, CompareTarget, TargetUnion};
+    etcd::pb::Compare {
+        result: CompareResult::Greater as i32,
+        target: CompareTarget::Version as i32,
+        key: keys::gallery_key(g).into_bytes(),
+        target_union: Some(TargetUnion::Version(0)),
+    }
+}

@@ -1,0 +1,97 @@
+//! The cluster's object storage, through the `object_store` crate: `file:///dir` (the
+//! local filesystem, every write fsynced with its directory) or, with the `s3` feature,
+//! `s3://bucket/prefix` (credentials from the usual AWS environment variables).
+//!
+//! ```text
+//! galleries/{g}/{s}/batches/{node}-{ms}-{n}.bgb   one enrollment or deletion batch
+//! ```
+
+use crate::error::{Error, Result};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use std::sync::Arc;
+
+/// An object store, and the prefix under which the cluster keeps its objects.
+#[derive(Clone)]
+pub struct Objects {
+    store: Arc<dyn ObjectStore>,
+    url: String,
+}
+
+fn failed(what: &str, path: &str, e: object_store::Error) -> Error {
+    Error::Unavailable(format!("object store: {what} {path}: {e}"))
+}
+
+impl Objects {
+    /// Open the store at `url`.
+    pub fn open(url: &str) -> Result<Objects> {
+        let store: Arc<dyn ObjectStore> = if let Some(dir) = url.strip_prefix("file://") {
+            std::fs::create_dir_all(dir).map_err(|e| Error::Config(format!("--store {url}: {e}")))?;
+            Arc::new(
+                object_store::local::LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| Error::Config(format!("--store {url}: {e}")))?
+                    .with_fsync(true),
+            )
+        } else {
+            Self::remote(url)?
+        };
+        Ok(Objects {
+            store,
+            url: url.to_owned(),
+        })
+    }
+
+    #[cfg(feature = "s3")]
+    fn remote(url: &str) -> Result<Arc<dyn ObjectStore>> {
+        let parsed = url::Url::parse(url).map_err(|e| Error::Config(format!("--store {url}: {e}")))?;
+        let (store, prefix) = object_store::parse_url_opts(&parsed, std::env::vars())
+            .map_err(|e| Error::Config(format!("--store {url}: {e}")))?;
+        Ok(Arc::new(object_store::prefix::PrefixStore::new(store, prefix)))
+    }
+
+    #[cfg(not(feature = "s3"))]
+    fn remote(url: &str) -> Result<Arc<dyn ObjectStore>> {
+        Err(Error::Config(format!(
+            "--store {url}: only file:///dir is built in; build with the `s3` feature for S3-compatible stores"
+        )))
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Write `bytes` at `path`, durably (atomic: readers see all of it or nothing).
+    pub async fn put(&self, path: &str, bytes: Vec<u8>) -> Result<()> {
+        self.store
+            .put(&Path::from(path), bytes.into())
+            .await
+            .map_err(|e| failed("writing", path, e))?;
+        Ok(())
+    }
+
+    /// The object at `path`.
+    pub async fn get(&self, path: &str) -> Result<Vec<u8>> {
+        let got = self
+            .store
+            .get(&Path::from(path))
+            .await
+            .map_err(|e| failed("reading", path, e))?;
+        Ok(got.bytes().await.map_err(|e| failed("reading", path, e))?.to_vec())
+    }
+
+    /// Delete every object under `prefix`.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize> {
+        use futures_util::StreamExt;
+        let listed: Vec<_> = self.store.list(Some(&Path::from(prefix))).collect().await;
+        let mut n = 0;
+        for meta in listed {
+            let meta = meta.map_err(|e| failed("listing", prefix, e))?;
+            self.store
+                .delete(&meta.location)
+                .await
+                .map_err(|e| failed("deleting", meta.location.as_ref(), e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,901 @@
+//! `biogate router`: the cluster's front door. Stateless: it follows the cluster's keys
+//! in etcd ([`View`]) and serves the same `biogate.v1` API as a single server.
+//!
+//! - Identify / IdentifyStream: every shard of each gallery searched on one serving
+//!   replica (another one if that fails), the per-shard top-k lists merged into the
+//!   exact top-k (score, then subject id). A shard that no replica can answer fails the
+//!   search with UNAVAILABLE naming it, unless the request allows a partial answer.
+//! - Enroll: every message checked first (bad input changes nothing), then each
+//!   shard's subjects sent to one of its replicas, which commits them to the shard's log.
+//! - DeleteSubject, Verify: the subject's shard. CreateGallery, DropGallery: etcd
+//!   transactions (and the gallery's objects deleted). GetGallery, ListGalleries: the
+//!   catalogue with each shard's replica health.
+
+use super::etcd::{self, Etcd};
+use super::keys::{self, ClusterState, GalleryMeta};
+use super::objects::Objects;
+use super::view::View;
+use crate::error::{Error, IoContext, Result};
+use crate::server::proto::biogate_client::BiogateClient;
+use crate::server::proto::biogate_server::{Biogate, BiogateServer};
+use crate::server::proto::{self};
+use crate::server::service::{decode_template, status_of};
+use crate::template::{Dtype, check_dim, check_subject_id};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+/// Largest message the router passes on (as the server's default).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// How long CreateGallery waits for every shard to have a serving replica.
+const CREATE_WAIT: Duration = Duration::from_secs(15);
+
+/// The router's state: the cluster view and a channel per node.
+pub struct Router {
+    etcd: Arc<Etcd>,
+    view: Arc<View>,
+    channels: Mutex<HashMap<String, Channel>>,
+    turn: AtomicUsize,
+}
+
+/// A running router.
+pub struct RouterHandle {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl RouterHandle {
+    /// Stop accepting, finish what is in flight.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task
+            .await
+            .map_err(|e| Error::Internal(format!("router task: {e}")))?
+    }
+}
+
+/// Start a router on `listen`, following the cluster in the etcd at `urls`.
+pub async fn start(urls: &[String], listen: SocketAddr) -> Result<RouterHandle> {
+    let etcd = Arc::new(Etcd::connect(urls)?);
+    let view = View::start(etcd.clone(), Duration::from_secs(5)).await;
+    if !view.connected() {
+        tracing::warn!(etcd = %urls.join(","), "etcd did not answer yet; the router serves once it does");
+    }
+    let router = Arc::new(Router {
+        etcd,
+        view,
+        channels: Mutex::new(HashMap::new()),
+        turn: AtomicUsize::new(0),
+    });
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .ctx(|| format!("listening on {listen}"))?;
+    let addr = listener.local_addr().ctx(|| "reading the bound address".into())?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let service = BiogateServer::new(router)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let task = tokio::spawn(async move {
+        Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = stopped.await;
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("router: {e}")))
+    });
+    tracing::info!(%addr, "router serving");
+    Ok(RouterHandle {
+        addr,
+        stop: Some(stop),
+        task,
+    })
+}
+
+/// What a shard search returned: its answer, or why no replica gave one.
+type ShardAnswer = std::result::Result<proto::IdentifyResponse, Status>;
+
+/// Whether trying another replica may help.
+fn worth_another_replica(s: &Status) -> bool {
+    !matches!(
+        s.code(),
+        Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied | Code::OutOfRange
+    )
+}
+
+/// Put the gallery's name back where a node named its replica (`g.s3` -> `g`).
+fn as_gallery(s: Status, local: &str, g: &str) -> Status {
+    Status::new(s.code(), s.message().replace(local, g))
+}
+
+fn merge_probe(parts: Vec<proto::ProbeResult>, k: usize, threshold: Option<f32>) -> proto::ProbeResult {
+    let mut candidates: Vec<proto::Candidate> = parts.into_iter().flat_map(|p| p.candidates).collect();
+    candidates.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.subject.cmp(&b.subject)));
+    candidates.truncate(k);
+    proto::ProbeResult {
+        decided: threshold.is_some(),
+        matched: threshold.is_some() && !candidates.is_empty(),
+        candidates,
+    }
+}
+
+/// One gallery of a search: its name, k and threshold.
+struct Search {
+    gallery: String,
+    k: u32,
+    threshold: Option<f32>,
+}
+
+impl Router {
+    fn state<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
+        self.view.read(f)
+    }
+
+    fn meta(&self, g: &str) -> std::result::Result<GalleryMeta, Status> {
+        self.state(|st| st.galleries.get(g).cloned())
+            .ok_or_else(|| Status::not_found(format!("gallery: {g:?} does not exist")))
+    }
+
+    fn channel(&self, address: &str) -> std::result::Result<Channel, Status> {
+        let mut channels = self.channels.lock().expect("channels lock");
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Status::internal(format!("node address {address}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(address.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    fn client(&self, address: &str) -> std::result::Result<BiogateClient<Channel>, Status> {
+        Ok(BiogateClient::new(self.channel(address)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// The serving replicas of a shard, starting at the next one in turn.
+    fn replicas_in_turn(&self, g: &str, s: u32) -> Vec<(String, String)> {
+        let mut serving = self.state(|st| st.serving(g, s));
+        if !serving.is_empty() {
+            let turn = self.turn.fetch_add(1, Ordering::Relaxed) % serving.len();
+            serving.rotate_left(turn);
+        }
+        serving
+    }
+
+    /// Why a shard has no serving replica, for the error.
+    fn why_unserved(&self, g: &str, s: u32) -> String {
+        self.state(|st| {
+            let Some(map) = st.shard_map(g, s) else {
+                return "it has no replicas placed".to_owned();
+            };
+            let visible = st.visible.get(&(g.to_owned(), s)).map_or(0, |v| v.0);
+            let each: Vec<String> = map
+                .replicas
+                .iter()
+                .map(|n| {
+                    let applied = st.applied.get(&(g.to_owned(), s)).and_then(|a| a.get(n));
+                    match (st.nodes.contains_key(n), applied) {
+                        (false, _) => format!("{n} is down"),
+                        (true, None) => format!("{n} is opening it"),
+                        (true, Some(a)) => format!("{n} has applied batch {a} of {visible}"),
+                    }
+                })
+                .collect();
+            if each.is_empty() {
+                "it has no replicas placed".to_owned()
+            } else {
+                each.join(", ")
+            }
+        })
+    }
+
+    /// Send `call` to a serving replica of shard `s`, then to the next on failure.
+    async fn on_replica<T, F, Fut>(&self, g: &str, s: u32, call: F) -> std::result::Result<T, Status>
+    where
+        F: Fn(BiogateClient<Channel>, String) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+    {
+        let local = keys::replica_name(g, s);
+        let mut last = None;
+        for (node, address) in self.replicas_in_turn(g, s) {
+            match call(self.client(&address)?, local.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) if worth_another_replica(&e) => {
+                    tracing::debug!(gallery = %g, shard = s, %node, error = %e.message(), "trying another replica");
+                    last = Some(format!("{node}: {}", e.message()));
+                }
+                Err(e) => return Err(as_gallery(e, &local, g)),
+            }
+        }
+        Err(Status::unavailable(format!(
+            "shard {g}/{s} cannot be searched: {}",
+            last.unwrap_or_else(|| self.why_unserved(g, s))
+        )))
+    }
+
+    /// Search `probes` in every shard of each gallery and merge: one list of results per
+    /// gallery, and the shards that could not be searched (only when `allow_partial`).
+    async fn search(
+        &self,
+        searches: &[Search],
+        probes: &[Vec<u8>],
+        authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+        allow_partial: bool,
+    ) -> std::result::Result<(Vec<Vec<proto::ProbeResult>>, Vec<String>), Status> {
+        let mut metas = Vec::with_capacity(searches.len());
+        for search in searches {
+            let meta = self.meta(&search.gallery)?;
+            for (i, p) in probes.iter().enumerate() {
+                decode_template(p, meta.dim, &format!("probes[{i}]"))?;
+            }
+            metas.push(meta);
+        }
+        let mut calls = Vec::new();
+        for (search, meta) in searches.iter().zip(&metas) {
+            for s in 0..meta.shards {
+                let request = proto::IdentifyRequest {
+                    gallery: String::new(),
+                    probes: probes.to_vec(),
+                    k: search.k,
+                    threshold: search.threshold,
+                    ..Default::default()
+                };
+                let auth = authorization.clone();
+                let g = search.gallery.clone();
+                calls.push(async move {
+                    self.on_replica(&g, s, |mut client, local| {
+                        let mut r = Request::new(proto::IdentifyRequest {
+                            gallery: local,
+                            ..request.clone()
+                        });
+                        if let Some(a) = &auth {
+                            r.metadata_mut().insert("authorization", a.clone());
+                        }
+                        async move { client.identify(r).await.map(Response::into_inner) }
+                    })
+                    .await
+                });
+            }
+        }
+        let answers: Vec<ShardAnswer> = futures_util::future::join_all(calls).await;
+        let mut answers = answers.into_iter();
+        let mut out = Vec::with_capacity(searches.len());
+        let mut missing = Vec::new();
+        for (search, meta) in searches.iter().zip(&metas) {
+            let mut per_probe: Vec<Vec<proto::ProbeResult>> = vec![Vec::new(); probes.len()];
+            for s in 0..meta.shards {
+                match answers.next().expect("one answer per shard") {
+                    Ok(r) => {
+                        for (slot, result) in per_probe.iter_mut().zip(r.results) {
+                            slot.push(result);
+                        }
+                    }
+                    Err(e) if allow_partial && e.code() == Code::Unavailable => {
+                        missing.push(format!("{}/{s}", search.gallery));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            out.push(
+                per_probe
+                    .into_iter()
+                    .map(|parts| merge_probe(parts, search.k as usize, search.threshold))
+                    .collect(),
+            );
+        }
+        Ok((out, missing))
+    }
+
+    /// The searches a request names: one gallery, or several.
+    fn searches_of(
+        gallery: &str,
+        k: u32,
+        threshold: Option<f32>,
+        galleries: &[proto::GallerySearch],
+    ) -> std::result::Result<Vec<Search>, Status> {
+        if galleries.is_empty() {
+            if gallery.is_empty() {
+                return Err(Status::invalid_argument("gallery: no gallery named"));
+            }
+            return Ok(vec![Search {
+                gallery: gallery.to_owned(),
+                k,
+                threshold,
+            }]);
+        }
+        if !gallery.is_empty() {
+            return Err(Status::invalid_argument(
+                "gallery: set either gallery or galleries, not both",
+            ));
+        }
+        Ok(galleries
+            .iter()
+            .map(|g| Search {
+                gallery: g.gallery.clone(),
+                k: g.k,
+                threshold: g.threshold,
+            })
+            .collect())
+    }
+
+    /// A gallery's info: the catalogue, the counts of one serving replica per shard,
+    /// and every shard's health.
+    async fn info(&self, g: &str) -> std::result::Result<proto::GalleryInfo, Status> {
+        let meta = self.meta(g)?;
+        let mut info = proto::GalleryInfo {
+            name: g.to_owned(),
+            dim: meta.dim as u32,
+            dtype: meta.dtype.name().to_owned(),
+            shards: meta.shards,
+            replicas: meta.replicas,
+            state: "SERVING".into(),
+            ..Default::default()
+        };
+        let mut unserved = Vec::new();
+        for s in 0..meta.shards {
+            let health = self.state(|st| shard_health(st, g, s));
+            match self
+                .on_replica(g, s, |mut client, local| async move {
+                    client
+                        .get_gallery(proto::GetGalleryRequest { name: local })
+                        .await
+                        .map(Response::into_inner)
+                })
+                .await
+            {
+                Ok(part) => {
+                    info.rows += part.rows;
+                    info.subjects += part.subjects;
+                    info.bytes += part.bytes;
+                    if info.backend.is_empty() {
+                        info.backend = part.backend;
+                    }
+                }
+                Err(e) => unserved.push(format!("shard {s}: {}", e.message())),
+            }
+            info.shard_health.push(health);
+        }
+        if !unserved.is_empty() {
+            info.state = "NOT_SERVING".into();
+            info.reason = unserved.join("; ");
+        }
+        Ok(info)
+    }
+}
+
+/// A shard's health as the router sees it.
+fn shard_health(st: &ClusterState, g: &str, s: u32) -> proto::ShardHealth {
+    let key = (g.to_owned(), s);
+    let serving: Vec<String> = st.serving(g, s).into_iter().map(|(n, _)| n).collect();
+    let replicas = st.shard_map(g, s).map(|m| m.replicas.clone()).unwrap_or_default();
+    proto::ShardHealth {
+        shard: s,
+        committed: st.committed.get(&key).copied().unwrap_or(0),
+        visible: st.visible.get(&key).map_or(0, |v| v.0),
+        replicas: replicas
+            .iter()
+            .map(|n| proto::ReplicaHealth {
+                node: n.clone(),
+                address: st.nodes.get(n).map(|i| i.address.clone()).unwrap_or_default(),
+                live: st.nodes.contains_key(n),
+                applied: st.applied.get(&key).and_then(|a| a.get(n)).copied().unwrap_or(0),
+                serving: serving.contains(n),
+            })
+            .collect(),
+    }
+}
+
+fn authorization_of<T>(r: &Request<T>) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    r.metadata().get("authorization").cloned()
+}
+
+fn with_authorization<T>(
+    message: T,
+    auth: &Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+) -> Request<T> {
+    let mut r = Request::new(message);
+    if let Some(a) = auth {
+        r.metadata_mut().insert("authorization", a.clone());
+    }
+    r
+}
+
+fn no_encounters(e: &Option<proto::EncounterContext>) -> std::result::Result<(), Status> {
+    if e.is_some() {
+        return Err(Status::invalid_argument(
+            "encounter: the router does not record encounters yet; send encounter searches to a single server",
+        ));
+    }
+    Ok(())
+}
+
+type IdentifyStreamOut = Pin<Box<dyn Stream<Item = std::result::Result<proto::IdentifyStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Biogate for Arc<Router> {
+    async fn identify(
+        &self,
+        request: Request<proto::IdentifyRequest>,
+    ) -> std::result::Result<Response<proto::IdentifyResponse>, Status> {
+        let auth = authorization_of(&request);
+        let req = request.into_inner();
+        no_encounters(&req.encounter)?;
+        if req.probes.is_empty() {
+            return Err(Status::invalid_argument("probes: no probes given"));
+        }
+        let searches = Router::searches_of(&req.gallery, req.k, req.threshold, &req.galleries)?;
+        let (mut results, missing) = self.search(&searches, &req.probes, auth, req.allow_partial).await?;
+        let mut response = proto::IdentifyResponse {
+            partial: !missing.is_empty(),
+            unavailable_shards: missing,
+            ..Default::default()
+        };
+        if req.galleries.is_empty() {
+            response.results = results.pop().unwrap_or_default();
+        } else {
+            response.galleries = searches
+                .iter()
+                .zip(results)
+                .map(|(s, results)| proto::GalleryResults {
+                    gallery: s.gallery.clone(),
+                    results,
+                })
+                .collect();
+        }
+        Ok(Response::new(response))
+    }
+
+    type IdentifyStreamStream = IdentifyStreamOut;
+
+    async fn identify_stream(
+        &self,
+        request: Request<Streaming<proto::IdentifyStreamRequest>>,
+    ) -> std::result::Result<Response<Self::IdentifyStreamStream>, Status> {
+        let auth = authorization_of(&request);
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(256);
+        let router = self.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = incoming.message().await {
+                let router = router.clone();
+                let tx = tx.clone();
+                let auth = auth.clone();
+                tokio::spawn(async move {
+                    let answer = async {
+                        no_encounters(&m.encounter)?;
+                        let searches = Router::searches_of(&m.gallery, m.k, m.threshold, &m.galleries)?;
+                        let (results, missing) = router
+                            .search(&searches, std::slice::from_ref(&m.probe), auth, m.allow_partial)
+                            .await?;
+                        Ok::<_, Status>((searches, results, missing))
+                    }
+                    .await;
+                    let mut out = proto::IdentifyStreamResponse {
+                        request_id: m.request_id.clone(),
+                        ..Default::default()
+                    };
+                    match answer {
+                        Ok((searches, mut results, missing)) => {
+                            out.partial = !missing.is_empty();
+                            out.unavailable_shards = missing;
+                            if m.galleries.is_empty() {
+                                out.result = results.pop().and_then(|mut r| r.pop());
+                            } else {
+                                out.galleries = searches
+                                    .iter()
+                                    .zip(results)
+                                    .map(|(s, mut r)| proto::GalleryResult {
+                                        gallery: s.gallery.clone(),
+                                        result: r.pop(),
+                                    })
+                                    .collect();
+                            }
+                        }
+                        Err(e) => {
+                            out.error_code = e.code() as i32;
+                            out.error_message = e.message().to_owned();
+                        }
+                    }
+                    let _ = tx.send(Ok(out)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<proto::VerifyRequest>,
+    ) -> std::result::Result<Response<proto::VerifyResponse>, Status> {
+        let auth = authorization_of(&request);
+        let req = request.into_inner();
+        let meta = self.meta(&req.gallery)?;
+        check_subject_id(&req.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
+        decode_template(&req.probe, meta.dim, "probe")?;
+        let s = keys::shard_of(&req.subject, meta.shards);
+        let answer = self
+            .on_replica(&req.gallery, s, |mut client, local| {
+                let r = with_authorization(
+                    proto::VerifyRequest {
+                        gallery: local,
+                        ..req.clone()
+                    },
+                    &auth,
+                );
+                async move { client.verify(r).await.map(Response::into_inner) }
+            })
+            .await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn enroll(
+        &self,
+        request: Request<Streaming<proto::EnrollRequest>>,
+    ) -> std::result::Result<Response<proto::EnrollResponse>, Status> {
+        let auth = authorization_of(&request);
+        let mut incoming = request.into_inner();
+        // Check everything first: bad input changes nothing.
+        let mut groups: BTreeMap<(String, u32), Vec<proto::EnrollRequest>> = BTreeMap::new();
+        let mut index = 0usize;
+        while let Some(m) = incoming.message().await? {
+            let at = |s: Status| Status::new(s.code(), format!("message {index}: {}", s.message()));
+            let meta = self.meta(&m.gallery).map_err(at)?;
+            check_subject_id(&m.subject).map_err(|e| at(Status::invalid_argument(format!("subject: {e}"))))?;
+            if !m.expires_at.is_empty() {
+                return Err(at(Status::invalid_argument(
+                    "expires_at: a cluster's galleries do not expire subjects yet",
+                )));
+            }
+            if m.templates.is_empty() {
+                return Err(at(Status::invalid_argument("templates: no templates given")));
+            }
+            for (i, t) in m.templates.iter().enumerate() {
+                decode_template(t, meta.dim, &format!("templates[{i}]")).map_err(at)?;
+            }
+            let s = keys::shard_of(&m.subject, meta.shards);
+            groups.entry((m.gallery.clone(), s)).or_default().push(m);
+            index += 1;
+        }
+        if groups.is_empty() {
+            return Err(Status::invalid_argument("no enrollment messages"));
+        }
+        let sends = groups.into_iter().map(|((g, s), messages)| {
+            let auth = auth.clone();
+            async move {
+                // A write goes to one replica: it is never retried elsewhere (the first
+                // may have committed it).
+                let target = self.state(|st| {
+                    let serving = st.serving(&g, s);
+                    let live: Vec<(String, String)> = st
+                        .shard_map(&g, s)
+                        .map(|m| {
+                            m.replicas
+                                .iter()
+                                .filter_map(|n| st.nodes.get(n).map(|i| (n.clone(), i.address.clone())))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    serving.into_iter().next().or_else(|| live.into_iter().next())
+                });
+                let Some((node, address)) = target else {
+                    return Err(Status::unavailable(format!(
+                        "shard {g}/{s} takes no enrollments: {}",
+                        self.why_unserved(&g, s)
+                    )));
+                };
+                let local = keys::replica_name(&g, s);
+                let count = messages.len();
+                let stream = tokio_stream::iter(messages.into_iter().map({
+                    let local = local.clone();
+                    move |m| proto::EnrollRequest {
+                        gallery: local.clone(),
+                        ..m
+                    }
+                }));
+                let mut client = self.client(&address)?;
+                client
+                    .enroll(with_authorization(stream, &auth))
+                    .await
+                    .map(Response::into_inner)
+                    .map_err(|e| {
+                        Status::new(
+                            e.code(),
+                            format!(
+                                "shard {g}/{s} (node {node}, {count} subjects): {}",
+                                as_gallery(e.clone(), &local, &g).message()
+                            ),
+                        )
+                    })
+            }
+        });
+        let results = futures_util::future::join_all(sends).await;
+        let mut done = proto::EnrollResponse::default();
+        let mut failures = Vec::new();
+        for r in results {
+            match r {
+                Ok(r) => {
+                    done.subjects += r.subjects;
+                    done.templates += r.templates;
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        if let Some(first) = failures.first() {
+            let all: Vec<&str> = failures.iter().map(|f| f.message()).collect();
+            return Err(Status::new(
+                first.code(),
+                format!(
+                    "{}; {} subjects ({} templates) of other shards are enrolled",
+                    all.join("; "),
+                    done.subjects,
+                    done.templates
+                ),
+            ));
+        }
+        Ok(Response::new(done))
+    }
+
+    async fn delete_subject(
+        &self,
+        request: Request<proto::DeleteSubjectRequest>,
+    ) -> std::result::Result<Response<proto::DeleteSubjectResponse>, Status> {
+        let auth = authorization_of(&request);
+        let req = request.into_inner();
+        let meta = self.meta(&req.gallery)?;
+        check_subject_id(&req.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
+        let s = keys::shard_of(&req.subject, meta.shards);
+        let local = keys::replica_name(&req.gallery, s);
+        let Some((_, address)) = self.replicas_in_turn(&req.gallery, s).into_iter().next() else {
+            return Err(Status::unavailable(format!(
+                "shard {}/{s} takes no deletions: {}",
+                req.gallery,
+                self.why_unserved(&req.gallery, s)
+            )));
+        };
+        let r = with_authorization(
+            proto::DeleteSubjectRequest {
+                gallery: local.clone(),
+                subject: req.subject.clone(),
+            },
+            &auth,
+        );
+        self.client(&address)?
+            .delete_subject(r)
+            .await
+            .map_err(|e| as_gallery(e, &local, &req.gallery))
+    }
+
+    async fn create_gallery(
+        &self,
+        request: Request<proto::CreateGalleryRequest>,
+    ) -> std::result::Result<Response<proto::GalleryInfo>, Status> {
+        let req = request.into_inner();
+        crate::server::registry::check_gallery_name(&req.name)
+            .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        if req.name.len() > keys::MAX_GALLERY_NAME {
+            return Err(Status::invalid_argument(format!(
+                "name: a cluster's gallery name is at most {} characters",
+                keys::MAX_GALLERY_NAME
+            )));
+        }
+        if !req.source.is_empty() || !req.subjects.is_empty() {
+            return Err(Status::invalid_argument(
+                "source: a cluster's galleries are not derived yet",
+            ));
+        }
+        if !req.expires_at.is_empty() {
+            return Err(Status::invalid_argument(
+                "expires_at: a cluster's galleries do not expire yet",
+            ));
+        }
+        check_dim(req.dim as usize).map_err(|e| Status::invalid_argument(format!("dim: {e}")))?;
+        let dtype = Dtype::ALL
+            .into_iter()
+            .find(|d| d.name() == req.dtype)
+            .ok_or_else(|| Status::invalid_argument(format!("dtype: {:?} is not one of f32, f16, i8", req.dtype)))?;
+        let shards = if req.shards == 0 { 1 } else { req.shards };
+        if shards > keys::MAX_SHARDS {
+            return Err(Status::invalid_argument(format!(
+                "shards: {shards} is over {}",
+                keys::MAX_SHARDS
+            )));
+        }
+        let replicas = if req.replicas == 0 { 2 } else { req.replicas };
+        if replicas > 16 {
+            return Err(Status::invalid_argument(format!("replicas: {replicas} is over 16")));
+        }
+        let live = self.state(|st| st.live_nodes());
+        if live.is_empty() {
+            return Err(Status::unavailable("no shard server is live to hold the gallery"));
+        }
+        let meta = GalleryMeta {
+            dim: req.dim as usize,
+            dtype,
+            shards,
+            replicas,
+            created_ms: crate::time_text::now_ms(),
+        };
+        let key = keys::gallery_key(&req.name);
+        let mut ops = vec![etcd::put_op(&key, keys::encode(&meta), 0)];
+        for s in 0..shards {
+            let map = keys::ShardMap {
+                replicas: keys::placement(&req.name, s, replicas, &live),
+            };
+            ops.push(etcd::put_op(&keys::shard_key(&req.name, s), keys::encode(&map), 0));
+        }
+        let txn = etcd::TxnRequest {
+            compare: vec![etcd::absent(&key)],
+            success: ops,
+            failure: Vec::new(),
+        };
+        let created = self
+            .etcd
+            .txn(&format!("the creation of {}", req.name), txn)
+            .await
+            .map_err(status_of)?;
+        if !created.succeeded {
+            return Err(Status::already_exists(format!(
+                "gallery: {:?} already exists",
+                req.name
+            )));
+        }
+        tracing::info!(gallery = %req.name, dim = req.dim, %dtype, shards, replicas, "created a cluster gallery");
+        let name = req.name.clone();
+        self.view
+            .wait_for(Instant::now() + CREATE_WAIT, |st| {
+                st.galleries.contains_key(&name) && (0..shards).all(|s| !st.serving(&name, s).is_empty())
+            })
+            .await;
+        Ok(Response::new(self.info(&req.name).await?))
+    }
+
+    async fn drop_gallery(
+        &self,
+        request: Request<proto::DropGalleryRequest>,
+    ) -> std::result::Result<Response<proto::DropGalleryResponse>, Status> {
+        let g = request.into_inner().name;
+        let meta = self.meta(&g)?;
+        let key = keys::gallery_key(&g);
+        let txn = etcd::TxnRequest {
+            compare: vec![etcd::absent(&key)],
+            success: Vec::new(),
+            failure: vec![
+                etcd::delete_prefix_op(&key),
+                etcd::delete_prefix_op(&format!("{}{g}/", keys::SHARDS)),
+                etcd::delete_prefix_op(&format!("{}{g}/", keys::LOG)),
+                etcd::delete_prefix_op(&format!("{}{g}/", keys::VISIBLE)),
+                etcd::delete_prefix_op(&format!("{}{g}/", keys::APPLIED)),
+            ],
+        };
+        let r = self
+            .etcd
+            .txn(&format!("the drop of {g}"), txn)
+            .await
+            .map_err(status_of)?;
+        if r.succeeded {
+            return Err(Status::not_found(format!("gallery: {g:?} does not exist")));
+        }
+        // Its objects: the nodes drop their replicas when they see the keys go.
+        if let Some(url) = self.state(|st| st.store.clone()) {
+            let prefix = keys::objects_prefix(&g, meta.created_ms);
+            match Objects::open(&url) {
+                Ok(objects) => {
+                    if let Err(e) = objects.delete_prefix(&prefix).await {
+                        tracing::warn!(gallery = %g, error = %e, "the dropped gallery's objects were not all deleted");
+                    }
+                }
+                Err(e) => tracing::warn!(gallery = %g, error = %e, "the object store could not be opened"),
+            }
+        }
+        tracing::info!(gallery = %g, "dropped a cluster gallery");
+        Ok(Response::new(proto::DropGalleryResponse {}))
+    }
+
+    async fn list_galleries(
+        &self,
+        _request: Request<proto::ListGalleriesRequest>,
+    ) -> std::result::Result<Response<proto::ListGalleriesResponse>, Status> {
+        let names: Vec<String> = self.state(|st| st.galleries.keys().cloned().collect());
+        let mut galleries = Vec::with_capacity(names.len());
+        for g in names {
+            match self.info(&g).await {
+                Ok(i) => galleries.push(i),
+                Err(e) if e.code() == Code::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Response::new(proto::ListGalleriesResponse { galleries }))
+    }
+
+    async fn get_gallery(
+        &self,
+        request: Request<proto::GetGalleryRequest>,
+    ) -> std::result::Result<Response<proto::GalleryInfo>, Status> {
+        Ok(Response::new(self.info(&request.into_inner().name).await?))
+    }
+
+    async fn repair_gallery(
+        &self,
+        request: Request<proto::RepairGalleryRequest>,
+    ) -> std::result::Result<Response<proto::RepairGalleryResponse>, Status> {
+        Err(Status::failed_precondition(format!(
+            "gallery {:?}: a cluster replica is repaired on its node (RepairGallery of `{{gallery}}.s{{shard}}` there), or dropped there and reloaded from the object store",
+            request.into_inner().name
+        )))
+    }
+
+    async fn compact_gallery(
+        &self,
+        request: Request<proto::CompactGalleryRequest>,
+    ) -> std::result::Result<Response<proto::CompactGalleryResponse>, Status> {
+        let auth = authorization_of(&request);
+        let g = request.into_inner().name;
+        let meta = self.meta(&g)?;
+        let mut total = proto::CompactGalleryResponse::default();
+        for s in 0..meta.shards {
+            // Every serving replica compacts; the counts are the first one's.
+            for (i, (node, address)) in self.state(|st| st.serving(&g, s)).into_iter().enumerate() {
+                let r = with_authorization(
+                    proto::CompactGalleryRequest {
+                        name: keys::replica_name(&g, s),
+                    },
+                    &auth,
+                );
+                let part = self
+                    .client(&address)?
+                    .compact_gallery(r)
+                    .await
+                    .map_err(|e| Status::new(e.code(), format!("shard {g}/{s} on {node}: {}", e.message())))?
+                    .into_inner();
+                if i > 0 {
+                    continue;
+                }
+                total.rows_kept += part.rows_kept;
+                total.rows_dropped += part.rows_dropped;
+                total.segments_before += part.segments_before;
+                total.segments_after += part.segments_after;
+            }
+        }
+        Ok(Response::new(total))
+    }
+
+    async fn encounter_history(
+        &self,
+        _request: Request<proto::EncounterHistoryRequest>,
+    ) -> std::result::Result<Response<proto::EncounterList>, Status> {
+        Err(no_encounter_reports())
+    }
+
+    async fn overstays(
+        &self,
+        _request: Request<proto::OverstaysRequest>,
+    ) -> std::result::Result<Response<proto::OverstayList>, Status> {
+        Err(no_encounter_reports())
+    }
+
+    async fn encounter_stats(
+        &self,
+        _request: Request<proto::EncounterStatsRequest>,
+    ) -> std::result::Result<Response<proto::EncounterStatsList>, Status> {
+        Err(no_encounter_reports())
+    }
+}
+
+fn no_encounter_reports() -> Status {
+    Status::failed_precondition("encounters are kept by single servers; ask the server that recorded them")
+}

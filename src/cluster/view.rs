@@ -1,0 +1,237 @@
+//! A live copy of the cluster's keys in etcd (everything under `/biogate/`): read once,
+//! then followed by a watch. Nodes and routers read the shard map, membership and
+//! progress from it without asking etcd; a change wakes whoever waits on [`View::changed`].
+//!
+//! If etcd cannot be reached the copy keeps the last state it knew (searches go on with
+//! the last known map) and says so (`connected` false) until a member answers again;
+//! then it is read afresh and the watch resumes.
+
+use super::etcd::{Etcd, KeyValue, pb};
+use super::keys::{self, ClusterState, GalleryMeta, LogEntry, NodeInfo, ShardMap};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// The copy of the cluster's keys.
+pub struct View {
+    mirror: RwLock<Mirror>,
+    changed: watch::Sender<u64>,
+    connected: AtomicBool,
+}
+
+#[derive(Default)]
+struct Mirror {
+    state: ClusterState,
+    /// (gallery, shard) -> seq -> entry.
+    log: BTreeMap<(String, u32), BTreeMap<u64, LogEntry>>,
+    version: u64,
+}
+
+impl View {
+    /// Read the keys and follow them from then on (in a task that lives as long as the
+    /// returned view). Waits for the first read, up to `first_read`.
+    pub async fn start(etcd: Arc<Etcd>, first_read: Duration) -> Arc<View> {
+        let view = Arc::new(View {
+            mirror: RwLock::new(Mirror::default()),
+            changed: watch::channel(0).0,
+            connected: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&view);
+        tokio::spawn(async move {
+            loop {
+                let Some(view) = weak.upgrade() else { return };
+                if let Err(e) = view.follow(&etcd).await {
+                    if view.connected.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "lost etcd: serving from the last known cluster state");
+                    }
+                    view.bump();
+                }
+                drop(view);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let mut rx = view.changed();
+        let _ = tokio::time::timeout(first_read, async {
+            while !view.connected() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        view
+    }
+
+    /// Read everything, then apply the watch's events until it fails.
+    async fn follow(&self, etcd: &Etcd) -> crate::Result<()> {
+        let (kvs, revision) = etcd.get_prefix(keys::ROOT).await?;
+        {
+            let mut m = Mirror::default();
+            for kv in &kvs {
+                m.apply(kv, false);
+            }
+            let mut mirror = self.mirror.write().expect("view lock");
+            m.version = mirror.version;
+            *mirror = m;
+        }
+        self.connected.store(true, Ordering::Relaxed);
+        self.bump();
+        let mut events = etcd.watch_prefix(keys::ROOT, revision + 1).await?;
+        loop {
+            let r = events
+                .message()
+                .await
+                .map_err(|s| crate::Error::Unavailable(format!("etcd watch: {}", s.message())))?
+                .ok_or_else(|| crate::Error::Unavailable("etcd watch ended".into()))?;
+            if r.canceled {
+                return Err(crate::Error::Unavailable(format!(
+                    "etcd watch cancelled: {}",
+                    r.cancel_reason
+                )));
+            }
+            if r.events.is_empty() {
+                continue;
+            }
+            {
+                let mut mirror = self.mirror.write().expect("view lock");
+                for e in &r.events {
+                    if let Some(kv) = &e.kv {
+                        mirror.apply(kv, e.r#type == pb::event::EventType::Delete as i32);
+                    }
+                }
+            }
+            self.bump();
+        }
+    }
+
+    fn bump(&self) {
+        let v = {
+            let mut m = self.mirror.write().expect("view lock");
+            m.version += 1;
+            m.version
+        };
+        self.changed.send_replace(v);
+    }
+
+    /// Whether the copy is following etcd now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Told of every change.
+    pub fn changed(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Read the current state.
+    pub fn read<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
+        f(&self.mirror.read().expect("view lock").state)
+    }
+
+    /// The shard's committed batches after `after`, in order.
+    pub fn log_after(&self, g: &str, s: u32, after: u64) -> Vec<(u64, LogEntry)> {
+        let m = self.mirror.read().expect("view lock");
+        m.log
+            .get(&(g.to_owned(), s))
+            .map(|l| l.range(after + 1..).map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Wait until `ready` holds (true) or `deadline` passes (false).
+    pub async fn wait_for(&self, deadline: Instant, ready: impl Fn(&ClusterState) -> bool) -> bool {
+        let mut rx = self.changed();
+        loop {
+            if self.read(&ready) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match tokio::time::timeout(left, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.read(&ready),
+            }
+        }
+    }
+}
+
+impl Mirror {
+    fn apply(&mut self, kv: &KeyValue, deleted: bool) {
+        let Ok(key) = std::str::from_utf8(&kv.key) else { return };
+        if let Err(e) = self.apply_key(key, &kv.value, kv.mod_revision, deleted) {
+            tracing::warn!(key, error = %e, "ignoring a cluster key that does not parse");
+        }
+    }
+
+    fn apply_key(&mut self, key: &str, value: &[u8], revision: i64, deleted: bool) -> crate::Result<()> {
+        let st = &mut self.state;
+        let shard_id =
+            |p: &[&str]| -> Option<(String, u32)> { Some((p.first()?.to_string(), p.get(1)?.parse().ok()?)) };
+        if key == keys::STORE {
+            st.store = (!deleted).then(|| String::from_utf8_lossy(value).into_owned());
+        } else if key == keys::COORDINATOR {
+            st.coordinator = (!deleted).then(|| String::from_utf8_lossy(value).into_owned());
+        } else if let Some(node) = key.strip_prefix(keys::NODES) {
+            if deleted {
+                st.nodes.remove(node);
+            } else {
+                st.nodes.insert(node.to_owned(), keys::decode::<NodeInfo>(key, value)?);
+            }
+        } else if let Some(g) = key.strip_prefix(keys::GALLERIES) {
+            if deleted {
+                st.galleries.remove(g);
+            } else {
+                st.galleries
+                    .insert(g.to_owned(), keys::decode::<GalleryMeta>(key, value)?);
+            }
+        } else if key.starts_with(keys::SHARDS) {
+            let Some(id) = shard_id(&keys::parts(key, keys::SHARDS)) else {
+                return Ok(());
+            };
+            if deleted {
+                st.shards.remove(&id);
+            } else {
+                st.shards.insert(id, (keys::decode::<ShardMap>(key, value)?, revision));
+            }
+        } else if key.starts_with(keys::LOG) {
+            let p = keys::parts(key, keys::LOG);
+            let (Some(id), Some(Ok(seq))) = (shard_id(&p), p.get(2).map(|s| s.parse::<u64>())) else {
+                return Ok(());
+            };
+            let log = self.log.entry(id.clone()).or_default();
+            if deleted {
+                log.remove(&seq);
+            } else {
+                log.insert(seq, keys::decode::<LogEntry>(key, value)?);
+            }
+            match log.last_key_value() {
+                Some((last, _)) => st.committed.insert(id, *last),
+                None => st.committed.remove(&id),
+            };
+        } else if key.starts_with(keys::APPLIED) {
+            let p = keys::parts(key, keys::APPLIED);
+            let (Some(id), Some(node)) = (shard_id(&p), p.get(2)) else {
+                return Ok(());
+            };
+            let nodes = st.applied.entry(id).or_default();
+            if deleted {
+                nodes.remove(*node);
+            } else {
+                nodes.insert((*node).to_owned(), keys::decode::<u64>(key, value)?);
+            }
+        } else if key.starts_with(keys::VISIBLE) {
+            let Some(id) = shard_id(&keys::parts(key, keys::VISIBLE)) else {
+                return Ok(());
+            };
+            if deleted {
+                st.visible.remove(&id);
+            } else {
+                st.visible.insert(id, (keys::decode::<u64>(key, value)?, revision));
+            }
+        }
+        Ok(())
+    }
+}
