@@ -189,8 +189,8 @@ impl Etcd {
     pub async fn grant_lease(&self, ttl_s: i64) -> Result<i64> {
         let req = pb::LeaseGrantRequest { ttl: ttl_s, id: 0 };
         let r = self
-            .on_members("a lease grant", |c| {
-                async move { LeaseClient::new(c).lease_grant(req).await }
+            .on_members("a lease grant", |c| async move {
+                LeaseClient::new(c).lease_grant(req).await
             })
             .await?
             .into_inner();

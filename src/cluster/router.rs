@@ -43,7 +43,19 @@ pub struct Router {
     etcd: Arc<Etcd>,
     view: Arc<View>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Nodes that failed to answer lately (until when): tried last.
+    suspects: Mutex<HashMap<String, Instant>>,
     turn: AtomicUsize,
+}
+
+/// How long a node that could not be reached is tried last.
+const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
+/// Whether a call failed before it reached the node (so nothing was done there, and a
+/// write may go to another replica).
+fn never_reached(s: &Status) -> bool {
+    s.code() == Code::Unavailable
+        && (s.message().contains("connect error") || s.message().contains("Connection refused"))
 }
 
 /// A running router.
@@ -76,6 +88,7 @@ pub async fn start(urls: &[String], listen: SocketAddr) -> Result<RouterHandle> 
         etcd,
         view,
         channels: Mutex::new(HashMap::new()),
+        suspects: Mutex::new(HashMap::new()),
         turn: AtomicUsize::new(0),
     });
     let listener = tokio::net::TcpListener::bind(listen)
@@ -167,14 +180,48 @@ impl Router {
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
-    /// The serving replicas of a shard, starting at the next one in turn.
+    /// The serving replicas of a shard, starting at the next one in turn; nodes that
+    /// failed lately last.
     fn replicas_in_turn(&self, g: &str, s: u32) -> Vec<(String, String)> {
         let mut serving = self.state(|st| st.serving(g, s));
         if !serving.is_empty() {
             let turn = self.turn.fetch_add(1, Ordering::Relaxed) % serving.len();
             serving.rotate_left(turn);
+            let now = Instant::now();
+            let mut suspects = self.suspects.lock().expect("suspects lock");
+            suspects.retain(|_, until| *until > now);
+            serving.sort_by_key(|(_, address)| suspects.contains_key(address));
         }
         serving
+    }
+
+    fn suspect(&self, address: &str) {
+        self.suspects
+            .lock()
+            .expect("suspects lock")
+            .insert(address.to_owned(), Instant::now() + SUSPECT_FOR);
+    }
+
+    /// The replicas a write to shard `s` may go to: the serving ones in turn, then the
+    /// other live ones in the map (a replica catches up before it commits).
+    fn writers(&self, g: &str, s: u32) -> Vec<(String, String)> {
+        let mut out = self.replicas_in_turn(g, s);
+        let others: Vec<(String, String)> = self.state(|st| {
+            st.shard_map(g, s)
+                .map(|m| {
+                    m.replicas
+                        .iter()
+                        .filter_map(|n| st.nodes.get(n).map(|i| (n.clone(), i.address.clone())))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        for o in others {
+            if !out.contains(&o) {
+                out.push(o);
+            }
+        }
+        out
     }
 
     /// Why a shard has no serving replica, for the error.
@@ -216,6 +263,9 @@ impl Router {
             match call(self.client(&address)?, local.clone()).await {
                 Ok(v) => return Ok(v),
                 Err(e) if worth_another_replica(&e) => {
+                    if e.code() == Code::Unavailable {
+                        self.suspect(&address);
+                    }
                     tracing::debug!(gallery = %g, shard = s, %node, error = %e.message(), "trying another replica");
                     last = Some(format!("{node}: {}", e.message()));
                 }
@@ -577,50 +627,40 @@ impl Biogate for Arc<Router> {
         let sends = groups.into_iter().map(|((g, s), messages)| {
             let auth = auth.clone();
             async move {
-                // A write goes to one replica: it is never retried elsewhere (the first
-                // may have committed it).
-                let target = self.state(|st| {
-                    let serving = st.serving(&g, s);
-                    let live: Vec<(String, String)> = st
-                        .shard_map(&g, s)
-                        .map(|m| {
-                            m.replicas
-                                .iter()
-                                .filter_map(|n| st.nodes.get(n).map(|i| (n.clone(), i.address.clone())))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    serving.into_iter().next().or_else(|| live.into_iter().next())
-                });
-                let Some((node, address)) = target else {
-                    return Err(Status::unavailable(format!(
-                        "shard {g}/{s} takes no enrollments: {}",
-                        self.why_unserved(&g, s)
-                    )));
-                };
+                // A write goes to one replica; to another only if it never reached the
+                // first (a write that reached a node may have been committed there).
                 let local = keys::replica_name(&g, s);
                 let count = messages.len();
-                let stream = tokio_stream::iter(messages.into_iter().map({
-                    let local = local.clone();
-                    move |m| proto::EnrollRequest {
-                        gallery: local.clone(),
-                        ..m
+                let mut last = None;
+                for (node, address) in self.writers(&g, s) {
+                    let stream = tokio_stream::iter(messages.clone().into_iter().map({
+                        let local = local.clone();
+                        move |m| proto::EnrollRequest {
+                            gallery: local.clone(),
+                            ..m
+                        }
+                    }));
+                    match self.client(&address)?.enroll(with_authorization(stream, &auth)).await {
+                        Ok(r) => return Ok(r.into_inner()),
+                        Err(e) if never_reached(&e) => {
+                            self.suspect(&address);
+                            last = Some(format!("{node}: {}", e.message()));
+                        }
+                        Err(e) => {
+                            return Err(Status::new(
+                                e.code(),
+                                format!(
+                                    "shard {g}/{s} (node {node}, {count} subjects): {}",
+                                    as_gallery(e.clone(), &local, &g).message()
+                                ),
+                            ));
+                        }
                     }
-                }));
-                let mut client = self.client(&address)?;
-                client
-                    .enroll(with_authorization(stream, &auth))
-                    .await
-                    .map(Response::into_inner)
-                    .map_err(|e| {
-                        Status::new(
-                            e.code(),
-                            format!(
-                                "shard {g}/{s} (node {node}, {count} subjects): {}",
-                                as_gallery(e.clone(), &local, &g).message()
-                            ),
-                        )
-                    })
+                }
+                Err(Status::unavailable(format!(
+                    "shard {g}/{s} takes no enrollments ({count} subjects not enrolled): {}",
+                    last.unwrap_or_else(|| self.why_unserved(&g, s))
+                )))
             }
         });
         let results = futures_util::future::join_all(sends).await;
@@ -660,24 +700,29 @@ impl Biogate for Arc<Router> {
         check_subject_id(&req.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
         let s = keys::shard_of(&req.subject, meta.shards);
         let local = keys::replica_name(&req.gallery, s);
-        let Some((_, address)) = self.replicas_in_turn(&req.gallery, s).into_iter().next() else {
-            return Err(Status::unavailable(format!(
-                "shard {}/{s} takes no deletions: {}",
-                req.gallery,
-                self.why_unserved(&req.gallery, s)
-            )));
-        };
-        let r = with_authorization(
-            proto::DeleteSubjectRequest {
-                gallery: local.clone(),
-                subject: req.subject.clone(),
-            },
-            &auth,
-        );
-        self.client(&address)?
-            .delete_subject(r)
-            .await
-            .map_err(|e| as_gallery(e, &local, &req.gallery))
+        let mut last = None;
+        for (node, address) in self.writers(&req.gallery, s) {
+            let r = with_authorization(
+                proto::DeleteSubjectRequest {
+                    gallery: local.clone(),
+                    subject: req.subject.clone(),
+                },
+                &auth,
+            );
+            match self.client(&address)?.delete_subject(r).await {
+                Ok(r) => return Ok(r),
+                Err(e) if never_reached(&e) => {
+                    self.suspect(&address);
+                    last = Some(format!("{node}: {}", e.message()));
+                }
+                Err(e) => return Err(as_gallery(e, &local, &req.gallery)),
+            }
+        }
+        Err(Status::unavailable(format!(
+            "shard {}/{s} takes no deletions: {}",
+            req.gallery,
+            last.unwrap_or_else(|| self.why_unserved(&req.gallery, s))
+        )))
     }
 
     async fn create_gallery(
@@ -719,6 +764,10 @@ impl Biogate for Arc<Router> {
         if replicas > 16 {
             return Err(Status::invalid_argument(format!("replicas: {replicas} is over 16")));
         }
+        // A node that just started may not be in the view yet: give it a moment.
+        self.view
+            .wait_for(Instant::now() + Duration::from_secs(5), |st| !st.nodes.is_empty())
+            .await;
         let live = self.state(|st| st.live_nodes());
         if live.is_empty() {
             return Err(Status::unavailable("no shard server is live to hold the gallery"));

@@ -2,6 +2,8 @@
 //! the engine is checked against (float64 for f32/f16, exact integers for i8).
 #![allow(dead_code)]
 
+#[cfg(feature = "cli")]
+pub mod cluster;
 #[cfg(feature = "server")]
 pub mod server;
 
