@@ -53,9 +53,9 @@ pub async fn run(
     if let Some(n) = watchlist {
         make_gallery(&dir.join("galleries").join("watchlist"), n, dim, dtype, 9, "w")?;
     }
-    let searches: Vec<(&str, u32, Option<f32>)> = match watchlist {
-        Some(_) => vec![("bench", 10, None), ("watchlist", 10, Some(0.5))],
-        None => vec![("bench", 10, None)],
+    let searches: Vec<(String, u32, Option<f32>)> = match watchlist {
+        Some(_) => vec![("bench".into(), 10, None), ("watchlist".into(), 10, Some(0.5))],
+        None => vec![("bench".into(), 10, None)],
     };
     let searches = Arc::new(searches);
     let probes = Arc::new(random_unit_rows(1024, dim, 8));
@@ -96,69 +96,113 @@ pub async fn run(
     .await?;
     let runs: &[bool] = if encounters { &[false, true] } else { &[false] };
     for (&c, &recording) in concurrency.iter().flat_map(|c| runs.iter().map(move |r| (c, r))) {
-        // Warm up the connection and the gallery's pages.
-        client
-            .identify("bench", &probes[..dim], dim, 10, None)
-            .await
-            .map_err(remote_error)?;
-        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for t in 0..c {
-            let (client, probes, searches) = (client.clone(), probes.clone(), searches.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut i = t;
-                while latencies.len() < 2 || Instant::now() < deadline {
-                    let p = &probes[(i % 1024) * dim..(i % 1024 + 1) * dim];
-                    let t0 = Instant::now();
-                    if recording {
-                        let context = crate::server::proto::EncounterContext {
-                            location: "BENCH".into(),
-                            gate: format!("G{}", t % 64),
-                            direction: if i % 2 == 0 { "entry" } else { "exit" }.into(),
-                            device: format!("cam-{t}"),
-                            capture_time: String::new(),
-                        };
-                        client
-                            .identify_at(&searches, p, dim, context, None)
-                            .await
-                            .map_err(remote_error)?;
-                    } else if searches.len() == 1 {
-                        client.identify("bench", p, dim, 10, None).await.map_err(remote_error)?;
-                    } else {
-                        client.identify_in(&searches, p, dim).await.map_err(remote_error)?;
-                    }
-                    latencies.push(t0.elapsed().as_secs_f64() * 1e3);
-                    i += c;
-                }
-                Ok::<_, Error>(latencies)
-            }));
-        }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.map_err(|e| Error::Internal(e.to_string()))??);
-        }
-        let wall = start.elapsed().as_secs_f64();
-        all.sort_by(f64::total_cmp);
-        out.push(LoadRow {
-            what: format!(
-                "{}{}",
-                if watchlist.is_some() {
-                    "grpc gallery+watchlist"
-                } else {
-                    "grpc single-probe clients"
-                },
-                if recording { " + encounters" } else { "" }
-            ),
-            concurrency: c,
-            requests: all.len(),
-            probes_per_s: all.len() as f64 / wall,
-            p50_ms: percentile(&all, 0.5),
-            p99_ms: percentile(&all, 0.99),
-        });
+        let mut row = load(&client, &searches, &probes, dim, c, seconds, recording).await?;
+        row.what = format!(
+            "{}{}",
+            if watchlist.is_some() {
+                "grpc gallery+watchlist"
+            } else {
+                "grpc single-probe clients"
+            },
+            if recording { " + encounters" } else { "" }
+        );
+        out.push(row);
     }
     server.shutdown().await?;
+    Ok(out)
+}
+
+/// `concurrency` clients sending single-probe Identify calls over `client`'s connection
+/// for `seconds` (probes taken in turn from `probes`, 1024 of them); with `recording`,
+/// each with an encounter context.
+pub async fn load(
+    client: &Client,
+    searches: &Arc<Vec<(String, u32, Option<f32>)>>,
+    probes: &Arc<Vec<f32>>,
+    dim: usize,
+    concurrency: usize,
+    seconds: f64,
+    recording: bool,
+) -> Result<LoadRow> {
+    let c = concurrency;
+    let n_probes = probes.len() / dim;
+    let warm: Vec<(&str, u32, Option<f32>)> = searches.iter().map(|(g, k, t)| (g.as_str(), *k, *t)).collect();
+    // Warm up the connection and the gallery's pages.
+    client
+        .identify_in(&warm, &probes[..dim], dim)
+        .await
+        .map_err(remote_error)?;
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..c {
+        let (client, probes, searches) = (client.clone(), probes.clone(), searches.clone());
+        tasks.push(tokio::spawn(async move {
+            let searches: Vec<(&str, u32, Option<f32>)> =
+                searches.iter().map(|(g, k, t)| (g.as_str(), *k, *t)).collect();
+            let mut latencies = Vec::new();
+            let mut i = t;
+            while latencies.len() < 2 || Instant::now() < deadline {
+                let p = &probes[(i % n_probes) * dim..(i % n_probes + 1) * dim];
+                let t0 = Instant::now();
+                if recording {
+                    let context = crate::server::proto::EncounterContext {
+                        location: "BENCH".into(),
+                        gate: format!("G{}", t % 64),
+                        direction: if i % 2 == 0 { "entry" } else { "exit" }.into(),
+                        device: format!("cam-{t}"),
+                        capture_time: String::new(),
+                    };
+                    client
+                        .identify_at(&searches, p, dim, context, None)
+                        .await
+                        .map_err(remote_error)?;
+                } else if searches.len() == 1 {
+                    let (g, k, threshold) = searches[0];
+                    client.identify(g, p, dim, k, threshold).await.map_err(remote_error)?;
+                } else {
+                    client.identify_in(&searches, p, dim).await.map_err(remote_error)?;
+                }
+                latencies.push(t0.elapsed().as_secs_f64() * 1e3);
+                i += c;
+            }
+            Ok::<_, Error>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.map_err(|e| Error::Internal(e.to_string()))??);
+    }
+    let wall = start.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    Ok(LoadRow {
+        what: "grpc single-probe clients".into(),
+        concurrency: c,
+        requests: all.len(),
+        probes_per_s: all.len() as f64 / wall,
+        p50_ms: percentile(&all, 0.5),
+        p99_ms: percentile(&all, 0.99),
+    })
+}
+
+/// Load a running server or router at `addr` (gallery `gallery`, random probes of its
+/// dimension), at each of `concurrency`.
+pub async fn run_against(addr: &str, gallery: &str, concurrency: &[usize], seconds: f64) -> Result<Vec<LoadRow>> {
+    let client = Client::connect(&ConnectOptions {
+        addr: addr.to_owned(),
+        ..Default::default()
+    })
+    .await?;
+    let info = client.get_gallery(gallery).await.map_err(remote_error)?;
+    let dim = info.dim as usize;
+    let probes = Arc::new(random_unit_rows(1024, dim, 8));
+    let searches = Arc::new(vec![(gallery.to_owned(), 10, None)]);
+    let mut out = Vec::new();
+    for &c in concurrency {
+        let mut row = load(&client, &searches, &probes, dim, c, seconds, false).await?;
+        row.what = format!("{addr} {gallery}");
+        out.push(row);
+    }
     Ok(out)
 }
 

@@ -65,6 +65,14 @@ pub(crate) struct BenchArgs {
     /// request (what recording encounters costs).
     #[arg(long)]
     encounters: bool,
+    /// Instead: load a running server or cluster router at this address (e.g.
+    /// http://127.0.0.1:50050) with single-probe Identify calls on --target-gallery, at
+    /// each --concurrency.
+    #[arg(long, requires = "target_gallery", conflicts_with = "grpc")]
+    target: Option<String>,
+    /// The gallery to search with --target.
+    #[arg(long, requires = "target")]
+    target_gallery: Option<String>,
     /// Instead: build an encounter database of this many encounters (a temporary
     /// directory) and time the overstay report, a history and the stats over it.
     #[arg(long)]
@@ -78,6 +86,22 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         for (what, seconds) in timed? {
             println!("{what:<48} {seconds:>9.3} s");
+        }
+        return Ok(());
+    }
+    if let (Some(addr), Some(gallery)) = (&a.target, &a.target_gallery) {
+        let rows = runtime()?.block_on(biogate::bench_grpc::run_against(
+            addr,
+            gallery,
+            &a.concurrency,
+            a.min_seconds,
+        ))?;
+        if a.json {
+            for r in &rows {
+                println!("{}", serde_json::to_string(r).expect("serialises"));
+            }
+        } else {
+            print!("{}", biogate::bench_grpc::format_table(&rows));
         }
         return Ok(());
     }

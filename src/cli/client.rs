@@ -191,6 +191,28 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
                     "{:<24} {:>5} {:>5} {:>12} {:>12} {:>8}  {}{why}",
                     g.name, g.dim, g.dtype, g.rows, g.subjects, g.backend, g.state
                 );
+                // A cluster's gallery (through the router): each shard's replicas.
+                for s in &g.shard_health {
+                    let replicas: Vec<String> = s
+                        .replicas
+                        .iter()
+                        .map(|r| {
+                            let state = match (r.live, r.serving) {
+                                (false, _) => "down",
+                                (true, true) => "serving",
+                                (true, false) => "catching up",
+                            };
+                            format!("{} {state} (applied {})", r.node, r.applied)
+                        })
+                        .collect();
+                    println!(
+                        "  shard {:<4} committed {:<8} visible {:<8} {}",
+                        s.shard,
+                        s.committed,
+                        s.visible,
+                        replicas.join(", ")
+                    );
+                }
             }
         }
         ClientCommand::CreateGallery {

@@ -67,6 +67,7 @@ impl Etcd {
             let channel = Endpoint::from_shared(url.clone())
                 .map_err(|e| Error::Config(format!("--etcd {url:?}: {e}")))?
                 .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
                 .timeout(CALL_TIMEOUT)
                 .connect_lazy();
             members.push((url, channel));

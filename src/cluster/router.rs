@@ -102,7 +102,7 @@ pub async fn start(urls: &[String], listen: SocketAddr) -> Result<RouterHandle> 
     let task = tokio::spawn(async move {
         Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming(listener), async {
                 let _ = stopped.await;
             })
             .await
@@ -113,6 +113,17 @@ pub async fn start(urls: &[String], listen: SocketAddr) -> Result<RouterHandle> 
         addr,
         stop: Some(stop),
         task,
+    })
+}
+
+/// Accepted connections with Nagle's algorithm off (a small answer is sent at once, not
+/// held for the client's delayed ACK).
+fn incoming(listener: tokio::net::TcpListener) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok(s)
     })
 }
 
@@ -632,13 +643,14 @@ impl Biogate for Arc<Router> {
                 let local = keys::replica_name(&g, s);
                 let count = messages.len();
                 let mut last = None;
+                let messages = Arc::new(messages);
                 for (node, address) in self.writers(&g, s) {
-                    let stream = tokio_stream::iter(messages.clone().into_iter().map({
-                        let local = local.clone();
-                        move |m| proto::EnrollRequest {
-                            gallery: local.clone(),
-                            ..m
-                        }
+                    // Each message is copied as it is sent (the list is kept for a
+                    // retry on another replica).
+                    let (messages, name) = (messages.clone(), local.clone());
+                    let stream = tokio_stream::iter((0..count).map(move |i| proto::EnrollRequest {
+                        gallery: name.clone(),
+                        ..messages[i].clone()
                     }));
                     match self.client(&address)?.enroll(with_authorization(stream, &auth)).await {
                         Ok(r) => return Ok(r.into_inner()),
