@@ -197,6 +197,11 @@ async fn router_answers_equal_one_server_for_every_dtype() {
         same_results(&x.results, &y.results, &format!("multi-gallery {}", x.gallery));
     }
 
+    // A stream of single probes, answered by request id.
+    let a = stream_results(&router, "g-f32", &probes).await;
+    let b = stream_results(&single, "g-f32", &probes).await;
+    same_results(&a, &b, "IdentifyStream");
+
     // Deletions: acknowledged only once every replica has applied them.
     let g = "g-f16";
     let gone = [&ids[0], &ids[1], &ids[150], &ids[163], &ids[164]];
@@ -286,6 +291,34 @@ async fn router_answers_equal_one_server_for_every_dtype() {
     )
     .await;
     single_server.shutdown().await.unwrap();
+}
+
+/// IdentifyStream with one message per probe (k = 10), the answers in probe order.
+async fn stream_results(c: &Client, g: &str, probes: &[f32]) -> Vec<proto::ProbeResult> {
+    let requests: Vec<proto::IdentifyStreamRequest> = probes
+        .chunks_exact(DIM)
+        .enumerate()
+        .map(|(i, p)| proto::IdentifyStreamRequest {
+            request_id: format!("{i:04}"),
+            gallery: g.into(),
+            probe: biogate::client::pack(p),
+            k: 10,
+            ..Default::default()
+        })
+        .collect();
+    let mut answers = c
+        .raw()
+        .identify_stream(c.request(tokio_stream::iter(requests)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = answers.message().await.unwrap() {
+        assert_eq!(r.error_code, 0, "{}", r.error_message);
+        out.push((r.request_id, r.result.unwrap()));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Files under `dir` in folders whose name starts with `prefix` (the object store
@@ -425,6 +458,45 @@ async fn a_replica_killed_under_load_fails_no_search_and_catches_up() {
     for (i, r) in found.iter().enumerate() {
         assert_eq!(r.candidates[0].subject, more[i]);
     }
+
+    // A shard no replica can answer fails the search with UNAVAILABLE naming it, unless
+    // the request takes a partial answer, which then says which shards it lacks.
+    create(&router, "solo", "f32", 2, 1).await;
+    router.enroll("solo", &rows, DIM, &ids).await.unwrap();
+    let holder = holders(&router, "solo", 0).await[0].clone();
+    let mut lost = Vec::new();
+    for s in 0..2 {
+        if holders(&router, "solo", s).await[0] == holder {
+            lost.push(format!("solo/{s}"));
+        }
+    }
+    nodes.iter_mut().find(|n| n.name == holder).unwrap().kill9();
+    let e = router.identify("solo", &rows[..DIM], DIM, 5, None).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("shard solo/0"), "{e}");
+    let partial = router
+        .raw()
+        .identify(router.request(proto::IdentifyRequest {
+            gallery: "solo".into(),
+            probes: vec![biogate::client::pack(&rows[..DIM])],
+            k: 100,
+            allow_partial: true,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(partial.partial);
+    assert_eq!(partial.unavailable_shards, lost);
+    let answered: Vec<u32> = partial.results[0]
+        .candidates
+        .iter()
+        .map(|c| shard_of(&c.subject, 2))
+        .collect();
+    assert!(
+        answered.iter().all(|s| !lost.contains(&format!("solo/{s}"))),
+        "{answered:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
