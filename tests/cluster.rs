@@ -398,8 +398,10 @@ async fn a_replica_killed_under_load_fails_no_search_and_catches_up() {
     }
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&dir.path().join("etcd"));
+    // Checkpoints every 3 batches: while a replica is down, the log it needs is
+    // deleted, and it reloads from the checkpoint when it comes back.
     let mut nodes: Vec<Node> = (1..=2)
-        .map(|i| Node::start(&format!("n{i}"), dir.path(), &etcd))
+        .map(|i| Node::start_with(&format!("n{i}"), dir.path(), &etcd, &["--checkpoint-every", "3"]))
         .collect();
     let router_process = Router::start(&etcd);
     let router = router_process.client().await;
@@ -419,7 +421,9 @@ async fn a_replica_killed_under_load_fails_no_search_and_catches_up() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let more: Vec<String> = (0..40).map(|i| format!("late{i:03}")).collect();
     let more_rows = random_rows(&mut rng(4), more.len(), DIM);
-    router.enroll("load", &more_rows, DIM, &more).await.unwrap();
+    for (ids, rows) in more.chunks(5).zip(more_rows.chunks(5 * DIM)) {
+        router.enroll("load", rows, DIM, ids).await.unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let restarted = Instant::now();
     nodes[1].restart();
@@ -437,6 +441,16 @@ async fn a_replica_killed_under_load_fails_no_search_and_catches_up() {
     )
     .await;
     eprintln!("the restarted replica served again after {:?}", restarted.elapsed());
+    assert!(
+        nodes[0].log().contains("deleted the log before the checkpoint"),
+        "{}",
+        nodes[0].log()
+    );
+    assert!(
+        nodes[1].log().contains("reloading from the checkpoint"),
+        "{}",
+        nodes[1].log()
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let mut searches = 0;
@@ -616,7 +630,7 @@ async fn the_router_restarts_and_a_new_node_joins_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&dir.path().join("etcd"));
     let nodes: Vec<Node> = (1..=2)
-        .map(|i| Node::start(&format!("n{i}"), dir.path(), &etcd))
+        .map(|i| Node::start_with(&format!("n{i}"), dir.path(), &etcd, &["--checkpoint-every", "4"]))
         .collect();
     let mut router_process = Router::start(&etcd);
     let router = router_process.client().await;
@@ -626,7 +640,10 @@ async fn the_router_restarts_and_a_new_node_joins_under_load() {
     create(&router, "join", "f16", 4, 2).await;
     let ids: Vec<String> = (0..200).map(|i| format!("j{i:04}")).collect();
     let rows = random_rows(&mut rng(5), ids.len(), DIM);
-    router.enroll("join", &rows, DIM, &ids).await.unwrap();
+    // Ten streams: each shard's log gets ten batches, and checkpoints.
+    for (ids, rows) in ids.chunks(20).zip(rows.chunks(20 * DIM)) {
+        router.enroll("join", rows, DIM, ids).await.unwrap();
+    }
     let expected = router.identify("join", &rows[..4 * DIM], DIM, 5, None).await.unwrap();
 
     // The router, killed and started again under load: clients reconnect and retry.
@@ -668,7 +685,7 @@ async fn the_router_restarts_and_a_new_node_joins_under_load() {
 
     // A third node joins: it takes replicas (the shard map moves them), loads them from
     // the object store, and serves; the replicas it replaces leave only after that.
-    let n3 = Node::start("n3", dir.path(), &etcd);
+    let n3 = Node::start_with("n3", dir.path(), &etcd, &["--checkpoint-every", "4"]);
     let router = router_process.client().await;
     eventually(
         Duration::from_secs(30),
@@ -706,4 +723,6 @@ async fn the_router_restarts_and_a_new_node_joins_under_load() {
     }
     let after = router.identify("join", &rows[..4 * DIM], DIM, 5, None).await.unwrap();
     same_results(&after, &expected, "after the join");
+    // n3 loaded checkpoints (segments) rather than replaying every batch.
+    assert!(n3.log().contains("loaded the shard's checkpoint"), "{}", n3.log());
 }

@@ -42,6 +42,10 @@ pub(crate) struct ServeArgs {
     /// The address routers reach this node at (default: the listen address).
     #[arg(long, env = "BIOGATE_ADVERTISE", requires = "etcd")]
     advertise: Option<String>,
+    /// Checkpoint each shard's files to the object store every this many batches (a
+    /// new replica loads the checkpoint; the log before it is deleted).
+    #[arg(long, default_value_t = biogate::cluster::node::CHECKPOINT_EVERY, requires = "etcd")]
+    checkpoint_every: u64,
 }
 
 #[derive(Args)]
@@ -100,6 +104,7 @@ pub(crate) async fn run(a: ServeArgs) -> Result<()> {
             store: a.store.expect("clap requires --store"),
             node: a.node.expect("clap requires --node"),
             advertise: a.advertise,
+            checkpoint_every: a.checkpoint_every,
         };
         biogate::server::start_node(config, options).await?
     };

@@ -175,6 +175,21 @@ impl Etcd {
         Ok(())
     }
 
+    /// Delete the keys from `from` up to (not including) `to`.
+    pub async fn delete_range(&self, from: &str, to: &str) -> Result<i64> {
+        let req = pb::DeleteRangeRequest {
+            key: from.as_bytes().to_vec(),
+            range_end: to.as_bytes().to_vec(),
+        };
+        let r = self
+            .on_members(&format!("a deletion of {from}..{to}"), |c| {
+                let req = req.clone();
+                async move { KvClient::new(c).delete_range(req).await }
+            })
+            .await?;
+        Ok(r.into_inner().deleted)
+    }
+
     /// An atomic transaction (compare, then one list of operations or the other).
     pub async fn txn(&self, what: &str, req: TxnRequest) -> Result<TxnResponse> {
         let r = self
@@ -266,6 +281,16 @@ pub fn absent(key: &str) -> pb::Compare {
         target: CompareTarget::Create as i32,
         key: key.as_bytes().to_vec(),
         target_union: Some(TargetUnion::CreateRevision(0)),
+    }
+}
+
+/// Compare: `key` exists.
+pub fn present(key: &str) -> pb::Compare {
+    pb::Compare {
+        result: CompareResult::Greater as i32,
+        target: CompareTarget::Version as i32,
+        key: key.as_bytes().to_vec(),
+        target_union: Some(TargetUnion::Version(0)),
     }
 }
 

@@ -10,6 +10,7 @@
 //! /biogate/log/{g}/{s}/{seq}              {"object","ops","node"}         the shard's commit order
 //! /biogate/applied/{g}/{s}/{node}         last batch the replica applied  under the node's lease
 //! /biogate/visible/{g}/{s}                last batch acknowledged as visible
+//! /biogate/checkpoints/{g}/{s}            the shard's latest checkpoint (checkpoint.rs)
 //! ```
 //!
 //! `{s}` is 4 digits and `{seq}` 20, so keys sort in number order. In the object
@@ -29,6 +30,7 @@ pub const SHARDS: &str = "/biogate/shards/";
 pub const LOG: &str = "/biogate/log/";
 pub const APPLIED: &str = "/biogate/applied/";
 pub const VISIBLE: &str = "/biogate/visible/";
+pub const CHECKPOINTS: &str = "/biogate/checkpoints/";
 
 /// Most shards a gallery may have.
 pub const MAX_SHARDS: u32 = 1024;
@@ -55,6 +57,9 @@ pub fn applied_key(g: &str, s: u32, node: &str) -> String {
 }
 pub fn visible_key(g: &str, s: u32) -> String {
     format!("{VISIBLE}{g}/{s:04}")
+}
+pub fn checkpoint_key(g: &str, s: u32) -> String {
+    format!("{CHECKPOINTS}{g}/{s:04}")
 }
 
 /// The name a shard's replica has in a node's own registry of galleries.
@@ -176,6 +181,8 @@ pub struct ClusterState {
     pub visible: BTreeMap<(String, u32), (u64, i64)>,
     /// (gallery, shard) -> the last committed batch.
     pub committed: BTreeMap<(String, u32), u64>,
+    /// (gallery, shard) -> its latest checkpoint, and the key's revision.
+    pub checkpoints: BTreeMap<(String, u32), (super::checkpoint::Checkpoint, i64)>,
     pub coordinator: Option<String>,
 }
 

@@ -4,7 +4,8 @@
 //! - [`etcd`]: a client for the part of etcd's v3 API used here.
 //! - [`keys`]: what lives in etcd, a subject's shard, replica placement.
 //! - [`view`]: a live copy of those keys (read once, then watched).
-//! - [`objects`] and [`batch`]: the object store and the log batches kept in it.
+//! - [`objects`] and [`batch`]: the object store and the log batches kept in it;
+//!   [`checkpoint`]: a replica's sealed files kept there too.
 //! - [`node`]: a shard server's part: lease, replicas, tailing, commits, placement.
 //! - [`router`]: the stateless front door.
 //!
@@ -12,6 +13,7 @@
 //! what a reader of the shard map may assume.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod etcd;
 pub mod keys;
 pub mod node;

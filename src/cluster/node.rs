@@ -23,6 +23,7 @@
 //! the batch after the cursor's reached the disk.
 
 use super::batch::{self, Op};
+use super::checkpoint;
 use super::etcd::{self, Etcd};
 use super::keys::{self, ClusterState, GalleryMeta, LogEntry};
 use super::objects::Objects;
@@ -57,7 +58,12 @@ pub struct ClusterOptions {
     pub node: String,
     /// The address routers and other nodes reach this one at (default: the bound one).
     pub advertise: Option<String>,
+    /// Take a checkpoint of a shard every this many batches (checkpoint.rs).
+    pub checkpoint_every: u64,
 }
+
+/// The default of [`ClusterOptions::checkpoint_every`].
+pub const CHECKPOINT_EVERY: u64 = 512;
 
 /// A replica this node holds.
 struct Replica {
@@ -98,6 +104,7 @@ pub struct Node {
     storage: Storage,
     cursors: PathBuf,
     seal_log_rows: usize,
+    checkpoint_every: u64,
     lease: AtomicI64,
     replicas: Mutex<HashMap<(String, u32), Arc<Replica>>>,
     batches: AtomicU64,
@@ -166,6 +173,7 @@ impl Node {
             storage: Storage::default(),
             cursors,
             seal_log_rows,
+            checkpoint_every: options.checkpoint_every.max(1),
             lease: AtomicI64::new(lease),
             replicas: Mutex::new(HashMap::new()),
             batches: AtomicU64::new(0),
@@ -299,7 +307,7 @@ impl Node {
             {
                 continue;
             }
-            let replica = self.open_replica(&g, s, &meta)?;
+            let replica = self.open_replica(&g, s, &meta).await?;
             self.replicas
                 .lock()
                 .expect("replicas lock")
@@ -330,8 +338,9 @@ impl Node {
     }
 
     /// Open a replica's local gallery, or make it afresh when there is none, it belongs
-    /// to an older gallery of the same name, or its cursor is missing.
-    fn open_replica(&self, g: &str, s: u32, meta: &GalleryMeta) -> Result<Arc<Replica>> {
+    /// to an older gallery of the same name, or its cursor is missing: from the shard's
+    /// checkpoint if it has one, else empty.
+    async fn open_replica(&self, g: &str, s: u32, meta: &GalleryMeta) -> Result<Arc<Replica>> {
         let local = keys::replica_name(g, s);
         let cursor: Option<Cursor> = std::fs::read(self.cursor_path(g, s))
             .ok()
@@ -356,10 +365,31 @@ impl Node {
             if existing.is_some() {
                 self.drop_local(g, s)?;
             }
-            let entry = self.registry.create(&local, meta.dim, meta.dtype)?;
+            let checkpoint = self.view.read(|st| {
+                st.checkpoints
+                    .get(&(g.to_owned(), s))
+                    .map(|c| c.0.clone())
+                    .filter(|c| c.gallery_created_ms == meta.created_ms)
+            });
+            let (entry, applied) = match checkpoint {
+                Some(cp) => {
+                    let loading = self.registry.root().join(format!(".loading-{local}"));
+                    checkpoint::download(&self.objects, &cp, &loading).await?;
+                    let entry = match self.registry.adopt(&local, &loading) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = self.drop_local(g, s);
+                            return Err(e);
+                        }
+                    };
+                    tracing::info!(gallery = %g, shard = s, seq = cp.seq, files = cp.files.len(), "loaded the shard's checkpoint");
+                    (entry, cp.seq)
+                }
+                None => (self.registry.create(&local, meta.dim, meta.dtype)?, 0),
+            };
             let position = entry.write(|gal| Ok(gal.log_position()))?;
-            self.write_cursor(g, s, meta.created_ms, 0, position)?;
-            (entry, 0)
+            self.write_cursor(g, s, meta.created_ms, applied, position)?;
+            (entry, applied)
         };
         Ok(Arc::new(Replica {
             gallery: g.to_owned(),
@@ -394,6 +424,12 @@ impl Node {
             };
             let at = *r.applied.borrow();
             let next = node.view.log_after(&r.gallery, r.shard, at);
+            if next.first().is_some_and(|(first, _)| *first > at + 1) {
+                // The batches this replica needs were deleted after a checkpoint.
+                tracing::warn!(gallery = %r.gallery, shard = r.shard, applied = at, "the log before the checkpoint is gone: reloading from the checkpoint");
+                node.forget(&r).await;
+                return;
+            }
             let mut failed = false;
             for (seq, entry) in next {
                 if seq != *r.applied.borrow() + 1 || entry.gallery_created_ms != r.created_ms {
@@ -408,6 +444,12 @@ impl Node {
             let now = *r.applied.borrow();
             if published != Some(now) && node.publish_applied(&r, now).await.is_ok() {
                 published = Some(now);
+            }
+            if !failed
+                && node.checkpoint_due(&r)
+                && let Err(e) = node.checkpoint(&r).await
+            {
+                tracing::warn!(gallery = %r.gallery, shard = r.shard, error = %e, "taking a checkpoint failed; retrying later");
             }
             drop((node, r));
             if failed || published.is_none() {
@@ -447,6 +489,124 @@ impl Node {
         .map_err(|e| Error::Internal(format!("apply task: {e}")))??;
         self.write_cursor(&r.gallery, r.shard, r.created_ms, seq, position)?;
         r.applied.send_replace(seq);
+        Ok(())
+    }
+
+    /// Drop a replica here (its files and cursor); the next pass of the shard map opens
+    /// it again, from the checkpoint.
+    async fn forget(&self, r: &Replica) {
+        self.replicas
+            .lock()
+            .expect("replicas lock")
+            .remove(&(r.gallery.clone(), r.shard));
+        let _ = self
+            .etcd
+            .delete(&keys::applied_key(&r.gallery, r.shard, &self.name))
+            .await;
+        if let Err(e) = self.drop_local(&r.gallery, r.shard) {
+            tracing::error!(gallery = %r.gallery, shard = r.shard, error = %e, "dropping the replica to reload it");
+        }
+    }
+
+    /// Whether this node takes the shard's next checkpoint now: it is the first live
+    /// replica in the map, and `checkpoint_every` batches were applied since the last.
+    fn checkpoint_due(&self, r: &Replica) -> bool {
+        let applied = *r.applied.borrow();
+        self.view.read(|st| {
+            let key = (r.gallery.clone(), r.shard);
+            let first_live = st
+                .shard_map(&r.gallery, r.shard)
+                .and_then(|m| m.replicas.iter().find(|n| st.nodes.contains_key(*n)));
+            let last = st.checkpoints.get(&key).map_or(0, |c| c.0.seq);
+            first_live == Some(&self.name) && applied >= last + self.checkpoint_every
+        })
+    }
+
+    /// Take a checkpoint of replica `r` at its applied batch, publish it, then delete
+    /// the log's batches every live replica has passed and the older checkpoint.
+    async fn checkpoint(&self, r: &Replica) -> Result<()> {
+        let seq = *r.applied.borrow();
+        let local = keys::replica_name(&r.gallery, r.shard);
+        let staging = checkpoint::staging_dir(&self.cursors, &local, "staging");
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).ctx(|| format!("removing {}", staging.display()))?;
+        }
+        let (entry, dir) = (r.entry.clone(), staging.clone());
+        let files = tokio::task::spawn_blocking(move || checkpoint::stage(&entry, &dir))
+            .await
+            .map_err(|e| Error::Internal(format!("checkpoint task: {e}")))??;
+        let prefix = checkpoint::prefix(&r.gallery, r.created_ms, r.shard, seq);
+        let uploaded = checkpoint::upload(&self.objects, &staging, &prefix, &files).await;
+        let _ = std::fs::remove_dir_all(&staging);
+        uploaded?;
+        let cp = checkpoint::Checkpoint {
+            seq,
+            prefix,
+            files,
+            gallery_created_ms: r.created_ms,
+            node: self.name.clone(),
+        };
+        let key = keys::checkpoint_key(&r.gallery, r.shard);
+        let (older, revision) = self.view.read(|st| {
+            st.checkpoints
+                .get(&(r.gallery.clone(), r.shard))
+                .map_or((None, 0), |c| (Some(c.0.clone()), c.1))
+        });
+        let txn = etcd::TxnRequest {
+            compare: vec![etcd::unchanged_since(&key, revision), gallery_exists(&r.gallery)],
+            success: vec![etcd::put_op(&key, keys::encode(&cp), 0)],
+            failure: Vec::new(),
+        };
+        if !self
+            .etcd
+            .txn(&format!("publishing checkpoint {seq} of {local}"), txn)
+            .await?
+            .succeeded
+        {
+            self.objects.delete_prefix(&cp.prefix).await?;
+            return Ok(());
+        }
+        tracing::info!(gallery = %r.gallery, shard = r.shard, seq, files = cp.files.len(), "took a checkpoint");
+        if let Some(old) = older.filter(|o| o.prefix != cp.prefix) {
+            self.objects.delete_prefix(&old.prefix).await?;
+        }
+        // The batches every live replica has applied (keeping the last one, which
+        // numbers the next commit) are no longer needed.
+        let floor = self.view.read(|st| {
+            let key = (r.gallery.clone(), r.shard);
+            let applied = st.applied.get(&key);
+            let lowest = st
+                .shard_map(&r.gallery, r.shard)
+                .map(|m| {
+                    m.replicas
+                        .iter()
+                        .filter(|n| st.nodes.contains_key(*n))
+                        .map(|n| applied.and_then(|a| a.get(n)).copied().unwrap_or(0))
+                        .min()
+                        .unwrap_or(0)
+                })
+                .unwrap_or(0);
+            let committed = st.committed.get(&key).copied().unwrap_or(0);
+            lowest.min(seq).min(committed.saturating_sub(1))
+        });
+        let gone: Vec<(u64, LogEntry)> = self
+            .view
+            .log_after(&r.gallery, r.shard, 0)
+            .into_iter()
+            .take_while(|(n, _)| *n <= floor)
+            .collect();
+        if let Some((first, _)) = gone.first() {
+            self.etcd
+                .delete_range(
+                    &keys::log_key(&r.gallery, r.shard, *first),
+                    &keys::log_key(&r.gallery, r.shard, floor + 1),
+                )
+                .await?;
+            for (_, e) in &gone {
+                self.objects.delete(&e.object).await?;
+            }
+            tracing::info!(gallery = %r.gallery, shard = r.shard, batches = gone.len(), up_to = floor, "deleted the log before the checkpoint");
+        }
         Ok(())
     }
 
@@ -509,8 +669,16 @@ impl Node {
             self.check_deletions(&r, &ops)?;
             let seq = head + 1;
             let key = keys::log_key(&r.gallery, r.shard, seq);
+            // The previous batch must still be there (or, for the first, nothing must
+            // have been acknowledged): a writer whose view lags behind a deletion of the
+            // log's head can never commit a number already passed.
+            let follows = if seq > 1 {
+                etcd::present(&keys::log_key(&r.gallery, r.shard, seq - 1))
+            } else {
+                etcd::absent(&keys::visible_key(&r.gallery, r.shard))
+            };
             let txn = etcd::TxnRequest {
-                compare: vec![etcd::absent(&key), gallery_exists(&r.gallery)],
+                compare: vec![etcd::absent(&key), follows, gallery_exists(&r.gallery)],
                 success: vec![etcd::put_op(&key, value.clone(), 0)],
                 failure: Vec::new(),
             };
@@ -709,11 +877,5 @@ fn all_applied(st: &ClusterState, g: &str, s: u32, seq: u64) -> bool {
 
 /// Compare: the gallery still exists.
 fn gallery_exists(g: &str) -> etcd::pb::Compare {
-    use etcd::pb::compare::{CompareResult, CompareTarget, TargetUnion};
-    etcd::pb::Compare {
-        result: CompareResult::Greater as i32,
-        target: CompareTarget::Version as i32,
-        key: keys::gallery_key(g).into_bytes(),
-        target_union: Some(TargetUnion::Version(0)),
-    }
+    etcd::present(&keys::gallery_key(g))
 }

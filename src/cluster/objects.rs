@@ -3,7 +3,8 @@
 //! `s3://bucket/prefix` (credentials from the usual AWS environment variables).
 //!
 //! ```text
-//! galleries/{g}/{s}/batches/{node}-{ms}-{n}.bgb   one enrollment or deletion batch
+//! galleries/{g}-{created_ms}/{s}/batches/{node}-{ms}-{n}.bgb   one enrollment or deletion batch
+//! galleries/{g}-{created_ms}/{s}/checkpoints/{seq}/{file}      a replica's files (checkpoint.rs)
 //! ```
 
 use crate::error::{Error, Result};
@@ -77,6 +78,14 @@ impl Objects {
             .await
             .map_err(|e| failed("reading", path, e))?;
         Ok(got.bytes().await.map_err(|e| failed("reading", path, e))?.to_vec())
+    }
+
+    /// Delete the object at `path` (gone already: fine).
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        match self.store.delete(&Path::from(path)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(failed("deleting", path, e)),
+        }
     }
 
     /// Delete every object under `prefix`.

@@ -222,6 +222,15 @@ impl Mirror {
             } else {
                 nodes.insert((*node).to_owned(), keys::decode::<u64>(key, value)?);
             }
+        } else if key.starts_with(keys::CHECKPOINTS) {
+            let Some(id) = shard_id(&keys::parts(key, keys::CHECKPOINTS)) else {
+                return Ok(());
+            };
+            if deleted {
+                st.checkpoints.remove(&id);
+            } else {
+                st.checkpoints.insert(id, (keys::decode(key, value)?, revision));
+            }
         } else if key.starts_with(keys::VISIBLE) {
             let Some(id) = shard_id(&keys::parts(key, keys::VISIBLE)) else {
                 return Ok(());

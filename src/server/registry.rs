@@ -332,7 +332,7 @@ impl Registry {
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
-            if name.starts_with(".dropped-") {
+            if name.starts_with(".dropped-") || name.starts_with(".loading-") {
                 // A drop that crashed after moving the gallery aside: finish it.
                 tracing::info!(dir = %entry.path().display(), "removing a dropped gallery");
                 if let Err(e) = std::fs::remove_dir_all(entry.path()) {
@@ -408,6 +408,36 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_owned(), entry.clone());
         Ok(entry)
+    }
+
+    /// Serve the gallery files in `prepared` (a folder under [`Registry::root`] whose
+    /// name starts with ".loading-", e.g. a downloaded checkpoint) as gallery `name`:
+    /// moved into place, then opened. A folder that does not open is left in place and
+    /// the error returned (the caller drops the gallery).
+    pub fn adopt(&self, name: &str, prepared: &Path) -> Result<Arc<GalleryEntry>> {
+        check_gallery_name(name)?;
+        let lock = self.admin_lock(name);
+        let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.get(name).is_ok() {
+            return Err(Error::AlreadyExists(format!("gallery {name:?}")));
+        }
+        let dir = self.root.join(name);
+        self.storage.rename(prepared, &dir)?;
+        self.storage.sync_dir(&self.root)?;
+        let entry = Arc::new(GalleryEntry::open(name.to_owned(), dir, &self.storage));
+        self.galleries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), entry.clone());
+        match entry.problem() {
+            Some(p) => Err(Error::Corrupt(format!("gallery {name:?}: {}", p.reason()))),
+            None => Ok(entry),
+        }
+    }
+
+    /// The folder galleries live in (`DATA/galleries`).
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Create gallery `name` from the templates of `subjects` in gallery `source` (see

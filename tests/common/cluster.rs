@@ -121,21 +121,33 @@ pub struct Node {
     data: PathBuf,
     etcd: String,
     store: String,
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl Node {
     pub fn start(name: &str, root: &Path, etcd: &Etcd) -> Node {
+        Node::start_with(name, root, etcd, &[])
+    }
+
+    /// With more `serve` flags (e.g. `--checkpoint-every 3`).
+    pub fn start_with(name: &str, root: &Path, etcd: &Etcd, args: &[&str]) -> Node {
         let mut n = Node {
             name: name.to_owned(),
             port: free_port(),
             data: root.join(name),
             etcd: etcd.urls(),
             store: format!("file://{}", root.join("objects").display()),
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         n.restart();
         n
+    }
+
+    /// What the node logged (INFO and up), across restarts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
     }
 
     /// Start it (again, on the same port and data).
@@ -164,6 +176,7 @@ impl Node {
                 ])
                 .arg("--data-dir")
                 .arg(&self.data)
+                .args(&self.args)
                 .arg("-v")
                 .stdout(Stdio::null())
                 .stderr(log)

@@ -1,0 +1,124 @@
+//! Checkpoints: a replica's sealed gallery files in the object store, so that a new
+//! replica loads segments instead of replaying a shard's whole log, and the log before
+//! a checkpoint can be deleted.
+//!
+//! ```text
+//! etcd:          /biogate/checkpoints/{g}/{s}  {"seq","prefix","files","gallery_created_ms","node"}
+//! object store:  galleries/{g}-{created_ms}/{s}/checkpoints/{seq}/{file}
+//! ```
+//!
+//! One replica of each shard takes them (the first live one in the shard map), every
+//! `checkpoint_every` batches: under the gallery's writer lock it seals the log, then
+//! hard-links the immutable files (segments, manifests, EXPIRY) and copies the log's
+//! bytes into a staging folder, which it uploads after letting go of the lock. The
+//! checkpoint is published (a transaction that only raises its `seq`) after every file
+//! is in the store; then the log's batches at or before the lowest `applied` of the live
+//! replicas, and before the last batch, are deleted, as are older checkpoints.
+//! A replica that finds the batches it needs deleted reloads from the checkpoint.
+
+use super::keys;
+use super::objects::Objects;
+use crate::error::{Error, IoContext, Result};
+use crate::server::registry::GalleryEntry;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Checkpoint {
+    /// The last batch it includes.
+    pub seq: u64,
+    /// Where its files are in the object store.
+    pub prefix: String,
+    pub files: Vec<String>,
+    pub gallery_created_ms: i64,
+    /// The node that took it.
+    pub node: String,
+}
+
+pub fn prefix(g: &str, created_ms: i64, s: u32, seq: u64) -> String {
+    format!("{}/{s:04}/checkpoints/{seq:020}", keys::objects_prefix(g, created_ms))
+}
+
+/// Seal `entry`'s log and put its files into `staging` (created here): immutable files
+/// hard-linked, the log (appended in place) copied. Runs under the writer lock, so the
+/// files are one consistent state. Returns the file names.
+pub fn stage(entry: &GalleryEntry, staging: &Path) -> Result<Vec<String>> {
+    std::fs::create_dir_all(staging).ctx(|| format!("creating {}", staging.display()))?;
+    entry.write(|g| {
+        if let Err(e) = g.seal_log() {
+            // The log's rows are copied with it: the checkpoint is whole either way.
+            tracing::warn!(gallery = %g.dir().display(), error = %e, "sealing before a checkpoint failed");
+        }
+        let dir = g.dir().to_path_buf();
+        let mut files = Vec::new();
+        for e in std::fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
+            let e = e.ctx(|| format!("listing {}", dir.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let is_file = e
+                .file_type()
+                .ctx(|| format!("reading {}", e.path().display()))?
+                .is_file();
+            if !is_file || name == "LOCK" || name.ends_with(".tmp") {
+                continue;
+            }
+            let to = staging.join(&name);
+            if name.ends_with(".log") {
+                std::fs::copy(e.path(), &to).ctx(|| format!("copying {}", e.path().display()))?;
+            } else {
+                std::fs::hard_link(e.path(), &to).ctx(|| format!("linking {}", e.path().display()))?;
+            }
+            files.push(name);
+        }
+        files.sort();
+        Ok(files)
+    })
+}
+
+/// Upload the staged files under `prefix`.
+pub async fn upload(objects: &Objects, staging: &Path, prefix: &str, files: &[String]) -> Result<()> {
+    for f in files {
+        let path = staging.join(f);
+        let bytes = tokio::fs::read(&path)
+            .await
+            .ctx(|| format!("reading {}", path.display()))?;
+        objects.put(&format!("{prefix}/{f}"), bytes).await?;
+    }
+    Ok(())
+}
+
+/// Download checkpoint `cp` into `into` (made afresh), every file fsynced with the folder.
+pub async fn download(objects: &Objects, cp: &Checkpoint, into: &Path) -> Result<()> {
+    if into.exists() {
+        std::fs::remove_dir_all(into).ctx(|| format!("removing {}", into.display()))?;
+    }
+    std::fs::create_dir_all(into).ctx(|| format!("creating {}", into.display()))?;
+    for f in &cp.files {
+        if f.contains('/') || f.starts_with('.') {
+            return Err(Error::Corrupt(format!("checkpoint {}: file name {f:?}", cp.prefix)));
+        }
+        let bytes = objects.get(&format!("{}/{f}", cp.prefix)).await?;
+        let path = into.join(f);
+        let write = {
+            let path = path.clone();
+            move || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut file = std::fs::File::create(&path)?;
+                file.write_all(&bytes)?;
+                file.sync_all()
+            }
+        };
+        tokio::task::spawn_blocking(write)
+            .await
+            .map_err(|e| Error::Internal(format!("writing a checkpoint file: {e}")))?
+            .ctx(|| format!("writing {}", path.display()))?;
+    }
+    std::fs::File::open(into)
+        .and_then(|d| d.sync_all())
+        .ctx(|| format!("syncing {}", into.display()))?;
+    Ok(())
+}
+
+/// Where a replica's checkpoint is staged or downloaded on a node.
+pub fn staging_dir(cluster_dir: &Path, local: &str, what: &str) -> PathBuf {
+    cluster_dir.join(format!("{what}-{local}"))
+}
