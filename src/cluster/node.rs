@@ -45,6 +45,8 @@ pub const LEASE_TTL_S: i64 = 3;
 /// How long a commit waits for the other replicas before it is acknowledged anyway
 /// (a replica still behind is not searched until it catches up).
 pub const VISIBLE_WAIT: Duration = Duration::from_secs(3);
+/// How long a node may be down before the coordinator places its replicas elsewhere.
+pub const REPLACE_AFTER: Duration = Duration::from_secs(30);
 /// How long a commit waits for this replica to catch up or apply.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
 
@@ -107,6 +109,8 @@ pub struct Node {
     checkpoint_every: u64,
     lease: AtomicI64,
     replicas: Mutex<HashMap<(String, u32), Arc<Replica>>>,
+    /// Nodes of the shard maps that are down, since when (while coordinating).
+    missing_since: Mutex<HashMap<String, Instant>>,
     batches: AtomicU64,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -176,6 +180,7 @@ impl Node {
             checkpoint_every: options.checkpoint_every.max(1),
             lease: AtomicI64::new(lease),
             replicas: Mutex::new(HashMap::new()),
+            missing_since: Mutex::new(HashMap::new()),
             batches: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
         });
@@ -780,10 +785,10 @@ impl Node {
     }
 
     /// While this node is the coordinator (it holds `/biogate/coordinator` under its
-    /// lease), keep each shard's replicas where [`keys::placement`] puts them. A node
-    /// placed anew is added first; the replicas it replaces are removed only once every
-    /// placed replica has caught up, so a shard never has fewer serving replicas than
-    /// before.
+    /// lease), keep each shard's replicas where [`keys::placement`] puts them among the
+    /// live nodes and those down for less than [`REPLACE_AFTER`]. A node placed anew is
+    /// added first; the replicas it replaces are removed only once every placed replica
+    /// has caught up, so a shard never has fewer serving replicas than before.
     async fn coordinate(&self) -> Result<()> {
         let (coordinator, connected) = (self.view.read(|st| st.coordinator.clone()), self.view.connected());
         if !connected {
@@ -805,12 +810,33 @@ impl Node {
                 tracing::info!(node = %self.name, "coordinating replica placement");
             }
         }
+        let now = Instant::now();
         let changes = self.view.read(|st| {
             let live = st.live_nodes();
             let mut out = Vec::new();
             if live.is_empty() {
                 return out;
             }
+            // A node that went down a moment ago (a restart) keeps its place for
+            // REPLACE_AFTER: its replicas wait for it instead of being rebuilt elsewhere.
+            let mut missing = self.missing_since.lock().expect("missing lock");
+            missing.retain(|n, _| !st.nodes.contains_key(n));
+            for (map, _) in st.shards.values() {
+                for n in &map.replicas {
+                    if !st.nodes.contains_key(n) {
+                        missing.entry(n.clone()).or_insert(now);
+                    }
+                }
+            }
+            let mut placeable = live.clone();
+            placeable.extend(
+                missing
+                    .iter()
+                    .filter(|(_, since)| now.duration_since(**since) < REPLACE_AFTER)
+                    .map(|(n, _)| n.clone()),
+            );
+            placeable.sort();
+            let live = placeable;
             for (g, meta) in &st.galleries {
                 for s in 0..meta.shards {
                     let (current, revision) = st.shards.get(&(g.clone(), s)).cloned().unwrap_or_default();
