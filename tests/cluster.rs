@@ -19,7 +19,7 @@ mod common;
 use biogate::client::Client;
 use biogate::cluster::keys::shard_of;
 use biogate::server::proto;
-use common::cluster::{Etcd, Node, Router, etcd_available, eventually};
+use common::cluster::{Cluster, etcd_available, eventually};
 use common::server::{config, connect};
 use common::{random_rows, rng};
 use std::sync::Arc;
@@ -122,17 +122,9 @@ async fn router_answers_equal_one_server_for_every_dtype() {
     if !etcd_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(&dir.path().join("etcd"));
-    let nodes: Vec<Node> = (1..=3)
-        .map(|i| Node::start(&format!("n{i}"), dir.path(), &etcd))
-        .collect();
-    let router_process = Router::start(&etcd);
-    let router = router_process.client().await;
-    for n in &nodes {
-        n.client().await;
-    }
-    let single_server = biogate::server::start(config(&dir.path().join("single")))
+    let mut cluster = Cluster::start(3, &[]).await;
+    let router = cluster.router.client().await;
+    let single_server = biogate::server::start(config(&cluster.dir.path().join("single")))
         .await
         .unwrap();
     let single = connect(&single_server, None).await;
@@ -210,7 +202,7 @@ async fn router_answers_equal_one_server_for_every_dtype() {
         single.delete_subject(g, id).await.unwrap();
         let s = shard_of(id, 4);
         for holder in holders(&router, g, s).await {
-            let node = nodes.iter().find(|n| n.name == holder).unwrap().client().await;
+            let node = cluster.node_named(&holder).client().await;
             let local = format!("{g}.s{s}");
             let e = node.verify(&local, &probes[..DIM], id, None).await.unwrap_err();
             assert_eq!(e.code(), Code::NotFound, "{id} on {holder}: {e}");
@@ -257,7 +249,7 @@ async fn router_answers_equal_one_server_for_every_dtype() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
-    let e = nodes[0]
+    let e = cluster.nodes[0]
         .client()
         .await
         .create_gallery("x", DIM as u32, "f32")
@@ -265,17 +257,20 @@ async fn router_answers_equal_one_server_for_every_dtype() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
 
-    // A dropped gallery goes from every node and from the object store.
+    // A dropped gallery goes from every node and from the object store, also from a
+    // node that was down when it was dropped.
+    cluster.nodes[2].kill9();
     router.drop_gallery("g-i8").await.unwrap();
     let e = router.identify("g-i8", &probes[..DIM], DIM, 5, None).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
-    let objects = dir.path().join("objects").join("galleries");
+    cluster.nodes[2].restart();
+    let objects = cluster.dir.path().join("objects").join("galleries");
     eventually(
         Duration::from_secs(10),
         "the dropped gallery's replicas and objects go",
         || async {
             let mut held = 0;
-            for n in &nodes {
+            for n in &cluster.nodes {
                 let c = n.client().await;
                 held += c
                     .list_galleries()
@@ -396,27 +391,17 @@ async fn a_replica_killed_under_load_fails_no_search_and_catches_up() {
     if !etcd_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(&dir.path().join("etcd"));
-    // Checkpoints every 3 batches: while a replica is down, the log it needs is
-    // deleted, and it reloads from the checkpoint when it comes back.
-    let mut nodes: Vec<Node> = (1..=2)
-        .map(|i| Node::start_with(&format!("n{i}"), dir.path(), &etcd, &["--checkpoint-every", "3"]))
-        .collect();
-    let router_process = Router::start(&etcd);
-    let router = router_process.client().await;
-    for n in &nodes {
-        n.client().await;
-    }
+    let mut cluster = Cluster::start(2, &["--checkpoint-every", "3"]).await;
+    let router = cluster.router.client().await;
     create(&router, "load", "f32", 2, 2).await;
     let ids: Vec<String> = (0..300).map(|i| format!("s{i:04}")).collect();
     let rows = random_rows(&mut rng(3), ids.len(), DIM);
     router.enroll("load", &rows, DIM, &ids).await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load = search_load(router_process.port, "load", rows[..2 * DIM].to_vec(), 4, stop.clone());
+    let load = search_load(cluster.router.port, "load", rows[..2 * DIM].to_vec(), 4, stop.clone());
     tokio::time::sleep(Duration::from_millis(800)).await;
-    nodes[1].kill9();
+    cluster.nodes[1].kill9();
     // Enrollments go on while the replica is down; it must catch up on them.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let more: Vec<String> = (0..40).map(|i| format!("late{i:03}")).collect();
@@ -426,7 +411,7 @@ async fn a_replica_killed_under_load_fails_no_search_and_catches_up() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let restarted = Instant::now();
-    nodes[1].restart();
+    cluster.nodes[1].restart();
     eventually(
         Duration::from_secs(20),
         "the restarted replica serves, caught up",
@@ -442,14 +427,14 @@ async fn a_replica_killed_under_load_fails_no_search_and_catches_up() {
     .await;
     eprintln!("the restarted replica served again after {:?}", restarted.elapsed());
     assert!(
-        nodes[0].log().contains("deleted the log before the checkpoint"),
+        cluster.nodes[0].log().contains("deleted the log before the checkpoint"),
         "{}",
-        nodes[0].log()
+        cluster.nodes[0].log()
     );
     assert!(
-        nodes[1].log().contains("reloading from the checkpoint"),
+        cluster.nodes[1].log().contains("reloading from the checkpoint"),
         "{}",
-        nodes[1].log()
+        cluster.nodes[1].log()
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -461,7 +446,7 @@ async fn a_replica_killed_under_load_fails_no_search_and_catches_up() {
     }
     assert!(searches > 20, "only {searches} searches ran");
     // Both replicas of each shard answer alike, the late enrollments included.
-    let (a, b) = (nodes[0].client().await, nodes[1].client().await);
+    let (a, b) = (cluster.nodes[0].client().await, cluster.nodes[1].client().await);
     for s in 0..2 {
         let local = format!("load.s{s}");
         let x = a.identify(&local, &more_rows, DIM, 10, None).await.unwrap();
@@ -484,7 +469,7 @@ async fn a_replica_killed_under_load_fails_no_search_and_catches_up() {
             lost.push(format!("solo/{s}"));
         }
     }
-    nodes.iter_mut().find(|n| n.name == holder).unwrap().kill9();
+    cluster.nodes.iter_mut().find(|n| n.name == holder).unwrap().kill9();
     let e = router.identify("solo", &rows[..DIM], DIM, 5, None).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e}");
     assert!(e.message().contains("shard solo/0"), "{e}");
@@ -518,16 +503,8 @@ async fn acknowledged_enrollments_survive_kill9_and_etcd_losing_members() {
     if !etcd_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mut etcd = Etcd::start(&dir.path().join("etcd"));
-    let mut nodes: Vec<Node> = (1..=2)
-        .map(|i| Node::start(&format!("n{i}"), dir.path(), &etcd))
-        .collect();
-    let router_process = Router::start(&etcd);
-    let router = router_process.client().await;
-    for n in &nodes {
-        n.client().await;
-    }
+    let mut cluster = Cluster::start(2, &[]).await;
+    let router = cluster.router.client().await;
     create(&router, "enr", "i8", 2, 2).await;
 
     // Writers enroll small streams through the router; what is acknowledged is kept.
@@ -537,7 +514,7 @@ async fn acknowledged_enrollments_survive_kill9_and_etcd_losing_members() {
         .map(|w| {
             let stop = stop.clone();
             let batches = batches.clone();
-            let port = router_process.port;
+            let port = cluster.router.port;
             tokio::spawn(async move {
                 let client = common::cluster::connect_when_up(port).await;
                 let mut acked: Vec<(String, Vec<f32>)> = Vec::new();
@@ -557,9 +534,9 @@ async fn acknowledged_enrollments_survive_kill9_and_etcd_losing_members() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    nodes[0].kill9();
+    cluster.nodes[0].kill9();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    nodes[0].restart();
+    cluster.nodes[0].restart();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
     let mut acked = Vec::new();
@@ -594,13 +571,13 @@ async fn acknowledged_enrollments_survive_kill9_and_etcd_losing_members() {
             random_rows(&mut rng(900 + i as u64), 1, DIM),
         )
     };
-    etcd.kill_member(0);
+    cluster.etcd.kill_member(0);
     let (ids, rows) = extra(0);
     router.enroll("enr", &rows, DIM, &ids).await.unwrap();
     router.identify("enr", &probe, DIM, 3, None).await.unwrap();
 
     // Without a quorum, enrollments stop with a clear error; searches go on.
-    etcd.kill_member(1);
+    cluster.etcd.kill_member(1);
     let (ids, rows) = extra(1);
     let e = router.enroll("enr", &rows, DIM, &ids).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e}");
@@ -610,8 +587,8 @@ async fn acknowledged_enrollments_survive_kill9_and_etcd_losing_members() {
         assert_eq!(r[0].candidates[0].subject, acked[0].0);
     }
     // Quorum back: enrollments resume.
-    etcd.start_member(0);
-    etcd.start_member(1);
+    cluster.etcd.start_member(0);
+    cluster.etcd.start_member(1);
     let (ids, rows) = extra(2);
     eventually(Duration::from_secs(30), "enrollments resume with the quorum", || {
         let (router, ids, rows) = (&router, &ids, &rows);
@@ -627,16 +604,8 @@ async fn the_router_restarts_and_a_new_node_joins_under_load() {
     if !etcd_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(&dir.path().join("etcd"));
-    let nodes: Vec<Node> = (1..=2)
-        .map(|i| Node::start_with(&format!("n{i}"), dir.path(), &etcd, &["--checkpoint-every", "4"]))
-        .collect();
-    let mut router_process = Router::start(&etcd);
-    let router = router_process.client().await;
-    for n in &nodes {
-        n.client().await;
-    }
+    let mut cluster = Cluster::start(2, &["--checkpoint-every", "4"]).await;
+    let router = cluster.router.client().await;
     create(&router, "join", "f16", 4, 2).await;
     let ids: Vec<String> = (0..200).map(|i| format!("j{i:04}")).collect();
     let rows = random_rows(&mut rng(5), ids.len(), DIM);
@@ -648,7 +617,7 @@ async fn the_router_restarts_and_a_new_node_joins_under_load() {
 
     // The router, killed and started again under load: clients reconnect and retry.
     let stop = Arc::new(AtomicBool::new(false));
-    let port = router_process.port;
+    let port = cluster.router.port;
     let gates: Vec<_> = (0..4)
         .map(|_| {
             let stop = stop.clone();
@@ -679,14 +648,14 @@ async fn the_router_restarts_and_a_new_node_joins_under_load() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    router_process.kill9();
-    router_process.restart();
+    cluster.router.kill9();
+    cluster.router.restart();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A third node joins: it takes replicas (the shard map moves them), loads them from
     // the object store, and serves; the replicas it replaces leave only after that.
-    let n3 = Node::start_with("n3", dir.path(), &etcd, &["--checkpoint-every", "4"]);
-    let router = router_process.client().await;
+    let n3 = cluster.node("n3", &["--checkpoint-every", "4"]);
+    let router = cluster.router.client().await;
     eventually(
         Duration::from_secs(30),
         "n3 serves replicas, and each shard has 2",
@@ -715,7 +684,7 @@ async fn the_router_restarts_and_a_new_node_joins_under_load() {
         .filter(|s| s.replicas.iter().any(|r| r.node == "n3"))
     {
         let other = s.replicas.iter().find(|r| r.node != "n3").unwrap();
-        let other = nodes.iter().find(|n| n.name == other.node).unwrap().client().await;
+        let other = cluster.node_named(&other.node).client().await;
         let local = format!("join.s{}", s.shard);
         let x = c3.identify(&local, &rows, DIM, 10, None).await.unwrap();
         let y = other.identify(&local, &rows, DIM, 10, None).await.unwrap();

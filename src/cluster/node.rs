@@ -323,6 +323,45 @@ impl Node {
             *replica.tail.lock().expect("tail lock") = Some(tail);
             tracing::info!(gallery = %g, shard = s, applied = at, "holding a replica");
         }
+        if connected {
+            self.sweep_dropped(&galleries)?;
+        }
+        Ok(())
+    }
+
+    /// Drop local replicas (kept from before, not held now) of galleries that were
+    /// dropped, or dropped and made again, while this node was not looking.
+    fn sweep_dropped(&self, galleries: &std::collections::BTreeMap<String, GalleryMeta>) -> Result<()> {
+        for entry in self.registry.all() {
+            let Some((g, s)) = entry
+                .name
+                .rsplit_once(".s")
+                .and_then(|(g, s)| Some((g.to_owned(), s.parse::<u32>().ok()?)))
+            else {
+                continue;
+            };
+            if self
+                .replicas
+                .lock()
+                .expect("replicas lock")
+                .contains_key(&(g.clone(), s))
+            {
+                continue;
+            }
+            // Only a replica (it has a cursor): never a gallery of this data directory's
+            // single-server days that happens to be named like one.
+            let Some(created) = std::fs::read(self.cursor_path(&g, s))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Cursor>(&b).ok())
+                .map(|c| c.created_ms)
+            else {
+                continue;
+            };
+            if galleries.get(&g).map(|m| m.created_ms) != Some(created) {
+                self.drop_local(&g, s)?;
+                tracing::info!(gallery = %g, shard = s, "dropped a local replica of a gallery that is gone");
+            }
+        }
         Ok(())
     }
 

@@ -171,6 +171,14 @@ impl Router {
             .ok_or_else(|| Status::not_found(format!("gallery: {g:?} does not exist")))
     }
 
+    /// The gallery, and the shard that holds (or would hold) `subject`.
+    fn subject_shard(&self, g: &str, subject: &str) -> std::result::Result<(GalleryMeta, u32), Status> {
+        let meta = self.meta(g)?;
+        check_subject_id(subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
+        let s = keys::shard_of(subject, meta.shards);
+        Ok((meta, s))
+    }
+
     fn channel(&self, address: &str) -> std::result::Result<Channel, Status> {
         let mut channels = self.channels.lock().expect("channels lock");
         if let Some(c) = channels.get(address) {
@@ -585,10 +593,8 @@ impl Biogate for Arc<Router> {
     ) -> std::result::Result<Response<proto::VerifyResponse>, Status> {
         let auth = authorization_of(&request);
         let req = request.into_inner();
-        let meta = self.meta(&req.gallery)?;
-        check_subject_id(&req.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
+        let (meta, s) = self.subject_shard(&req.gallery, &req.subject)?;
         decode_template(&req.probe, meta.dim, "probe")?;
-        let s = keys::shard_of(&req.subject, meta.shards);
         let answer = self
             .on_replica(&req.gallery, s, |mut client, local| {
                 let r = with_authorization(
@@ -708,9 +714,7 @@ impl Biogate for Arc<Router> {
     ) -> std::result::Result<Response<proto::DeleteSubjectResponse>, Status> {
         let auth = authorization_of(&request);
         let req = request.into_inner();
-        let meta = self.meta(&req.gallery)?;
-        check_subject_id(&req.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
-        let s = keys::shard_of(&req.subject, meta.shards);
+        let (_, s) = self.subject_shard(&req.gallery, &req.subject)?;
         let local = keys::replica_name(&req.gallery, s);
         let mut last = None;
         for (node, address) in self.writers(&req.gallery, s) {

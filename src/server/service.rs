@@ -1141,7 +1141,13 @@ impl Biogate for Arc<Service> {
             let req = request.into_inner();
             check_subject_id(&req.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
             let entry = self.gallery(&req.gallery)?;
-            if !entry.snapshot().map_err(status_of)?.has_subject(&req.subject) {
+            // A cluster replica may be behind: the commit checks the subject once it has
+            // caught up with the shard's log.
+            #[cfg(feature = "cluster")]
+            let replicated = self.cluster_node();
+            #[cfg(not(feature = "cluster"))]
+            let replicated: Option<()> = None;
+            if replicated.is_none() && !entry.snapshot().map_err(status_of)?.has_subject(&req.subject) {
                 return Err(Status::not_found(format!(
                     "subject: {:?} is not enrolled in {:?}",
                     req.subject, req.gallery
@@ -1150,18 +1156,13 @@ impl Biogate for Arc<Service> {
             self.intent(&call, &[req.subject.as_str()], 1).await?;
             let subject = req.subject.clone();
             #[cfg(feature = "cluster")]
-            if let Some(node) = self.cluster_node() {
+            if let Some(node) = replicated {
                 let op = crate::cluster::batch::Op::Delete { subject };
                 node.commit(&entry.name, vec![op]).await.map_err(status_of)?;
-                return Ok((
-                    proto::DeleteSubjectResponse {},
-                    Audited {
-                        subjects: vec![(req.subject.clone(), None)],
-                        count: 1,
-                        took_effect: true,
-                    },
-                ));
+            } else {
+                blocking(move || entry.write(|g| g.delete_subject(&subject))).await?;
             }
+            #[cfg(not(feature = "cluster"))]
             blocking(move || entry.write(|g| g.delete_subject(&subject))).await?;
             Ok((
                 proto::DeleteSubjectResponse {},

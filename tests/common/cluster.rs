@@ -3,7 +3,7 @@
 //! start again.
 
 use super::server::free_port;
-use biogate::client::{Client, ConnectOptions};
+use biogate::client::Client;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -114,159 +114,164 @@ impl Drop for Etcd {
     }
 }
 
-/// A `biogate serve --etcd` process.
-pub struct Node {
-    pub name: String,
+/// A biogate process on a loopback port that a test can kill -9 and start again.
+pub struct Process {
     pub port: u16,
-    data: PathBuf,
-    etcd: String,
-    store: String,
     args: Vec<String>,
+    /// Where its stderr goes (appended across restarts); None: nowhere.
+    log: Option<PathBuf>,
     child: Option<Child>,
 }
 
-impl Node {
-    pub fn start(name: &str, root: &Path, etcd: &Etcd) -> Node {
-        Node::start_with(name, root, etcd, &[])
-    }
-
-    /// With more `serve` flags (e.g. `--checkpoint-every 3`).
-    pub fn start_with(name: &str, root: &Path, etcd: &Etcd, args: &[&str]) -> Node {
-        let mut n = Node {
-            name: name.to_owned(),
+impl Process {
+    /// `biogate ARGS --listen 127.0.0.1:PORT` on a free port.
+    fn start(args: Vec<String>, log: Option<PathBuf>) -> Process {
+        let mut p = Process {
             port: free_port(),
-            data: root.join(name),
-            etcd: etcd.urls(),
-            store: format!("file://{}", root.join("objects").display()),
-            args: args.iter().map(|a| a.to_string()).collect(),
+            args,
+            log,
             child: None,
         };
-        n.restart();
-        n
+        p.restart();
+        p
+    }
+
+    /// Start it (again, on the same port and with the same flags).
+    pub fn restart(&mut self) {
+        let stderr = match &self.log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap(),
+            ),
+            None => Stdio::null(),
+        };
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_biogate"))
+                .args(&self.args)
+                .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    pub fn kill9(&mut self) {
+        kill(&mut self.child);
+    }
+
+    pub async fn client(&self) -> Client {
+        connect_when_up(self.port).await
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A `biogate serve --etcd` process, its data and log under the cluster's folder.
+pub struct Node {
+    pub name: String,
+    log: PathBuf,
+    process: Process,
+}
+
+impl Node {
+    /// Node `name` of the cluster in `etcd`, with more `serve` flags (e.g.
+    /// `--checkpoint-every 3`).
+    pub fn start(name: &str, root: &Path, etcd: &Etcd, more: &[&str]) -> Node {
+        let store = format!("file://{}", root.join("objects").display());
+        let data = root.join(name);
+        let mut args: Vec<String> = ["serve", "--etcd", &etcd.urls(), "--store", &store, "--node", name]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        args.extend([
+            "--metrics-listen".into(),
+            "off".into(),
+            "-v".into(),
+            "--data-dir".into(),
+        ]);
+        args.push(data.display().to_string());
+        args.extend(more.iter().map(|a| a.to_string()));
+        let log = data.with_extension("log");
+        Node {
+            name: name.to_owned(),
+            log: log.clone(),
+            process: Process::start(args, Some(log)),
+        }
     }
 
     /// What the node logged (INFO and up), across restarts.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Start it (again, on the same port and data).
     pub fn restart(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.data.with_extension("log"))
-            .unwrap();
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_biogate"))
-                .args([
-                    "serve",
-                    "--etcd",
-                    &self.etcd,
-                    "--store",
-                    &self.store,
-                    "--node",
-                    &self.name,
-                ])
-                .args([
-                    "--listen",
-                    &format!("127.0.0.1:{}", self.port),
-                    "--metrics-listen",
-                    "off",
-                ])
-                .arg("--data-dir")
-                .arg(&self.data)
-                .args(&self.args)
-                .arg("-v")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
+        self.process.restart();
     }
 
     pub fn kill9(&mut self) {
-        kill(&mut self.child);
+        self.process.kill9();
     }
 
     pub async fn client(&self) -> Client {
-        connect_when_up(self.port).await
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        kill(&mut self.child);
+        self.process.client().await
     }
 }
 
 /// A `biogate router` process.
-pub struct Router {
-    pub port: u16,
-    etcd: String,
-    child: Option<Child>,
+pub fn router(etcd: &Etcd) -> Process {
+    Process::start(vec!["router".into(), "--etcd".into(), etcd.urls()], None)
 }
 
-impl Router {
-    pub fn start(etcd: &Etcd) -> Router {
-        let mut r = Router {
-            port: free_port(),
-            etcd: etcd.urls(),
-            child: None,
-        };
-        r.restart();
-        r
-    }
-
-    pub fn restart(&mut self) {
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_biogate"))
-                .args([
-                    "router",
-                    "--etcd",
-                    &self.etcd,
-                    "--listen",
-                    &format!("127.0.0.1:{}", self.port),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-    }
-
-    pub fn kill9(&mut self) {
-        kill(&mut self.child);
-    }
-
-    pub async fn client(&self) -> Client {
-        connect_when_up(self.port).await
-    }
+/// A cluster for one test: etcd, `nodes` shard servers (n1, n2, ...) started with
+/// `node_flags`, and a router, all answering. Dropped in this order: processes first,
+/// then the folder.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub router: Process,
+    pub etcd: Etcd,
+    pub dir: tempfile::TempDir,
 }
 
-impl Drop for Router {
-    fn drop(&mut self) {
-        kill(&mut self.child);
+impl Cluster {
+    pub async fn start(nodes: usize, node_flags: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(&dir.path().join("etcd"));
+        let nodes: Vec<Node> = (1..=nodes)
+            .map(|i| Node::start(&format!("n{i}"), dir.path(), &etcd, node_flags))
+            .collect();
+        let router = router(&etcd);
+        router.client().await;
+        for n in &nodes {
+            n.client().await;
+        }
+        Cluster {
+            nodes,
+            router,
+            etcd,
+            dir,
+        }
+    }
+
+    /// Another node, as `Node::start` in this cluster.
+    pub fn node(&self, name: &str, flags: &[&str]) -> Node {
+        Node::start(name, self.dir.path(), &self.etcd, flags)
+    }
+
+    pub fn node_named(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.name == name).unwrap()
     }
 }
 
 /// A client of whatever answers on `port`, once it does.
-pub async fn connect_when_up(port: u16) -> Client {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let options = ConnectOptions {
-            addr: format!("http://127.0.0.1:{port}"),
-            ..Default::default()
-        };
-        if let Ok(c) = Client::connect(&options).await
-            && c.list_galleries().await.is_ok()
-        {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "nothing answered on port {port}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub use super::server::connect_when_up;
 
 /// Wait until `ready` holds, polling every 50 ms, for at most `within`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut ready: F)
