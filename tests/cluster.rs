@@ -695,3 +695,77 @@ async fn the_router_restarts_and_a_new_node_joins_under_load() {
     // n3 loaded checkpoints (segments) rather than replaying every batch.
     assert!(n3.log().contains("loaded the shard's checkpoint"), "{}", n3.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_router_checks_tokens_and_passes_them_to_the_nodes() {
+    if !etcd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tokens.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[tokens]]
+name = "gate-A12"
+token = "gate-token-0123456789"
+roles = ["identify"]
+
+[[tokens]]
+name = "officer-7"
+token = "officer-token-0123456789"
+roles = ["identify", "enroll"]
+
+[[tokens]]
+name = "ops"
+token = "admin-token-0123456789"
+roles = ["admin"]
+"#,
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let flags = ["--config", config.as_str()];
+    let cluster = Cluster::start_in(dir, 2, &flags, &flags).await;
+    let as_who = |token: Option<&str>| {
+        let port = cluster.router.port;
+        let token = token.map(str::to_owned);
+        async move {
+            Client::connect(&biogate::client::ConnectOptions {
+                addr: format!("http://127.0.0.1:{port}"),
+                token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let (nobody, gate) = (as_who(None).await, as_who(Some("gate-token-0123456789")).await);
+    let (officer, ops) = (
+        as_who(Some("officer-token-0123456789")).await,
+        as_who(Some("admin-token-0123456789")).await,
+    );
+    let e = nobody.list_galleries().await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    let e = gate
+        .create_sharded_gallery("t", DIM as u32, "f32", 2, 2)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    create(&ops, "t", "f32", 2, 2).await;
+    let ids: Vec<String> = (0..20).map(|i| format!("t{i:02}")).collect();
+    let rows = random_rows(&mut rng(11), ids.len(), DIM);
+    let e = gate.enroll("t", &rows, DIM, &ids).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    // The officer's token reaches the nodes, which check it again and audit it.
+    officer.enroll("t", &rows, DIM, &ids).await.unwrap();
+    let r = gate.identify("t", &rows[..DIM], DIM, 1, None).await.unwrap();
+    assert_eq!(r[0].candidates[0].subject, ids[0]);
+    let info = gate.get_gallery("t").await.unwrap();
+    assert_eq!((info.subjects, info.state.as_str()), (20, "SERVING"));
+    let e = gate.delete_subject("t", &ids[0]).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let audit = std::fs::read_to_string(cluster.dir.path().join("n1").join("audit.log")).unwrap()
+        + &std::fs::read_to_string(cluster.dir.path().join("n2").join("audit.log")).unwrap();
+    assert!(audit.contains("officer-7") && audit.contains("\"Enroll\""), "{audit}");
+    assert!(!audit.contains("officer-token"), "a token in the audit log");
+}

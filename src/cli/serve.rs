@@ -56,10 +56,18 @@ pub(crate) struct RouterArgs {
     /// gRPC listen address.
     #[arg(long, env = "BIOGATE_LISTEN", default_value = "127.0.0.1:50050")]
     listen: std::net::SocketAddr,
+    /// TOML file whose `[[tokens]]` say who may do what (the nodes' own, so a caller's
+    /// token means the same on both; none: authentication is off).
+    #[arg(long, env = "BIOGATE_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 pub(crate) async fn router(a: RouterArgs) -> Result<()> {
-    let handle = biogate::cluster::router::start(&a.etcd, a.listen).await?;
+    let tokens = match &a.config {
+        Some(path) => Config::load(path)?.tokens,
+        None => Vec::new(),
+    };
+    let handle = biogate::cluster::router::start(&a.etcd, a.listen, &tokens).await?;
     println!("biogate router on {} (etcd {})", handle.addr, a.etcd.join(","));
     wait_for_signal().await;
     handle.shutdown().await

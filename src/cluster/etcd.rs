@@ -96,6 +96,8 @@ impl Etcd {
         for i in 0..n {
             let at = (first + i) % n;
             let (url, channel) = &self.members[at];
+            // Named by host and port in messages (a URL would read like a path).
+            let url = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
             match tokio::time::timeout(CALL_TIMEOUT, call(channel.clone())).await {
                 Ok(Ok(v)) => {
                     self.preferred.store(at, Ordering::Relaxed);

@@ -16,6 +16,8 @@ use super::keys::{self, ClusterState, GalleryMeta};
 use super::objects::Objects;
 use super::view::View;
 use crate::error::{Error, IoContext, Result};
+use crate::server::auth::Auth;
+use crate::server::config::{Role, TokenConfig};
 use crate::server::proto::biogate_client::BiogateClient;
 use crate::server::proto::biogate_server::{Biogate, BiogateServer};
 use crate::server::proto::{self};
@@ -40,6 +42,9 @@ const CREATE_WAIT: Duration = Duration::from_secs(15);
 
 /// The router's state: the cluster view and a channel per node.
 pub struct Router {
+    /// Who may do what (the `[[tokens]]` of `--config`; none: everyone, everything).
+    /// The caller's token also travels on to the nodes, which check it again.
+    auth: Auth,
     etcd: Arc<Etcd>,
     view: Arc<View>,
     channels: Mutex<HashMap<String, Channel>>,
@@ -77,14 +82,20 @@ impl RouterHandle {
     }
 }
 
-/// Start a router on `listen`, following the cluster in the etcd at `urls`.
-pub async fn start(urls: &[String], listen: SocketAddr) -> Result<RouterHandle> {
+/// Start a router on `listen`, following the cluster in the etcd at `urls`, letting
+/// callers in by `tokens` (none: authentication is off, as on a server).
+pub async fn start(urls: &[String], listen: SocketAddr, tokens: &[TokenConfig]) -> Result<RouterHandle> {
+    let auth = Auth::new(tokens);
+    if !auth.enabled() && !listen.ip().is_loopback() {
+        tracing::warn!(%listen, "no tokens configured: authentication is off (every caller has every role)");
+    }
     let etcd = Arc::new(Etcd::connect(urls)?);
     let view = View::start(etcd.clone(), Duration::from_secs(5)).await;
     if !view.connected() {
         tracing::warn!(etcd = %urls.join(","), "etcd did not answer yet; the router serves once it does");
     }
     let router = Arc::new(Router {
+        auth,
         etcd,
         view,
         channels: Mutex::new(HashMap::new()),
@@ -303,7 +314,7 @@ impl Router {
         &self,
         searches: &[Search],
         probes: &[Vec<u8>],
-        authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+        authorization: Authorization,
         allow_partial: bool,
     ) -> std::result::Result<(Vec<Vec<proto::ProbeResult>>, Vec<String>), Status> {
         let mut metas = Vec::with_capacity(searches.len());
@@ -404,7 +415,7 @@ impl Router {
 
     /// A gallery's info: the catalogue, the counts of one serving replica per shard,
     /// and every shard's health.
-    async fn info(&self, g: &str) -> std::result::Result<proto::GalleryInfo, Status> {
+    async fn info(&self, g: &str, auth: &Authorization) -> std::result::Result<proto::GalleryInfo, Status> {
         let meta = self.meta(g)?;
         let mut info = proto::GalleryInfo {
             name: g.to_owned(),
@@ -419,11 +430,9 @@ impl Router {
         for s in 0..meta.shards {
             let health = self.state(|st| shard_health(st, g, s));
             match self
-                .on_replica(g, s, |mut client, local| async move {
-                    client
-                        .get_gallery(proto::GetGalleryRequest { name: local })
-                        .await
-                        .map(Response::into_inner)
+                .on_replica(g, s, |mut client, local| {
+                    let r = with_authorization(proto::GetGalleryRequest { name: local }, auth);
+                    async move { client.get_gallery(r).await.map(Response::into_inner) }
                 })
                 .await
             {
@@ -469,14 +478,19 @@ fn shard_health(st: &ClusterState, g: &str, s: u32) -> proto::ShardHealth {
     }
 }
 
-fn authorization_of<T>(r: &Request<T>) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
-    r.metadata().get("authorization").cloned()
+/// The caller's `authorization` header, passed on to the nodes.
+type Authorization = Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>;
+
+impl Router {
+    /// Check that the caller may act in `role`; its header, to pass on to the nodes.
+    fn authorize<T>(&self, r: &Request<T>, role: Role, method: &str) -> std::result::Result<Authorization, Status> {
+        let caller = self.auth.check(r, role)?;
+        tracing::debug!(caller = %caller.name, method, "routing");
+        Ok(r.metadata().get("authorization").cloned())
+    }
 }
 
-fn with_authorization<T>(
-    message: T,
-    auth: &Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
-) -> Request<T> {
+fn with_authorization<T>(message: T, auth: &Authorization) -> Request<T> {
     let mut r = Request::new(message);
     if let Some(a) = auth {
         r.metadata_mut().insert("authorization", a.clone());
@@ -501,7 +515,7 @@ impl Biogate for Arc<Router> {
         &self,
         request: Request<proto::IdentifyRequest>,
     ) -> std::result::Result<Response<proto::IdentifyResponse>, Status> {
-        let auth = authorization_of(&request);
+        let auth = self.authorize(&request, Role::Identify, "Identify")?;
         let req = request.into_inner();
         no_encounters(&req.encounter)?;
         if req.probes.is_empty() {
@@ -535,7 +549,7 @@ impl Biogate for Arc<Router> {
         &self,
         request: Request<Streaming<proto::IdentifyStreamRequest>>,
     ) -> std::result::Result<Response<Self::IdentifyStreamStream>, Status> {
-        let auth = authorization_of(&request);
+        let auth = self.authorize(&request, Role::Identify, "IdentifyStream")?;
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let router = self.clone();
@@ -591,7 +605,7 @@ impl Biogate for Arc<Router> {
         &self,
         request: Request<proto::VerifyRequest>,
     ) -> std::result::Result<Response<proto::VerifyResponse>, Status> {
-        let auth = authorization_of(&request);
+        let auth = self.authorize(&request, Role::Identify, "Verify")?;
         let req = request.into_inner();
         let (meta, s) = self.subject_shard(&req.gallery, &req.subject)?;
         decode_template(&req.probe, meta.dim, "probe")?;
@@ -614,7 +628,7 @@ impl Biogate for Arc<Router> {
         &self,
         request: Request<Streaming<proto::EnrollRequest>>,
     ) -> std::result::Result<Response<proto::EnrollResponse>, Status> {
-        let auth = authorization_of(&request);
+        let auth = self.authorize(&request, Role::Enroll, "Enroll")?;
         let mut incoming = request.into_inner();
         // Check everything first: bad input changes nothing.
         let mut groups: BTreeMap<(String, u32), Vec<proto::EnrollRequest>> = BTreeMap::new();
@@ -712,7 +726,7 @@ impl Biogate for Arc<Router> {
         &self,
         request: Request<proto::DeleteSubjectRequest>,
     ) -> std::result::Result<Response<proto::DeleteSubjectResponse>, Status> {
-        let auth = authorization_of(&request);
+        let auth = self.authorize(&request, Role::Enroll, "DeleteSubject")?;
         let req = request.into_inner();
         let (_, s) = self.subject_shard(&req.gallery, &req.subject)?;
         let local = keys::replica_name(&req.gallery, s);
@@ -745,6 +759,8 @@ impl Biogate for Arc<Router> {
         &self,
         request: Request<proto::CreateGalleryRequest>,
     ) -> std::result::Result<Response<proto::GalleryInfo>, Status> {
+        let auth = self.authorize(&request, Role::Admin, "CreateGallery")?;
+        let caller = self.auth.name_of(&request).unwrap_or_else(|| "anonymous".into());
         let req = request.into_inner();
         crate::server::registry::check_gallery_name(&req.name)
             .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
@@ -819,20 +835,22 @@ impl Biogate for Arc<Router> {
                 req.name
             )));
         }
-        tracing::info!(gallery = %req.name, dim = req.dim, %dtype, shards, replicas, "created a cluster gallery");
+        tracing::info!(%caller, gallery = %req.name, dim = req.dim, %dtype, shards, replicas, "created a cluster gallery");
         let name = req.name.clone();
         self.view
             .wait_for(Instant::now() + CREATE_WAIT, |st| {
                 st.galleries.contains_key(&name) && (0..shards).all(|s| !st.serving(&name, s).is_empty())
             })
             .await;
-        Ok(Response::new(self.info(&req.name).await?))
+        Ok(Response::new(self.info(&req.name, &auth).await?))
     }
 
     async fn drop_gallery(
         &self,
         request: Request<proto::DropGalleryRequest>,
     ) -> std::result::Result<Response<proto::DropGalleryResponse>, Status> {
+        self.authorize(&request, Role::Admin, "DropGallery")?;
+        let caller = self.auth.name_of(&request).unwrap_or_else(|| "anonymous".into());
         let g = request.into_inner().name;
         let meta = self.meta(&g)?;
         let key = keys::gallery_key(&g);
@@ -867,18 +885,19 @@ impl Biogate for Arc<Router> {
                 Err(e) => tracing::warn!(gallery = %g, error = %e, "the object store could not be opened"),
             }
         }
-        tracing::info!(gallery = %g, "dropped a cluster gallery");
+        tracing::info!(%caller, gallery = %g, "dropped a cluster gallery");
         Ok(Response::new(proto::DropGalleryResponse {}))
     }
 
     async fn list_galleries(
         &self,
-        _request: Request<proto::ListGalleriesRequest>,
+        request: Request<proto::ListGalleriesRequest>,
     ) -> std::result::Result<Response<proto::ListGalleriesResponse>, Status> {
+        let auth = self.authorize(&request, Role::Identify, "ListGalleries")?;
         let names: Vec<String> = self.state(|st| st.galleries.keys().cloned().collect());
         let mut galleries = Vec::with_capacity(names.len());
         for g in names {
-            match self.info(&g).await {
+            match self.info(&g, &auth).await {
                 Ok(i) => galleries.push(i),
                 Err(e) if e.code() == Code::NotFound => {}
                 Err(e) => return Err(e),
@@ -891,13 +910,15 @@ impl Biogate for Arc<Router> {
         &self,
         request: Request<proto::GetGalleryRequest>,
     ) -> std::result::Result<Response<proto::GalleryInfo>, Status> {
-        Ok(Response::new(self.info(&request.into_inner().name).await?))
+        let auth = self.authorize(&request, Role::Identify, "GetGallery")?;
+        Ok(Response::new(self.info(&request.into_inner().name, &auth).await?))
     }
 
     async fn repair_gallery(
         &self,
         request: Request<proto::RepairGalleryRequest>,
     ) -> std::result::Result<Response<proto::RepairGalleryResponse>, Status> {
+        self.authorize(&request, Role::Admin, "RepairGallery")?;
         Err(Status::failed_precondition(format!(
             "gallery {:?}: a cluster replica is repaired on its node (RepairGallery of `{{gallery}}.s{{shard}}` there), or dropped there and reloaded from the object store",
             request.into_inner().name
@@ -908,7 +929,7 @@ impl Biogate for Arc<Router> {
         &self,
         request: Request<proto::CompactGalleryRequest>,
     ) -> std::result::Result<Response<proto::CompactGalleryResponse>, Status> {
-        let auth = authorization_of(&request);
+        let auth = self.authorize(&request, Role::Admin, "CompactGallery")?;
         let g = request.into_inner().name;
         let meta = self.meta(&g)?;
         let mut total = proto::CompactGalleryResponse::default();

@@ -55,6 +55,15 @@ impl Etcd {
         for i in 0..3 {
             etcd.start_member(i);
         }
+        // Until every member listens, a port it is about to take looks free to
+        // free_port() (a node or router given it would make that member exit).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in etcd.client_ports.iter().chain(&etcd.peer_ports) {
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(Instant::now() < deadline, "etcd did not listen on {port}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         etcd
     }
 
@@ -225,9 +234,11 @@ impl Node {
     }
 }
 
-/// A `biogate router` process.
-pub fn router(etcd: &Etcd) -> Process {
-    Process::start(vec!["router".into(), "--etcd".into(), etcd.urls()], None)
+/// A `biogate router` process, with more flags.
+pub fn router(etcd: &Etcd, more: &[&str]) -> Process {
+    let mut args = vec!["router".into(), "--etcd".into(), etcd.urls()];
+    args.extend(more.iter().map(|a| a.to_string()));
+    Process::start(args, None)
 }
 
 /// A cluster for one test: etcd, `nodes` shard servers (n1, n2, ...) started with
@@ -242,15 +253,19 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(nodes: usize, node_flags: &[&str]) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
+        Cluster::start_in(tempfile::tempdir().unwrap(), nodes, node_flags, &[]).await
+    }
+
+    /// In `dir` (which may hold a configuration file the flags name), with router flags.
+    pub async fn start_in(dir: tempfile::TempDir, nodes: usize, node_flags: &[&str], router_flags: &[&str]) -> Cluster {
         let etcd = Etcd::start(&dir.path().join("etcd"));
         let nodes: Vec<Node> = (1..=nodes)
             .map(|i| Node::start(&format!("n{i}"), dir.path(), &etcd, node_flags))
             .collect();
-        let router = router(&etcd);
-        router.client().await;
+        let router = router(&etcd, router_flags);
+        wait_for_port(router.port).await;
         for n in &nodes {
-            n.client().await;
+            wait_for_port(n.process.port).await;
         }
         Cluster {
             nodes,
@@ -272,6 +287,15 @@ impl Cluster {
 
 /// A client of whatever answers on `port`, once it does.
 pub use super::server::connect_when_up;
+
+/// Wait until something listens on `port` (it may ask for a token before answering).
+pub async fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
 
 /// Wait until `ready` holds, polling every 50 ms, for at most `within`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut ready: F)
