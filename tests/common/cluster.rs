@@ -241,14 +241,18 @@ pub fn router(etcd: &Etcd, more: &[&str]) -> Process {
     Process::start(args, None)
 }
 
+/// One cluster at a time: their timings (leases, kills) assume the two cores are theirs.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A cluster for one test: etcd, `nodes` shard servers (n1, n2, ...) started with
 /// `node_flags`, and a router, all answering. Dropped in this order: processes first,
-/// then the folder.
+/// then the folder, then the turn.
 pub struct Cluster {
     pub nodes: Vec<Node>,
     pub router: Process,
     pub etcd: Etcd,
     pub dir: tempfile::TempDir,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl Cluster {
@@ -258,6 +262,7 @@ impl Cluster {
 
     /// In `dir` (which may hold a configuration file the flags name), with router flags.
     pub async fn start_in(dir: tempfile::TempDir, nodes: usize, node_flags: &[&str], router_flags: &[&str]) -> Cluster {
+        let turn = ONE_AT_A_TIME.lock().await;
         let etcd = Etcd::start(&dir.path().join("etcd"));
         let nodes: Vec<Node> = (1..=nodes)
             .map(|i| Node::start(&format!("n{i}"), dir.path(), &etcd, node_flags))
@@ -272,6 +277,7 @@ impl Cluster {
             router,
             etcd,
             dir,
+            _turn: turn,
         }
     }
 
