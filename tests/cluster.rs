@@ -764,6 +764,30 @@ roles = ["admin"]
     assert_eq!((info.subjects, info.state.as_str()), (20, "SERVING"));
     let e = gate.delete_subject("t", &ids[0]).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+
+    // A second process under a live node's name is refused, naming the holder.
+    let twin = std::process::Command::new(env!("CARGO_BIN_EXE_biogate"))
+        .args([
+            "serve",
+            "--etcd",
+            &cluster.etcd.urls(),
+            "--node",
+            "n1",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--store")
+        .arg(format!("file://{}", cluster.dir.path().join("objects").display()))
+        .arg("--data-dir")
+        .arg(cluster.dir.path().join("twin"))
+        .args(["--metrics-listen", "off"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&twin.stderr);
+    assert!(
+        !twin.status.success() && said.contains("already has that name"),
+        "{said}"
+    );
     let audit = std::fs::read_to_string(cluster.dir.path().join("n1").join("audit.log")).unwrap()
         + &std::fs::read_to_string(cluster.dir.path().join("n2").join("audit.log")).unwrap();
     assert!(audit.contains("officer-7") && audit.contains("\"Enroll\""), "{audit}");

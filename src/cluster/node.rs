@@ -158,6 +158,7 @@ impl Node {
                 )));
             }
         }
+        Self::claim_name(&etcd, &options.node, &address).await?;
         let lease = etcd.grant_lease(LEASE_TTL_S).await?;
         let info = keys::NodeInfo {
             address: address.clone(),
@@ -191,6 +192,28 @@ impl Node {
         node.tasks.lock().expect("tasks lock").extend(tasks);
         tracing::info!(node = %node.name, address = %node.address, store = %node.objects.url(), "joined the cluster");
         Ok(node)
+    }
+
+    /// Make sure no other live process uses `name`: its key must be absent, or name
+    /// this address (this node's previous run, killed before its lease ran out), or go
+    /// within a lease's time.
+    async fn claim_name(etcd: &Etcd, name: &str, address: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(LEASE_TTL_S as u64 + 1);
+        loop {
+            let Some(kv) = etcd.get(&keys::node_key(name)).await? else {
+                return Ok(());
+            };
+            let held_by = keys::decode::<keys::NodeInfo>(&keys::node_key(name), &kv.value)?.address;
+            if held_by == address {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Config(format!(
+                    "--node {name}: a live node at {held_by} already has that name"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Leave: revoke the lease (the node and its applied marks go at once).
