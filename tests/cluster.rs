@@ -765,6 +765,23 @@ roles = ["admin"]
     let e = gate.delete_subject("t", &ids[0]).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
 
+    // The router answers grpc.health.v1, as a server does (no token needed).
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", cluster.router.port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "biogate.v1.Biogate".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status(), ServingStatus::Serving);
+
     // A second process under a live node's name is refused, naming the holder.
     let twin = std::process::Command::new(env!("CARGO_BIN_EXE_biogate"))
         .args([

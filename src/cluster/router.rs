@@ -110,11 +110,22 @@ pub async fn start(urls: &[String], listen: SocketAddr, tokens: &[TokenConfig]) 
     let service = BiogateServer::new(router)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // grpc.health.v1 (for load balancers) and reflection (for grpcurl), as on a server.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<BiogateServer<Arc<Router>>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let task = tokio::spawn(async move {
         Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
             .add_service(service)
             .serve_with_incoming_shutdown(incoming(listener), async {
                 let _ = stopped.await;
+                health.set_not_serving::<BiogateServer<Arc<Router>>>().await;
             })
             .await
             .map_err(|e| Error::Internal(format!("router: {e}")))
