@@ -96,13 +96,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
             &a.concurrency,
             a.min_seconds,
         ))?;
-        if a.json {
-            for r in &rows {
-                println!("{}", serde_json::to_string(r).expect("serialises"));
-            }
-        } else {
-            print!("{}", biogate::bench_grpc::format_table(&rows));
-        }
+        print_load(&rows, a.json, None);
         return Ok(());
     }
     if a.grpc {
@@ -116,22 +110,16 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
             a.watchlist,
             a.encounters,
         ))?;
-        if a.json {
-            for r in &rows {
-                println!("{}", serde_json::to_string(r).expect("serialises"));
-            }
-        } else {
-            println!(
-                "gallery: {} x {} {dtype}, k = 10{}, cpu engine, {} threads",
-                a.rows,
-                a.dim,
-                a.watchlist
-                    .map(|n| format!("; with a watchlist of {n} (k = 10, threshold 0.5) in every request"))
-                    .unwrap_or_default(),
-                rayon::current_num_threads()
-            );
-            print!("{}", biogate::bench_grpc::format_table(&rows));
-        }
+        let header = format!(
+            "gallery: {} x {} {dtype}, k = 10{}, cpu engine, {} threads",
+            a.rows,
+            a.dim,
+            a.watchlist
+                .map(|n| format!("; with a watchlist of {n} (k = 10, threshold 0.5) in every request"))
+                .unwrap_or_default(),
+            rayon::current_num_threads()
+        );
+        print_load(&rows, a.json, Some(header));
         return Ok(());
     }
     let (engine, gpu) = open_engine(a.backend)?;
@@ -194,4 +182,18 @@ fn print_bench(device: &str, rows: &[bench::BenchRow], json: bool) -> Result<()>
         print!("{}", bench::format_table(rows));
     }
     Ok(())
+}
+
+/// A load benchmark's rows: JSON lines, or a table under `header`.
+fn print_load(rows: &[biogate::bench_grpc::LoadRow], json: bool, header: Option<String>) {
+    if json {
+        for r in rows {
+            println!("{}", serde_json::to_string(r).expect("serialises"));
+        }
+    } else {
+        if let Some(h) = header {
+            println!("{h}");
+        }
+        print!("{}", biogate::bench_grpc::format_table(rows));
+    }
 }

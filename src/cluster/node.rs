@@ -327,12 +327,7 @@ impl Node {
             }
         }
         for (g, s, meta) in wanted {
-            if self
-                .replicas
-                .lock()
-                .expect("replicas lock")
-                .contains_key(&(g.clone(), s))
-            {
+            if self.holds_replica(&g, s) {
                 continue;
             }
             let replica = self.open_replica(&g, s, &meta).await?;
@@ -363,12 +358,7 @@ impl Node {
             else {
                 continue;
             };
-            if self
-                .replicas
-                .lock()
-                .expect("replicas lock")
-                .contains_key(&(g.clone(), s))
-            {
+            if self.holds_replica(&g, s) {
                 continue;
             }
             // Only a replica (it has a cursor): never a gallery of this data directory's
@@ -386,6 +376,13 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    fn holds_replica(&self, g: &str, s: u32) -> bool {
+        self.replicas
+            .lock()
+            .expect("replicas lock")
+            .contains_key(&(g.to_owned(), s))
     }
 
     fn cursor_path(&self, g: &str, s: u32) -> PathBuf {

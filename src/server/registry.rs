@@ -392,21 +392,34 @@ impl Registry {
         self.galleries.read().unwrap_or_else(|p| p.into_inner()).is_empty()
     }
 
-    /// Create a new gallery.
-    pub fn create(&self, name: &str, dim: usize, dtype: Dtype) -> Result<Arc<GalleryEntry>> {
+    /// Add gallery `name`, made by `make` in its folder, unless one of that name exists
+    /// (one admin operation on a name at a time).
+    fn add<T>(
+        &self,
+        name: &str,
+        make: impl FnOnce(PathBuf) -> Result<(GalleryEntry, T)>,
+    ) -> Result<(Arc<GalleryEntry>, T)> {
         check_gallery_name(name)?;
         let lock = self.admin_lock(name);
         let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.get(name).is_ok() {
             return Err(Error::AlreadyExists(format!("gallery {name:?}")));
         }
-        let dir = self.root.join(name);
-        let gallery = Gallery::create_with(&dir, dim, dtype, self.storage.clone())?;
-        let entry = Arc::new(GalleryEntry::new(name.to_owned(), dir, Some(gallery), None));
+        let (entry, made) = make(self.root.join(name))?;
+        let entry = Arc::new(entry);
         self.galleries
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_owned(), entry.clone());
+        Ok((entry, made))
+    }
+
+    /// Create a new gallery.
+    pub fn create(&self, name: &str, dim: usize, dtype: Dtype) -> Result<Arc<GalleryEntry>> {
+        let (entry, ()) = self.add(name, |dir| {
+            let gallery = Gallery::create_with(&dir, dim, dtype, self.storage.clone())?;
+            Ok((GalleryEntry::new(name.to_owned(), dir, Some(gallery), None), ()))
+        })?;
         Ok(entry)
     }
 
@@ -415,20 +428,11 @@ impl Registry {
     /// moved into place, then opened. A folder that does not open is left in place and
     /// the error returned (the caller drops the gallery).
     pub fn adopt(&self, name: &str, prepared: &Path) -> Result<Arc<GalleryEntry>> {
-        check_gallery_name(name)?;
-        let lock = self.admin_lock(name);
-        let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.get(name).is_ok() {
-            return Err(Error::AlreadyExists(format!("gallery {name:?}")));
-        }
-        let dir = self.root.join(name);
-        self.storage.rename(prepared, &dir)?;
-        self.storage.sync_dir(&self.root)?;
-        let entry = Arc::new(GalleryEntry::open(name.to_owned(), dir, &self.storage));
-        self.galleries
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), entry.clone());
+        let (entry, ()) = self.add(name, |dir| {
+            self.storage.rename(prepared, &dir)?;
+            self.storage.sync_dir(&self.root)?;
+            Ok((GalleryEntry::open(name.to_owned(), dir, &self.storage), ()))
+        })?;
         match entry.problem() {
             Some(p) => Err(Error::Corrupt(format!("gallery {name:?}: {}", p.reason()))),
             None => Ok(entry),
@@ -450,21 +454,12 @@ impl Registry {
         subjects: &[String],
         expires_at: Option<i64>,
     ) -> Result<(Arc<GalleryEntry>, DeriveReport)> {
-        check_gallery_name(name)?;
-        let lock = self.admin_lock(name);
-        let _serial = lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.get(name).is_ok() {
-            return Err(Error::AlreadyExists(format!("gallery {name:?}")));
-        }
-        let master = self.get(source)?.snapshot()?;
-        let dir = self.root.join(name);
-        let (gallery, report) = Gallery::derive_expiring(&master, &dir, subjects, expires_at, self.storage.clone())?;
-        let entry = Arc::new(GalleryEntry::new(name.to_owned(), dir, Some(gallery), None));
-        self.galleries
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), entry.clone());
-        Ok((entry, report))
+        self.add(name, |dir| {
+            let master = self.get(source)?.snapshot()?;
+            let (gallery, report) =
+                Gallery::derive_expiring(&master, &dir, subjects, expires_at, self.storage.clone())?;
+            Ok((GalleryEntry::new(name.to_owned(), dir, Some(gallery), None), report))
+        })
     }
 
     /// Drop a gallery (serving or not) and delete its files. Searches already running
