@@ -74,14 +74,10 @@ pub fn stage(entry: &GalleryEntry, staging: &Path) -> Result<Vec<String>> {
     })
 }
 
-/// Upload the staged files under `prefix`.
+/// Upload the staged files under `prefix` (each in parts).
 pub async fn upload(objects: &Objects, staging: &Path, prefix: &str, files: &[String]) -> Result<()> {
     for f in files {
-        let path = staging.join(f);
-        let bytes = tokio::fs::read(&path)
-            .await
-            .ctx(|| format!("reading {}", path.display()))?;
-        objects.put(&format!("{prefix}/{f}"), bytes).await?;
+        objects.put_file(&format!("{prefix}/{f}"), &staging.join(f)).await?;
     }
     Ok(())
 }
@@ -96,21 +92,7 @@ pub async fn download(objects: &Objects, cp: &Checkpoint, into: &Path) -> Result
         if f.contains('/') || f.starts_with('.') {
             return Err(Error::Corrupt(format!("checkpoint {}: file name {f:?}", cp.prefix)));
         }
-        let bytes = objects.get(&format!("{}/{f}", cp.prefix)).await?;
-        let path = into.join(f);
-        let write = {
-            let path = path.clone();
-            move || -> std::io::Result<()> {
-                use std::io::Write;
-                let mut file = std::fs::File::create(&path)?;
-                file.write_all(&bytes)?;
-                file.sync_all()
-            }
-        };
-        tokio::task::spawn_blocking(write)
-            .await
-            .map_err(|e| Error::Internal(format!("writing a checkpoint file: {e}")))?
-            .ctx(|| format!("writing {}", path.display()))?;
+        objects.get_file(&format!("{}/{f}", cp.prefix), &into.join(f)).await?;
     }
     std::fs::File::open(into)
         .and_then(|d| d.sync_all())

@@ -7,10 +7,15 @@
 //! galleries/{g}-{created_ms}/{s}/checkpoints/{seq}/{file}      a replica's files (checkpoint.rs)
 //! ```
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use std::sync::Arc;
+
+/// Part size of a file copied to or from the store.
+const PART: usize = 8 << 20;
+/// Parts uploaded at once.
+const PARTS_IN_FLIGHT: usize = 4;
 
 /// An object store, and the prefix under which the cluster keeps its objects.
 #[derive(Clone)]
@@ -67,6 +72,61 @@ impl Objects {
             .put(&Path::from(path), bytes.into())
             .await
             .map_err(|e| failed("writing", path, e))?;
+        Ok(())
+    }
+
+    /// Copy the file `from` to the object at `path` in parts of `PART` bytes (a
+    /// segment is never in memory whole), durably.
+    pub async fn put_file(&self, path: &str, from: &std::path::Path) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        let upload = self
+            .store
+            .put_multipart(&Path::from(path))
+            .await
+            .map_err(|e| failed("writing", path, e))?;
+        let mut parts = object_store::WriteMultipart::new_with_chunk_size(upload, PART);
+        let mut file = tokio::fs::File::open(from)
+            .await
+            .ctx(|| format!("opening {}", from.display()))?;
+        let mut buf = vec![0u8; PART];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .await
+                .ctx(|| format!("reading {}", from.display()))?;
+            if n == 0 {
+                break;
+            }
+            parts
+                .wait_for_capacity(PARTS_IN_FLIGHT)
+                .await
+                .map_err(|e| failed("writing", path, e))?;
+            parts.write(&buf[..n]);
+        }
+        parts.finish().await.map_err(|e| failed("writing", path, e))?;
+        Ok(())
+    }
+
+    /// Copy the object at `path` into the new file `to` as it streams in, fsynced.
+    pub async fn get_file(&self, path: &str, to: &std::path::Path) -> Result<()> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let got = self
+            .store
+            .get(&Path::from(path))
+            .await
+            .map_err(|e| failed("reading", path, e))?;
+        let mut stream = got.into_stream();
+        let mut file = tokio::fs::File::create(to)
+            .await
+            .ctx(|| format!("creating {}", to.display()))?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| failed("reading", path, e))?;
+            file.write_all(&chunk)
+                .await
+                .ctx(|| format!("writing {}", to.display()))?;
+        }
+        file.sync_all().await.ctx(|| format!("syncing {}", to.display()))?;
         Ok(())
     }
 
