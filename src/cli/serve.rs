@@ -57,17 +57,18 @@ pub(crate) struct RouterArgs {
     #[arg(long, env = "BIOGATE_LISTEN", default_value = "127.0.0.1:50050")]
     listen: std::net::SocketAddr,
     /// TOML file whose `[[tokens]]` say who may do what (the nodes' own, so a caller's
-    /// token means the same on both; none: authentication is off).
+    /// token means the same on both; none: authentication is off), and whose
+    /// `max_connections` and `handshake_timeout_ms` bound the router's connections.
     #[arg(long, env = "BIOGATE_CONFIG")]
     config: Option<PathBuf>,
 }
 
 pub(crate) async fn router(a: RouterArgs) -> Result<()> {
-    let tokens = match &a.config {
-        Some(path) => Config::load(path)?.tokens,
-        None => Vec::new(),
+    let config = match &a.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
     };
-    let handle = biogate::cluster::router::start(&a.etcd, a.listen, &tokens).await?;
+    let handle = biogate::cluster::router::start(&a.etcd, a.listen, &config).await?;
     println!("biogate router on {} (etcd {})", handle.addr, a.etcd.join(","));
     wait_for_signal().await;
     handle.shutdown().await

@@ -17,7 +17,9 @@ use super::objects::Objects;
 use super::view::View;
 use crate::error::{Error, IoContext, Result};
 use crate::server::auth::Auth;
-use crate::server::config::{Role, TokenConfig};
+use crate::server::config::{Config, Role};
+use crate::server::connections;
+use crate::server::metrics::Metrics;
 use crate::server::proto::biogate_client::BiogateClient;
 use crate::server::proto::biogate_server::{Biogate, BiogateServer};
 use crate::server::proto::{self};
@@ -82,10 +84,11 @@ impl RouterHandle {
     }
 }
 
-/// Start a router on `listen`, following the cluster in the etcd at `urls`, letting
-/// callers in by `tokens` (none: authentication is off, as on a server).
-pub async fn start(urls: &[String], listen: SocketAddr, tokens: &[TokenConfig]) -> Result<RouterHandle> {
-    let auth = Auth::new(tokens);
+/// Start a router on `listen`, following the cluster in the etcd at `urls`. From
+/// `config` it takes the `[[tokens]]` (none: authentication is off, as on a server) and
+/// the connection limits.
+pub async fn start(urls: &[String], listen: SocketAddr, config: &Config) -> Result<RouterHandle> {
+    let auth = Auth::new(&config.tokens);
     if !auth.enabled() && !listen.ip().is_loopback() {
         tracing::warn!(%listen, "no tokens configured: authentication is off (every caller has every role)");
     }
@@ -118,12 +121,18 @@ pub async fn start(urls: &[String], listen: SocketAddr, tokens: &[TokenConfig]) 
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    // The server's accept loop: connections bounded, silent ones closed, Nagle off.
+    connections::raise_fd_limit(config.max_connections);
+    let limits = connections::ConnectionLimits {
+        max_connections: config.max_connections,
+        handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+    };
     let task = tokio::spawn(async move {
         Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
-            .serve_with_incoming_shutdown(incoming(listener), async {
+            .serve_with_incoming_shutdown(connections::incoming(listener, limits, Metrics::new()), async {
                 let _ = stopped.await;
                 health.set_not_serving::<BiogateServer<Arc<Router>>>().await;
             })
@@ -135,17 +144,6 @@ pub async fn start(urls: &[String], listen: SocketAddr, tokens: &[TokenConfig]) 
         addr,
         stop: Some(stop),
         task,
-    })
-}
-
-/// Accepted connections with Nagle's algorithm off (a small answer is sent at once, not
-/// held for the client's delayed ACK).
-fn incoming(listener: tokio::net::TcpListener) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-        let s = s?;
-        s.set_nodelay(true)?;
-        Ok(s)
     })
 }
 
@@ -328,11 +326,14 @@ impl Router {
         authorization: Authorization,
         allow_partial: bool,
     ) -> std::result::Result<(Vec<Vec<proto::ProbeResult>>, Vec<String>), Status> {
-        let mut metas = Vec::with_capacity(searches.len());
+        let mut metas: Vec<GalleryMeta> = Vec::with_capacity(searches.len());
         for search in searches {
             let meta = self.meta(&search.gallery)?;
-            for (i, p) in probes.iter().enumerate() {
-                decode_template(p, meta.dim, &format!("probes[{i}]"))?;
+            // Each probe checked once per dimension (the nodes check it again).
+            if !metas.iter().any(|m| m.dim == meta.dim) {
+                for (i, p) in probes.iter().enumerate() {
+                    decode_template(p, meta.dim, &format!("probes[{i}]"))?;
+                }
             }
             metas.push(meta);
         }
