@@ -6,9 +6,12 @@
 //! Rows live in an embedded SQLite database (`DATA/encounters.sqlite`, WAL mode,
 //! `synchronous = FULL`). The server's [`EncounterLog`] writer thread group-commits:
 //! every row waiting goes into one transaction, one WAL fsync, and only then are the
-//! requests answered, so an answered request's encounters are durable. A row is keyed
-//! by (request id, probe, gallery) and inserted once: a retried request id is recorded
-//! once.
+//! requests answered, so an answered request's encounters are durable. A request id
+//! is its caller's own (rows are keyed by caller, request id, probe and gallery, so
+//! two callers' ids never collide), and one id names one request: the first use
+//! records a fingerprint of what was asked ([`RequestClaim`]); a retry with the same
+//! content is recorded once, and the same id with other content is refused
+//! ([`RecordError::Reused`]) instead of silently dropping its encounters.
 //!
 //! [`EncounterStore`] answers the programme's questions (a traveller's history, the
 //! overstays as of a time, match rates) and applies the retention rule
@@ -190,10 +193,12 @@ pub struct PurgeReport {
     pub kept_for_overstayers: u64,
 }
 
+/// The schema (version 1: caller-scoped request ids and their claims).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS encounters (
     id          INTEGER PRIMARY KEY,
     time_ms     INTEGER NOT NULL,
+    caller      TEXT NOT NULL DEFAULT '',
     request_id  TEXT NOT NULL,
     probe       INTEGER NOT NULL,
     gallery     TEXT NOT NULL,
@@ -205,10 +210,50 @@ CREATE TABLE IF NOT EXISTS encounters (
     subject     TEXT,
     score       REAL,
     threshold   REAL,
-    UNIQUE (request_id, probe, gallery)
+    UNIQUE (caller, request_id, probe, gallery)
 );
 CREATE INDEX IF NOT EXISTS encounters_matched
     ON encounters (subject, time_ms, direction) WHERE decision = 'matched';
+CREATE TABLE IF NOT EXISTS requests (
+    caller      TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    time_ms     INTEGER NOT NULL,
+    PRIMARY KEY (caller, request_id)
+) WITHOUT ROWID;
+PRAGMA user_version = 1;
+";
+
+/// A database made before version 1 (rows keyed by request id alone, no claims):
+/// its rows are copied into the version 1 table with no caller, in one transaction.
+const MIGRATE_FROM_0: &str = "
+BEGIN IMMEDIATE;
+ALTER TABLE encounters RENAME TO encounters_v0;
+DROP INDEX IF EXISTS encounters_matched;
+CREATE TABLE encounters (
+    id          INTEGER PRIMARY KEY,
+    time_ms     INTEGER NOT NULL,
+    caller      TEXT NOT NULL DEFAULT '',
+    request_id  TEXT NOT NULL,
+    probe       INTEGER NOT NULL,
+    gallery     TEXT NOT NULL,
+    location    TEXT NOT NULL,
+    gate        TEXT NOT NULL,
+    direction   TEXT NOT NULL,
+    device      TEXT NOT NULL,
+    decision    TEXT NOT NULL,
+    subject     TEXT,
+    score       REAL,
+    threshold   REAL,
+    UNIQUE (caller, request_id, probe, gallery)
+);
+INSERT INTO encounters (id, time_ms, request_id, probe, gallery, location, gate, direction, device, decision,
+                        subject, score, threshold)
+    SELECT id, time_ms, request_id, probe, gallery, location, gate, direction, device, decision, subject, score,
+           threshold FROM encounters_v0;
+DROP TABLE encounters_v0;
+PRAGMA user_version = 1;
+COMMIT;
 ";
 
 fn sql_error(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -235,40 +280,126 @@ fn open_connection(path: &Path, create: bool) -> Result<Connection> {
         .map_err(sql_error(path))?;
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(sql_error(path))?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql_error(path))?;
+    let old_table = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'encounters'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(sql_error(path))?
+        > 0;
+    if version == 0 && old_table {
+        conn.execute_batch(MIGRATE_FROM_0).map_err(sql_error(path))?;
+        tracing::info!(path = %path.display(), "encounter database upgraded to caller-scoped request ids");
+    }
     conn.execute_batch(SCHEMA).map_err(sql_error(path))?;
     Ok(conn)
 }
 
-fn insert(conn: &mut Connection, rows: &[&Encounter]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    {
-        let mut st = tx.prepare_cached(
-            "INSERT OR IGNORE INTO encounters (time_ms, request_id, probe, gallery, location, gate, direction, \
-             device, decision, subject, score, threshold) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-        )?;
-        for e in rows {
-            st.execute(params![
-                e.time_ms,
-                e.request_id,
-                e.probe,
-                e.gallery,
-                e.location,
-                e.gate,
-                e.direction.as_str(),
-                e.device,
-                e.decision.as_str(),
-                e.subject,
-                e.score.map(f64::from),
-                e.threshold.map(f64::from),
-            ])?;
+/// Who asked for a request's encounters to be recorded, under which id, and a
+/// fingerprint of what was asked (the galleries, probes, k, thresholds and context).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestClaim {
+    /// The caller's name (its token's), whose namespace the id is in.
+    pub caller: String,
+    pub request_id: String,
+    /// Equal for a retry of the same request, different for anything else.
+    pub fingerprint: String,
+}
+
+/// Why encounters were not recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordError {
+    /// The caller used this request id before for a different request: nothing was
+    /// recorded for this one.
+    Reused { request_id: String },
+    /// The database failed (the message says how).
+    Failed(String),
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordError::Reused { request_id } => write!(
+                f,
+                "request_id {:?} was already used by this caller for a different request",
+                request_id.chars().take(64).collect::<String>()
+            ),
+            RecordError::Failed(why) => f.write_str(why),
         }
     }
-    tx.commit()
+}
+
+/// A 128-bit fingerprint (two FNV-1a hashes) of `bytes`, as hex: stable across
+/// versions and platforms, as a value kept in a database must be.
+pub fn fingerprint(bytes: &[u8]) -> String {
+    let fnv = |basis: u64| {
+        bytes
+            .iter()
+            .fold(basis, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    };
+    format!("{:016x}{:016x}", fnv(0xcbf2_9ce4_8422_2325), fnv(0x6c62_272e_07bb_0142))
+}
+
+/// Insert each request's rows (each under its claim, if it has one) in one
+/// transaction. Returns, per request, whether it was recorded: false when its claim
+/// names an id its caller used before for something else (its rows are skipped).
+fn insert(conn: &mut Connection, requests: &[(Option<&RequestClaim>, &[Encounter])]) -> rusqlite::Result<Vec<bool>> {
+    let tx = conn.transaction()?;
+    let mut recorded = Vec::with_capacity(requests.len());
+    {
+        let mut claim_st = tx.prepare_cached(
+            "INSERT OR IGNORE INTO requests (caller, request_id, fingerprint, time_ms) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut claimed_st =
+            tx.prepare_cached("SELECT fingerprint FROM requests WHERE caller = ?1 AND request_id = ?2")?;
+        let mut st = tx.prepare_cached(
+            "INSERT OR IGNORE INTO encounters (time_ms, caller, request_id, probe, gallery, location, gate, \
+             direction, device, decision, subject, score, threshold) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?;
+        for (claim, rows) in requests {
+            let caller = claim.map_or("", |c| c.caller.as_str());
+            if let Some(c) = claim {
+                let time_ms = rows.first().map_or(0, |e| e.time_ms);
+                claim_st.execute(params![c.caller, c.request_id, c.fingerprint, time_ms])?;
+                let first: String = claimed_st.query_row(params![c.caller, c.request_id], |r| r.get(0))?;
+                if first != c.fingerprint {
+                    recorded.push(false);
+                    continue;
+                }
+            }
+            recorded.push(true);
+            for e in rows.iter() {
+                st.execute(params![
+                    e.time_ms,
+                    caller,
+                    e.request_id,
+                    e.probe,
+                    e.gallery,
+                    e.location,
+                    e.gate,
+                    e.direction.as_str(),
+                    e.device,
+                    e.decision.as_str(),
+                    e.subject,
+                    e.score.map(f64::from),
+                    e.threshold.map(f64::from),
+                ])?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(recorded)
 }
 
 type Waiting = (
+    Option<RequestClaim>,
     Vec<Encounter>,
-    tokio::sync::oneshot::Sender<std::result::Result<(), String>>,
+    tokio::sync::oneshot::Sender<std::result::Result<(), RecordError>>,
 );
 
 /// The server's handle on the writer thread.
@@ -294,13 +425,24 @@ impl EncounterLog {
                     while let Ok(more) = rx.try_recv() {
                         group.push(more);
                     }
-                    let rows: Vec<&Encounter> = group.iter().flat_map(|(rows, _)| rows.iter()).collect();
-                    let result = insert(&mut conn, &rows).map_err(|e| e.to_string());
+                    let requests: Vec<(Option<&RequestClaim>, &[Encounter])> = group
+                        .iter()
+                        .map(|(claim, rows, _)| (claim.as_ref(), rows.as_slice()))
+                        .collect();
+                    let result = insert(&mut conn, &requests);
                     if let Err(e) = &result {
-                        tracing::error!(path = %thread_path.display(), error = %e, rows = rows.len(), "recording encounters failed");
+                        let rows: usize = group.iter().map(|(_, rows, _)| rows.len()).sum();
+                        tracing::error!(path = %thread_path.display(), error = %e, rows, "recording encounters failed");
                     }
-                    for (_, done) in group {
-                        let _ = done.send(result.clone());
+                    for (i, (claim, _, done)) in group.into_iter().enumerate() {
+                        let answer = match &result {
+                            Ok(recorded) if recorded[i] => Ok(()),
+                            Ok(_) => Err(RecordError::Reused {
+                                request_id: claim.map(|c| c.request_id).unwrap_or_default(),
+                            }),
+                            Err(e) => Err(RecordError::Failed(e.to_string())),
+                        };
+                        let _ = done.send(answer);
                     }
                 }
             })
@@ -313,16 +455,16 @@ impl EncounterLog {
         &self.path
     }
 
-    /// Record encounters; returns once they are durable (or why they are not).
-    pub async fn record(&self, rows: Vec<Encounter>) -> std::result::Result<(), String> {
+    /// Record one request's encounters under `claim`; returns once they are durable
+    /// (or why they are not: the id reused for another request, or a failure).
+    pub async fn record(&self, claim: RequestClaim, rows: Vec<Encounter>) -> std::result::Result<(), RecordError> {
         if rows.is_empty() {
             return Ok(());
         }
+        let stopped = || RecordError::Failed("the encounter writer stopped".to_owned());
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.tx
-            .send((rows, done))
-            .map_err(|_| "the encounter writer stopped".to_owned())?;
-        wait.await.map_err(|_| "the encounter writer stopped".to_owned())?
+        self.tx.send((Some(claim), rows, done)).map_err(|_| stopped())?;
+        wait.await.map_err(|_| stopped())?
     }
 }
 
@@ -350,10 +492,12 @@ impl EncounterStore {
         sql_error(&self.path)
     }
 
-    /// Insert rows directly (imports, tests and benchmarks; the server uses `EncounterLog`).
+    /// Insert rows directly, with no caller or claim (imports, tests and benchmarks;
+    /// the server uses `EncounterLog`).
     pub fn insert(&mut self, rows: &[Encounter]) -> Result<()> {
-        let rows: Vec<&Encounter> = rows.iter().collect();
-        insert(&mut self.conn, &rows).map_err(sql_error(&self.path))
+        insert(&mut self.conn, &[(None, rows)])
+            .map(drop)
+            .map_err(sql_error(&self.path))
     }
 
     /// Encounters in the database.
@@ -529,6 +673,10 @@ impl EncounterStore {
             .query_row("SELECT COUNT(*) FROM encounters WHERE time_ms < ?1", [cut], |r| {
                 r.get(0)
             })
+            .map_err(&err)?;
+        // A request's claim goes with the encounters it covered (a claim outlives them
+        // only while an overstayer's are kept).
+        tx.execute("DELETE FROM requests WHERE time_ms < ?1", [cut_overstayers])
             .map_err(&err)?;
         tx.execute_batch("DROP TABLE overstayers;").map_err(&err)?;
         tx.commit().map_err(&err)?;

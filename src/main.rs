@@ -24,6 +24,9 @@ fn main() {
         .with_ansi(colour)
         .init();
     if let Err(e) = cli::run(cli.command) {
+        if cli::reader_went_away(&e) {
+            return;
+        }
         eprintln!("error: {e}");
         std::process::exit(1);
     }

@@ -104,22 +104,81 @@ pub fn padded_dim(dtype: Dtype, dim: usize) -> usize {
     row_stride(dtype, dim) / dtype.elem_bytes()
 }
 
-/// Check a subject id: UTF-8 (guaranteed by `&str`), 1 to 128 bytes, no control characters.
+/// Longest subject id, in bytes of UTF-8.
+pub const MAX_SUBJECT_ID_BYTES: usize = 128;
+
+/// A subject id as biogate stores and compares it: checked ([`check_subject_id`]) and
+/// in Unicode Normalization Form C, so that ids that look the same are the same
+/// subject (`"e\u{301}"`, an e and a combining accent, is `"\u{e9}"`, é). Every id that
+/// comes in (enrollment, deletion, verification, manifests, imports, the cluster's
+/// shard routing) goes through this; borrowed when it is already canonical.
+pub fn canonical_subject_id(id: &str) -> Result<std::borrow::Cow<'_, str>> {
+    use unicode_normalization::{IsNormalized, UnicodeNormalization, is_nfc_quick};
+    let canonical = match is_nfc_quick(id.chars()) {
+        IsNormalized::Yes => std::borrow::Cow::Borrowed(id),
+        _ => {
+            let nfc: String = id.nfc().collect();
+            if nfc == id {
+                std::borrow::Cow::Borrowed(id)
+            } else {
+                std::borrow::Cow::Owned(nfc)
+            }
+        }
+    };
+    check_subject_id(&canonical)?;
+    Ok(canonical)
+}
+
+/// Check a subject id: 1 to 128 bytes of UTF-8 (guaranteed by `&str`), with no
+/// control characters, no bidirectional formatting characters (which can make an id
+/// display as another: "abc\u{202e}fed" shows as "abcdef") and no characters that
+/// display as nothing (zero-width space, word joiner, byte-order mark). The error names
+/// the character and its position.
 pub fn check_subject_id(id: &str) -> Result<()> {
-    if id.is_empty() || id.len() > 128 {
+    check_stored_subject_id(id)?;
+    if let Some((at, c, what)) = id
+        .chars()
+        .enumerate()
+        .find_map(|(i, c)| hidden_character(c).map(|w| (i, c, w)))
+    {
         return Err(Error::invalid(format!(
-            "subject id {:?} must be 1 to 128 bytes of UTF-8, it is {} bytes",
+            "subject id {:?} contains {what} (U+{:04X}) at character {at}: ids must display as what they are",
+            truncate_for_message(id),
+            u32::from(c)
+        )));
+    }
+    Ok(())
+}
+
+/// What is checked of an id read back from the store's own files (written by any
+/// version of biogate): its length and no control characters.
+pub fn check_stored_subject_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > MAX_SUBJECT_ID_BYTES {
+        return Err(Error::invalid(format!(
+            "subject id {:?} must be 1 to {MAX_SUBJECT_ID_BYTES} bytes of UTF-8, it is {} bytes",
             truncate_for_message(id),
             id.len()
         )));
     }
-    if id.chars().any(char::is_control) {
+    if let Some((at, c)) = id.chars().enumerate().find(|(_, c)| c.is_control()) {
         return Err(Error::invalid(format!(
-            "subject id {:?} contains a control character",
-            truncate_for_message(id)
+            "subject id {:?} contains a control character (U+{:04X}) at character {at}",
+            truncate_for_message(id),
+            u32::from(c)
         )));
     }
     Ok(())
+}
+
+/// The kind of a character that changes how an id displays without showing itself.
+fn hidden_character(c: char) -> Option<&'static str> {
+    match c {
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' => {
+            Some("a bidirectional formatting character")
+        }
+        '\u{200B}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}' => Some("an invisible character"),
+        _ => None,
+    }
 }
 
 fn truncate_for_message(id: &str) -> &str {

@@ -262,3 +262,66 @@ fn a_second_writer_gets_a_clear_error() {
         other => panic!("{:?}", other.err()),
     }
 }
+
+#[test]
+fn ids_that_look_the_same_are_one_subject_and_ids_that_hide_characters_are_refused() {
+    let (dir, mut g, data) = setup();
+    // "José" with a combining accent, then precomposed: one subject, two templates.
+    let decomposed = "jose\u{301}-77";
+    let precomposed = "jos\u{e9}-77";
+    g.enroll(&[Enrollment {
+        subject: decomposed.into(),
+        templates: data[..DIM].to_vec(),
+    }])
+    .unwrap();
+    g.enroll(&[Enrollment {
+        subject: precomposed.into(),
+        templates: data[DIM..2 * DIM].to_vec(),
+    }])
+    .unwrap();
+    let snapshot = g.snapshot();
+    assert!(snapshot.has_subject(precomposed));
+    assert_eq!(snapshot.live_subjects(), 9 + 1);
+    let r = Engine::cpu()
+        .search(&snapshot, &data[..DIM], &SearchParams { k: 1, threshold: None })
+        .unwrap();
+    assert_eq!(
+        r[0].candidates[0].subject, precomposed,
+        "answers carry the canonical form"
+    );
+    assert!(
+        Engine::cpu()
+            .verify(&snapshot, &data[DIM..2 * DIM], decomposed)
+            .unwrap()
+            .unwrap()
+            > 0.999
+    );
+    // Deleting by either form deletes the one subject.
+    g.delete_subject(decomposed).unwrap();
+    assert!(!g.snapshot().has_subject(precomposed));
+
+    // Characters that change how an id displays are refused, naming the character and
+    // where it is, and nothing changes.
+    let before = contents(dir.path());
+    for (id, what, at) in [
+        ("AB\u{202e}DC-1", "bidirectional", 2),
+        ("\u{2066}passport-9", "bidirectional", 0),
+        ("p\u{200b}4411", "invisible", 1),
+        ("x\u{7}y", "control", 1),
+        ("trailing\u{feff}", "invisible", 8),
+    ] {
+        let e = g
+            .enroll(&[Enrollment {
+                subject: id.into(),
+                templates: data[..DIM].to_vec(),
+            }])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(what) && e.contains(&format!("at character {at}")),
+            "{id:?}: {e}"
+        );
+        assert!(matches!(g.delete_subject(id), Err(Error::InvalidInput(_))), "{id:?}");
+    }
+    assert_eq!(contents(dir.path()), before);
+}

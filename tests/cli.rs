@@ -600,3 +600,78 @@ fn a_flight_gallery_is_derived_on_the_command_line() {
     );
     assert!(!work.path().join("f2").exists());
 }
+
+/// Run `args` with stdout into a pipe whose reader takes one line and goes away (as
+/// `| head -1` does): the verb ends quietly and successfully, with nothing on stderr.
+fn quiet_when_the_reader_goes_away(args: &[&str]) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_biogate"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("{\"probe\":0"), "{args:?}: {first}");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+    assert!(stderr.is_empty(), "{args:?}: {stderr}");
+}
+
+#[test]
+fn verbs_that_print_end_quietly_when_their_reader_goes_away() {
+    let work = tempfile::tempdir().unwrap();
+    let (data, g, _) = synth_gallery(work.path(), 300, 1, 32, 4000, "f32");
+    let probes = data.join("mated.npy");
+    quiet_when_the_reader_goes_away(&["identify", p(&g), "--probes", p(&probes), "-k", "10"]);
+    // The same through a server serving that gallery.
+    let serve_data = work.path().join("serve");
+    std::fs::create_dir_all(serve_data.join("galleries")).unwrap();
+    std::fs::rename(&g, serve_data.join("galleries").join("g")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_biogate"))
+        .args([
+            "serve",
+            "--listen",
+            &addr,
+            "--metrics-listen",
+            "off",
+            "--backend",
+            "cpu",
+            "--data-dir",
+        ])
+        .arg(&serve_data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{addr}");
+    let up = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        biogate(&["client", "--addr", &url, "galleries"]).status.success()
+    });
+    assert!(up, "the server did not come up");
+    quiet_when_the_reader_goes_away(&[
+        "client",
+        "--addr",
+        &url,
+        "identify",
+        "--gallery",
+        "g",
+        "--probes",
+        p(&probes),
+        "-k",
+        "10",
+    ]);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

@@ -374,3 +374,81 @@ async fn the_server_purges_old_encounters_by_rule_and_audits_it() {
     assert_eq!(purge["count"], 2);
     assert_eq!(purge["rule"], "keep 2d, overstayers 10d, max stay 1d");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_request_id_with_other_content_is_refused_and_ids_are_each_callers_own() {
+    use tokio_stream::StreamExt;
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.tokens = common::server::tokens();
+    let h = start(cfg).await.unwrap();
+    let admin = connect(&h, Some("admin-token-0123456789")).await;
+    create(&admin, "flight", "f32").await;
+    let officer = connect(&h, Some("officer-token-0123456789")).await;
+    let rows = random_rows(&mut rng(5), 6, DIM);
+    officer.enroll("flight", &rows, DIM, &ids("t", 6)).await.unwrap();
+    let gate = connect(&h, Some("gate-token-0123456789")).await;
+    let flight = [("flight", 1, Some(0.9))];
+    let lhr = proto::EncounterContext {
+        location: "LHR".into(),
+        ..at("entry", "2026-03-01T09:00:00Z", "A3")
+    };
+    let cdg = at("exit", "2026-03-09T18:30:00Z", "K2");
+    // Traveller t-00002 enters at LHR under "collide-7".
+    gate.identify_at(&flight, &rows[2 * DIM..3 * DIM], DIM, lhr.clone(), Some("collide-7"))
+        .await
+        .unwrap();
+    // Traveller t-00004 leaves CDG under the same id: refused, naming it; nothing of
+    // this request is recorded, and no answer is given that would suggest it was.
+    let e = gate
+        .identify_at(&flight, &rows[4 * DIM..5 * DIM], DIM, cdg.clone(), Some("collide-7"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    assert!(e.message().contains("collide-7"), "{}", e.message());
+    assert!(admin.encounter_history("t-00004").await.unwrap().is_empty());
+    // The same request again (a retry) is answered, and recorded once.
+    gate.identify_at(&flight, &rows[2 * DIM..3 * DIM], DIM, lhr.clone(), Some("collide-7"))
+        .await
+        .unwrap();
+    assert_eq!(admin.encounter_history("t-00002").await.unwrap().len(), 1);
+    // Another caller's "collide-7" is its own: recorded, and it cannot pre-claim ours.
+    officer
+        .identify_at(&flight, &rows[4 * DIM..5 * DIM], DIM, cdg.clone(), Some("collide-7"))
+        .await
+        .unwrap();
+    assert_eq!(admin.encounter_history("t-00004").await.unwrap().len(), 1);
+    // The stream form applies the same rule.
+    let msg = |row: usize, context: &proto::EncounterContext| proto::IdentifyStreamRequest {
+        gallery: "flight".into(),
+        probe: pack(&rows[row * DIM..(row + 1) * DIM]),
+        k: 1,
+        threshold: Some(0.9),
+        request_id: "collide-9".into(),
+        encounter: Some(context.clone()),
+        ..Default::default()
+    };
+    let answers: Vec<proto::IdentifyStreamResponse> = gate
+        .raw()
+        .identify_stream(gate.request(tokio_stream::iter(vec![msg(1, &lhr)])))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    assert_eq!(answers[0].error_code, 0, "{answers:?}");
+    let answers: Vec<proto::IdentifyStreamResponse> = gate
+        .raw()
+        .identify_stream(gate.request(tokio_stream::iter(vec![msg(3, &cdg)])))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    assert_eq!(answers[0].error_code, Code::AlreadyExists as i32, "{answers:?}");
+    assert!(answers[0].error_message.contains("collide-9"), "{answers:?}");
+    assert!(admin.encounter_history("t-00003").await.unwrap().is_empty());
+    h.shutdown().await.unwrap();
+}

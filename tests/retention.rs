@@ -562,3 +562,119 @@ fn kill_9_during_purges_loses_nothing_unexpired() {
     }
     assert!(acked.len() >= 120, "{} acknowledged", acked.len());
 }
+
+/// The server's purge takes expired subjects' rows off the disk by rewriting only the
+/// segments that hold them (the others keep their files), and within a tick of their
+/// expiry the subjects are hidden from the snapshot, so searches pay nothing for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_purge_rewrites_only_the_segments_holding_expired_rows() {
+    use biogate::server::proto;
+    use common::server::{DIM as SDIM, config, connect, create, ids};
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.retention.purge_interval_s = 1;
+    cfg.seal_log_rows = 10;
+    cfg.merge_segments = 0;
+    let h = biogate::server::start(cfg).await.unwrap();
+    let c = connect(&h, None).await;
+    create(&c, "g", "f32").await;
+    // Three segments of 10 subjects; two subjects of the middle one expire.
+    let rows = random_rows(&mut rng(40), 30, SDIM);
+    let names = ids("s", 30);
+    let soon = now_ms() + 1200;
+    for part in 0..3 {
+        let messages: Vec<proto::EnrollRequest> = (part * 10..part * 10 + 10)
+            .map(|i| proto::EnrollRequest {
+                gallery: "g".into(),
+                subject: names[i].clone(),
+                templates: vec![biogate::client::pack(&rows[i * SDIM..(i + 1) * SDIM])],
+                expires_at: if i == 12 || i == 15 {
+                    biogate::time_text::format_time(soon)
+                } else {
+                    String::new()
+                },
+            })
+            .collect();
+        c.raw().enroll(c.request(tokio_stream::iter(messages))).await.unwrap();
+    }
+    let segments = || -> Vec<String> {
+        let mut f: Vec<String> = std::fs::read_dir(data.path().join("galleries").join("g"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("seg-"))
+            .collect();
+        f.sort();
+        f
+    };
+    let before = segments();
+    assert_eq!(before.len(), 3, "{before:?}");
+    // Expired: never answered, from the first search after the instant.
+    sleep_past(soon);
+    let r = c
+        .identify("g", &rows[12 * SDIM..13 * SDIM], SDIM, 1, None)
+        .await
+        .unwrap();
+    assert_ne!(r[0].candidates[0].subject, "s-00012");
+    assert_eq!(c.get_gallery("g").await.unwrap().subjects, 28);
+    // The purge runs within a second or two: only the middle segment is rewritten.
+    let mut after = segments();
+    for _ in 0..100 {
+        if after != before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = segments();
+    }
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert_eq!(
+        (&after[0], &after[1]),
+        (&before[0], &before[2]),
+        "the others keep their files: {after:?}"
+    );
+    assert_ne!(after[2], before[1]);
+    assert_eq!(c.get_gallery("g").await.unwrap().subjects, 28);
+    h.shutdown().await.unwrap();
+}
+
+/// A subject whose templates expired, enrolled again, has only its new templates: the
+/// expired ones are deleted first and never come back (not after a restart either).
+#[test]
+fn an_expired_subject_enrolled_again_never_gets_its_old_templates_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Gallery::create(dir.path(), DIM, Dtype::F16).unwrap();
+    let old = random_rows(&mut rng(50), 2, DIM);
+    let new = random_rows(&mut rng(51), 1, DIM);
+    let at = now_ms() + 300;
+    g.enroll_expiring(
+        &[Enrollment {
+            subject: "p-1".into(),
+            templates: old.clone(),
+        }],
+        &[Some(at)],
+    )
+    .unwrap();
+    g.seal_log().unwrap();
+    sleep_past(at);
+    assert_eq!(Engine::cpu().verify(&g.snapshot(), &old[..DIM], "p-1").unwrap(), None);
+    g.enroll(&[Enrollment {
+        subject: "p-1".into(),
+        templates: new.clone(),
+    }])
+    .unwrap();
+    for reopen in [false, true] {
+        if reopen {
+            drop(g);
+            g = Gallery::open(dir.path()).unwrap();
+        }
+        let snap = g.snapshot();
+        assert_eq!(snap.live_rows(), 1, "reopened: {reopen}");
+        let e = Engine::cpu();
+        assert!(
+            e.verify(&snap, &old[..DIM], "p-1").unwrap().unwrap() < 0.9,
+            "reopened: {reopen}"
+        );
+        assert!(e.verify(&snap, &new, "p-1").unwrap().unwrap() > 0.999);
+    }
+    drop(g);
+    biogate::gallery::check(dir.path()).unwrap();
+}

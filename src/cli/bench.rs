@@ -85,7 +85,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         let timed = biogate::encounters::bench_reports(n, &dir);
         let _ = std::fs::remove_dir_all(&dir);
         for (what, seconds) in timed? {
-            println!("{what:<48} {seconds:>9.3} s");
+            outln!("{what:<48} {seconds:>9.3} s");
         }
         return Ok(());
     }
@@ -96,7 +96,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
             &a.concurrency,
             a.min_seconds,
         ))?;
-        print_load(&rows, a.json, None);
+        print_load(&rows, a.json, None)?;
         return Ok(());
     }
     if a.grpc {
@@ -119,7 +119,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
                 .unwrap_or_default(),
             rayon::current_num_threads()
         );
-        print_load(&rows, a.json, Some(header));
+        print_load(&rows, a.json, Some(header))?;
         return Ok(());
     }
     let (engine, gpu) = open_engine(a.backend)?;
@@ -175,25 +175,26 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
 fn print_bench(device: &str, rows: &[bench::BenchRow], json: bool) -> Result<()> {
     if json {
         for r in rows {
-            println!("{}", serde_json::to_string(r).expect("serialises"));
+            outln!("{}", serde_json::to_string(r).expect("serialises"));
         }
     } else {
-        println!("device: {device}");
-        print!("{}", bench::format_table(rows));
+        outln!("device: {device}");
+        out!("{}", bench::format_table(rows));
     }
     Ok(())
 }
 
 /// A load benchmark's rows: JSON lines, or a table under `header`.
-fn print_load(rows: &[biogate::bench_grpc::LoadRow], json: bool, header: Option<String>) {
+fn print_load(rows: &[biogate::bench_grpc::LoadRow], json: bool, header: Option<String>) -> Result<()> {
     if json {
         for r in rows {
-            println!("{}", serde_json::to_string(r).expect("serialises"));
+            outln!("{}", serde_json::to_string(r).expect("serialises"));
         }
     } else {
         if let Some(h) = header {
-            println!("{h}");
+            outln!("{h}");
         }
-        print!("{}", biogate::bench_grpc::format_table(rows));
+        out!("{}", biogate::bench_grpc::format_table(rows));
     }
+    Ok(())
 }

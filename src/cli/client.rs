@@ -128,7 +128,7 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
                     } else {
                         serde_json::Value::Null
                     };
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"probe": b * 256 + i, "matched": matched, "candidates": candidates})
                     );
@@ -156,7 +156,7 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
             } else {
                 serde_json::Value::Null
             };
-            println!("{}", serde_json::json!({"score": r.score, "matched": matched}));
+            outln!("{}", serde_json::json!({"score": r.score, "matched": matched}));
         }
         ClientCommand::Enroll {
             gallery,
@@ -173,13 +173,18 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
                 )));
             }
             let r = c.enroll(&gallery, &values, dim, &ids).await.map_err(rpc)?;
-            println!("enrolled {} subjects ({} templates) durably", r.subjects, r.templates);
+            outln!("enrolled {} subjects ({} templates) durably", r.subjects, r.templates);
         }
         ClientCommand::Galleries => {
             let galleries = c.list_galleries().await.map_err(rpc)?;
-            println!(
+            outln!(
                 "{:<24} {:>5} {:>5} {:>12} {:>12} {:>8}  state",
-                "name", "dim", "dtype", "templates", "subjects", "backend"
+                "name",
+                "dim",
+                "dtype",
+                "templates",
+                "subjects",
+                "backend"
             );
             for g in galleries {
                 let why = if g.reason.is_empty() {
@@ -187,9 +192,15 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
                 } else {
                     format!(" ({})", g.reason)
                 };
-                println!(
+                outln!(
                     "{:<24} {:>5} {:>5} {:>12} {:>12} {:>8}  {}{why}",
-                    g.name, g.dim, g.dtype, g.rows, g.subjects, g.backend, g.state
+                    g.name,
+                    g.dim,
+                    g.dtype,
+                    g.rows,
+                    g.subjects,
+                    g.backend,
+                    g.state
                 );
                 // A cluster's gallery (through the router): each shard's replicas.
                 for s in &g.shard_health {
@@ -205,7 +216,7 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
                             format!("{} {state} (applied {})", r.node, r.applied)
                         })
                         .collect();
-                    println!(
+                    outln!(
                         "  shard {:<4} committed {:<8} visible {:<8} {}",
                         s.shard,
                         s.committed,
@@ -227,12 +238,16 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
             (Some(source), Some(list), _) => {
                 let ids = biogate::npy::read_ids(&list)?;
                 let g = c.derive_gallery(&name, &source, &ids).await.map_err(rpc)?;
-                println!(
+                outln!(
                     "created gallery {} from {source}: {} subjects ({} templates, dim {}, dtype {})",
-                    g.name, g.subjects, g.rows, g.dim, g.dtype
+                    g.name,
+                    g.subjects,
+                    g.rows,
+                    g.dim,
+                    g.dtype
                 );
                 if !g.missing_subjects.is_empty() {
-                    println!(
+                    outln!(
                         "{} listed subject(s) not in {source}: {}",
                         g.missing_subjects.len(),
                         g.missing_subjects.join(", ")
@@ -245,27 +260,31 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
                     .await
                     .map_err(rpc)?;
                 if g.shards > 0 {
-                    println!(
+                    outln!(
                         "created gallery {} (dim {}, dtype {}, {} shards x {} replicas)",
-                        g.name, g.dim, g.dtype, g.shards, g.replicas
+                        g.name,
+                        g.dim,
+                        g.dtype,
+                        g.shards,
+                        g.replicas
                     );
                 } else {
-                    println!("created gallery {} (dim {}, dtype {})", g.name, g.dim, g.dtype);
+                    outln!("created gallery {} (dim {}, dtype {})", g.name, g.dim, g.dtype);
                 }
             }
             _ => unreachable!("clap requires --dim or --source with --subjects"),
         },
         ClientCommand::DropGallery { name } => {
             c.drop_gallery(&name).await.map_err(rpc)?;
-            println!("dropped gallery {name}");
+            outln!("dropped gallery {name}");
         }
         ClientCommand::RepairGallery { name } => {
             let r = c.repair_gallery(&name).await.map_err(rpc)?;
             if r.clean && r.actions.is_empty() {
-                println!("gallery {name}: nothing to repair");
+                outln!("gallery {name}: nothing to repair");
             }
             for a in &r.actions {
-                println!("did:   {a}");
+                outln!("did:   {a}");
             }
             for l in &r.lost {
                 let who = if l.subject.is_empty() {
@@ -273,10 +292,10 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
                 } else {
                     format!("subject {:?}", l.subject)
                 };
-                println!("lost:  {who}: {} ({})", l.what, l.file);
+                outln!("lost:  {who}: {} ({})", l.what, l.file);
             }
             if let Some(g) = r.gallery {
-                println!(
+                outln!(
                     "gallery {name} is now {}{}",
                     g.state,
                     if g.reason.is_empty() {
@@ -289,9 +308,12 @@ pub(crate) async fn run(a: ClientArgs) -> Result<()> {
         }
         ClientCommand::CompactGallery { name } => {
             let r = c.compact_gallery(&name).await.map_err(rpc)?;
-            println!(
+            outln!(
                 "compacted {name}: kept {} rows, dropped {}, {} segment(s) -> {}",
-                r.rows_kept, r.rows_dropped, r.segments_before, r.segments_after
+                r.rows_kept,
+                r.rows_dropped,
+                r.segments_before,
+                r.segments_after
             );
         }
     }

@@ -37,9 +37,13 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
         seed: 42,
         difficulty: biogate::synth::Difficulty::Realistic,
     };
-    println!(
+    outln!(
         "biogate demo: {} subjects x {} templates, d = {}, dtype {}, {} synthetic data",
-        spec.subjects, spec.samples, spec.dim, a.dtype, spec.difficulty
+        spec.subjects,
+        spec.samples,
+        spec.dim,
+        a.dtype,
+        spec.difficulty
     );
     let data = generate(&spec)?;
     let data_dir = std::env::temp_dir().join(format!("biogate-demo-{}", std::process::id()));
@@ -49,7 +53,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
     let t = Instant::now();
     let mut source = MemoryImport::new(spec.dim, &data.gallery, &data.gallery_ids)?;
     let report = g.import(&mut source, ImportOptions::default(), &|_| {})?;
-    println!(
+    outln!(
         "enrolled {} templates in {:.1} ms (gallery at {})",
         report.rows,
         t.elapsed().as_secs_f64() * 1e3,
@@ -74,7 +78,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
         .filter(|(r, id)| r.candidates.iter().any(|c| &c.subject == *id))
         .count();
     let n = data.mated_ids.len() as f64;
-    println!(
+    outln!(
         "closed-set: rank-1 {:.1}%, rank-{k} {:.1}% of {} mated probes",
         100.0 * rank1 as f64 / n,
         100.0 * rankk as f64 / n,
@@ -92,7 +96,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
                 .is_some_and(|c| &c.subject == *id && c.score >= threshold)
         })
         .count();
-    println!(
+    outln!(
         "open-set at threshold {threshold}: FNIR {:.2}% (mated probes not matched to their subject), FPIR {:.2}% (non-mated probes matched)",
         100.0 * misses as f64 / n,
         100.0 * false_matches as f64 / nonmated.len() as f64
@@ -104,7 +108,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
         engine.search(&snapshot, one, &SearchParams { k, threshold: None })?;
     }
     let single = t.elapsed().as_secs_f64() / reps as f64;
-    println!(
+    outln!(
         "speed ({}, {} CPU threads): one probe in {:.2} ms; a batch of {} probes at {:.0} probes/s",
         engine.backend_name(),
         rayon::current_num_threads(),
@@ -174,16 +178,16 @@ async fn demo_over_grpc(
         .identify("demo", &data.mated[..dim], dim, k as u32, Some(0.4))
         .await
         .map_err(biogate::client::remote_error)?;
-    println!(
+    outln!(
         "over gRPC (server on {}): {} concurrent single-probe requests, {right} matched to their subject, {:.0} probes/s; one request {:.2} ms",
         server.addr,
         data.mated_ids.len(),
         data.mated_ids.len() as f64 / wall,
         one.elapsed().as_secs_f64() * 1e3
     );
-    println!("\na day at the border (CDG), over the same server:");
+    outln!("\na day at the border (CDG), over the same server:");
     let day = border_day(&client, data_dir, data, travellers).await;
-    println!(
+    outln!(
         "\nto serve your own galleries: biogate serve   (then: biogate client galleries; the reports: biogate encounters --help)"
     );
     server.shutdown().await?;
@@ -218,7 +222,7 @@ async fn border_day(
             .derive_gallery(name, "demo", &manifest)
             .await
             .map_err(remote_error)?;
-        println!(
+        outln!(
             "  {name}: derived from the master's {} subjects by its manifest in {:.1} ms ({} travellers)",
             data.gallery_ids.len() / 2,
             t.elapsed().as_secs_f64() * 1e3,
@@ -283,24 +287,24 @@ async fn border_day(
             .await
             .map_err(remote_error)?;
     }
-    println!(
+    outln!(
         "  {} entries and {} exits at gates; watchlist hits: {}",
         travellers.len(),
         travellers.len() - 1,
         hits.join("; ")
     );
     let store = EncounterStore::open(data_dir)?;
-    println!("\nencounters stats --by location:");
-    print!(
+    outln!("\nencounters stats --by location:");
+    out!(
         "{}",
         Report::stats(&store.stats(StatsBy::Location)?, StatsBy::Location).render(Format::Table)
     );
     let as_of = "2026-07-01T00:00:00Z";
-    println!("\nencounters overstays --max-stay 90d --as-of {as_of}:");
+    outln!("\nencounters overstays --max-stay 90d --as-of {as_of}:");
     let over = store.overstays(90 * 86_400_000, parse_time(as_of, "as_of")?)?;
-    print!("{}", Report::overstays(&over).render(Format::Table));
-    println!("\nencounters history {}:", data.mated_ids[wanted]);
-    print!(
+    out!("{}", Report::overstays(&over).render(Format::Table));
+    outln!("\nencounters history {}:", data.mated_ids[wanted]);
+    out!(
         "{}",
         Report::history(&store.history(&data.mated_ids[wanted])?).render(Format::Table)
     );

@@ -87,6 +87,6 @@ pub(crate) fn run(a: EncountersArgs) -> Result<()> {
             return Ok(());
         }
     };
-    print!("{}", report.render(format));
+    out!("{}", report.render(format));
     Ok(())
 }

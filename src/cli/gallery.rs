@@ -81,7 +81,7 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
         GalleryCommand::Create { dir, dim, dtype } => {
             Gallery::create(&dir, dim, dtype)?;
             tracing::info!(gallery = %dir.display(), dim, %dtype, "created gallery");
-            println!("created gallery {} (dim {dim}, dtype {dtype})", dir.display());
+            outln!("created gallery {} (dim {dim}, dtype {dtype})", dir.display());
         }
         GalleryCommand::Import {
             dir,
@@ -99,7 +99,7 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
             let report = g.import(&mut source, ImportOptions { add_to_existing }, &|n| bar.set_position(n))?;
             bar.finish_and_clear();
             tracing::info!(gallery = %dir.display(), rows = report.rows, subjects = report.subjects, "imported");
-            println!(
+            outln!(
                 "imported {} templates of {} subjects into {} in {:.2} s ({})",
                 report.rows,
                 report.subjects,
@@ -114,24 +114,24 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
             let open_ms = t.elapsed().as_secs_f64() * 1e3;
             let info = gallery::info(&dir)?;
             if json {
-                println!("{}", serde_json::to_string(&info).expect("serialises"));
+                outln!("{}", serde_json::to_string(&info).expect("serialises"));
             } else {
-                println!("gallery    {}", info.path);
-                println!("dim        {}", info.dim);
-                println!("dtype      {}", info.dtype);
-                println!("templates  {}", info.rows);
-                println!("subjects   {}", info.subjects);
-                println!("segments   {}", info.segments);
-                println!("log rows   {} (not yet compacted)", info.log_rows);
-                println!("deletions  {} (not yet compacted)", info.deleted_subjects_pending);
-                println!("disk       {:.1} MB", info.bytes_on_disk as f64 / 1e6);
+                outln!("gallery    {}", info.path);
+                outln!("dim        {}", info.dim);
+                outln!("dtype      {}", info.dtype);
+                outln!("templates  {}", info.rows);
+                outln!("subjects   {}", info.subjects);
+                outln!("segments   {}", info.segments);
+                outln!("log rows   {} (not yet compacted)", info.log_rows);
+                outln!("deletions  {} (not yet compacted)", info.deleted_subjects_pending);
+                outln!("disk       {:.1} MB", info.bytes_on_disk as f64 / 1e6);
                 if let Some(t) = &info.expires_at {
-                    println!("expires    {t}");
+                    outln!("expires    {t}");
                 }
                 if info.expiring_subjects > 0 {
-                    println!("expiring   {} subjects have an expiry", info.expiring_subjects);
+                    outln!("expiring   {} subjects have an expiry", info.expiring_subjects);
                 }
-                println!(
+                outln!(
                     "opened in  {open_ms:.1} ms (headers and the log; metadata and rows are verified before first use)"
                 );
             }
@@ -139,29 +139,29 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
         GalleryCommand::Check { dir } => {
             let t = Instant::now();
             let info = gallery::check(&dir)?;
-            println!(
+            outln!(
                 "ok: {} templates of {} subjects, every checksum verified in {:.2} s",
                 info.rows,
                 info.subjects,
                 t.elapsed().as_secs_f64()
             );
             for note in &info.notes {
-                println!("note: {note}");
+                outln!("note: {note}");
             }
         }
         GalleryCommand::Repair { dir, json } => {
             let report = gallery::repair::repair(&dir, &biogate::storage::Storage::default())?;
             if json {
-                println!("{}", serde_json::to_string(&report).expect("serialises"));
+                outln!("{}", serde_json::to_string(&report).expect("serialises"));
             } else if report.clean && report.actions.is_empty() {
-                println!("{}: nothing to repair", dir.display());
+                outln!("{}: nothing to repair", dir.display());
             } else {
-                println!("repaired {}", dir.display());
+                outln!("repaired {}", dir.display());
                 for a in &report.actions {
-                    println!("  did:   {a}");
+                    outln!("  did:   {a}");
                 }
                 for k in &report.kept_aside {
-                    println!("  kept:  {k}");
+                    outln!("  kept:  {k}");
                 }
                 for l in &report.lost {
                     let who = match (&l.subject, l.subject_verified) {
@@ -169,13 +169,13 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
                         (Some(s), false) => format!("probably subject {s:?} (read from a damaged record)"),
                         (None, _) => "unknown subjects".into(),
                     };
-                    println!("  lost:  {who}: {} ({})", l.what, l.file);
+                    outln!("  lost:  {who}: {} ({})", l.what, l.file);
                 }
                 if report.lost.is_empty() {
-                    println!("  nothing acknowledged was lost");
+                    outln!("  nothing acknowledged was lost");
                 }
                 if let Some(f) = &report.report_file {
-                    println!("  report: {f}");
+                    outln!("  report: {f}");
                 }
             }
         }
@@ -200,9 +200,9 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
             let ms = t.elapsed().as_secs_f64() * 1e3;
             tracing::info!(master = %master.display(), gallery = %dst.display(), subjects = report.subjects, "derived");
             if json {
-                println!("{}", serde_json::to_string(&report).expect("report serialises"));
+                outln!("{}", serde_json::to_string(&report).expect("report serialises"));
             } else {
-                println!(
+                outln!(
                     "derived {} from {}: {} subjects ({} templates) in {ms:.1} ms",
                     dst.display(),
                     master.display(),
@@ -213,7 +213,7 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
                     const SHOWN: usize = 20;
                     let shown: Vec<&str> = report.missing.iter().take(SHOWN).map(String::as_str).collect();
                     let more = report.missing.len().saturating_sub(SHOWN);
-                    println!(
+                    outln!(
                         "{} listed subject(s) not in {}: {}{}",
                         report.missing.len(),
                         master.display(),
@@ -231,7 +231,7 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
             let mut g = Gallery::open(&dir)?;
             let r = g.compact()?;
             tracing::info!(gallery = %dir.display(), kept = r.rows_kept, dropped = r.rows_dropped, "compacted");
-            println!(
+            outln!(
                 "compacted {}: kept {} rows, dropped {} deleted rows, {} segment(s) -> {}",
                 dir.display(),
                 r.rows_kept,
@@ -244,7 +244,7 @@ pub(crate) fn run(command: GalleryCommand) -> Result<()> {
             let mut g = Gallery::open(&dir)?;
             g.delete_subject(&subject)?;
             tracing::info!(gallery = %dir.display(), subject = %subject, "deleted subject");
-            println!("deleted subject {subject:?} from {}", dir.display());
+            outln!("deleted subject {subject:?} from {}", dir.display());
         }
     }
     Ok(())

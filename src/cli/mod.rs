@@ -1,6 +1,25 @@
 //! The command line, one file per verb group. `main.rs` parses [`Cli`] and calls
 //! [`run`]; each verb parses its flags, calls the library, and prints.
 
+/// `println!` for a verb's results: a failed write to stdout is an error the verb
+/// returns (a reader that went away, as in `biogate ... | head`, ends the verb quietly
+/// in `main`), never a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::stdout_error)?
+    }};
+}
+
+/// `print!` for a verb's results (see [`outln!`]).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        write!(stdout, $($arg)*).and_then(|_| stdout.flush()).map_err($crate::cli::stdout_error)?
+    }};
+}
+
 mod bench;
 mod client;
 mod demo;
@@ -93,6 +112,20 @@ pub(crate) fn run(command: Command) -> Result<()> {
                 })
         }
     }
+}
+
+/// A failed write of a verb's results.
+pub(crate) fn stdout_error(source: std::io::Error) -> Error {
+    Error::Io {
+        context: "writing to standard output".into(),
+        source,
+    }
+}
+
+/// Whether `e` says that whoever read our standard output went away (`| head`): the
+/// verb then ends quietly, as Unix tools do.
+pub(crate) fn reader_went_away(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {

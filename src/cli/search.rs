@@ -186,8 +186,8 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         )?);
     }
     biogate::report::write_report(&a.out, &reports)?;
-    print!("{}", biogate::report::summary_table(&reports));
-    println!("report: {}", a.out.join("report.md").display());
+    out!("{}", biogate::report::summary_table(&reports));
+    outln!("report: {}", a.out.join("report.md").display());
     Ok(())
 }
 
@@ -216,7 +216,7 @@ pub(crate) fn dedup(a: DedupArgs) -> Result<()> {
             pairs,
             rows,
             resumed_from,
-        } => println!(
+        } => outln!(
             "searched {rows} templates against the gallery in {:.1} s{}: {pairs} pairs written to {}",
             t.elapsed().as_secs_f64(),
             if resumed_from > 0 {
@@ -227,7 +227,7 @@ pub(crate) fn dedup(a: DedupArgs) -> Result<()> {
             a.out.display()
         ),
         biogate::dedup::DedupOutcome::Interrupted { rows_done, rows } => {
-            println!("stopped at {rows_done} of {rows}; run again to resume")
+            outln!("stopped at {rows_done} of {rows}; run again to resume")
         }
     }
     Ok(())

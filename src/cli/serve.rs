@@ -69,7 +69,7 @@ pub(crate) async fn router(a: RouterArgs) -> Result<()> {
         None => Config::default(),
     };
     let handle = biogate::cluster::router::start(&a.etcd, a.listen, &config).await?;
-    println!("biogate router on {} (etcd {})", handle.addr, a.etcd.join(","));
+    outln!("biogate router on {} (etcd {})", handle.addr, a.etcd.join(","));
     wait_for_signal().await;
     handle.shutdown().await
 }
@@ -118,7 +118,7 @@ pub(crate) async fn run(a: ServeArgs) -> Result<()> {
         biogate::server::start_node(config, options).await?
     };
     let scheme = "http";
-    println!(
+    outln!(
         "biogate serving {} on {} (metrics: {})",
         data_dir.display(),
         handle.addr,
@@ -127,9 +127,10 @@ pub(crate) async fn run(a: ServeArgs) -> Result<()> {
             .map(|m| format!("http://{m}/metrics"))
             .unwrap_or_else(|| "off".into())
     );
-    println!(
+    outln!(
         "try: biogate client --addr {scheme}://{} galleries   (or: grpcurl -plaintext {} list)",
-        handle.addr, handle.addr
+        handle.addr,
+        handle.addr
     );
     wait_for_signal().await;
     handle.shutdown().await

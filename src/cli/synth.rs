@@ -45,7 +45,7 @@ pub(crate) fn run(a: SynthArgs) -> Result<()> {
     let bar = progress((a.subjects * a.samples) as u64, "synth");
     write_dir(&spec, &a.out, &|n| bar.set_position(n))?;
     bar.finish_and_clear();
-    println!(
+    outln!(
         "wrote {} gallery rows ({} subjects x {}), {} mated and {} non-mated probes ({} data) to {}",
         a.subjects * a.samples,
         a.subjects,

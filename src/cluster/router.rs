@@ -23,8 +23,8 @@ use crate::server::metrics::Metrics;
 use crate::server::proto::biogate_client::BiogateClient;
 use crate::server::proto::biogate_server::{Biogate, BiogateServer};
 use crate::server::proto::{self};
-use crate::server::service::{decode_template, status_of};
-use crate::template::{Dtype, check_dim, check_subject_id};
+use crate::server::service::{decode_template, status_of, subject_field};
+use crate::template::{Dtype, check_dim};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -123,16 +123,14 @@ pub async fn start(urls: &[String], listen: SocketAddr, config: &Config) -> Resu
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     // The server's accept loop: connections bounded, silent ones closed, Nagle off.
     connections::raise_fd_limit(config.max_connections);
-    let limits = connections::ConnectionLimits {
-        max_connections: config.max_connections,
-        handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
-    };
+    let accepted = connections::Connections::new(config.connection_limits(), Metrics::new());
     let task = tokio::spawn(async move {
         Server::builder()
+            .layer(accepted.layer())
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
-            .serve_with_incoming_shutdown(connections::incoming(listener, limits, Metrics::new()), async {
+            .serve_with_incoming_shutdown(accepted.incoming(listener), async {
                 let _ = stopped.await;
                 health.set_not_serving::<BiogateServer<Arc<Router>>>().await;
             })
@@ -191,11 +189,12 @@ impl Router {
             .ok_or_else(|| Status::not_found(format!("gallery: {g:?} does not exist")))
     }
 
-    /// The gallery, and the shard that holds (or would hold) `subject`.
+    /// The gallery, and the shard that holds (or would hold) `subject` (placed by its
+    /// canonical form, which the node stores).
     fn subject_shard(&self, g: &str, subject: &str) -> std::result::Result<(GalleryMeta, u32), Status> {
         let meta = self.meta(g)?;
-        check_subject_id(subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
-        let s = keys::shard_of(subject, meta.shards);
+        let subject = subject_field(subject)?;
+        let s = keys::shard_of(&subject, meta.shards);
         Ok((meta, s))
     }
 
@@ -645,10 +644,10 @@ impl Biogate for Arc<Router> {
         // Check everything first: bad input changes nothing.
         let mut groups: BTreeMap<(String, u32), Vec<proto::EnrollRequest>> = BTreeMap::new();
         let mut index = 0usize;
-        while let Some(m) = incoming.message().await? {
+        while let Some(mut m) = incoming.message().await? {
             let at = |s: Status| Status::new(s.code(), format!("message {index}: {}", s.message()));
             let meta = self.meta(&m.gallery).map_err(at)?;
-            check_subject_id(&m.subject).map_err(|e| at(Status::invalid_argument(format!("subject: {e}"))))?;
+            m.subject = subject_field(&m.subject).map_err(at)?;
             if !m.expires_at.is_empty() {
                 return Err(at(Status::invalid_argument(
                     "expires_at: a cluster's galleries do not expire subjects yet",

@@ -172,8 +172,29 @@ impl Engine {
     }
 
     /// 1:1 verification: the score of `probe` against `subject`'s best live template, or
-    /// `None` if the subject has none in this snapshot.
+    /// `None` if the subject has none in this snapshot. Files written in place while
+    /// they were read are handled as [`Engine::search`] does.
     pub fn verify(&self, snapshot: &Snapshot, probe: &[f32], subject: &str) -> Result<Option<f32>> {
+        let subject = crate::template::canonical_subject_id(subject)?;
+        self.until_files_unchanged(snapshot, || self.verify_once(snapshot, probe, &subject))
+    }
+
+    /// Run `read` until no segment file was written in place while it ran (a changed
+    /// file is verified again in between; damage is an error).
+    fn until_files_unchanged<T>(&self, snapshot: &Snapshot, mut read: impl FnMut() -> Result<T>) -> Result<T> {
+        const ATTEMPTS: usize = 3;
+        for _ in 0..ATTEMPTS {
+            let answer = read()?;
+            if snapshot.files_unchanged()? {
+                return Ok(answer);
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "segment files were written under {ATTEMPTS} reads in a row; try again"
+        )))
+    }
+
+    fn verify_once(&self, snapshot: &Snapshot, probe: &[f32], subject: &str) -> Result<Option<f32>> {
         let dim = snapshot.dim();
         if probe.len() != dim {
             return Err(Error::invalid(format!(
@@ -205,7 +226,16 @@ impl Engine {
     }
 
     /// Search `probes` (row-major, `count * dim` f32 values) against `snapshot`.
+    ///
+    /// Before answering, the segment files are checked (a stat each) for having been
+    /// written in place while they were read: a changed file is verified again (damage
+    /// is refused) and the search runs again over the verified bytes, so no answer comes
+    /// from bytes changed under the search once `stat` shows the change.
     pub fn search(&self, snapshot: &Snapshot, probes: &[f32], params: &SearchParams) -> Result<Vec<ProbeResult>> {
+        self.until_files_unchanged(snapshot, || self.search_once(snapshot, probes, params))
+    }
+
+    fn search_once(&self, snapshot: &Snapshot, probes: &[f32], params: &SearchParams) -> Result<Vec<ProbeResult>> {
         params.validate()?;
         let dim = snapshot.dim();
         if probes.is_empty() {

@@ -27,14 +27,27 @@ impl Hit {
     }
 }
 
+/// Up to this many subjects are kept in a plain array (a scan finds a subject, the
+/// fastest way for the k a search usually asks for); above it, in a heap with an index
+/// by subject, so that each admitted row costs O(log k), not O(k).
+const SCAN_UP_TO: usize = 32;
+
 /// A running top-k of distinct subjects, with an optional score floor (threshold).
+///
+/// Rows below the bar cost one comparison ([`TopSubjects::offer`]); a row at or above
+/// it costs O(k) for k <= 32 (a scan of a few cache lines) and O(log k) above (a binary
+/// heap, worst subject at the root, and a map from subject to its place in the heap).
 #[derive(Clone, Debug)]
 pub struct TopSubjects {
     k: usize,
     floor: f32,
+    /// For k <= `SCAN_UP_TO`: in any order, `worst` indexing the worst once full. Above:
+    /// a binary heap in which every parent is beaten by its children (worst at 0).
     entries: Vec<Hit>,
     worst: usize,
     bar: f32,
+    /// Above `SCAN_UP_TO`: each subject's place in `entries`.
+    places: Option<std::collections::HashMap<u32, usize, BuildOrdinalHasher>>,
 }
 
 impl TopSubjects {
@@ -46,6 +59,9 @@ impl TopSubjects {
             entries: Vec::with_capacity(k.min(1024)),
             worst: 0,
             bar: floor,
+            places: (k > SCAN_UP_TO).then(|| {
+                std::collections::HashMap::with_capacity_and_hasher(k.min(1024), BuildOrdinalHasher::default())
+            }),
         }
     }
 
@@ -66,6 +82,10 @@ impl TopSubjects {
 
     #[cold]
     fn offer_slow(&mut self, hit: Hit) {
+        if self.places.is_some() {
+            self.offer_heap(hit);
+            return;
+        }
         if let Some(i) = self.entries.iter().position(|e| e.subject == hit.subject) {
             if hit.score > self.entries[i].score {
                 self.entries[i].score = hit.score;
@@ -97,6 +117,78 @@ impl TopSubjects {
         self.bar = self.entries[worst].score.max(self.floor);
     }
 
+    /// The heap's offer: a held subject improved in place (it moves away from the
+    /// root), a new one pushed while not full, else put at the root in place of the
+    /// worst if it beats it.
+    fn offer_heap(&mut self, hit: Hit) {
+        let places = self.places.as_mut().expect("heap mode");
+        if let Some(&i) = places.get(&hit.subject) {
+            if hit.score > self.entries[i].score {
+                self.entries[i].score = hit.score;
+                self.sift_down(i);
+                self.heap_bar();
+            }
+            return;
+        }
+        if self.entries.len() < self.k {
+            places.insert(hit.subject, self.entries.len());
+            self.entries.push(hit);
+            self.sift_up(self.entries.len() - 1);
+            self.heap_bar();
+        } else if hit.beats(&self.entries[0]) {
+            places.remove(&self.entries[0].subject);
+            places.insert(hit.subject, 0);
+            self.entries[0] = hit;
+            self.sift_down(0);
+            self.heap_bar();
+        }
+    }
+
+    fn heap_bar(&mut self) {
+        if self.entries.len() == self.k {
+            self.bar = self.entries[0].score.max(self.floor);
+        }
+    }
+
+    fn swap(&mut self, a: usize, b: usize) {
+        self.entries.swap(a, b);
+        let places = self.places.as_mut().expect("heap mode");
+        places.insert(self.entries[a].subject, a);
+        places.insert(self.entries[b].subject, b);
+    }
+
+    /// Move entry `i` towards the root while its parent beats it.
+    fn sift_up(&mut self, mut i: usize) {
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if !self.entries[parent].beats(&self.entries[i]) {
+                break;
+            }
+            self.swap(parent, i);
+            i = parent;
+        }
+    }
+
+    /// Move entry `i` away from the root while it beats the worse of its children.
+    fn sift_down(&mut self, mut i: usize) {
+        let n = self.entries.len();
+        loop {
+            let (l, r) = (2 * i + 1, 2 * i + 2);
+            let mut worse = i;
+            if l < n && self.entries[worse].beats(&self.entries[l]) {
+                worse = l;
+            }
+            if r < n && self.entries[worse].beats(&self.entries[r]) {
+                worse = r;
+            }
+            if worse == i {
+                return;
+            }
+            self.swap(i, worse);
+            i = worse;
+        }
+    }
+
     /// Fold in a selection made over other rows of the same slab.
     pub fn merge(&mut self, other: &TopSubjects) {
         for e in &other.entries {
@@ -113,6 +205,27 @@ impl TopSubjects {
         self.entries
     }
 }
+
+/// Hashes a subject ordinal with one multiplication (Fibonacci hashing): ordinals are
+/// small dense integers, and nothing adversarial chooses them.
+#[derive(Clone, Copy, Debug, Default)]
+struct OrdinalHasher(u64);
+
+impl std::hash::Hasher for OrdinalHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type BuildOrdinalHasher = std::hash::BuildHasherDefault<OrdinalHasher>;
 
 #[cfg(test)]
 mod tests {
@@ -169,5 +282,51 @@ mod tests {
         }
         a.merge(&b);
         assert_eq!(a.into_sorted(), whole.into_sorted());
+    }
+
+    /// The heap (k > 32) selects exactly what a sort of every subject's best row
+    /// selects, with ties, repeated subjects, a floor and merges.
+    #[test]
+    fn the_heap_equals_a_full_sort_for_large_k() {
+        let mut x = 12345u64;
+        let mut next = move || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) as u32
+        };
+        for (k, subjects, rows, floor) in [
+            (33, 50, 400, f32::NEG_INFINITY),
+            (100, 3000, 20_000, 0.3),
+            (3000, 2500, 9000, f32::NEG_INFINITY),
+            (1000, 5000, 40_000, 0.5),
+        ] {
+            let data: Vec<(f32, u32)> = (0..rows)
+                .map(|_| ((next() % 1000) as f32 / 1000.0, next() % subjects))
+                .collect();
+            let mut best = std::collections::HashMap::new();
+            for &(s, o) in &data {
+                let e = best.entry(o).or_insert(s);
+                *e = f32::max(*e, s);
+            }
+            let mut want: Vec<Hit> = best
+                .into_iter()
+                .filter(|&(_, s)| s >= floor)
+                .map(|(o, s)| Hit {
+                    score: s,
+                    rank: o,
+                    subject: o,
+                })
+                .collect();
+            want.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.rank.cmp(&b.rank)));
+            want.truncate(k);
+            let mut one = TopSubjects::new(k, floor);
+            let (mut a, mut b) = (TopSubjects::new(k, floor), TopSubjects::new(k, floor));
+            for (i, &(s, o)) in data.iter().enumerate() {
+                one.offer(s, o, o);
+                if i % 3 == 0 { a.offer(s, o, o) } else { b.offer(s, o, o) }
+            }
+            a.merge(&b);
+            assert_eq!(one.into_sorted(), want, "k {k}");
+            assert_eq!(a.into_sorted(), want, "k {k}, merged");
+        }
     }
 }

@@ -323,14 +323,9 @@ impl Gallery {
             segments.remove(at);
         }
         if let (Some(view), Some(segment)) = (merged, &built.segment) {
-            manifest.segments.insert(
-                first,
-                SegmentEntry {
-                    id: plan.id,
-                    file: plan.file.clone(),
-                    rows: segment.rows() as u64,
-                },
-            );
+            manifest
+                .segments
+                .insert(first, SegmentEntry::of(plan.id, &plan.file, segment));
             segments.insert(first, view);
         }
         manifest.sealed_subjects = Some(self.sealed_subjects().saturating_sub(gone));

@@ -8,7 +8,7 @@ use super::snapshot::Snapshot;
 use super::writer::Gallery;
 use crate::error::{Error, Result};
 use crate::storage::Storage;
-use crate::template::check_subject_id;
+use crate::template::canonical_subject_id;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -24,19 +24,24 @@ pub struct DeriveReport {
     pub missing: Vec<String>,
 }
 
-/// Check a subject list: valid ids, each once. The error names the first bad entry by
-/// its position (0-based) and nothing is created.
-pub fn check_subject_list(subjects: &[String]) -> Result<()> {
-    let mut first_at: HashMap<&str, usize> = HashMap::with_capacity(subjects.len());
+/// Check a subject list: valid ids, each once (compared in their canonical form, so
+/// "e\u{301}" repeats "\u{e9}"). The error names the first bad entry by its position
+/// (0-based) and nothing is created. Returns the canonical ids, in order.
+pub fn check_subject_list(subjects: &[String]) -> Result<Vec<String>> {
+    let mut first_at: HashMap<String, usize> = HashMap::with_capacity(subjects.len());
+    let mut canonical = Vec::with_capacity(subjects.len());
     for (i, s) in subjects.iter().enumerate() {
-        check_subject_id(s).map_err(|e| e.in_context(&format!("subjects: entry {i}")))?;
-        if let Some(j) = first_at.insert(s, i) {
+        let id = canonical_subject_id(s)
+            .map_err(|e| e.in_context(&format!("subjects: entry {i}")))?
+            .into_owned();
+        if let Some(j) = first_at.insert(id.clone(), i) {
             return Err(Error::invalid(format!(
                 "subjects: entry {i} ({s:?}) repeats entry {j}; list each subject once"
             )));
         }
+        canonical.push(id);
     }
-    Ok(())
+    Ok(canonical)
 }
 
 impl Gallery {
@@ -62,7 +67,7 @@ impl Gallery {
         expires_at: Option<i64>,
         storage: Storage,
     ) -> Result<(Gallery, DeriveReport)> {
-        check_subject_list(subjects)?;
+        let subjects = &check_subject_list(subjects)?;
         let now = crate::time_text::now_ms();
         if let Some(t) = expires_at {
             super::expiry::check_future(t, now, "expires_at")?;

@@ -9,10 +9,15 @@
 //! subjects expire) or give a re-enrolled subject's old templates the expiry its
 //! failed re-enrollment asked for.
 //!
-//! From the instant of expiry a subject is never returned, verified or counted
-//! (`Engine::search` asks the backend for as many more candidates as there are expired
-//! live subjects and drops them, so the answer stays exact), and a purge deletes it
-//! through the log, after which compaction removes its rows.
+//! From the instant of expiry a subject is never returned, verified or counted, and it
+//! costs a search nothing: its rows are *hidden* ([`hide_expired`]), marked dead in the
+//! snapshot in memory like deleted rows (nothing is logged), by every snapshot built
+//! after it expired; a server builds one within a tick of each expiry
+//! (`server::supervisor`). A search that meets subjects expired since its snapshot was
+//! built asks the backend for that many more candidates and drops them (exact on every
+//! backend). A purge then deletes them through the log and takes their rows off the
+//! disk. Re-enrolling an expired subject deletes its expired templates first (in the
+//! same commit group): they are never used again.
 
 use crate::error::{Error, IoContext, Result};
 use crate::storage::Storage;
@@ -105,6 +110,19 @@ impl Expiry {
             .map(|(_, s)| s.as_str())
     }
 
+    /// Subjects whose expiry is after `after_ms` and at or before `now_ms` (live or
+    /// not), oldest first: those a snapshot that hid everything expired by `after_ms`
+    /// must still leave out.
+    pub fn expired_between(&self, after_ms: i64, now_ms: i64) -> impl Iterator<Item = &str> {
+        let from = after_ms.saturating_add(1);
+        let range = if from <= now_ms {
+            self.by_time.range((from, String::new())..)
+        } else {
+            self.by_time.range((i64::MAX, String::new())..(i64::MAX, String::new()))
+        };
+        range.take_while(move |(t, _)| *t <= now_ms).map(|(_, s)| s.as_str())
+    }
+
     /// An error for a search, verification or write of a gallery that has expired.
     pub fn gallery_expired_error(&self) -> Error {
         Error::NotFound(format!(
@@ -112,6 +130,35 @@ impl Expiry {
             crate::time_text::format_time(self.gallery_ms.unwrap_or_default())
         ))
     }
+}
+
+/// Hide the rows of the subjects that expired after `after_ms` and by `now_ms` and are
+/// live in `segments` and `log`: marked dead (segments) or removed (the log's rows)
+/// in memory, `counts` brought down. Nothing is logged: the expiry itself, on disk,
+/// is what says they are gone (every open hides them again). Returns the subjects
+/// hidden.
+pub(super) fn hide_expired(
+    expiry: &Expiry,
+    after_ms: i64,
+    now_ms: i64,
+    segments: &mut [super::snapshot::SegmentView],
+    log: &mut super::memtable::LogTable,
+    counts: &mut super::snapshot::Counts,
+) -> Vec<String> {
+    let newly: Vec<String> = expiry
+        .expired_between(after_ms, now_ms)
+        .filter(|s| super::snapshot::subject_is_live(segments, log, s))
+        .map(str::to_owned)
+        .collect();
+    for s in &newly {
+        let rows = log.delete(s) as u64 + segments.iter_mut().map(|v| v.delete_subject(s)).sum::<u64>();
+        counts.rows = counts.rows.saturating_sub(rows);
+        counts.subjects = counts.subjects.saturating_sub(1);
+    }
+    if !newly.is_empty() {
+        log.refresh_ranks();
+    }
+    newly
 }
 
 /// Check an expiry asked for at `now_ms` (`field` names it): it must be in the future.

@@ -80,6 +80,31 @@ pub(crate) fn keep_aside(storage: &Storage, dir: &Path, path: &Path) -> Result<P
     Ok(to)
 }
 
+/// Copy the bytes of the log at `path` from `offset` to its end into `damaged/` (an
+/// unfinished last commit group, before the writer cuts it), durably. Returns the copy.
+pub(crate) fn keep_log_tail(storage: &Storage, dir: &Path, path: &Path, offset: u64) -> Result<PathBuf> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(offset))?;
+            f.read_to_end(&mut bytes)
+        })
+        .ctx(|| format!("reading the unfinished tail of {}", path.display()))?;
+    let aside = dir.join(DAMAGED_DIR);
+    storage.create_dir_all(&aside)?;
+    let to = aside.join(format!(
+        "{}-{}.tail-at-{offset}",
+        crate::storage::utc_timestamp(),
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let mut file = storage.create(&to)?;
+    file.write_all_ctx(&bytes)?;
+    file.sync_all()?;
+    storage.sync_dir(&aside)?;
+    Ok(to)
+}
+
 /// Remove files of ours that the manifest does not name, except `in_progress` (a
 /// segment a merge is writing, and its temporary file).
 pub(crate) fn remove_orphans(

@@ -1,6 +1,8 @@
 //! Which file a gallery opened, so that a file changed under a running process is
 //! noticed: replaced (another inode at the path), removed, truncated, or written in
-//! place (its modification time moved).
+//! place (its modification time moved, or its status-change time: a writer can set
+//! the modification time back, as `rsync --inplace -t` or `touch -d` do, but setting
+//! it moves the ctime, which nobody but the kernel sets).
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -13,6 +15,7 @@ pub struct FileIdentity {
     ino: u64,
     len: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
 }
 
 /// How a file differs from the one that was opened.
@@ -47,6 +50,7 @@ impl FileIdentity {
             ino: m.ino(),
             len: m.len(),
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
         }
     }
 
@@ -68,15 +72,15 @@ impl FileIdentity {
                 was: self.len,
                 now: now.len,
             })
-        } else if now.mtime_ns != self.mtime_ns {
+        } else if (now.mtime_ns, now.ctime_ns) != (self.mtime_ns, self.ctime_ns) {
             Some(FileChange::Modified)
         } else {
             None
         }
     }
 
-    /// The same identity with the current modification time (after a written-in-place
-    /// file was verified again and found intact).
+    /// The same identity with the current modification and change times (after a
+    /// written-in-place file was verified again and found intact).
     pub fn refreshed(&self, path: &Path) -> FileIdentity {
         std::fs::metadata(path)
             .map(|m| FileIdentity::of(&m))
@@ -107,6 +111,15 @@ mod tests {
             .unwrap();
         assert_eq!(id.compare(&p), Some(FileChange::Resized { was: 10, now: 4 }));
         assert!(id.compare(&p).unwrap().to_string().contains("truncated"));
+        // Written in place with its modification time set back: the ctime moved.
+        let id = FileIdentity::of_file(&original).unwrap();
+        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, b"X", 1).unwrap();
+        f.set_modified(mtime).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().modified().unwrap(), mtime);
+        assert_eq!(id.compare(&p), Some(FileChange::Modified));
         std::fs::remove_file(&p).unwrap();
         assert_eq!(id.compare(&p), Some(FileChange::Removed));
         std::fs::write(dir.path().join("g"), b"0123456789").unwrap();

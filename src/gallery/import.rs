@@ -8,7 +8,7 @@ use super::snapshot::SegmentView;
 use super::writer::Gallery;
 use super::{ImportOptions, ImportReport, ImportSource};
 use crate::error::{Error, Result};
-use crate::template::{check_subject_id, encode_row, normalize_into, row_stride};
+use crate::template::{canonical_subject_id, encode_row, normalize_into, row_stride};
 use rayon::prelude::*;
 
 impl Gallery {
@@ -55,11 +55,7 @@ impl Gallery {
     ) -> Result<()> {
         let mut manifest = self.manifest.clone();
         manifest.sealed_subjects = Some(self.sealed_subjects() + counts.unsealed);
-        manifest.segments.push(SegmentEntry {
-            id,
-            file: file.to_owned(),
-            rows: counts.rows,
-        });
+        manifest.segments.push(SegmentEntry::of(id, file, &segment));
         manifest.next_file_id = manifest.next_file_id.max(id + 1);
         if let Err(e) = self.commit(manifest) {
             if !matches!(e, Error::OutcomeUnknown(_)) {
@@ -70,6 +66,8 @@ impl Gallery {
         self.segments.push(SegmentView::new(segment));
         self.counts.rows += counts.rows;
         self.counts.subjects += counts.live_new;
+        // Rows of a subject whose expiry already passed are hidden at once.
+        self.hide_expired(crate::time_text::now_ms(), true);
         self.publish();
         Ok(())
     }
@@ -104,13 +102,17 @@ impl Gallery {
                 }
             });
             for chunk in chunks_rx {
-                let (values, ids) = chunk?;
+                let (values, mut ids) = chunk?;
                 let n = ids.len();
                 if n == 0 {
                     break;
                 }
-                for (i, id) in ids.iter().enumerate() {
-                    check_subject_id(id).map_err(|e| e.in_context(&format!("{label} row {}", done + i as u64)))?;
+                for (i, id) in ids.iter_mut().enumerate() {
+                    let canonical = canonical_subject_id(id)
+                        .map_err(|e| e.in_context(&format!("{label} row {}", done + i as u64)))?;
+                    if let std::borrow::Cow::Owned(c) = canonical {
+                        *id = c;
+                    }
                 }
                 let describe = |i: usize| format!("{label} row {}", done + i as u64);
                 encoded[..n * stride]

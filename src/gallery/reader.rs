@@ -26,9 +26,19 @@ pub(super) struct LoadedState {
 }
 
 impl LoadedState {
-    /// The snapshot of this state, with the retention state read from `dir`.
-    fn into_snapshot(self, dir: &Path) -> Result<Snapshot> {
+    /// The snapshot of this state, with the retention state read from `dir` and the
+    /// subjects expired by now hidden.
+    fn into_snapshot(mut self, dir: &Path) -> Result<Snapshot> {
         let expiry = std::sync::Arc::new(super::expiry::Expiry::load(dir)?);
+        let now = crate::time_text::now_ms();
+        super::expiry::hide_expired(
+            &expiry,
+            i64::MIN,
+            now,
+            &mut self.segments,
+            &mut self.memtable,
+            &mut self.counts,
+        );
         Ok(Snapshot::new(
             self.manifest.dim,
             self.manifest.dtype,
@@ -36,7 +46,7 @@ impl LoadedState {
             self.memtable,
             self.counts,
         )
-        .with_expiry(expiry))
+        .with_expiry(expiry, now))
     }
 }
 
@@ -108,6 +118,37 @@ impl LogProbe {
     }
 }
 
+/// What `check` says of the end of a log whose final length was not recorded (see
+/// wal/tail.rs): what is proven, and what cannot be told.
+fn log_tail_note(path: &Path, log: &LogContents) -> Option<String> {
+    let wal::TailProof::Unproven { proven_len } = log.tail else {
+        return None;
+    };
+    let path = path.display();
+    Some(if log.torn_bytes() > 0 {
+        format!(
+            "{path}: the last {} bytes (from byte {}) are an unfinished commit group: a write interrupted \
+             by a crash (never acknowledged), or an acknowledged group cut short; cannot tell which, \
+             because the log's final length was not recorded (its writer stopped within moments of its \
+             last write, or is still writing). Bytes up to {proven_len} are proven acknowledged. The next \
+             writer keeps a copy of these bytes in damaged/ and cuts them",
+            log.torn_bytes(),
+            log.valid_len
+        )
+    } else {
+        let intact_after = match log.valid_len - proven_len {
+            0 => String::new(),
+            n => format!(" and the {n} bytes after them are intact"),
+        };
+        format!(
+            "{path}: the log's final length was not recorded (its writer stopped within moments of its last \
+             write, or is still writing): bytes up to {proven_len} are proven acknowledged{intact_after}; \
+             cannot tell whether an acknowledged commit group followed byte {} and was cut off",
+            log.valid_len
+        )
+    })
+}
+
 /// Open a segment the manifest names, checking that it is the one it names.
 pub(super) fn open_segment(dir: &Path, manifest: &Manifest, entry: &SegmentEntry) -> Result<Segment> {
     let path = dir.join(&entry.file);
@@ -123,7 +164,26 @@ pub(super) fn open_segment(dir: &Path, manifest: &Manifest, entry: &SegmentEntry
     if seg.dim() != manifest.dim || seg.dtype() != manifest.dtype || seg.rows() as u64 != entry.rows {
         return Err(Error::corrupt(&path, "segment does not match the manifest"));
     }
+    if !identity_matches(entry, &seg) {
+        return Err(Error::corrupt(
+            &path,
+            format!(
+                "not the segment the manifest names (segment id {}): its header checksum is {:08x}, the \
+                 manifest recorded {:08x}; another valid segment was copied or restored into its place. \
+                 Nothing is served from it; `biogate gallery repair` drops it and reports its rows as lost",
+                entry.id,
+                seg.header_crc(),
+                entry.header_crc.unwrap_or_default()
+            ),
+        ));
+    }
     Ok(seg)
+}
+
+/// Whether `seg` is the file `entry` names (always, for an entry written before the
+/// manifest recorded identities).
+pub(super) fn identity_matches(entry: &SegmentEntry, seg: &Segment) -> bool {
+    entry.header_crc.is_none_or(|crc| crc == seg.header_crc())
 }
 
 /// The header the manifest's active log must carry.
@@ -250,13 +310,8 @@ pub fn check(dir: &Path) -> Result<GalleryInfo> {
         ));
     }
     let mut notes = Vec::new();
-    if state.log.torn_bytes() > 0 {
-        notes.push(format!(
-            "{}: a torn tail of {} bytes (an interrupted, never acknowledged write) follows the last \
-             intact record; the next writer cuts it",
-            dir.join(&state.manifest.wal).display(),
-            state.log.torn_bytes()
-        ));
+    if let Some(note) = log_tail_note(&dir.join(&state.manifest.wal), &state.log) {
+        notes.push(note);
     }
     if !state.manifest.copy_matches(dir) {
         notes.push(format!(

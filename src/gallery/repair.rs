@@ -22,7 +22,7 @@
 use super::DAMAGED_DIR;
 use super::files::{keep_aside, lock_dir, remove_orphans, write_segment_file};
 use super::manifest::{MANIFEST_COPY_FILE, MANIFEST_FILE, Manifest, SegmentEntry, segment_file_name, wal_file_name};
-use super::reader::{expected_log_header, open_segment};
+use super::reader::{expected_log_header, identity_matches, open_segment};
 use super::segment::Segment;
 use super::wal::{self, WalHeader, WalWriter};
 use crate::error::{Error, Result};
@@ -155,13 +155,28 @@ pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
                     continue;
                 }
                 report.actions.push(format!("dropped segment {} ({e})", entry.file));
-                match path.exists().then(|| Segment::salvage_subject_ids(&path)).flatten() {
+                // Another segment in its place names its own subjects, not the lost ones.
+                let foreign = Segment::open(&path).is_ok_and(|s| !identity_matches(&entry, &s));
+                match (path.exists() && !foreign)
+                    .then(|| Segment::salvage_subject_ids(&path))
+                    .flatten()
+                {
                     Some(ids) => report.lost.extend(ids.into_iter().map(|s| Loss {
                         file: entry.file.clone(),
                         subject: Some(s),
                         subject_verified: true,
                         what: "every template of the subject in this segment".into(),
                     })),
+                    None if foreign => report.lost.push(Loss {
+                        file: entry.file.clone(),
+                        subject: None,
+                        subject_verified: false,
+                        what: format!(
+                            "{} templates; another segment's file is in its place, so the subjects it held \
+                             are not known",
+                            entry.rows
+                        ),
+                    }),
                     None => report.lost.push(Loss {
                         file: entry.file.clone(),
                         subject: None,
@@ -311,10 +326,10 @@ fn restore_header(
     let file = segment_file_name(manifest.next_file_id);
     let path = dir.join(&file);
     storage.write_file_atomically(&path, &bytes)?;
+    // The restored header is the one the manifest names (its identity is checked).
     let candidate = SegmentEntry {
-        id: entry.id,
         file: file.clone(),
-        rows: entry.rows,
+        ..entry.clone()
     };
     let intact = open_segment(dir, original, &candidate).and_then(|seg| seg.check());
     if intact.is_err() {
@@ -385,9 +400,6 @@ fn rewrite_without_chunks(
         "rewrote segment {name} as {file} without its {} damaged chunk(s) ({rows_lost} rows)",
         bad.len()
     ));
-    Ok(Some(SegmentEntry {
-        id: 0,
-        file,
-        rows: keep as u64,
-    }))
+    let written = Segment::open(&dir.join(&file))?;
+    Ok(Some(SegmentEntry::of(0, &file, &written)))
 }

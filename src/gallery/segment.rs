@@ -298,6 +298,26 @@ impl Segment {
         }
     }
 
+    /// After a search read this segment: whether its file was written in place since it
+    /// was last verified (a stat). If so it is verified again now, an error if damaged,
+    /// `Ok(true)` if intact (the caller, which may have read it mid-write, reads it
+    /// again). A file removed or replaced is not this check's business: the mapping still
+    /// holds the verified bytes (and a merge removes the files of segments that searches
+    /// in flight still read); the server's file check reports it.
+    pub fn reverify_if_written(&self) -> Result<bool> {
+        if let Some(d) = self.damage.get() {
+            return Err(Error::Corrupt(d.clone()));
+        }
+        let mut identity = self.identity.lock().unwrap_or_else(|p| p.into_inner());
+        if identity.compare(&self.path) != Some(FileChange::Modified) {
+            return Ok(false);
+        }
+        tracing::warn!(segment = %self.path.display(), "segment file was written in place; verifying it again before answering");
+        self.check()?;
+        *identity = identity.refreshed(&self.path);
+        Ok(true)
+    }
+
     /// Verify metadata and rows again chunk by chunk, calling `pace(bytes)` after each
     /// chunk (a scrub: rate-limited by the caller, in the background).
     pub fn scrub(&self, pace: &mut dyn FnMut(u64)) -> Result<()> {
@@ -363,6 +383,11 @@ impl Segment {
     /// The gallery this segment was written for.
     pub fn gallery_id(&self) -> u64 {
         self.header.gallery_id
+    }
+
+    /// The CRC32 of its header: the file's identity, which the manifest records.
+    pub fn header_crc(&self) -> u32 {
+        self.header.header_crc
     }
 
     /// A checker for rows copied out in order (the GPU upload verifies what it copies).

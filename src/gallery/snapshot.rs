@@ -74,6 +74,8 @@ pub struct Snapshot {
     counts: Counts,
     /// When the gallery and its subjects expire (see expiry.rs).
     expiry: Arc<Expiry>,
+    /// Every subject that expired by this instant (ms) has its rows hidden here.
+    hidden_through: i64,
 }
 
 /// What a cache needs to know to reuse rows it copied from a slab earlier.
@@ -269,13 +271,25 @@ impl Snapshot {
             log,
             counts,
             expiry: Arc::new(Expiry::default()),
+            hidden_through: i64::MIN,
         }
     }
 
-    /// The same snapshot with the gallery's retention state.
-    pub fn with_expiry(mut self, expiry: Arc<Expiry>) -> Snapshot {
+    /// The same snapshot with the gallery's retention state; the rows of every subject
+    /// that expired by `hidden_through` (ms) are already hidden in it (expiry.rs).
+    pub fn with_expiry(mut self, expiry: Arc<Expiry>, hidden_through: i64) -> Snapshot {
         self.expiry = expiry;
+        self.hidden_through = hidden_through;
         self
+    }
+
+    /// Whether a subject expired after this snapshot hid the expired ones (a newer
+    /// snapshot would hide it: see `Gallery::hide_expired`).
+    pub fn expiry_due(&self, now_ms: i64) -> bool {
+        self.expiry
+            .expired_between(self.hidden_through, now_ms)
+            .next()
+            .is_some()
     }
 
     /// The gallery's retention state.
@@ -284,9 +298,13 @@ impl Snapshot {
     }
 
     /// Live subjects whose expiry is at or before `now_ms`: never to be returned,
-    /// verified or counted, though their rows are still here until a purge.
+    /// verified or counted. Only those that expired after the snapshot hid the expired
+    /// ones can be live (usually none; looked up in O(log) of the expiries).
     pub fn expired_live(&self, now_ms: i64) -> Vec<&str> {
-        self.expiry.expired(now_ms).filter(|s| self.has_subject(s)).collect()
+        self.expiry
+            .expired_between(self.hidden_through, now_ms)
+            .filter(|s| self.has_subject(s))
+            .collect()
     }
 
     /// Subjects and live rows of `expired_live(now_ms)` (what counts leave out).
@@ -385,6 +403,20 @@ impl Snapshot {
             return Ok(());
         }
         self.segments.iter().try_for_each(|v| v.segment.after_read())
+    }
+
+    /// After a search read the segments: whether any file was written in place since it
+    /// was verified ([`Segment::reverify_if_written`]): an error if one is now damaged,
+    /// `Ok(false)` if one was written but is intact (read it again), `Ok(true)` if none
+    /// was. One stat per segment.
+    pub fn files_unchanged(&self) -> crate::error::Result<bool> {
+        let mut unchanged = true;
+        for v in &self.segments {
+            if v.segment.reverify_if_written()? {
+                unchanged = false;
+            }
+        }
+        Ok(unchanged)
     }
 
     /// Accept the segments' rows without verifying them (`--no-verify`).

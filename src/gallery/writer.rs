@@ -6,7 +6,7 @@
 
 use super::compaction::MergeScope;
 use super::expiry::{Expiry, check_future};
-use super::files::{keep_aside, lock_dir, remove_orphans, write_segment_file};
+use super::files::{keep_aside, keep_log_tail, lock_dir, remove_orphans, write_segment_file};
 use super::identity::{self, FileIdentity};
 use super::manifest::{self, Committed, Manifest, SegmentEntry, segment_file_name, wal_file_name};
 use super::memtable::LogTable;
@@ -17,7 +17,7 @@ use super::wal::{self, WalHeader, WalRecord, WalWriter};
 use super::{CompactReport, Enrollment, GalleryInfo};
 use crate::error::{Error, IoContext, Result};
 use crate::storage::Storage;
-use crate::template::{Dtype, check_dim, check_subject_id, normalize_into};
+use crate::template::{Dtype, canonical_subject_id, check_dim, normalize_into};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,6 +46,12 @@ pub struct Gallery {
     /// The file a planned merge is writing (see `compaction.rs`): kept from orphan
     /// removal, and the log is not sealed meanwhile.
     pub(super) merging: Option<String>,
+    /// Expired subjects whose rows are hidden in memory (marked dead in `segments`,
+    /// removed from `memtable`, left out of `counts`) but not yet deleted through the
+    /// log (expiry.rs); the purge deletes them.
+    pub(super) hidden: std::collections::BTreeSet<String>,
+    /// Every subject that expired by this instant (ms) is hidden.
+    pub(super) hidden_through: i64,
 }
 
 impl Gallery {
@@ -86,14 +92,22 @@ impl Gallery {
         }
         let lock = lock_dir(dir)?;
         let state = load_state(dir)?;
+        let wal_path = dir.join(&state.manifest.wal);
         if state.log.torn_bytes() > 0 {
+            // Unfinished: a write a crash interrupted, or (the log's final length was
+            // not recorded, see wal/tail.rs) an acknowledged group cut short. The bytes
+            // are kept before they are cut, so nothing is destroyed on a guess.
+            let kept = keep_log_tail(&storage, dir, &wal_path, state.log.valid_len)?;
             tracing::warn!(
                 gallery = %dir.display(),
                 bytes = state.log.torn_bytes(),
-                "cutting a torn log tail (an interrupted write that was never acknowledged)"
+                offset = state.log.valid_len,
+                kept = %kept.display(),
+                "cutting an unfinished last commit group of the log: a write interrupted by a crash \
+                 (never acknowledged), or an acknowledged group cut short, which cannot be told apart \
+                 because the log's final length was not recorded; the bytes are kept"
             );
         }
-        let wal_path = dir.join(&state.manifest.wal);
         let wal = WalWriter::open(&storage, &wal_path, &state.log)?;
         let wal_identity = File::open(&wal_path)
             .and_then(|f| FileIdentity::of_file(&f))
@@ -108,16 +122,13 @@ impl Gallery {
         }
         let memtable = state.memtable;
         let expiry = Arc::new(Expiry::load(dir)?);
-        let snapshot = Arc::new(
-            Snapshot::new(
-                state.manifest.dim,
-                state.manifest.dtype,
-                state.segments.clone(),
-                memtable.clone(),
-                state.counts,
-            )
-            .with_expiry(expiry.clone()),
-        );
+        let snapshot = Arc::new(Snapshot::new(
+            state.manifest.dim,
+            state.manifest.dtype,
+            Vec::new(),
+            memtable.clone(),
+            state.counts,
+        ));
         let recounted = state.manifest.sealed_subjects.is_none();
         let mut gallery = Gallery {
             dir: dir.to_path_buf(),
@@ -135,7 +146,10 @@ impl Gallery {
             poisoned: None,
             copy_stale,
             merging: None,
+            hidden: std::collections::BTreeSet::new(),
+            hidden_through: i64::MIN,
         };
+        gallery.publish();
         // Deletions in the log carry segment marks; a mark above the next id (a merge
         // reserved an id and the process ended before committing it) must stay above
         // every segment made from now on, or it would reach them on the next replay.
@@ -150,18 +164,27 @@ impl Gallery {
             .max()
             .unwrap_or(0);
         gallery.manifest.next_file_id = gallery.manifest.next_file_id.max(highest_mark);
-        if recounted {
+        let unnamed = gallery.manifest.segments.iter().any(|e| e.header_crc.is_none());
+        if recounted || unnamed {
             // Counted at open (after a repair, or an older manifest): keep the number,
-            // so the next open reads it instead of every id.
+            // so the next open reads it instead of every id. And an older manifest's
+            // segments get their identities recorded (each opened segment passed its
+            // header checks just now).
             let mut manifest = gallery.manifest.clone();
             manifest.sealed_subjects = Some(state.sealed_subjects);
+            for (entry, view) in manifest.segments.iter_mut().zip(&gallery.segments) {
+                entry.header_crc = Some(view.segment.header_crc());
+            }
             gallery.commit(manifest)?;
         }
         gallery.remove_orphans();
         Ok(gallery)
     }
 
+    /// Build the snapshot searches read from the state, the subjects expired by now
+    /// hidden first.
     pub(super) fn publish(&mut self) {
+        self.hide_expired(crate::time_text::now_ms(), false);
         self.snapshot = Arc::new(
             Snapshot::new(
                 self.manifest.dim,
@@ -170,8 +193,41 @@ impl Gallery {
                 self.memtable.clone(),
                 self.counts,
             )
-            .with_expiry(self.expiry.clone()),
+            .with_expiry(self.expiry.clone(), self.hidden_through),
         );
+    }
+
+    /// Hide the rows of the subjects that expired since the last time (or, with
+    /// `all`, of every expired subject that has live rows: after rows were added that
+    /// an earlier expiry covers, by an import). See expiry.rs.
+    pub(super) fn hide_expired(&mut self, now_ms: i64, all: bool) {
+        let after = if all { i64::MIN } else { self.hidden_through };
+        let hidden = super::expiry::hide_expired(
+            &self.expiry,
+            after,
+            now_ms,
+            &mut self.segments,
+            &mut self.memtable,
+            &mut self.counts,
+        );
+        self.hidden.extend(hidden);
+        self.hidden_through = self.hidden_through.max(now_ms);
+    }
+
+    /// If a subject expired since the current snapshot was built, build one that hides
+    /// it (a server calls this every tick, so expired rows cost searches nothing).
+    /// Returns whether it did.
+    pub fn hide_newly_expired(&mut self) -> bool {
+        if !self.snapshot.expiry_due(crate::time_text::now_ms()) {
+            return false;
+        }
+        self.publish();
+        true
+    }
+
+    /// Whether a purge has work: expired subjects hidden or still live.
+    pub fn expired_pending(&self, now_ms: i64) -> bool {
+        !self.hidden.is_empty() || !self.snapshot.expired_live(now_ms).is_empty()
     }
 
     /// Distinct subject ids in the segments, deletions not applied (the manifest's
@@ -252,6 +308,25 @@ impl Gallery {
         }
     }
 
+    /// Record the log's final length durably if anything was appended since it last was
+    /// (see `WalWriter::record_final_length`): a server does this once a log has been
+    /// idle for a moment, and every close does it.
+    pub fn record_log_length(&mut self) -> Result<()> {
+        self.wal.record_final_length()
+    }
+
+    /// Whether the log's final length is recorded (nothing appended since).
+    pub fn log_length_recorded(&self) -> bool {
+        self.wal.final_length_recorded()
+    }
+
+    /// Close the gallery: record the log's final length durably (after this, a cut of
+    /// the log anywhere is refused as damage) and release the lock. Dropping a gallery
+    /// does the same but can only log a failure; this returns it.
+    pub fn close(mut self) -> Result<()> {
+        self.wal.record_final_length()
+    }
+
     /// What a scrub needs to read the log back without holding the writer: the file,
     /// its expected header, and how much of it was acknowledged so far.
     pub fn log_probe(&self) -> LogProbe {
@@ -295,14 +370,36 @@ impl Gallery {
         if self.expiry.gallery_expired(now) {
             return Err(self.expiry.gallery_expired_error());
         }
-        if batch
+        self.hide_expired(now, false);
+        // A subject whose templates expired is enrolled afresh: its expired templates
+        // are deleted first, durably, before its expiry changes (so no crash can bring
+        // them back), and are never used again.
+        let expired_first: Vec<WalRecord> = records
+            .iter()
+            .map(WalRecord::subject)
+            .filter(|s| self.hidden.contains(*s))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|s| WalRecord::Delete {
+                subject: s.to_owned(),
+                segments_before: self.manifest.next_file_id,
+            })
+            .collect();
+        if !expired_first.is_empty() {
+            self.log_and_apply(&expired_first)?;
+            for r in &expired_first {
+                self.hidden.remove(r.subject());
+            }
+        }
+        // The records carry the canonical ids; the expiries are keyed by them too.
+        if records
             .iter()
             .zip(expires)
-            .any(|(e, at)| self.expiry.subject_ms(&e.subject) != *at)
+            .any(|(r, at)| self.expiry.subject_ms(r.subject()) != *at)
         {
             let mut next = (*self.expiry).clone();
-            for (e, at) in batch.iter().zip(expires) {
-                next.set(&e.subject, *at);
+            for (r, at) in records.iter().zip(expires) {
+                next.set(r.subject(), *at);
             }
             self.commit_expiry(next)?;
         }
@@ -316,7 +413,7 @@ impl Gallery {
         let mut records = Vec::with_capacity(batch.len());
         let mut total = 0;
         for (i, e) in batch.iter().enumerate() {
-            check_subject_id(&e.subject)?;
+            let subject = canonical_subject_id(&e.subject)?;
             if e.templates.is_empty() {
                 return Err(Error::invalid(format!(
                     "enrollment {i} (subject {:?}) has no templates",
@@ -344,7 +441,7 @@ impl Gallery {
             }
             total += e.templates.len() / dim;
             records.push(WalRecord::Enroll {
-                subject: e.subject.clone(),
+                subject: subject.into_owned(),
                 templates: normalized,
             });
         }
@@ -362,10 +459,10 @@ impl Gallery {
             self.enrollment_records(enrollments)?
         };
         for subject in deletions {
-            check_subject_id(subject)?;
-            if self.snapshot.has_subject(subject) {
+            let subject = canonical_subject_id(subject)?;
+            if self.snapshot.has_subject(&subject) {
                 records.push(WalRecord::Delete {
-                    subject: subject.clone(),
+                    subject: subject.into_owned(),
                     segments_before: self.manifest.next_file_id,
                 });
             }
@@ -426,12 +523,8 @@ impl Gallery {
     /// subjects deleted or still expired (never answered either way) and every other
     /// subject as it was.
     pub fn purge_expired(&mut self, now_ms: i64) -> Result<Vec<String>> {
-        let expired: Vec<String> = self
-            .snapshot
-            .expired_live(now_ms)
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
+        self.hide_expired(now_ms, false);
+        let expired: Vec<String> = self.hidden.iter().cloned().collect();
         if !expired.is_empty() {
             self.check_writable()?;
             let records: Vec<WalRecord> = expired
@@ -442,6 +535,7 @@ impl Gallery {
                 })
                 .collect();
             self.log_and_apply(&records)?;
+            self.hidden.clear();
         }
         let stale: Vec<String> = self
             .expiry
@@ -482,7 +576,7 @@ impl Gallery {
 
     /// Delete a subject (all its templates), durably. Unknown subject: `NotFound`.
     pub fn delete_subject(&mut self, subject: &str) -> Result<()> {
-        check_subject_id(subject)?;
+        let subject = &*canonical_subject_id(subject)?;
         if !self.snapshot.has_subject(subject) {
             return Err(Error::NotFound(format!(
                 "subject {subject:?} in gallery {}",
@@ -600,11 +694,7 @@ impl Gallery {
                 }
                 Ok(())
             })?;
-            manifest.segments.push(SegmentEntry {
-                id,
-                file: file.clone(),
-                rows: rows as u64,
-            });
+            manifest.segments.push(SegmentEntry::of(id, &file, &segment));
             manifest.sealed_subjects = Some(self.sealed_subjects() + self.unsealed(table.live_subjects().into_iter()));
             sealed = Some((segment, file));
             id += 1;

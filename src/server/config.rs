@@ -49,11 +49,17 @@ pub struct Config {
     /// How long a graceful shutdown waits for in-flight requests (and open streams, such
     /// as health watches) before it cuts them off.
     pub shutdown_grace_ms: u64,
-    /// Most open client connections. When full, the oldest connection that has not sent
-    /// a byte is closed to admit a new one; if every connection has spoken, the new one
-    /// is refused (counted and logged).
+    /// Most open client connections. When full, the oldest connection that has made no
+    /// request (silent, or that sent only bytes such as the HTTP/2 preface) is closed to
+    /// admit a new one; if every connection has made a request, the new one is refused
+    /// (counted and logged).
     pub max_connections: usize,
-    /// A connection that sends nothing for this long after it opens is closed.
+    /// Most open connections from one IP address (the same rule applies within it);
+    /// 0: a quarter of `max_connections`.
+    pub max_connections_per_address: usize,
+    /// A connection that has not made its first request this long after it opens is
+    /// closed (the TLS handshake, the HTTP/2 preface and the request's headers must all
+    /// arrive within it).
     pub handshake_timeout_ms: u64,
     /// HTTP/2 keepalive: ping a connection idle this long (0: never) ...
     pub keepalive_interval_ms: u64,
@@ -72,6 +78,11 @@ pub struct Config {
     /// How often the files in use are checked for being replaced, truncated or
     /// written under the server (a stat per file).
     pub file_check_interval_ms: u64,
+    /// A gallery's log idle for this long has its final length recorded (one fsync),
+    /// so that a cut of the log is recognised as damage even after a crash: only a
+    /// crash within this long of the last write leaves the last commit group
+    /// unprovable (RELIABILITY.md). 0: only when the server stops cleanly.
+    pub log_idle_ms: u64,
     /// The audit log's rotation and retention.
     pub audit: AuditConfig,
     /// Retention of the encounter log (`DATA/encounters.sqlite`).
@@ -295,6 +306,7 @@ impl Default for Config {
             seal_log_rows: 100_000,
             merge_segments: 4,
             max_connections: 1024,
+            max_connections_per_address: 0,
             handshake_timeout_ms: 10_000,
             keepalive_interval_ms: 30_000,
             keepalive_timeout_ms: 10_000,
@@ -303,6 +315,7 @@ impl Default for Config {
             scrub_interval_s: 86_400,
             scrub_mb_per_s: 200,
             file_check_interval_ms: 1000,
+            log_idle_ms: 50,
             audit: AuditConfig::default(),
             encounters: EncountersConfig::default(),
             retention: RetentionConfig::default(),
@@ -320,6 +333,18 @@ impl Config {
             toml::from_str(&text).map_err(|e| Error::Config(format!("config {}: {e}", path.display())))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The connection limits for the accept loop.
+    pub fn connection_limits(&self) -> super::connections::ConnectionLimits {
+        super::connections::ConnectionLimits {
+            max_connections: self.max_connections,
+            max_per_address: match self.max_connections_per_address {
+                0 => (self.max_connections / 4).max(1),
+                n => n,
+            },
+            handshake_timeout: std::time::Duration::from_millis(self.handshake_timeout_ms),
+        }
     }
 
     /// Check values that TOML's types cannot.

@@ -31,8 +31,15 @@ pub struct Reason {
 pub enum Refusal {
     /// A new connection while every slot was held by connections that had spoken.
     Connections,
-    /// A connection that sent nothing within the handshake timeout.
+    /// A connection that sent nothing within the handshake timeout, or closed to make
+    /// room while silent.
     SilentConnection,
+    /// A connection that made no request within the handshake timeout (it sent bytes:
+    /// one, or the HTTP/2 preface), or closed to make room while it had made none.
+    IdleConnection,
+    /// A new connection from an address holding `max_connections_per_address`
+    /// connections that had all made requests.
+    AddressLimit,
     /// A call while `max_requests_in_flight` calls were being handled.
     RequestsInFlight,
     /// A search while the engine's queue was full.
@@ -50,6 +57,8 @@ impl Refusal {
         match self {
             Refusal::Connections => "connections",
             Refusal::SilentConnection => "silent_connection",
+            Refusal::IdleConnection => "idle_connection",
+            Refusal::AddressLimit => "address_limit",
             Refusal::RequestsInFlight => "requests_in_flight",
             Refusal::Queue => "queue",
             Refusal::Unauthenticated => "unauthenticated",

@@ -14,6 +14,7 @@ pub mod config;
 pub mod connections;
 pub mod encounters;
 pub mod metrics;
+pub mod read_ahead;
 pub mod registry;
 pub mod retention;
 pub mod service;
@@ -34,6 +35,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// HTTP/2 flow-control windows of the server's connections. h2 closes a connection
+/// (GOAWAY `too_many_data_frames`) whose unread DATA frames under 256 bytes cost more
+/// than half the connection window, each costing 256 minus its size; what one call can
+/// leave unread is bounded by the stream window. So a 16 MiB connection window (an
+/// 8 MiB budget) and 256 KiB per stream: a stream of 60-byte messages held back by a
+/// slow disk costs at most ~0.8 MiB, nine such streams on one connection fit, and a
+/// call still moves 256 KiB per round trip. (hyper's defaults, 1 MiB and 1 MiB, let
+/// one stream of small messages exceed the budget.)
+pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+/// The window of each stream (call).
+pub const STREAM_WINDOW_BYTES: u32 = 256 << 10;
 
 /// A gRPC status code's name as gRPC writes it ("INVALID_ARGUMENT").
 pub fn status_code_name(code: tonic::Code) -> String {
@@ -79,6 +92,7 @@ pub struct ServerHandle {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
     grace: std::time::Duration,
+    registry: Arc<registry::Registry>,
     _supervisor: supervisor::Supervisor,
     _retention: BackgroundTask,
     _gallery_retention: BackgroundTask,
@@ -87,8 +101,10 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// Graceful shutdown: NOT_SERVING, stop accepting, finish in-flight requests; after
-    /// the grace period, cut off whatever is still open.
+    /// Graceful shutdown: NOT_SERVING, stop accepting, finish in-flight requests (after
+    /// the grace period, cut off whatever is still open), then close every gallery: writes
+    /// still running end first, and each log's final length is recorded, so that a cut
+    /// of a log after a clean stop is always recognised.
     pub async fn shutdown(mut self) -> Result<()> {
         #[cfg(feature = "cluster")]
         if let Some(node) = self.node.take() {
@@ -97,14 +113,20 @@ impl ServerHandle {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        match tokio::time::timeout(self.grace, &mut self.task).await {
+        let served = match tokio::time::timeout(self.grace, &mut self.task).await {
             Ok(joined) => joined.map_err(|e| Error::Internal(format!("server task: {e}")))?,
             Err(_) => {
                 tracing::warn!(grace = ?self.grace, "requests still open after the grace period; closing them");
                 self.task.abort();
                 Ok(())
             }
-        }
+        };
+        let registry = self.registry.clone();
+        let closed = tokio::task::spawn_blocking(move || registry.close_all())
+            .await
+            .map_err(|e| Error::Internal(format!("closing the galleries: {e}")))?;
+        tracing::info!("galleries closed");
+        served.and(closed)
     }
 }
 
@@ -193,7 +215,13 @@ async fn start_inner(config: Config, storage: crate::storage::Storage, cluster: 
 
     let keepalive =
         (config.keepalive_interval_ms > 0).then(|| std::time::Duration::from_millis(config.keepalive_interval_ms));
+    let accepted = connections::Connections::new(config.connection_limits(), metrics.clone());
     let mut builder = Server::builder()
+        // A connection is marked by its first request (connections.rs).
+        .layer(accepted.layer())
+        // Windows sized for h2's budget of small DATA frames (see the constants).
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(Some(std::time::Duration::from_millis(config.keepalive_timeout_ms)))
         .max_concurrent_streams(Some(config.max_streams_per_connection));
@@ -286,13 +314,8 @@ async fn start_inner(config: Config, storage: crate::storage::Storage, cluster: 
         tracing::info!("shutting down: NOT_SERVING, draining in-flight requests");
         health.set_not_serving::<BiogateServer<Arc<service::Service>>>().await;
     };
-    let limits = connections::ConnectionLimits {
-        max_connections: config.max_connections,
-        handshake_timeout: std::time::Duration::from_millis(config.handshake_timeout_ms),
-    };
-    let conn_metrics = metrics.clone();
     let task = tokio::spawn(async move {
-        let incoming = connections::incoming(listener, limits, conn_metrics);
+        let incoming = accepted.incoming(listener);
         let result = router
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
@@ -307,6 +330,7 @@ async fn start_inner(config: Config, storage: crate::storage::Storage, cluster: 
         stop: Some(stop_tx),
         task,
         grace: std::time::Duration::from_millis(config.shutdown_grace_ms),
+        registry,
         _supervisor: supervisor,
         _retention: retention,
         _gallery_retention: gallery_retention,

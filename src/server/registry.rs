@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// Why a gallery is not serving.
 #[derive(Clone, Debug, PartialEq)]
@@ -233,6 +234,60 @@ impl GalleryEntry {
             g.prune_log()?;
             Ok(g.compact_report(before))
         })
+    }
+
+    /// The supervisor's tick (every few tens of milliseconds; never waits for a
+    /// write): hide the rows of subjects that expired since the snapshot was built
+    /// (expiry.rs), and record the log's final length once it has been idle for
+    /// `log_idle` (None: never), so that a cut of it is recognised even after a crash
+    /// (wal/tail.rs). `idle` is this gallery's state between ticks: the log position
+    /// last seen, and since when.
+    pub fn tick(&self, log_idle: Option<Duration>, idle: &mut Option<(u64, Instant)>) {
+        let Ok(mut guard) = self.writer.try_lock() else {
+            *idle = None; // a write is running: not idle
+            return;
+        };
+        let Some(g) = guard.as_mut() else { return };
+        if g.hide_newly_expired() {
+            *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(g.snapshot());
+        }
+        let Some(log_idle) = log_idle else { return };
+        if g.log_length_recorded() {
+            *idle = None;
+            return;
+        }
+        let position = g.log_position();
+        match *idle {
+            Some((seen, since)) if seen == position && since.elapsed() >= log_idle => {
+                *idle = None;
+                if let Err(e) = g.record_log_length() {
+                    tracing::warn!(gallery = %self.name, error = %e, "could not record the log's final length; trying again");
+                }
+            }
+            Some((seen, _)) if seen == position => {}
+            _ => *idle = Some((position, Instant::now())),
+        }
+    }
+
+    /// Whether a retention purge has work here (subjects expired, hidden or not).
+    pub fn expired_pending(&self, now_ms: i64) -> bool {
+        self.lock_writer().as_ref().is_some_and(|g| g.expired_pending(now_ms))
+    }
+
+    /// Close the gallery for good (the server is stopping): writes are refused from now
+    /// on, and the log's final length is recorded, so a cut of it is recognised.
+    pub fn close(&self) -> Result<()> {
+        {
+            let mut p = self.problem.write().unwrap_or_else(|p| p.into_inner());
+            if p.is_none() {
+                *p = Some(Problem::Unavailable("the server is stopping".into()));
+            }
+        }
+        let gallery = self.lock_writer().take();
+        match gallery {
+            Some(g) => g.close(),
+            None => Ok(()),
+        }
     }
 
     /// Summary for GetGallery / ListGalleries.
@@ -533,6 +588,20 @@ impl Registry {
         }
         tracing::warn!(gallery = %name, actions = ?report.actions, lost = report.lost.len(), "repaired gallery");
         Ok(report)
+    }
+
+    /// Close every gallery (the server is stopping; see [`GalleryEntry::close`]),
+    /// waiting for writes in progress to end. Failures are logged, and the first
+    /// returned after every gallery was tried.
+    pub fn close_all(&self) -> Result<()> {
+        let mut first = None;
+        for entry in self.all() {
+            if let Err(e) = entry.close() {
+                tracing::error!(gallery = %entry.name, error = %e, "could not close the gallery cleanly");
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// Compact a gallery while it serves (see [`GalleryEntry::compact`]).

@@ -44,10 +44,10 @@ fn purge_all(registry: &Registry, rules: &RetentionConfig, now: i64) -> Vec<Purg
             });
             continue;
         }
-        if snapshot.expired_live(now).is_empty() {
+        drop(snapshot);
+        if !entry.expired_pending(now) {
             continue;
         }
-        drop(snapshot);
         let rule = match rules
             .rule_for(&name)
             .and_then(|r| Some((r.subject_retention.as_ref()?, &r.galleries)))
@@ -58,12 +58,13 @@ fn purge_all(registry: &Registry, rules: &RetentionConfig, now: i64) -> Vec<Purg
         let purged = entry.write(|g| g.purge_expired(now));
         let (count, error) = match purged {
             Ok(deleted) => {
-                // The rows themselves go now, not at some later merge.
-                let compacted = registry
-                    .compact(&name)
+                // The rows themselves go now, not at some later merge: the log sealed,
+                // and only the segments that hold deleted rows rewritten.
+                let removed = registry
+                    .remove_deleted(&name)
                     .err()
-                    .map(|e| format!("compaction after the purge: {e}"));
-                (deleted.len(), compacted)
+                    .map(|e| format!("removing the purged rows: {e}"));
+                (deleted.len(), removed)
             }
             Err(e) => (0, Some(e.to_string())),
         };

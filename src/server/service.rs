@@ -21,7 +21,7 @@ use crate::encounters::{EncounterLog, EncounterStore, StatsBy};
 use crate::engine::{Engine, ProbeResult};
 use crate::error::{Error, GpuErrorKind};
 use crate::gallery::Enrollment;
-use crate::template::{Dtype, check_subject_id, normalize_into};
+use crate::template::{Dtype, canonical_subject_id, normalize_into};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -206,6 +206,14 @@ struct IdentifyQuery<'a> {
     threshold: Option<f32>,
     /// The request field holding the probes, for error messages.
     field: &'a str,
+}
+
+/// A request's `subject` field in canonical form (template.rs), or INVALID_ARGUMENT
+/// naming the field and what is wrong with it.
+pub fn subject_field(id: &str) -> Result<String, Status> {
+    canonical_subject_id(id)
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|e| Status::invalid_argument(format!("subject: {e}")))
 }
 
 /// Run a blocking library call (disk writes, a verify scan) off the async threads and map
@@ -408,6 +416,15 @@ impl Service {
 
     /// End a call: audit its outcome, count it, and answer.
     async fn finish<T>(&self, call: Call, r: Result<(T, Audited), Status>) -> Result<Response<T>, Status> {
+        match r {
+            Ok((v, audited)) => self.finish_with(call, Ok(v), audited).await,
+            Err(s) => self.finish_with(call, Err(s), Audited::default()).await,
+        }
+    }
+
+    /// [`Service::finish`] with what the call did audited whatever its outcome (a
+    /// stream that failed part way after some of its writes took effect).
+    async fn finish_with<T>(&self, call: Call, r: Result<T, Status>, audited: Audited) -> Result<Response<T>, Status> {
         let (code, error) = match &r {
             Ok(_) => (Code::Ok, None),
             Err(s) => (s.code(), Some(s.message().to_owned())),
@@ -417,8 +434,7 @@ impl Service {
         } else {
             super::status_code_name(code)
         };
-        let empty = Audited::default();
-        let audited = r.as_ref().map(|(_, a)| a).unwrap_or(&empty);
+        let audited = &audited;
         let written = self
             .audit
             .record(&AuditEntry {
@@ -436,8 +452,8 @@ impl Service {
             })
             .await;
         let answer = match (r, written) {
-            (r, Ok(())) => r.map(|(v, _)| v),
-            (Ok((v, a)), Err(e)) if a.took_effect => {
+            (r, Ok(())) => r,
+            (Ok(v), Err(e)) if audited.took_effect => {
                 self.metrics.audit_failures.inc();
                 tracing::error!(method = call.method, caller = %call.caller, gallery = %call.gallery, error = %e,
                     "audit log: the outcome line of a completed write could not be written (its intent line is durable)");
@@ -664,38 +680,61 @@ impl Service {
     }
 
     /// Enroll a client stream in groups: every message that has already arrived (up to
-    /// `ENROLL_GROUP`) is validated, audited as an intent, and made durable with one
-    /// log fsync. If a message is bad, the messages before it are still enrolled and
-    /// the error says how many were.
+    /// `ENROLL_GROUP` messages or `ENROLL_GROUP_BYTES`) is validated, audited as an
+    /// intent, and made durable with one log fsync. The stream is read ahead of the
+    /// writes (read_ahead.rs), so small messages never pile up unread in HTTP/2. If a
+    /// message is bad, or the stream breaks, the messages before it are still enrolled
+    /// and the error says how many were (never UNAVAILABLE, which reads as "nothing
+    /// happened, retry"). Returns what was enrolled, audited even when the call fails,
+    /// and the galleries written.
     async fn enroll_stream(
         &self,
         call: &Call,
-        mut stream: Streaming<proto::EnrollRequest>,
-    ) -> Result<(proto::EnrollResponse, Audited), Status> {
-        const ENROLL_GROUP: usize = 256;
+        stream: Streaming<proto::EnrollRequest>,
+    ) -> (Result<proto::EnrollResponse, Status>, Audited, Vec<String>) {
+        const ENROLL_GROUP: usize = 4096;
+        const ENROLL_GROUP_BYTES: usize = 8 << 20;
         let mut done = proto::EnrollResponse::default();
         let mut audited = Audited::default();
+        let mut galleries: Vec<String> = Vec::new();
         let mut index = 0usize;
-        let mut ended = false;
-        while !ended {
+        let mut incoming = super::read_ahead::read_ahead(stream, 2 * ENROLL_GROUP_BYTES);
+        let enrolled = |done: &proto::EnrollResponse| {
+            format!(
+                "{} subjects ({} templates) from earlier messages are enrolled",
+                done.subjects, done.templates
+            )
+        };
+        loop {
             // Wait for one message, then take whatever else is already here.
-            let Some(first) = stream.message().await? else { break };
-            let mut group = vec![first];
-            while group.len() < ENROLL_GROUP {
-                match tokio::time::timeout(Duration::ZERO, stream.message()).await {
-                    Ok(Ok(Some(m))) => group.push(m),
-                    Ok(Ok(None)) => {
+            let mut broken = None;
+            let mut ended = false;
+            let mut group = Vec::new();
+            match incoming.recv().await {
+                Some(Ok(m)) => group.push(m),
+                Some(Err(e)) => broken = Some(e),
+                None => break,
+            }
+            let mut bytes = group.first().map_or(0, |m| m.bytes);
+            while broken.is_none() && group.len() < ENROLL_GROUP && bytes < ENROLL_GROUP_BYTES {
+                match incoming.try_recv() {
+                    Ok(Ok(m)) => {
+                        bytes += m.bytes;
+                        group.push(m);
+                    }
+                    Ok(Err(e)) => broken = Some(e),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
                         ended = true;
                         break;
                     }
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => break, // nothing more has arrived yet
                 }
             }
             // Validate in order; a bad message cuts the group there.
             let mut valid: Vec<(Arc<GalleryEntry>, proto::EnrollRequest, Enrollment, Option<i64>)> = Vec::new();
             let mut failure = None;
-            for msg in group {
+            for ahead in group {
+                let msg = ahead.message;
                 match self.check_enrollment(&msg) {
                     Ok((entry, enrollment, expires_at)) => valid.push((entry, msg, enrollment, expires_at)),
                     Err(s) => {
@@ -708,11 +747,12 @@ impl Service {
             let mut at = 0;
             while at < valid.len() {
                 let gallery = valid[at].0.clone();
+                if !galleries.contains(&gallery.name) {
+                    galleries.push(gallery.name.clone());
+                }
                 let end = at + valid[at..].iter().take_while(|v| Arc::ptr_eq(&v.0, &gallery)).count();
-                let batch: Vec<Enrollment> = valid[at..end].iter().map(|v| v.2.clone()).collect();
-                let expires: Vec<Option<i64>> = valid[at..end].iter().map(|v| v.3).collect();
                 let templates: usize = valid[at..end].iter().map(|v| v.1.templates.len()).sum();
-                let subjects: Vec<&str> = valid[at..end].iter().map(|v| v.1.subject.as_str()).collect();
+                let subjects: Vec<String> = valid[at..end].iter().map(|v| v.2.subject.clone()).collect();
                 let group_call = Call {
                     method: call.method,
                     peer: call.peer.clone(),
@@ -721,81 +761,99 @@ impl Service {
                     start: call.start,
                     _permit: None,
                 };
-                let committed = async {
-                    self.intent(&group_call, &subjects, templates).await?;
-                    #[cfg(feature = "cluster")]
-                    if let Some(node) = self.cluster_node() {
-                        if valid[at..end].iter().any(|v| !v.1.expires_at.is_empty()) {
-                            return Err(Status::invalid_argument(
-                                "expires_at: a cluster's galleries do not expire subjects yet",
-                            ));
-                        }
-                        let ops = batch
-                            .into_iter()
-                            .map(|e| crate::cluster::batch::Op::Enroll {
-                                subject: e.subject,
-                                templates: e.templates,
-                            })
-                            .collect();
-                        node.commit(&gallery.name, ops).await.map_err(status_of)?;
-                        return Ok(templates);
-                    }
-                    let writer = gallery.clone();
-                    let seal_at = self.config.seal_log_rows;
-                    blocking(move || {
-                        writer.write(|g| {
-                            let n = g.enroll_expiring(&batch, &expires)?;
-                            if g.log_rows() >= seal_at {
-                                // The enrollment is durable either way: a failed seal is
-                                // logged and retried on the next enroll, not reported.
-                                match g.seal_log() {
-                                    Ok(rows) => tracing::info!(gallery = %g.dir().display(), rows, "sealed the log"),
-                                    Err(e) => {
-                                        tracing::error!(gallery = %g.dir().display(), error = %e, "sealing the log failed")
-                                    }
-                                }
-                            }
-                            Ok(n)
-                        })
-                    })
-                    .await
-                }
-                .await;
+                let batch: Vec<Enrollment> = valid[at..end].iter().map(|v| v.2.clone()).collect();
+                let expires: Vec<Option<i64>> = valid[at..end].iter().map(|v| v.3).collect();
+                let any_expiry = valid[at..end].iter().any(|v| !v.1.expires_at.is_empty());
+                let committed = self
+                    .commit_enrollments(&group_call, &gallery, batch, expires, any_expiry, templates)
+                    .await;
                 if let Err(s) = committed {
-                    let s = Status::new(
-                        s.code(),
-                        format!(
-                            "{}; {} subjects ({} templates) from earlier messages are enrolled",
-                            s.message(),
-                            done.subjects,
-                            done.templates
-                        ),
-                    );
-                    return Err(s);
+                    let s = Status::new(s.code(), format!("{}; {}", s.message(), enrolled(&done)));
+                    return (Err(s), audited, galleries);
                 }
                 done.subjects += (end - at) as u64;
                 done.templates += templates as u64;
                 audited.took_effect = true;
                 audited.count += templates;
-                audited
-                    .subjects
-                    .extend(subjects.iter().map(|s| ((*s).to_owned(), None)));
+                audited.subjects.extend(subjects.into_iter().map(|s| (s, None)));
                 at = end;
             }
             index += valid.len();
             if let Some((i, s)) = failure {
-                return Err(Status::new(
-                    s.code(),
-                    format!(
-                        "message {i}: {}; {} subjects ({} templates) from earlier messages are enrolled",
-                        s.message(),
-                        done.subjects,
-                        done.templates
-                    ),
+                let s = Status::new(s.code(), format!("message {i}: {}; {}", s.message(), enrolled(&done)));
+                return (Err(s), audited, galleries);
+            }
+            if let Some(e) = broken {
+                // The client's stream ended early (a reset, a dropped connection): what
+                // was made durable stands, and the answer (if it can still reach the
+                // client) and the audit line say how much that is.
+                let s = Status::aborted(format!(
+                    "the request stream broke after message {index} ({}: {}); {}; send only the messages after them again",
+                    super::status_code_name(e.code()),
+                    e.message(),
+                    enrolled(&done)
                 ));
+                return (Err(s), audited, galleries);
+            }
+            if ended {
+                break;
             }
         }
-        Ok((done, audited))
+        (Ok(done), audited, galleries)
+    }
+
+    /// Make one group of a stream's enrollments durable in `gallery` (after their
+    /// intent line): through the cluster's shard log on a node, else with one append
+    /// to the gallery's log (sealing it when it is due). Returns the templates enrolled.
+    async fn commit_enrollments(
+        &self,
+        call: &Call,
+        gallery: &Arc<GalleryEntry>,
+        batch: Vec<Enrollment>,
+        expires: Vec<Option<i64>>,
+        any_expiry: bool,
+        templates: usize,
+    ) -> Result<usize, Status> {
+        let subjects: Vec<&str> = batch.iter().map(|e| e.subject.as_str()).collect();
+        self.intent(call, &subjects, templates).await?;
+        #[cfg(feature = "cluster")]
+        if let Some(node) = self.cluster_node() {
+            if any_expiry {
+                return Err(Status::invalid_argument(
+                    "expires_at: a cluster's galleries do not expire subjects yet",
+                ));
+            }
+            let ops = batch
+                .into_iter()
+                .map(|e| crate::cluster::batch::Op::Enroll {
+                    subject: e.subject,
+                    templates: e.templates,
+                })
+                .collect();
+            node.commit(&gallery.name, ops).await.map_err(status_of)?;
+            return Ok(templates);
+        }
+        #[cfg(not(feature = "cluster"))]
+        let _ = any_expiry;
+        let writer = gallery.clone();
+        let seal_at = self.config.seal_log_rows;
+        blocking(move || {
+            writer.write(|g| {
+                let n = g.enroll_expiring(&batch, &expires)?;
+                if g.log_rows() >= seal_at {
+                    // The enrollment is durable either way: a failed seal is logged
+                    // and retried on the next enroll, not reported.
+                    match g.seal_log() {
+                        Ok(rows) => tracing::info!(gallery = %g.dir().display(), rows, "sealed the log"),
+                        Err(e) => {
+                            tracing::error!(gallery = %g.dir().display(), error = %e, "sealing the log failed")
+                        }
+                    }
+                }
+                Ok(n)
+            })
+        })
+        .await
     }
 
     /// An expiry from a request's RFC 3339 `text` (`field` names it), in the future;
@@ -815,7 +873,7 @@ impl Service {
         msg: &proto::EnrollRequest,
     ) -> Result<(Arc<GalleryEntry>, Enrollment, Option<i64>), Status> {
         let entry = self.gallery(&msg.gallery)?;
-        check_subject_id(&msg.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
+        let subject = subject_field(&msg.subject)?;
         let expires_at = self.expiry_of(
             &msg.expires_at,
             "expires_at",
@@ -829,22 +887,34 @@ impl Service {
         for (i, t) in msg.templates.iter().enumerate() {
             templates.extend(decode_template(t, dim, &format!("templates[{i}]"))?);
         }
-        Ok((
-            entry,
-            Enrollment {
-                subject: msg.subject.clone(),
-                templates,
-            },
-            expires_at,
-        ))
+        Ok((entry, Enrollment { subject, templates }, expires_at))
     }
 
-    /// Make a request's encounters durable before it is answered; if they cannot be,
-    /// the answer is withheld (the client retries under the same request id).
-    async fn record_encounters(&self, rows: Vec<crate::encounters::Encounter>) -> Result<(), Status> {
-        self.encounters.record(rows).await.map_err(|e| {
-            tracing::error!(error = %e, "encounters could not be recorded; the answer is withheld");
-            Status::unavailable("the encounter could not be recorded; the answer is withheld (retry)")
+    /// Make a request's encounters durable before it is answered, under the caller's
+    /// claim on its request id (`request`: the request message with its id cleared, to
+    /// fingerprint). If they cannot be recorded the answer is withheld: UNAVAILABLE
+    /// (retry under the same id), or ALREADY_EXISTS when the caller used the id before
+    /// for a different request (a new request needs a new id).
+    async fn record_encounters(
+        &self,
+        call: &Call,
+        request_id: &str,
+        request: &impl prost::Message,
+        rows: Vec<crate::encounters::Encounter>,
+    ) -> Result<(), Status> {
+        let claim = crate::encounters::RequestClaim {
+            caller: call.caller.clone(),
+            request_id: request_id.to_owned(),
+            fingerprint: crate::encounters::fingerprint(&request.encode_to_vec()),
+        };
+        self.encounters.record(claim, rows).await.map_err(|e| match e {
+            crate::encounters::RecordError::Reused { .. } => Status::already_exists(format!(
+                "request_id: {e}; nothing was recorded and the answer is withheld (a new request needs a new id)"
+            )),
+            crate::encounters::RecordError::Failed(why) => {
+                tracing::error!(error = %why, "encounters could not be recorded; the answer is withheld");
+                Status::unavailable("the encounter could not be recorded; the answer is withheld (retry)")
+            }
         })
     }
 
@@ -880,7 +950,7 @@ impl Biogate for Arc<Service> {
             self.admit(&mut call)?;
             self.authorize(&mut call, &request, Role::Identify)?;
             let deadline = deadline_of(&request);
-            let req = request.into_inner();
+            let mut req = request.into_inner();
             // The context is checked before anything is searched.
             let context = req
                 .encounter
@@ -947,7 +1017,8 @@ impl Biogate for Arc<Service> {
                         encounter_rpc::rows_of(context, &request_id, gallery, *threshold, results)
                     })
                     .collect();
-                self.record_encounters(rows).await?;
+                req.request_id.clear();
+                self.record_encounters(&call, &request_id, &req, rows).await?;
                 response.request_id = request_id;
             }
             Ok((response, audited))
@@ -1031,7 +1102,11 @@ impl Biogate for Arc<Service> {
                                     encounter_rpc::rows_of(context, &msg.request_id, gallery, threshold, results)
                                 })
                                 .collect();
-                            service.record_encounters(rows).await?;
+                            let asked = proto::IdentifyStreamRequest {
+                                request_id: String::new(),
+                                ..msg.clone()
+                            };
+                            service.record_encounters(&call, &msg.request_id, &asked, rows).await?;
                         }
                         Ok((answers, audited))
                     }
@@ -1076,12 +1151,12 @@ impl Biogate for Arc<Service> {
             self.authorize(&mut call, &request, Role::Identify)?;
             let req = request.into_inner();
             check_threshold(req.threshold)?;
-            check_subject_id(&req.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
+            let canonical = subject_field(&req.subject)?;
             let entry = self.gallery(&req.gallery)?;
             let snapshot = entry.snapshot().map_err(status_of)?;
             let probe = decode_template(&req.probe, snapshot.dim(), "probe")?;
             let engine = self.engine.clone();
-            let subject = req.subject.clone();
+            let subject = canonical;
             let found = tokio::task::spawn_blocking(move || engine.verify(&snapshot, &probe, &subject))
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
@@ -1120,14 +1195,18 @@ impl Biogate for Arc<Service> {
         &self,
         request: Request<Streaming<proto::EnrollRequest>>,
     ) -> Result<Response<proto::EnrollResponse>, Status> {
+        // The gallery is named by the messages, not the call: the audit's final line
+        // names every gallery the stream wrote to.
         let mut call = self.begin("Enroll", &request, "");
-        let r = async {
-            self.admit(&mut call)?;
-            self.authorize(&mut call, &request, Role::Enroll)?;
-            self.enroll_stream(&call, request.into_inner()).await
+        let admitted = self
+            .admit(&mut call)
+            .and_then(|()| self.authorize(&mut call, &request, Role::Enroll).map(drop));
+        if let Err(s) = admitted {
+            return self.finish(call, Err(s)).await;
         }
-        .await;
-        self.finish(call, r).await
+        let (r, audited, galleries) = self.enroll_stream(&call, request.into_inner()).await;
+        call.gallery = galleries.join(",");
+        self.finish_with(call, r, audited).await
     }
 
     async fn delete_subject(
@@ -1138,8 +1217,8 @@ impl Biogate for Arc<Service> {
         let r = async {
             self.admit(&mut call)?;
             self.authorize(&mut call, &request, Role::Enroll)?;
-            let req = request.into_inner();
-            check_subject_id(&req.subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
+            let mut req = request.into_inner();
+            req.subject = subject_field(&req.subject)?;
             let entry = self.gallery(&req.gallery)?;
             // A cluster replica may be behind: the commit checks the subject once it has
             // caught up with the shard's log.
@@ -1382,8 +1461,7 @@ impl Biogate for Arc<Service> {
         let r = async {
             self.admit(&mut call)?;
             self.authorize(&mut call, &request, Role::Admin)?;
-            let subject = request.into_inner().subject;
-            check_subject_id(&subject).map_err(|e| Status::invalid_argument(format!("subject: {e}")))?;
+            let subject = subject_field(&request.into_inner().subject)?;
             let wanted = subject.clone();
             let rows = self.encounter_report(move |store| store.history(&wanted)).await?;
             Ok((

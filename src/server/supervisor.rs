@@ -7,7 +7,10 @@
 //!   removed, truncated or written under the server (a stat each), and per-gallery
 //!   health (`biogate.v1.Biogate/<gallery>`) is brought up to date;
 //! - every `scrub_interval_s`, a scrub reads every segment again at `scrub_mb_per_s`
-//!   and reads each log back against what was acknowledged.
+//!   and reads each log back against what was acknowledged;
+//! - every tick (50 ms), subjects that expired since are hidden from searches
+//!   (expiry.rs), and each log idle for `log_idle_ms` has its final length recorded
+//!   (wal/tail.rs), so that a cut of it is recognised after a crash.
 //!
 //! A gallery with damage becomes NOT_SERVING with the reason; the others go on.
 
@@ -109,13 +112,44 @@ pub fn start(registry: Arc<Registry>, health: HealthReporter, metrics: Arc<Metri
     let scrub_every = Duration::from_secs(config.scrub_interval_s);
     let bytes_per_s = config.scrub_mb_per_s as f64 * 1e6;
     let s = stop.clone();
+    let r = registry.clone();
     let spawned = std::thread::Builder::new()
         .name("biogate-scrub".into())
-        .spawn(move || scrub_loop(registry, scrub_every, bytes_per_s, s));
+        .spawn(move || scrub_loop(r, scrub_every, bytes_per_s, s));
     if let Err(e) = spawned {
         tracing::error!(error = %e, "could not start the scrub thread; segments are verified when first searched");
     }
+    let log_idle = (config.log_idle_ms > 0).then(|| Duration::from_millis(config.log_idle_ms));
+    let s = stop.clone();
+    let spawned = std::thread::Builder::new()
+        .name("biogate-tick".into())
+        .spawn(move || tick_loop(registry, log_idle, s));
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "could not start the tick thread; logs record their length at a clean stop only");
+    }
     Supervisor { stop, health_task }
+}
+
+/// How often the tick thread looks at every gallery.
+pub const TICK: Duration = Duration::from_millis(50);
+
+/// Every [`TICK`], each gallery's tick (`GalleryEntry::tick`).
+fn tick_loop(registry: Arc<Registry>, log_idle: Option<Duration>, stop: Arc<(AtomicBool, Mutex<()>, Condvar)>) {
+    let mut idle: HashMap<String, Option<(u64, Instant)>> = HashMap::new();
+    loop {
+        let guard = stop.1.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = stop
+            .2
+            .wait_timeout_while(guard, TICK, |_| !stop.0.load(Ordering::SeqCst));
+        if stop.0.load(Ordering::SeqCst) {
+            return;
+        }
+        let entries = registry.all();
+        idle.retain(|name, _| entries.iter().any(|e| &e.name == name));
+        for entry in entries {
+            entry.tick(log_idle, idle.entry(entry.name.clone()).or_default());
+        }
+    }
 }
 
 fn scrub_loop(registry: Arc<Registry>, every: Duration, bytes_per_s: f64, stop: Arc<(AtomicBool, Mutex<()>, Condvar)>) {
