@@ -229,3 +229,90 @@ fn kill9_campaign() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// The window after kill -9 in which the last commit group of a log cannot be proven
+/// (wal/tail.rs): a real server with `log_idle_ms = 50` enrolls one batch, is killed
+/// `d` ms after the answer (d drawn from 0..300), and its log is then cut by one byte.
+/// Per delay bucket: how often the cut was refused (the final length was recorded) and
+/// how often `check` could only say "cannot tell". `scripts/log-tail-window.sh`.
+#[test]
+#[ignore = "a long campaign: scripts/log-tail-window.sh"]
+fn log_tail_window_campaign() {
+    let trials: usize = std::env::var("BIOGATE_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let bin = env!("CARGO_BIN_EXE_biogate");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut r = rng(7);
+    // bucket (ms, 25 wide) -> (proven, cannot tell)
+    let mut buckets: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+    for trial in 0..trials {
+        let work = tempfile::tempdir().unwrap();
+        let data = work.path().join("data");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = work.path().join("biogate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {data:?}\nlisten = \"127.0.0.1:{port}\"\nbackend = \"cpu\"\nlog_idle_ms = 50\n\
+                 default_gallery = {{ name = \"g\", dim = {DIM}, dtype = \"f32\" }}\n"
+            ),
+        )
+        .unwrap();
+        let mut server = spawn(bin, &config);
+        let c = rt.block_on(connect(&format!("http://127.0.0.1:{port}")));
+        let rows = random_rows(&mut rng(trial as u64), 3, DIM);
+        let names: Vec<String> = (0..3).map(|i| format!("s{trial}-{i}")).collect();
+        rt.block_on(c.enroll("g", &rows, DIM, &names)).unwrap();
+        let delay = r.random_range(0..300u64);
+        std::thread::sleep(Duration::from_millis(delay));
+        server.kill();
+        let dir = data.join("galleries/g");
+        let log = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("wal-"))
+            .unwrap();
+        let len = std::fs::metadata(&log).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+        let proven = match biogate::gallery::check(&dir) {
+            Err(e) => {
+                assert!(e.to_string().contains("was cut"), "trial {trial}: {e}");
+                true
+            }
+            Ok(info) => {
+                assert!(
+                    info.notes.iter().any(|n| n.contains("cannot tell")),
+                    "trial {trial}: a cut was accepted in silence: {:?}",
+                    info.notes
+                );
+                false
+            }
+        };
+        let b = buckets.entry(delay / 25 * 25).or_default();
+        if proven {
+            b.0 += 1;
+        } else {
+            b.1 += 1;
+        }
+    }
+    eprintln!(
+        "log tail window: {trials} trials (log_idle_ms = 50, kill -9 d ms after the last answer, log cut by 1 byte)"
+    );
+    for (from, (proven, unknown)) in &buckets {
+        eprintln!(
+            "  d in [{from:3}, {:3}) ms: cut refused {proven:3}, cannot tell {unknown:3}",
+            from + 25
+        );
+    }
+}

@@ -171,6 +171,7 @@ fn a_recorded_final_length_closes_the_window_even_without_a_close() {
     }
 }
 
+#[cfg(feature = "cli")]
 mod server {
     use super::*;
     use biogate::client::{Client, ConnectOptions};

@@ -566,6 +566,7 @@ fn kill_9_during_purges_loses_nothing_unexpired() {
 /// The server's purge takes expired subjects' rows off the disk by rewriting only the
 /// segments that hold them (the others keep their files), and within a tick of their
 /// expiry the subjects are hidden from the snapshot, so searches pay nothing for them.
+#[cfg(feature = "cli")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_servers_purge_rewrites_only_the_segments_holding_expired_rows() {
     use biogate::server::proto;
@@ -677,4 +678,46 @@ fn an_expired_subject_enrolled_again_never_gets_its_old_templates_back() {
     }
     drop(g);
     biogate::gallery::check(dir.path()).unwrap();
+}
+
+/// `BIOGATE_SEARCHES` searches of 16 probes on a 20,000 x 64 gallery holding
+/// `BIOGATE_EXPIRED` expired, hidden, unpurged subjects, for `valgrind --tool=callgrind`
+/// to count instructions of (a measure this noisy VM repeats exactly): the difference
+/// between 8 searches and 0 is the searches' cost (BENCHMARKS.md, "Expired subjects").
+#[test]
+#[ignore = "a measurement: BENCHMARKS.md, expired subjects"]
+fn expired_search_cost_probe() {
+    let expired: usize = std::env::var("BIOGATE_EXPIRED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let (rows, dim) = (20_000, 64);
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Gallery::create(dir.path(), dim, Dtype::F32).unwrap();
+    let data = random_rows(&mut rng(9), rows, dim);
+    let batch: Vec<Enrollment> = (0..rows)
+        .map(|i| Enrollment {
+            subject: format!("s{i:06}"),
+            templates: data[i * dim..(i + 1) * dim].to_vec(),
+        })
+        .collect();
+    let soon = now_ms() + 1000;
+    let expires: Vec<Option<i64>> = (0..rows).map(|i| (i < expired).then_some(soon)).collect();
+    g.enroll_expiring(&batch, &expires).unwrap();
+    g.seal_log().unwrap();
+    sleep_past(soon);
+    g.hide_newly_expired();
+    let snapshot = g.snapshot();
+    assert_eq!(snapshot.live_subjects(), rows - expired);
+    let probes = random_rows(&mut rng(10), 16, dim);
+    let engine = Engine::cpu();
+    let searches: usize = std::env::var("BIOGATE_SEARCHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    for _ in 0..searches {
+        engine
+            .search(&snapshot, &probes, &SearchParams { k: 10, threshold: None })
+            .unwrap();
+    }
 }

@@ -270,7 +270,8 @@ impl Engine {
         }
         let results = (0..encoded.count)
             .map(|q| {
-                let mut best: HashMap<&str, f32> = HashMap::new();
+                let mut best: HashMap<&str, f32> =
+                    HashMap::with_capacity(per_slab.iter().map(|hits| hits[q].len()).sum());
                 for (slab, hits) in slabs.iter().zip(&per_slab) {
                     for h in &hits[q] {
                         let id = slab.subject_id(h.subject);
@@ -281,15 +282,21 @@ impl Engine {
                         *e = e.max(h.score);
                     }
                 }
-                let mut candidates: Vec<Candidate> = best
+                // The best k by score, then id; only they become owned strings.
+                let mut merged: Vec<(&str, f32)> = best.into_iter().collect();
+                let order = |a: &(&str, f32), b: &(&str, f32)| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0));
+                if merged.len() > params.k {
+                    merged.select_nth_unstable_by(params.k - 1, order);
+                    merged.truncate(params.k);
+                }
+                merged.sort_unstable_by(order);
+                let candidates: Vec<Candidate> = merged
                     .into_iter()
                     .map(|(subject, score)| Candidate {
                         subject: subject.to_owned(),
                         score,
                     })
                     .collect();
-                candidates.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.subject.cmp(&b.subject)));
-                candidates.truncate(params.k);
                 ProbeResult {
                     matched: params.threshold.map(|_| !candidates.is_empty()),
                     candidates,

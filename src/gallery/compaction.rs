@@ -191,6 +191,27 @@ impl BuiltMerge {
 }
 
 impl Gallery {
+    /// Rewrite every live row (segments minus deletions, plus the log's rows) into one
+    /// segment: the log is sealed, every segment merged into one (rows verified before
+    /// they are copied, so damage is never sealed into a new file with fresh
+    /// checksums), and the log rewritten without deletions that no longer apply. Each
+    /// step commits atomically through the manifest; a failure between steps leaves a
+    /// gallery with the same content.
+    pub fn compact(&mut self) -> Result<CompactReport> {
+        let before = self.footprint();
+        if self.merging.is_some() {
+            return Err(Error::Aborted(format!(
+                "{}: a merge is running; try again when it ends",
+                self.dir.display()
+            )));
+        }
+        self.check_writable()?;
+        self.seal_log()?;
+        self.merge(MergeScope::Everything)?;
+        self.prune_log()?;
+        Ok(self.compact_report(before))
+    }
+
     /// Plan a merge (see the module documentation). `None` when there is nothing to
     /// merge. Aborted while another merge is planned.
     pub fn plan_merge(&mut self, scope: MergeScope) -> Result<Option<MergePlan>> {

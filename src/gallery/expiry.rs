@@ -150,11 +150,13 @@ pub(super) fn hide_expired(
         .filter(|s| super::snapshot::subject_is_live(segments, log, s))
         .map(str::to_owned)
         .collect();
-    for s in &newly {
-        let rows = log.delete(s) as u64 + segments.iter_mut().map(|v| v.delete_subject(s)).sum::<u64>();
-        counts.rows = counts.rows.saturating_sub(rows);
-        counts.subjects = counts.subjects.saturating_sub(1);
+    let ids: Vec<&str> = newly.iter().map(String::as_str).collect();
+    let mut rows = log.delete_many(&ids) as u64;
+    for s in &ids {
+        rows += segments.iter_mut().map(|v| v.delete_subject(s)).sum::<u64>();
     }
+    counts.rows = counts.rows.saturating_sub(rows);
+    counts.subjects = counts.subjects.saturating_sub(newly.len() as u64);
     if !newly.is_empty() {
         log.refresh_ranks();
     }

@@ -94,16 +94,28 @@ impl MemTable {
 
     /// Remove every row of `subject`; returns how many rows went.
     pub fn delete(&mut self, subject: &str) -> usize {
-        let Some(ordinal) = self.find_subject(subject) else {
-            return 0;
-        };
-        let removed = self.rows_per_subject[ordinal as usize] as usize;
+        self.delete_many(std::iter::once(subject))
+    }
+
+    /// Remove every row of each of `subjects` in one pass over the rows (hiding a
+    /// thousand expired subjects moves the table once, not once per subject); returns
+    /// how many rows went.
+    pub fn delete_many<'a>(&mut self, subjects: impl IntoIterator<Item = &'a str>) -> usize {
+        let mut gone = vec![false; self.subject_count()];
+        let mut removed = 0;
+        for subject in subjects {
+            if let Some(o) = self.find_subject(subject) {
+                let o = o as usize;
+                removed += std::mem::take(&mut self.rows_per_subject[o]) as usize;
+                gone[o] = true;
+            }
+        }
         if removed == 0 {
             return 0;
         }
         let mut keep = 0;
         for row in 0..self.scales.len() {
-            if self.row_subject[row] != ordinal {
+            if !gone[self.row_subject[row] as usize] {
                 if keep != row {
                     self.data
                         .copy_within(row * self.stride..(row + 1) * self.stride, keep * self.stride);
@@ -116,7 +128,6 @@ impl MemTable {
         self.data.truncate(keep * self.stride);
         self.scales.truncate(keep);
         self.row_subject.truncate(keep);
-        self.rows_per_subject[ordinal as usize] = 0;
         self.removals += 1;
         removed
     }
@@ -287,10 +298,21 @@ impl LogTable {
 
     /// Remove every row of `subject` from every piece; how many rows went.
     pub fn delete(&mut self, subject: &str) -> usize {
+        self.delete_many(&[subject])
+    }
+
+    /// Remove every row of each of `subjects`, one pass per piece that holds any.
+    pub fn delete_many(&mut self, subjects: &[&str]) -> usize {
         self.pieces
             .iter_mut()
-            .filter(|p| p.has_subject(subject))
-            .map(|p| Arc::make_mut(p).delete(subject))
+            .map(|p| {
+                let held: Vec<&str> = subjects.iter().copied().filter(|s| p.has_subject(s)).collect();
+                if held.is_empty() {
+                    0
+                } else {
+                    Arc::make_mut(p).delete_many(held)
+                }
+            })
             .sum()
     }
 
@@ -356,5 +378,28 @@ mod tests {
         t.push("z", &[1.0, 1.0]);
         t.refresh_ranks();
         assert_eq!(t.ranks(), &[1, 2, 3, 0, 4]);
+    }
+
+    #[test]
+    fn deleting_many_at_once_leaves_what_deleting_one_by_one_leaves() {
+        let mut log = LogTable::new(Dtype::F32, 2);
+        log.piece_rows = 3; // several pieces
+        for i in 0..12 {
+            let v = i as f32 / 12.0;
+            log.push(&format!("s{}", i % 5), &[v, 1.0 - v]);
+        }
+        let mut one_by_one = log.clone();
+        let gone = ["s1", "s3", "nobody"];
+        let rows: usize = gone.iter().map(|s| one_by_one.delete(s)).sum();
+        assert_eq!(log.delete_many(&gone), rows);
+        assert_eq!(rows, 5);
+        let rows_of = |l: &LogTable| {
+            l.each_row()
+                .map(|(r, s, id)| (r.to_vec(), s, id.to_owned()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(rows_of(&log), rows_of(&one_by_one));
+        assert!(!log.has_subject("s1") && !log.has_subject("s3") && log.has_subject("s4"));
+        assert_eq!(log.delete_many(&gone), 0);
     }
 }

@@ -4,7 +4,6 @@
 //! ([`Gallery::commit`]); after a storage failure whose outcome is unknown it refuses
 //! writes until reopened.
 
-use super::compaction::MergeScope;
 use super::expiry::{Expiry, check_future};
 use super::files::{keep_aside, keep_log_tail, lock_dir, remove_orphans, write_segment_file};
 use super::identity::{self, FileIdentity};
@@ -318,6 +317,12 @@ impl Gallery {
     /// Whether the log's final length is recorded (nothing appended since).
     pub fn log_length_recorded(&self) -> bool {
         self.wal.final_length_recorded()
+    }
+
+    /// How long the log has been idle with its final length unrecorded (None: it is
+    /// recorded).
+    pub fn log_unrecorded_for(&self) -> Option<std::time::Duration> {
+        self.wal.unrecorded_for()
     }
 
     /// Close the gallery: record the log's final length durably (after this, a cut of
@@ -762,27 +767,6 @@ impl Gallery {
         self.publish();
         self.remove_orphans();
         Ok(rows)
-    }
-
-    /// Rewrite every live row (segments minus deletions, plus the log's rows) into one
-    /// segment: the log is sealed, every segment merged into one (rows verified before
-    /// they are copied, so damage is never sealed into a new file with fresh
-    /// checksums), and the log rewritten without deletions that no longer apply. Each
-    /// step commits atomically through the manifest; a failure between steps leaves a
-    /// gallery with the same content.
-    pub fn compact(&mut self) -> Result<CompactReport> {
-        let before = self.footprint();
-        if self.merging.is_some() {
-            return Err(Error::Aborted(format!(
-                "{}: a merge is running; try again when it ends",
-                self.dir.display()
-            )));
-        }
-        self.check_writable()?;
-        self.seal_log()?;
-        self.merge(MergeScope::Everything)?;
-        self.prune_log()?;
-        Ok(self.compact_report(before))
     }
 
     /// Rewrite the log without the deletions that no longer apply to any segment (after

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Why a gallery is not serving.
 #[derive(Clone, Debug, PartialEq)]
@@ -130,16 +130,29 @@ impl GalleryEntry {
         }
     }
 
-    /// What searches read now, or why there is nothing to read.
+    /// What searches read now, or why there is nothing to read. A subject that expired
+    /// since the snapshot was built is hidden first, at once (expiry.rs), unless a write
+    /// holds the gallery (the search then leaves it out itself, as exactly).
     pub fn snapshot(&self) -> Result<Arc<Snapshot>> {
         if let Some(p) = self.problem() {
             return Err(p.error(&self.name));
         }
-        self.snapshot
+        let current = self
+            .snapshot
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .ok_or_else(|| Problem::Dropped.error(&self.name))
+            .ok_or_else(|| Problem::Dropped.error(&self.name))?;
+        if current.expiry_due(crate::time_text::now_ms())
+            && let Ok(mut guard) = self.writer.try_lock()
+            && let Some(g) = guard.as_mut()
+        {
+            g.hide_newly_expired();
+            let hidden = g.snapshot();
+            *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(hidden.clone());
+            return Ok(hidden);
+        }
+        Ok(current)
     }
 
     /// Run a write; the new snapshot is published before this returns, so the very
@@ -240,32 +253,20 @@ impl GalleryEntry {
     /// write): hide the rows of subjects that expired since the snapshot was built
     /// (expiry.rs), and record the log's final length once it has been idle for
     /// `log_idle` (None: never), so that a cut of it is recognised even after a crash
-    /// (wal/tail.rs). `idle` is this gallery's state between ticks: the log position
-    /// last seen, and since when.
-    pub fn tick(&self, log_idle: Option<Duration>, idle: &mut Option<(u64, Instant)>) {
+    /// (wal/tail.rs).
+    pub fn tick(&self, log_idle: Option<Duration>) {
         let Ok(mut guard) = self.writer.try_lock() else {
-            *idle = None; // a write is running: not idle
-            return;
+            return; // a write is running: look again next tick
         };
         let Some(g) = guard.as_mut() else { return };
         if g.hide_newly_expired() {
             *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(g.snapshot());
         }
-        let Some(log_idle) = log_idle else { return };
-        if g.log_length_recorded() {
-            *idle = None;
-            return;
-        }
-        let position = g.log_position();
-        match *idle {
-            Some((seen, since)) if seen == position && since.elapsed() >= log_idle => {
-                *idle = None;
-                if let Err(e) = g.record_log_length() {
-                    tracing::warn!(gallery = %self.name, error = %e, "could not record the log's final length; trying again");
-                }
-            }
-            Some((seen, _)) if seen == position => {}
-            _ => *idle = Some((position, Instant::now())),
+        if let (Some(idle), Some(unrecorded)) = (log_idle, g.log_unrecorded_for())
+            && unrecorded >= idle
+            && let Err(e) = g.record_log_length()
+        {
+            tracing::warn!(gallery = %self.name, error = %e, "could not record the log's final length; trying again");
         }
     }
 

@@ -1204,9 +1204,18 @@ impl Biogate for Arc<Service> {
         if let Err(s) = admitted {
             return self.finish(call, Err(s)).await;
         }
-        let (r, audited, galleries) = self.enroll_stream(&call, request.into_inner()).await;
-        call.gallery = galleries.join(",");
-        self.finish_with(call, r, audited).await
+        // To the end in a task of its own: a connection that drops mid-stream makes the
+        // server drop this handler's future, and what the stream wrote must still be
+        // audited (the `done` line with the subjects made durable).
+        let service = self.clone();
+        let stream = request.into_inner();
+        tokio::spawn(async move {
+            let (r, audited, galleries) = service.enroll_stream(&call, stream).await;
+            call.gallery = galleries.join(",");
+            service.finish_with(call, r, audited).await
+        })
+        .await
+        .unwrap_or_else(|e| Err(Status::internal(format!("the Enroll task failed: {e}"))))
     }
 
     async fn delete_subject(

@@ -8,7 +8,7 @@
 //!   health (`biogate.v1.Biogate/<gallery>`) is brought up to date;
 //! - every `scrub_interval_s`, a scrub reads every segment again at `scrub_mb_per_s`
 //!   and reads each log back against what was acknowledged;
-//! - every tick (50 ms), subjects that expired since are hidden from searches
+//! - every tick (20 ms), subjects that expired since are hidden from searches
 //!   (expiry.rs), and each log idle for `log_idle_ms` has its final length recorded
 //!   (wal/tail.rs), so that a cut of it is recognised after a crash.
 //!
@@ -131,11 +131,10 @@ pub fn start(registry: Arc<Registry>, health: HealthReporter, metrics: Arc<Metri
 }
 
 /// How often the tick thread looks at every gallery.
-pub const TICK: Duration = Duration::from_millis(50);
+pub const TICK: Duration = Duration::from_millis(20);
 
 /// Every [`TICK`], each gallery's tick (`GalleryEntry::tick`).
 fn tick_loop(registry: Arc<Registry>, log_idle: Option<Duration>, stop: Arc<(AtomicBool, Mutex<()>, Condvar)>) {
-    let mut idle: HashMap<String, Option<(u64, Instant)>> = HashMap::new();
     loop {
         let guard = stop.1.lock().unwrap_or_else(|p| p.into_inner());
         let _ = stop
@@ -144,10 +143,8 @@ fn tick_loop(registry: Arc<Registry>, log_idle: Option<Duration>, stop: Arc<(Ato
         if stop.0.load(Ordering::SeqCst) {
             return;
         }
-        let entries = registry.all();
-        idle.retain(|name, _| entries.iter().any(|e| &e.name == name));
-        for entry in entries {
-            entry.tick(log_idle, idle.entry(entry.name.clone()).or_default());
+        for entry in registry.all() {
+            entry.tick(log_idle);
         }
     }
 }

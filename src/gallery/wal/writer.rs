@@ -22,6 +22,8 @@ pub struct WalWriter {
     /// The newest ack slot records `durable_len` as the final length (nothing appended
     /// since): a cut anywhere would be recognised.
     final_recorded: bool,
+    /// When the last group was appended.
+    appended_at: std::time::Instant,
 }
 
 impl WalWriter {
@@ -47,6 +49,7 @@ impl WalWriter {
             generation: 1,
             poisoned: None,
             final_recorded: true,
+            appended_at: std::time::Instant::now(),
         })
     }
 
@@ -67,6 +70,7 @@ impl WalWriter {
             generation: contents.generation,
             poisoned: None,
             final_recorded: contents.tail == super::TailProof::Complete,
+            appended_at: std::time::Instant::now(),
         };
         writer.record_final_length()?;
         Ok(writer)
@@ -90,6 +94,11 @@ impl WalWriter {
     /// Whether the log's final length is recorded (nothing appended since it was).
     pub fn final_length_recorded(&self) -> bool {
         self.final_recorded
+    }
+
+    /// How long since the last append, if the final length is not recorded since.
+    pub fn unrecorded_for(&self) -> Option<std::time::Duration> {
+        (!self.final_recorded).then(|| self.appended_at.elapsed())
     }
 
     /// The next ack slot, recording what is durable now (`closed`: and that nothing
@@ -132,6 +141,7 @@ impl WalWriter {
                 self.durable_len += buf.len() as u64;
                 self.generation = ack.generation;
                 self.final_recorded = false;
+                self.appended_at = std::time::Instant::now();
                 Ok(())
             }
             Err((e, fsync_failed)) => Err(self.roll_back(e, fsync_failed)),
