@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! etcd:          /biogate/checkpoints/{g}/{s}  {"seq","prefix","files","gallery_created_ms","node"}
-//! object store:  galleries/{g}-{created_ms}/{s}/checkpoints/{seq}/{file}
+//! object store:  galleries/{g}-{created_ms}/{s}/checkpoints/{seq}-{node}-{nonce}/{file}
 //! ```
 //!
 //! One replica of each shard takes them (the first live one in the shard map), every
@@ -35,8 +35,15 @@ pub struct Checkpoint {
     pub node: String,
 }
 
-pub fn prefix(g: &str, created_ms: i64, s: u32, seq: u64) -> String {
-    format!("{}/{s:04}/checkpoints/{seq:020}", keys::objects_prefix(g, created_ms))
+/// Where a checkpoint taken by `node` goes: named by its batch, its node and a random
+/// nonce, so two replicas that both believe they take the shard's checkpoint (around a
+/// lease blip) never write into, or delete, each other's files. Each deletes only the
+/// prefix it made.
+pub fn prefix(g: &str, created_ms: i64, s: u32, seq: u64, node: &str, nonce: u64) -> String {
+    format!(
+        "{}/{s:04}/checkpoints/{seq:020}-{node}-{nonce:016x}",
+        keys::objects_prefix(g, created_ms)
+    )
 }
 
 /// Seal `entry`'s log and put its files into `staging` (created here): immutable files
@@ -103,4 +110,25 @@ pub async fn download(objects: &Objects, cp: &Checkpoint, into: &Path) -> Result
 /// Where a replica's checkpoint is staged or downloaded on a node.
 pub fn staging_dir(cluster_dir: &Path, local: &str, what: &str) -> PathBuf {
     cluster_dir.join(format!("{what}-{local}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_nodes_checkpointing_one_batch_write_apart() {
+        let a = prefix("fl", 7, 1, 42, "n1", 1);
+        let b = prefix("fl", 7, 1, 42, "n2", 1);
+        let c = prefix("fl", 7, 1, 42, "n1", 2);
+        assert!(a != b && a != c && b != c);
+        // No prefix is a path-segment prefix of another's files.
+        for (x, y) in [(&a, &b), (&a, &c), (&b, &c)] {
+            assert!(!y.starts_with(&format!("{x}/")) && !x.starts_with(&format!("{y}/")));
+        }
+        assert_eq!(
+            a,
+            "galleries/fl-7/0001/checkpoints/00000000000000000042-n1-0000000000000001"
+        );
+    }
 }

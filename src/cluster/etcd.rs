@@ -2,7 +2,11 @@
 //! as the server. Each call goes to one member, and to the next on a transport error
 //! or timeout, so losing one member changes nothing. Without a quorum etcd cannot
 //! answer a write or a linearizable read; the call then fails after `CALL_TIMEOUT` with
-//! `Error::Unavailable` naming the members tried.
+//! `Error::Unavailable` naming the members tried, or, for a write that a member may
+//! have received and not answered, `Error::OutcomeUnknown`: it may still take effect,
+//! and only reading the key tells. Writes ask etcd to refuse at once when a member has
+//! no leader ("hasleader", as etcd's own client does), a refusal that proves nothing
+//! was proposed.
 
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -51,6 +55,49 @@ fn unavailable(what: &str, tried: &[String]) -> Error {
     ))
 }
 
+/// A write whose request a member may have received without answering.
+fn unknown(what: &str, tried: &[String]) -> Error {
+    Error::OutcomeUnknown(format!(
+        "etcd did not answer {what}, which may still take effect (tried {})",
+        tried.join(", ")
+    ))
+}
+
+/// Whether a failed call proves the request never reached etcd's log: the connection
+/// was refused (the typed cause), or the member said it has no leader (etcd's refusal
+/// of a request that requires one, before proposing it).
+fn never_proposed(s: &tonic::Status) -> bool {
+    if s.message() == "etcdserver: no leader" {
+        return true;
+    }
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// A write request: refused at once by a member without a leader.
+fn requiring_leader<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
+    r
+}
+
+/// What a call does: one whose repetition is harmless (a read, a lease call) is retried
+/// freely; a write's lost answer is an unknown outcome.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Repeatable,
+    Write,
+}
+
 impl Etcd {
     /// Channels to every member (connected on first use). URLs like `http://127.0.0.1:2379`.
     pub fn connect(urls: &[String]) -> Result<Etcd> {
@@ -84,8 +131,9 @@ impl Etcd {
     }
 
     /// Run `call` on the preferred member, then on each other one, until one answers.
-    /// A status that etcd itself gave (not a transport failure) is returned as is.
-    async fn on_members<T, F, Fut>(&self, what: &str, call: F) -> Result<T>
+    /// A status that etcd itself gave (not a transport failure) is returned as is. A
+    /// write that some member may have received unanswered fails as an unknown outcome.
+    async fn on_members<T, F, Fut>(&self, what: &str, kind: Kind, call: F) -> Result<T>
     where
         F: Fn(Channel) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
@@ -93,6 +141,7 @@ impl Etcd {
         let n = self.members.len();
         let first = self.preferred.load(Ordering::Relaxed) % n;
         let mut tried = Vec::new();
+        let mut maybe_received = false;
         for i in 0..n {
             let at = (first + i) % n;
             let (url, channel) = &self.members[at];
@@ -103,17 +152,27 @@ impl Etcd {
                     self.preferred.store(at, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Ok(Err(s)) if is_transport(&s) => tried.push(format!("{url}: {}", s.message())),
+                Ok(Err(s)) if is_transport(&s) => {
+                    maybe_received |= !never_proposed(&s);
+                    tried.push(format!("{url}: {}", s.message()));
+                }
                 Ok(Err(s)) => {
                     return Err(Error::Unavailable(format!(
                         "etcd {url} refused {what}: {}",
                         s.message()
                     )));
                 }
-                Err(_) => tried.push(format!("{url}: no answer in {CALL_TIMEOUT:?}")),
+                Err(_) => {
+                    maybe_received = true;
+                    tried.push(format!("{url}: no answer in {CALL_TIMEOUT:?}"));
+                }
             }
         }
-        Err(unavailable(what, &tried))
+        if kind == Kind::Write && maybe_received {
+            Err(unknown(what, &tried))
+        } else {
+            Err(unavailable(what, &tried))
+        }
     }
 
     /// The value at `key`, with its revisions.
@@ -123,7 +182,7 @@ impl Etcd {
             ..Default::default()
         };
         let r = self
-            .on_members(&format!("a read of {key}"), |c| {
+            .on_members(&format!("a read of {key}"), Kind::Repeatable, |c| {
                 let req = req.clone();
                 async move { KvClient::new(c).range(req).await }
             })
@@ -139,7 +198,7 @@ impl Etcd {
             ..Default::default()
         };
         let r = self
-            .on_members(&format!("a read of {prefix}*"), |c| {
+            .on_members(&format!("a read of {prefix}*"), Kind::Repeatable, |c| {
                 let req = req.clone();
                 async move { KvClient::new(c).range(req).await }
             })
@@ -155,8 +214,8 @@ impl Etcd {
             value,
             lease,
         };
-        self.on_members(&format!("a write of {key}"), |c| {
-            let req = req.clone();
+        self.on_members(&format!("a write of {key}"), Kind::Write, |c| {
+            let req = requiring_leader(req.clone());
             async move { KvClient::new(c).put(req).await }
         })
         .await?;
@@ -169,8 +228,8 @@ impl Etcd {
             key: key.as_bytes().to_vec(),
             range_end: Vec::new(),
         };
-        self.on_members(&format!("a deletion of {key}"), |c| {
-            let req = req.clone();
+        self.on_members(&format!("a deletion of {key}"), Kind::Write, |c| {
+            let req = requiring_leader(req.clone());
             async move { KvClient::new(c).delete_range(req).await }
         })
         .await?;
@@ -184,8 +243,8 @@ impl Etcd {
             range_end: to.as_bytes().to_vec(),
         };
         let r = self
-            .on_members(&format!("a deletion of {from}..{to}"), |c| {
-                let req = req.clone();
+            .on_members(&format!("a deletion of {from}..{to}"), Kind::Write, |c| {
+                let req = requiring_leader(req.clone());
                 async move { KvClient::new(c).delete_range(req).await }
             })
             .await?;
@@ -195,8 +254,8 @@ impl Etcd {
     /// An atomic transaction (compare, then one list of operations or the other).
     pub async fn txn(&self, what: &str, req: TxnRequest) -> Result<TxnResponse> {
         let r = self
-            .on_members(what, |c| {
-                let req = req.clone();
+            .on_members(what, Kind::Write, |c| {
+                let req = requiring_leader(req.clone());
                 async move { KvClient::new(c).txn(req).await }
             })
             .await?;
@@ -207,7 +266,7 @@ impl Etcd {
     pub async fn grant_lease(&self, ttl_s: i64) -> Result<i64> {
         let req = pb::LeaseGrantRequest { ttl: ttl_s, id: 0 };
         let r = self
-            .on_members("a lease grant", |c| async move {
+            .on_members("a lease grant", Kind::Repeatable, |c| async move {
                 LeaseClient::new(c).lease_grant(req).await
             })
             .await?
@@ -220,7 +279,7 @@ impl Etcd {
 
     /// Renew `lease` once; its remaining time to live (0: it has expired).
     pub async fn keep_alive(&self, lease: i64) -> Result<i64> {
-        self.on_members("a lease keep-alive", |c| async move {
+        self.on_members("a lease keep-alive", Kind::Repeatable, |c| async move {
             let mut client = LeaseClient::new(c);
             let once = tokio_stream::once(pb::LeaseKeepAliveRequest { id: lease });
             let mut answers = client.lease_keep_alive(once).await?.into_inner();
@@ -234,7 +293,7 @@ impl Etcd {
 
     /// Revoke `lease` (its keys go at once).
     pub async fn revoke_lease(&self, lease: i64) -> Result<()> {
-        self.on_members("a lease revocation", |c| async move {
+        self.on_members("a lease revocation", Kind::Repeatable, |c| async move {
             LeaseClient::new(c)
                 .lease_revoke(pb::LeaseRevokeRequest { id: lease })
                 .await
@@ -253,7 +312,7 @@ impl Etcd {
                 progress_notify: true,
             })),
         };
-        self.on_members(&format!("a watch of {prefix}*"), |c| {
+        self.on_members(&format!("a watch of {prefix}*"), Kind::Repeatable, |c| {
             let create = create.clone();
             async move {
                 // The request stream stays open (a closed one cancels the watch).
@@ -317,8 +376,23 @@ pub fn put_op(key: &str, value: Vec<u8>, lease: i64) -> pb::RequestOp {
     }
 }
 
-/// Operation: delete every key under `prefix`.
+/// Operation: delete `key` alone.
+pub fn delete_op(key: &str) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(Op::RequestDeleteRange(pb::DeleteRangeRequest {
+            key: key.as_bytes().to_vec(),
+            range_end: Vec::new(),
+        })),
+    }
+}
+
+/// Operation: delete every key under `prefix`, which must end in `/` (a prefix without
+/// it would also take the keys of every name it begins: `flight` and `flight-2`).
 pub fn delete_prefix_op(prefix: &str) -> pb::RequestOp {
+    debug_assert!(
+        prefix.ends_with('/'),
+        "a prefix deletion of {prefix:?} would reach its siblings"
+    );
     pb::RequestOp {
         request: Some(Op::RequestDeleteRange(pb::DeleteRangeRequest {
             key: prefix.as_bytes().to_vec(),

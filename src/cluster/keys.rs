@@ -93,6 +93,17 @@ pub struct GalleryMeta {
     /// When it was created (ms since the epoch); a replica made for an older gallery of
     /// the same name is dropped, not reused.
     pub created_ms: i64,
+    /// How subjects are placed on its shards (absent in entries written before it was
+    /// named: those galleries keep [`ShardHash::Fnv1aMod`]).
+    #[serde(default)]
+    pub shard_hash: ShardHash,
+}
+
+impl GalleryMeta {
+    /// The shard of `subject` (its canonical id) in this gallery.
+    pub fn shard_of(&self, subject: &str) -> u32 {
+        self.shard_hash.shard_of(subject, self.shards)
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -122,15 +133,55 @@ pub fn decode<T: for<'a> Deserialize<'a>>(key: &str, bytes: &[u8]) -> Result<T> 
     serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(format!("etcd key {key}: {e}")))
 }
 
-/// The shard of `subject` among `shards`: FNV-1a of its id, so every node, router and
-/// release agrees on it forever.
-pub fn shard_of(subject: &str, shards: u32) -> u32 {
+/// How a gallery places subjects on its shards: fixed when it is created and kept in
+/// its catalogue entry, so every node, router and release agrees on it forever.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardHash {
+    /// FNV-1a of the id modulo the shard count: galleries created before the hash was
+    /// named (their entries name none). With a power-of-two count the shard depends only
+    /// on the low bits of each byte (2 shards: the parity of the odd bytes, so ids that
+    /// differ only in letter case share a shard).
+    #[default]
+    Fnv1aMod,
+    /// FNV-1a of the id, mixed by a 64-bit finaliser (every input bit reaches every
+    /// output bit), the shard taken from the high bits (multiply-shift): new galleries.
+    Mixed,
+}
+
+impl ShardHash {
+    /// The shard of `subject` (its canonical id) among `shards`.
+    pub fn shard_of(self, subject: &str, shards: u32) -> u32 {
+        let shards = u64::from(shards.max(1));
+        let h = fnv1a(subject);
+        match self {
+            ShardHash::Fnv1aMod => (h % shards) as u32,
+            ShardHash::Mixed => ((u128::from(mix64(h)) * u128::from(shards)) >> 64) as u32,
+        }
+    }
+}
+
+fn fnv1a(subject: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in subject.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    (h % u64::from(shards.max(1))) as u32
+    h
+}
+
+/// MurmurHash3's 64-bit finaliser.
+fn mix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// The shard of `subject` among `shards` in a gallery created now ([`ShardHash::Mixed`]).
+pub fn shard_of(subject: &str, shards: u32) -> u32 {
+    ShardHash::Mixed.shard_of(subject, shards)
 }
 
 /// Where shard `s` of `g` should have its replicas among `live` nodes: the `replicas`
@@ -220,16 +271,148 @@ impl ClusterState {
 mod tests {
     use super::*;
 
+    /// Real-looking ids (passport numbers, national ids with fixed prefixes, ids that
+    /// differ only in letter case) and their shards among 2, 3, 4 and 16, pinned:
+    /// changing either hash would move every subject of every cluster.
+    const PINNED: [(&str, [u32; 4], [u32; 4]); 8] = [
+        // (id, Fnv1aMod shards among [2, 3, 4, 16], Mixed shards among [2, 3, 4, 16])
+        ("P12345678", [1, 1, 3, 15], [1, 1, 2, 8]),
+        ("p12345678", [1, 0, 3, 15], [0, 0, 0, 3]),
+        ("X48219370", [1, 0, 1, 5], [1, 1, 2, 10]),
+        ("DE-1990-004711", [0, 0, 2, 14], [0, 0, 0, 0]),
+        ("de-1990-004711", [0, 0, 2, 14], [1, 2, 3, 12]),
+        ("AB123456C", [0, 2, 2, 2], [1, 1, 2, 9]),
+        ("ab123456c", [0, 0, 2, 2], [1, 2, 3, 15]),
+        ("", [1, 2, 1, 5], [1, 2, 3, 14]),
+    ];
+
     #[test]
-    fn shards_are_stable_and_spread() {
-        // Pinned: changing the hash would move every subject of every cluster.
-        assert_eq!(shard_of("subject-0", 7), shard_of("subject-0", 7));
-        assert_eq!(shard_of("", 4), (0xcbf2_9ce4_8422_2325u64 % 4) as u32);
-        let mut counts = [0usize; 4];
-        for i in 0..4000 {
-            counts[shard_of(&format!("s{i}"), 4) as usize] += 1;
+    fn shards_of_real_looking_ids_are_pinned() {
+        for (id, fnv, mixed) in PINNED {
+            for (i, shards) in [2, 3, 4, 16].into_iter().enumerate() {
+                assert_eq!(
+                    ShardHash::Fnv1aMod.shard_of(id, shards),
+                    fnv[i],
+                    "{id:?} among {shards}, Fnv1aMod"
+                );
+                assert_eq!(
+                    ShardHash::Mixed.shard_of(id, shards),
+                    mixed[i],
+                    "{id:?} among {shards}, Mixed"
+                );
+            }
         }
-        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+        assert_eq!(shard_of("P12345678", 16), ShardHash::Mixed.shard_of("P12345678", 16));
+    }
+
+    /// A document number followed by its ICAO 9303 check digit (weights 7, 3, 1; the
+    /// machine-readable zone of a passport).
+    fn mrz_number(number: &str) -> String {
+        let weights = [7, 3, 1];
+        let sum: u32 = number
+            .chars()
+            .enumerate()
+            .map(|(i, c)| c.to_digit(10).unwrap_or(c as u32 - 'A' as u32 + 10) * weights[i % 3])
+            .sum();
+        format!("{number}{}", sum % 10)
+    }
+
+    #[test]
+    fn document_numbers_with_check_digits_spread_under_the_mixed_hash() {
+        // Under Fnv1aMod every such id lands in one of two shards (a check digit fixes
+        // the low bits FNV-1a modulo a power of two depends on); Mixed spreads them.
+        for shards in [2u32, 16] {
+            let mut fnv = vec![0usize; shards as usize];
+            let mut mixed = vec![0usize; shards as usize];
+            for i in 0..20_000 {
+                let id = mrz_number(&format!("L{i:08}"));
+                fnv[ShardHash::Fnv1aMod.shard_of(&id, shards) as usize] += 1;
+                mixed[ShardHash::Mixed.shard_of(&id, shards) as usize] += 1;
+            }
+            let mean = 20_000 / shards as usize;
+            assert!(*fnv.iter().max().unwrap() >= 2 * mean - mean / 10, "{shards}: {fnv:?}");
+            assert!(*mixed.iter().max().unwrap() < mean + mean / 10, "{shards}: {mixed:?}");
+        }
+    }
+
+    #[test]
+    fn an_entry_without_a_hash_keeps_the_old_one_and_new_entries_name_theirs() {
+        let old = br#"{"dim":4,"dtype":"f32","shards":2,"replicas":2,"created_ms":5}"#;
+        let meta: GalleryMeta = decode("k", old).unwrap();
+        assert_eq!(meta.shard_hash, ShardHash::Fnv1aMod);
+        let new = GalleryMeta {
+            shard_hash: ShardHash::Mixed,
+            ..meta
+        };
+        let text = String::from_utf8(encode(&new)).unwrap();
+        assert!(text.contains(r#""shard_hash":"mixed""#), "{text}");
+        assert_eq!(decode::<GalleryMeta>("k", text.as_bytes()).unwrap(), new);
+    }
+
+    #[test]
+    fn ids_differing_only_in_case_spread_under_the_mixed_hash() {
+        // Under Fnv1aMod with 2 shards, an id and its lower-case form always share a
+        // shard; under Mixed about half of such pairs do not.
+        let (mut fnv_same, mut mixed_same) = (0, 0);
+        for i in 0..2000 {
+            let upper = format!("AB{i:06}C");
+            let lower = upper.to_lowercase();
+            fnv_same += usize::from(ShardHash::Fnv1aMod.shard_of(&upper, 2) == ShardHash::Fnv1aMod.shard_of(&lower, 2));
+            mixed_same += usize::from(ShardHash::Mixed.shard_of(&upper, 2) == ShardHash::Mixed.shard_of(&lower, 2));
+        }
+        assert_eq!(fnv_same, 2000);
+        assert!((800..1200).contains(&mixed_same), "{mixed_same}");
+    }
+
+    /// Four families of a million real-looking ids each; for each hash and shard count,
+    /// the fullest shard's load over the mean (1.000 = perfectly even).
+    /// `cargo test --release --lib -- --ignored --nocapture shard_balance_report`
+    /// (BENCHMARKS.md, "Shard balance").
+    #[test]
+    #[ignore = "a report: BENCHMARKS.md, shard balance"]
+    fn shard_balance_report() {
+        type Family = (&'static str, fn(u64) -> String);
+        let families: [Family; 5] = [
+            ("passport numbers P + 8 digits, in issue order", |i| {
+                format!("P{:08}", 10_000_000 + i)
+            }),
+            ("ICAO 9303 document numbers with their check digit", |i| {
+                mrz_number(&format!("L{i:08}"))
+            }),
+            ("national ids DE-YYYY-NNNNNN", |i| {
+                format!("DE-{}-{:06}", 1940 + i % 80, i / 80)
+            }),
+            ("case pairs AB123456C / ab123456c", |i| {
+                let id = format!("AB{:06}C", i / 2);
+                if i % 2 == 0 { id } else { id.to_lowercase() }
+            }),
+            ("gate ids GATE-07-YYYYMMDD-NNNN", |i| {
+                format!(
+                    "GATE-07-2026{:02}{:02}-{:04}",
+                    1 + (i / 31 / 10_000) % 12,
+                    1 + (i / 10_000) % 31,
+                    i % 10_000
+                )
+            }),
+        ];
+        println!("| ids (1,000,000) | hash | 2 | 4 | 8 | 16 | 64 |");
+        println!("|---|---|---|---|---|---|---|");
+        for (name, make) in families {
+            let ids: Vec<String> = (0..1_000_000).map(make).collect();
+            for hash in [ShardHash::Fnv1aMod, ShardHash::Mixed] {
+                let mut row = format!("| {name} | {hash:?} |");
+                for shards in [2u32, 4, 8, 16, 64] {
+                    let mut counts = vec![0u64; shards as usize];
+                    for id in &ids {
+                        counts[hash.shard_of(id, shards) as usize] += 1;
+                    }
+                    let mean = ids.len() as f64 / f64::from(shards);
+                    let max = *counts.iter().max().unwrap() as f64;
+                    row.push_str(&format!(" {:.3} |", max / mean));
+                }
+                println!("{row}");
+            }
+        }
     }
 
     #[test]

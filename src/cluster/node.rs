@@ -319,37 +319,59 @@ impl Node {
                 drop(r);
                 let _ = self.etcd.delete(&keys::applied_key(&g, s, &self.name)).await;
                 if gone {
-                    self.drop_local(&g, s)?;
+                    if let Err(e) = self.drop_local(&g, s) {
+                        // sweep_dropped tries again (the replica is no longer held).
+                        tracing::error!(gallery = %g, shard = s, error = %e, "dropping the replica of a dropped gallery");
+                        continue;
+                    }
                     tracing::info!(gallery = %g, shard = s, "dropped the replica of a dropped gallery");
                 } else {
                     tracing::info!(gallery = %g, shard = s, "no longer holds this replica (data kept)");
                 }
             }
         }
+        // One replica that cannot be opened (its checkpoint unreadable, its disk full)
+        // must not keep the others from serving: each is tried, the failures reported.
+        let mut failures = Vec::new();
         for (g, s, meta) in wanted {
             if self.holds_replica(&g, s) {
                 continue;
             }
-            let replica = self.open_replica(&g, s, &meta).await?;
+            let replica = match self.open_replica(&g, s, &meta).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(gallery = %g, shard = s, error = %e, "opening a replica failed; retrying on the next pass");
+                    failures.push(format!("{g} shard {s}: {e}"));
+                    continue;
+                }
+            };
             self.replicas
                 .lock()
                 .expect("replicas lock")
                 .insert((g.clone(), s), replica.clone());
             let at = *replica.applied.borrow();
-            self.publish_applied(&replica, at).await?;
+            if let Err(e) = self.publish_applied(&replica, at).await {
+                // The tail publishes it again once etcd answers.
+                tracing::warn!(gallery = %g, shard = s, error = %e, "publishing a replica's applied batch");
+            }
             let tail = tokio::spawn(Self::tail(Arc::downgrade(self), Arc::downgrade(&replica)));
             *replica.tail.lock().expect("tail lock") = Some(tail);
             tracing::info!(gallery = %g, shard = s, applied = at, "holding a replica");
         }
-        if connected {
-            self.sweep_dropped(&galleries)?;
+        if connected && let Err(e) = self.sweep_dropped(&galleries) {
+            failures.push(format!("sweeping dropped replicas: {e}"));
         }
-        Ok(())
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Unavailable(failures.join("; ")))
+        }
     }
 
     /// Drop local replicas (kept from before, not held now) of galleries that were
     /// dropped, or dropped and made again, while this node was not looking.
     fn sweep_dropped(&self, galleries: &std::collections::BTreeMap<String, GalleryMeta>) -> Result<()> {
+        let mut failures = Vec::new();
         for entry in self.registry.all() {
             let Some((g, s)) = entry
                 .name
@@ -371,11 +393,22 @@ impl Node {
                 continue;
             };
             if galleries.get(&g).map(|m| m.created_ms) != Some(created) {
-                self.drop_local(&g, s)?;
-                tracing::info!(gallery = %g, shard = s, "dropped a local replica of a gallery that is gone");
+                match self.drop_local(&g, s) {
+                    Ok(()) => {
+                        tracing::info!(gallery = %g, shard = s, "dropped a local replica of a gallery that is gone")
+                    }
+                    Err(e) => failures.push(format!("{g} shard {s}: {e}")),
+                }
             }
         }
-        Ok(())
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Unavailable(format!(
+                "dropping local replicas: {}",
+                failures.join("; ")
+            )))
+        }
     }
 
     fn holds_replica(&self, g: &str, s: u32) -> bool {
@@ -417,11 +450,17 @@ impl Node {
         let (entry, applied) = if reuse {
             let entry = existing.expect("checked");
             let c = cursor.expect("checked");
-            let position = entry.write(|gal| Ok(gal.log_position()))?;
-            // A batch is one commit group: if the log moved past the cursor, the batch
-            // after it is on disk (its cursor was not written).
-            let applied = if position == c.position { c.seq } else { c.seq + 1 };
-            if applied != c.seq {
+            let (position, marked) = entry.write(|gal| Ok((gal.log_position(), gal.replicated_through())))?;
+            // The gallery logs the batch it applied with the batch (one commit group):
+            // that mark is the truth, whatever the cursor file says.
+            let applied = match marked {
+                Some(through) => through,
+                // A replica from before the mark: the cursor's position is all there is
+                // (the batch after it reached the disk if the log moved).
+                None if position == c.position => c.seq,
+                None => c.seq + 1,
+            };
+            if applied != c.seq || position != c.position {
                 self.write_cursor(g, s, meta.created_ms, applied, position)?;
             }
             (entry, applied)
@@ -539,7 +578,7 @@ impl Node {
         let seal_at = self.seal_log_rows;
         let position = tokio::task::spawn_blocking(move || {
             writer.write(|g| {
-                g.apply_replicated(&enrollments, &deletions)?;
+                g.apply_replicated(&enrollments, &deletions, seq)?;
                 let position = g.log_position();
                 if g.log_rows() >= seal_at
                     && let Err(e) = g.seal_log()
@@ -599,7 +638,7 @@ impl Node {
         let files = tokio::task::spawn_blocking(move || checkpoint::stage(&entry, &dir))
             .await
             .map_err(|e| Error::Internal(format!("checkpoint task: {e}")))??;
-        let prefix = checkpoint::prefix(&r.gallery, r.created_ms, r.shard, seq);
+        let prefix = checkpoint::prefix(&r.gallery, r.created_ms, r.shard, seq, &self.name, rand::random());
         let uploaded = checkpoint::upload(&self.objects, &staging, &prefix, &files).await;
         let _ = std::fs::remove_dir_all(&staging);
         uploaded?;
@@ -621,12 +660,28 @@ impl Node {
             success: vec![etcd::put_op(&key, keys::encode(&cp), 0)],
             failure: Vec::new(),
         };
-        if !self
+        let published = match self
             .etcd
             .txn(&format!("publishing checkpoint {seq} of {local}"), txn)
-            .await?
-            .succeeded
+            .await
         {
+            Ok(t) if t.succeeded => true,
+            // A failed compare can be this very transaction retried on another member
+            // after its first answer was lost: only the key itself says.
+            Ok(_) => self
+                .etcd
+                .get(&key)
+                .await?
+                .is_some_and(|kv| kv.value == keys::encode(&cp)),
+            Err(e) => match self.etcd.get(&key).await {
+                Ok(kv) if kv.as_ref().is_some_and(|kv| kv.value == keys::encode(&cp)) => true,
+                // Not (yet) published: the files stay (a late commit would name them);
+                // the next checkpoint's publication deletes them as the older one.
+                _ => return Err(e),
+            },
+        };
+        if !published {
+            // Another replica's checkpoint won: delete what this one alone wrote.
             self.objects.delete_prefix(&cp.prefix).await?;
             return Ok(());
         }
@@ -696,10 +751,10 @@ impl Node {
                 "{local}: this node does not hold that replica now (ask the router)"
             ))
         })?;
-        let shards = self.view.read(|st| st.galleries.get(&r.gallery).map(|m| m.shards));
-        let shards = shards.ok_or_else(|| Error::NotFound(format!("gallery {:?}", r.gallery)))?;
+        let meta = self.view.read(|st| st.galleries.get(&r.gallery).cloned());
+        let meta = meta.ok_or_else(|| Error::NotFound(format!("gallery {:?}", r.gallery)))?;
         for (i, op) in ops.iter().enumerate() {
-            let owner = keys::shard_of(op.subject(), shards);
+            let owner = meta.shard_of(op.subject());
             if owner != r.shard {
                 return Err(Error::invalid(format!(
                     "operation {i}: subject {:?} belongs to shard {owner} of {:?}, not {}",
@@ -752,6 +807,10 @@ impl Node {
                 .await
             {
                 Ok(t) if t.succeeded => break seq,
+                // A failed compare can be this very commit, retried on another member
+                // after its first answer was lost: if the key holds this batch, it is
+                // committed (taking the next number would commit it twice).
+                Ok(_) if self.etcd.get(&key).await?.is_some_and(|kv| kv.value == value) => break seq,
                 Ok(_) => {
                     if self.view.read(|st| !st.galleries.contains_key(&r.gallery)) {
                         return Err(Error::NotFound(format!("gallery {:?} was dropped", r.gallery)));
@@ -767,25 +826,38 @@ impl Node {
                         .await;
                 }
                 Err(e) => {
-                    // Did it commit before the answer was lost?
+                    // Did it commit before the answer was lost? Only another batch at
+                    // the number proves it did not (the transaction asks the key to be
+                    // absent): absent, it may still commit, and that is unknown.
                     return match self.etcd.get(&key).await {
                         Ok(Some(kv)) if kv.value == value => break seq,
-                        Ok(_) => Err(Error::Unavailable(format!("{e}; the batch was not committed"))),
-                        Err(_) => Err(Error::Unavailable(format!(
-                            "{e}; the batch is not acknowledged (it can have been committed only if etcd took it just before losing its quorum)"
+                        Ok(Some(_)) => Err(Error::Unavailable(format!(
+                            "{e}; the batch was not committed (another took number {seq})"
+                        ))),
+                        Ok(None) | Err(_) => Err(Error::OutcomeUnknown(format!(
+                            "{e}; batch {seq} of {local} may or may not be committed: read before writing again"
                         ))),
                     };
                 }
             }
         };
-        self.wait_applied(&r, seq, APPLY_WAIT).await?;
+        // Committed: it takes effect whatever happens now. What is left is making it
+        // visible (searches must find it once it is acknowledged); if that fails, the
+        // answer is neither OK (a search could miss it) nor UNAVAILABLE (a client would
+        // send it again): the write happened, its visibility is unknown.
+        let committed = |e: Error| {
+            Error::OutcomeUnknown(format!(
+                "batch {seq} of {local} is committed and will be applied, but is not yet visible to every search: {e}"
+            ))
+        };
+        self.wait_applied(&r, seq, APPLY_WAIT).await.map_err(committed)?;
         // Every live replica in the map, for a while; then whoever is behind is not
         // searched until it catches up.
         let (g, s) = (r.gallery.clone(), r.shard);
         self.view
             .wait_for(Instant::now() + VISIBLE_WAIT, |st| all_applied(st, &g, s, seq))
             .await;
-        self.raise_visible(&g, s, seq).await?;
+        self.raise_visible(&g, s, seq).await.map_err(committed)?;
         Ok(seq)
     }
 

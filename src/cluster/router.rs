@@ -59,10 +59,20 @@ pub struct Router {
 const SUSPECT_FOR: Duration = Duration::from_secs(5);
 
 /// Whether a call failed before it reached the node (so nothing was done there, and a
-/// write may go to another replica).
+/// write may go to another replica): the client's own connection attempt was refused,
+/// as its typed cause says. Never read from a message: a node's answer can carry the
+/// same words (its own etcd refusing it) after it did something.
 fn never_reached(s: &Status) -> bool {
-    s.code() == Code::Unavailable
-        && (s.message().contains("connect error") || s.message().contains("Connection refused"))
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// A running router.
@@ -194,7 +204,7 @@ impl Router {
     fn subject_shard(&self, g: &str, subject: &str) -> std::result::Result<(GalleryMeta, u32), Status> {
         let meta = self.meta(g)?;
         let subject = subject_field(subject)?;
-        let s = keys::shard_of(&subject, meta.shards);
+        let s = meta.shard_of(&subject);
         Ok((meta, s))
     }
 
@@ -409,11 +419,7 @@ impl Router {
                 threshold,
             }]);
         }
-        if !gallery.is_empty() {
-            return Err(Status::invalid_argument(
-                "gallery: set either gallery or galleries, not both",
-            ));
-        }
+        crate::server::search_request::check_several(gallery, k, threshold, galleries)?;
         Ok(galleries
             .iter()
             .map(|g| Search {
@@ -659,7 +665,8 @@ impl Biogate for Arc<Router> {
             for (i, t) in m.templates.iter().enumerate() {
                 decode_template(t, meta.dim, &format!("templates[{i}]")).map_err(at)?;
             }
-            let s = keys::shard_of(&m.subject, meta.shards);
+            // Placed by its canonical id, which the node stores and checks.
+            let s = meta.shard_of(&subject_field(&m.subject).map_err(at)?);
             groups.entry((m.gallery.clone(), s)).or_default().push(m);
             index += 1;
         }
@@ -821,6 +828,7 @@ impl Biogate for Arc<Router> {
             shards,
             replicas,
             created_ms: crate::time_text::now_ms(),
+            shard_hash: keys::ShardHash::Mixed,
         };
         let key = keys::gallery_key(&req.name);
         let mut ops = vec![etcd::put_op(&key, keys::encode(&meta), 0)];
@@ -868,12 +876,16 @@ impl Biogate for Arc<Router> {
         let txn = etcd::TxnRequest {
             compare: vec![etcd::absent(&key)],
             success: Vec::new(),
+            // The gallery's own key exactly, and its folders: never a sibling's
+            // (`fl` must not take `fl-2`), and no checkpoint left for a gallery made
+            // again under the name.
             failure: vec![
-                etcd::delete_prefix_op(&key),
+                etcd::delete_op(&key),
                 etcd::delete_prefix_op(&format!("{}{g}/", keys::SHARDS)),
                 etcd::delete_prefix_op(&format!("{}{g}/", keys::LOG)),
                 etcd::delete_prefix_op(&format!("{}{g}/", keys::VISIBLE)),
                 etcd::delete_prefix_op(&format!("{}{g}/", keys::APPLIED)),
+                etcd::delete_prefix_op(&format!("{}{g}/", keys::CHECKPOINTS)),
             ],
         };
         let r = self
@@ -995,4 +1007,32 @@ impl Biogate for Arc<Router> {
 
 fn no_encounter_reports() -> Status {
     Status::failed_precondition("encounters are kept by single servers; ask the server that recorded them")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_a_refused_connection_is_a_call_that_never_reached_its_node() {
+        // Nothing listens on a port just freed: the client's connection is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_lazy();
+        let e = proto::biogate_client::BiogateClient::new(channel)
+            .list_galleries(proto::ListGalleriesRequest {})
+            .await
+            .unwrap_err();
+        assert!(never_reached(&e), "{e:?}");
+        // A node's own answer, whatever its words, reached the node.
+        let from_node = Status::unavailable(
+            "etcd did not answer the commit of batch 3 (tried 127.0.0.1:2379: transport error: connect error: Connection refused)",
+        );
+        assert!(!never_reached(&from_node));
+    }
 }

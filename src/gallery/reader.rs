@@ -271,6 +271,7 @@ pub(super) fn apply(
                 counts.subjects = counts.subjects.saturating_sub(1);
             }
         }
+        WalRecord::Applied { .. } => {}
     }
     Ok(())
 }

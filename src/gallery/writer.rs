@@ -51,6 +51,9 @@ pub struct Gallery {
     pub(super) hidden: std::collections::BTreeSet<String>,
     /// Every subject that expired by this instant (ms) is hidden.
     pub(super) hidden_through: i64,
+    /// The last [`WalRecord::Applied`] logged: the replicated batch this state includes
+    /// (a cluster replica's; `None` for a gallery of its own).
+    pub(super) replicated_through: Option<u64>,
 }
 
 impl Gallery {
@@ -147,6 +150,7 @@ impl Gallery {
             merging: None,
             hidden: std::collections::BTreeSet::new(),
             hidden_through: i64::MIN,
+            replicated_through: replicated_through(&state.log.records),
         };
         gallery.publish();
         // Deletions in the log carry segment marks; a mark above the next id (a merge
@@ -158,7 +162,7 @@ impl Gallery {
             .iter()
             .filter_map(|r| match r {
                 WalRecord::Delete { segments_before, .. } => Some(*segments_before),
-                WalRecord::Enroll { .. } => None,
+                WalRecord::Enroll { .. } | WalRecord::Applied { .. } => None,
             })
             .max()
             .unwrap_or(0);
@@ -453,11 +457,14 @@ impl Gallery {
         Ok((records, total))
     }
 
-    /// Apply one batch of a cluster shard's log as one commit group: `enrollments`
-    /// (checked and normalised as [`Gallery::enroll`] does), then `deletions` (a subject
-    /// this replica does not hold is skipped: every replica applies the same batches in
-    /// the same order, so they all skip it). No expiries: a cluster's galleries have none.
-    pub fn apply_replicated(&mut self, enrollments: &[Enrollment], deletions: &[String]) -> Result<()> {
+    /// Apply batch number `through` of a cluster shard's log as one commit group:
+    /// `enrollments` (checked and normalised as [`Gallery::enroll`] does), `deletions` (a
+    /// subject this replica does not hold is skipped: every replica applies the same
+    /// batches in the same order, so they all skip it), and the mark that the state now
+    /// includes the batch. After a crash the gallery holds the batch and says so, or
+    /// holds neither ([`Gallery::replicated_through`]). No expiries: a cluster's
+    /// galleries have none.
+    pub fn apply_replicated(&mut self, enrollments: &[Enrollment], deletions: &[String], through: u64) -> Result<()> {
         let (mut records, _) = if enrollments.is_empty() {
             (Vec::new(), 0)
         } else {
@@ -472,11 +479,15 @@ impl Gallery {
                 });
             }
         }
-        if records.is_empty() {
-            return Ok(());
-        }
+        records.push(WalRecord::Applied { through });
         self.check_writable()?;
         self.log_and_apply(&records)
+    }
+
+    /// The last replicated batch this gallery's state includes, as logged with it
+    /// ([`Gallery::apply_replicated`]); `None` if none was ever logged.
+    pub fn replicated_through(&self) -> Option<u64> {
+        self.replicated_through
     }
 
     /// The number the next logged record will get: it grows by one for each record and
@@ -563,6 +574,9 @@ impl Gallery {
     /// memory and publish the new snapshot.
     fn log_and_apply(&mut self, records: &[WalRecord]) -> Result<()> {
         self.wal.append(records)?;
+        if let Some(through) = replicated_through(records) {
+            self.replicated_through = Some(through);
+        }
         let memtable = &mut self.memtable;
         for r in records {
             apply(
@@ -714,13 +728,15 @@ impl Gallery {
                 *mark = (*mark).max(entry.id + 1);
             }
         }
-        let records: Vec<WalRecord> = pending
+        let mut records: Vec<WalRecord> = pending
             .iter()
             .map(|(s, &before)| WalRecord::Delete {
                 subject: (*s).to_owned(),
                 segments_before: before,
             })
             .collect();
+        // The replication mark goes on in the new log, with the state it describes.
+        records.extend(self.replicated_through.map(|through| WalRecord::Applied { through }));
         let cleanup = |dir: &Path, sealed: &Option<(Arc<Segment>, String)>, log: Option<&Path>| {
             if let Some((_, f)) = sealed {
                 let _ = std::fs::remove_file(dir.join(f));
@@ -808,4 +824,12 @@ impl Gallery {
             tracing::warn!(gallery = %self.dir.display(), error = %e, "could not remove unreferenced files");
         }
     }
+}
+
+/// The last replication mark among `records`.
+fn replicated_through(records: &[WalRecord]) -> Option<u64> {
+    records.iter().rev().find_map(|r| match r {
+        WalRecord::Applied { through } => Some(*through),
+        _ => None,
+    })
 }

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod read_ahead;
 pub mod registry;
 pub mod retention;
+pub mod search_request;
 pub mod service;
 pub mod supervisor;
 

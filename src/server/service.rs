@@ -17,6 +17,7 @@ use super::metrics::{Metrics, Refusal};
 use super::proto;
 use super::proto::biogate_server::Biogate;
 use super::registry::{GalleryEntry, GalleryStatus, Registry};
+use super::search_request;
 use crate::encounters::{EncounterLog, EncounterStore, StatsBy};
 use crate::engine::{Engine, ProbeResult};
 use crate::error::{Error, GpuErrorKind};
@@ -170,17 +171,6 @@ fn check_threshold(t: Option<f32>) -> Result<(), Status> {
     }
 }
 
-/// What one identify asks, borrowed from either request type.
-/// A request names either one gallery (with k and threshold) or `galleries`.
-fn check_one_kind_of_search(gallery: &str, k: u32, threshold: Option<f32>) -> Result<(), Status> {
-    if !gallery.is_empty() || k != 0 || threshold.is_some() {
-        return Err(Status::invalid_argument(
-            "galleries: with several galleries, give k and threshold per gallery and leave gallery, k and threshold unset",
-        ));
-    }
-    Ok(())
-}
-
 /// The galleries of a multi-gallery search, as the audit log names them.
 fn gallery_names(searches: &[proto::GallerySearch]) -> String {
     searches
@@ -190,15 +180,13 @@ fn gallery_names(searches: &[proto::GallerySearch]) -> String {
         .join(",")
 }
 
-/// Most galleries one Identify may search (a flight and a few watchlists).
-const MAX_GALLERIES_PER_SEARCH: usize = 8;
-
 /// A query queued for the engine, not yet answered.
 struct Pending {
     wait: oneshot::Receiver<Result<Vec<ProbeResult>, JobError>>,
     probes: usize,
 }
 
+/// What one identify asks, borrowed from either request type.
 struct IdentifyQuery<'a> {
     gallery: &'a str,
     probes: &'a [Vec<u8>],
@@ -534,9 +522,10 @@ impl Service {
         self.answer_of(pending, deadline).await
     }
 
-    /// Search the same probes in several galleries, each with its own k and threshold:
-    /// every search is queued before any is awaited, so the engine takes them in one
-    /// batch. Answers in the order of `searches`.
+    /// Search the same probes in several galleries (checked by
+    /// [`search_request::check_several`]), each with its own k and threshold: every
+    /// search is queued before any is awaited, so the engine takes them in one batch.
+    /// Answers in the order of `searches`.
     async fn identify_in_galleries(
         &self,
         searches: &[proto::GallerySearch],
@@ -544,20 +533,6 @@ impl Service {
         field: &str,
         deadline: Option<Instant>,
     ) -> Result<(Vec<(String, Vec<ProbeResult>)>, Audited), Status> {
-        if searches.len() > MAX_GALLERIES_PER_SEARCH {
-            return Err(Status::invalid_argument(format!(
-                "galleries: {} galleries is more than the {MAX_GALLERIES_PER_SEARCH} allowed per request",
-                searches.len()
-            )));
-        }
-        for (i, s) in searches.iter().enumerate() {
-            if let Some(j) = searches[..i].iter().position(|t| t.gallery == s.gallery) {
-                return Err(Status::invalid_argument(format!(
-                    "galleries[{i}]: gallery {} is also galleries[{j}]",
-                    super::registry::echo_name(&s.gallery)
-                )));
-            }
-        }
         let mut pending = Vec::with_capacity(searches.len());
         for (i, s) in searches.iter().enumerate() {
             let query = IdentifyQuery {
@@ -969,7 +944,7 @@ impl Biogate for Arc<Service> {
             // (gallery, threshold, one result per probe), in request order.
             let (answers, audited): (Vec<(String, Option<f32>, Vec<ProbeResult>)>, Audited) =
                 if !req.galleries.is_empty() {
-                    check_one_kind_of_search(&req.gallery, req.k, req.threshold)?;
+                    search_request::check_several(&req.gallery, req.k, req.threshold, &req.galleries)?;
                     call.gallery = gallery_names(&req.galleries);
                     tracing::debug!(caller = %call.caller, galleries = %call.gallery, probes = req.probes.len(), "identify");
                     let (answers, audited) = self
@@ -1078,7 +1053,7 @@ impl Biogate for Arc<Service> {
                             None => None,
                         };
                         let (answers, audited, thresholds) = if many {
-                            check_one_kind_of_search(&msg.gallery, msg.k, msg.threshold)?;
+                            search_request::check_several(&msg.gallery, msg.k, msg.threshold, &msg.galleries)?;
                             let (answers, audited) = service
                                 .identify_in_galleries(&msg.galleries, probe, "probe", deadline)
                                 .await?;

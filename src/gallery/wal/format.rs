@@ -18,6 +18,7 @@ pub(super) const HEAD_BYTES: usize = 40;
 pub(super) const FLAG_GROUP_END: u32 = 1;
 pub(super) const TAG_ENROLL: u8 = 1;
 pub(super) const TAG_DELETE: u8 = 2;
+pub(super) const TAG_APPLIED: u8 = 3;
 /// Largest body accepted (guards against a garbage length field).
 pub(super) const MAX_BODY_BYTES: usize = 64 << 20;
 /// Largest key: tag, mark, and a subject id of at most 128 bytes.
@@ -34,13 +35,19 @@ pub enum WalRecord {
     /// Delete a subject: its rows in segments with id below `segments_before`, and its
     /// rows enrolled through the log before this record.
     Delete { subject: String, segments_before: u64 },
+    /// A replica (cluster) applied its shard's batches through number `through`: logged
+    /// in the batch's own commit group, so the number and the state it describes reach
+    /// the disk together or not at all, and carried into every new log (a seal, a
+    /// compaction), so it is never inferred.
+    Applied { through: u64 },
 }
 
 impl WalRecord {
-    /// The subject the record is about.
+    /// The subject the record is about ("" for [`WalRecord::Applied`], about none).
     pub fn subject(&self) -> &str {
         match self {
             WalRecord::Enroll { subject, .. } | WalRecord::Delete { subject, .. } => subject,
+            WalRecord::Applied { .. } => "",
         }
     }
 
@@ -60,6 +67,10 @@ impl WalRecord {
                 key.push(TAG_DELETE);
                 key.extend_from_slice(&segments_before.to_le_bytes());
                 key.extend_from_slice(subject.as_bytes());
+            }
+            WalRecord::Applied { through } => {
+                key.push(TAG_APPLIED);
+                key.extend_from_slice(&through.to_le_bytes());
             }
         }
         let mut head = [0u8; HEAD_BYTES];
@@ -256,6 +267,7 @@ pub(super) fn decode_key(key: &[u8]) -> Option<(u8, u64, String)> {
     let (mark, id) = match tag {
         TAG_ENROLL => (0, rest),
         TAG_DELETE => (u64::from_le_bytes(rest.get(..8)?.try_into().ok()?), rest.get(8..)?),
+        TAG_APPLIED if rest.len() == 8 => return Some((tag, u64::from_le_bytes(rest.try_into().ok()?), String::new())),
         _ => return None,
     };
     let subject = std::str::from_utf8(id).ok()?;
@@ -334,6 +346,7 @@ pub(super) fn parse_record(bytes: &[u8], at: usize, dim: usize, expected_seq: u6
             subject,
             segments_before: mark,
         },
+        TAG_APPLIED if body.is_empty() => WalRecord::Applied { through: mark },
         _ => {
             return Parsed::BadBody {
                 head,

@@ -2,8 +2,8 @@
 //! group, and an account (by subject where the key is legible) of what it cannot keep.
 
 use super::format::{
-    Ack, HEAD_BYTES, MAX_KEY_BYTES, Parsed, TAG_DELETE, WAL_HEADER_BYTES, WalHeader, WalRecord, decode_key, parse_head,
-    u32_at,
+    Ack, HEAD_BYTES, MAX_KEY_BYTES, Parsed, TAG_APPLIED, TAG_DELETE, WAL_HEADER_BYTES, WalHeader, WalRecord,
+    decode_key, parse_head, u32_at,
 };
 use super::reader::{Cursor, read_bytes};
 use super::tail::is_torn;
@@ -74,7 +74,11 @@ pub(super) fn legible_key(bytes: &[u8], at: usize) -> (Option<(u8, u64, String)>
 }
 
 pub(super) fn kind_name(tag: u8) -> &'static str {
-    if tag == TAG_DELETE { "delete" } else { "enroll" }
+    match tag {
+        TAG_DELETE => "delete",
+        TAG_APPLIED => "replication mark",
+        _ => "enroll",
+    }
 }
 
 /// Keep what can be kept of a log whose header or records are damaged (or that is

@@ -1,0 +1,350 @@
+//! The cluster's trust findings (issue 24), each as real processes on loopback (etcd,
+//! `serve --etcd` nodes, `router`), each failing on the code before its fix:
+//!
+//! - Dropping a gallery drops nothing of a gallery whose name it begins (`fl` and
+//!   `fl-2`, `fl2`, `flights`), on any node, also after every node restarts; and it
+//!   leaves no checkpoint behind for a gallery made again under the name.
+//! - A replica restarted after a seal that re-logged deletions applies the next batch
+//!   (it once took the log's moved position for that batch having reached the disk,
+//!   and reported itself caught up without it).
+//! - The router refuses a multi-gallery search exactly as a server does (at most 8
+//!   galleries, none twice, k and threshold per gallery only): one check for both.
+//! - A replica that cannot be opened (its checkpoint lost from the object store) keeps
+//!   no other replica of its node from serving.
+//!
+//! They skip when etcd is not installed, unless BIOGATE_REQUIRE_ETCD=1 (as in CI).
+#![cfg(feature = "cli")]
+
+mod common;
+
+use biogate::client::Client;
+use biogate::cluster::{etcd, keys};
+use common::cluster::{Cluster, etcd_available, eventually};
+use common::{random_rows, rng};
+use std::time::Duration;
+use tonic::Code;
+
+const DIM: usize = 16;
+
+async fn create(c: &Client, name: &str, shards: u32, replicas: u32) {
+    c.create_sharded_gallery(name, DIM as u32, "f32", shards, replicas)
+        .await
+        .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+    caught_up(c, name).await;
+}
+
+/// Wait until every shard of `g` has serving replicas, each at the shard's last batch,
+/// and the router reaches one of each (a node just restarted may still be opening).
+async fn caught_up(c: &Client, g: &str) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{g}: every replica caught up"),
+        || async {
+            c.get_gallery(g).await.is_ok_and(|info| {
+                info.state == "SERVING"
+                    && info.shard_health.iter().all(|s| {
+                        !s.replicas.is_empty() && s.replicas.iter().all(|r| r.serving && r.applied == s.committed)
+                    })
+            })
+        },
+    )
+    .await;
+}
+
+/// Enroll one template each for `ids` (rows from `seed`); returns the rows.
+async fn enroll(c: &Client, g: &str, ids: &[String], seed: u64) -> Vec<f32> {
+    let rows = random_rows(&mut rng(seed), ids.len(), DIM);
+    c.enroll(g, &rows, DIM, ids)
+        .await
+        .unwrap_or_else(|e| panic!("enrolling into {g}: {e}"));
+    rows
+}
+
+/// Each of `ids` is its own best match in `g` through `c`, and `g` holds exactly them.
+async fn holds_exactly(c: &Client, g: &str, ids: &[String], rows: &[f32], what: &str) {
+    let info = c.get_gallery(g).await.unwrap_or_else(|e| panic!("{what}: {g}: {e}"));
+    assert_eq!(info.subjects, ids.len() as u64, "{what}: {g} subjects");
+    let results = c.identify(g, rows, DIM, 1, None).await.unwrap();
+    for (id, r) in ids.iter().zip(&results) {
+        assert_eq!(
+            r.candidates.first().map(|c| c.subject.as_str()),
+            Some(id.as_str()),
+            "{what}: {g}"
+        );
+    }
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropping_a_gallery_leaves_the_galleries_its_name_begins_whole() {
+    if !etcd_available() {
+        return;
+    }
+    let mut cluster = Cluster::start(2, &["--checkpoint-every", "2"]).await;
+    let router = cluster.router.client().await;
+    let names = ["fl", "fl-2", "fl2", "flights"];
+    let mut held = Vec::new();
+    for (i, g) in names.iter().enumerate() {
+        create(&router, g, 2, 2).await;
+        // Three batches each: enough for a checkpoint of every shard.
+        let mut all_ids = Vec::new();
+        let mut all_rows = Vec::new();
+        for b in 0..3 {
+            let batch = ids(&format!("{g}-b{b}"), 6);
+            all_rows.extend(enroll(&router, g, &batch, (i * 10 + b) as u64).await);
+            all_ids.extend(batch);
+        }
+        held.push((g.to_string(), all_ids, all_rows));
+    }
+    let etcd = etcd::Etcd::connect(&cluster.etcd.urls().split(',').map(str::to_owned).collect::<Vec<_>>()).unwrap();
+    eventually(Duration::from_secs(20), "a checkpoint of fl", || async {
+        !etcd
+            .get_prefix(&format!("{}fl/", keys::CHECKPOINTS))
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    })
+    .await;
+
+    router.drop_gallery("fl").await.unwrap();
+    let e = router.get_gallery("fl").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    // The nodes drop the replicas of `fl` (and only those) when they see its keys go.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (g, ids, rows) in &held[1..] {
+        caught_up(&router, g).await;
+        holds_exactly(&router, g, ids, rows, "after dropping fl").await;
+    }
+    for n in &mut cluster.nodes {
+        n.kill9();
+        n.restart();
+    }
+    for (g, ids, rows) in &held[1..] {
+        caught_up(&router, g).await;
+        holds_exactly(&router, g, ids, rows, "after dropping fl and restarting every node").await;
+    }
+
+    // Nothing of `fl` is left in etcd (no checkpoint for a gallery made again).
+    for prefix in [keys::CHECKPOINTS, keys::SHARDS, keys::LOG, keys::VISIBLE, keys::APPLIED] {
+        let left = etcd.get_prefix(&format!("{prefix}fl/")).await.unwrap().0;
+        assert!(left.is_empty(), "{prefix}fl/ still has {} keys", left.len());
+    }
+
+    // Made again under the name, it starts empty and takes batches from its own first.
+    create(&router, "fl", 2, 2).await;
+    assert_eq!(router.get_gallery("fl").await.unwrap().subjects, 0);
+    let again = ids("fl-again", 5);
+    let rows = enroll(&router, "fl", &again, 99).await;
+    caught_up(&router, "fl").await;
+    holds_exactly(&router, "fl", &again, &rows, "fl made again").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_restarted_after_a_seal_applies_the_next_batch() {
+    if !etcd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("seal.toml");
+    // Seal the log at every 4 templates, and no background merges to move things.
+    std::fs::write(&config, "seal_log_rows = 4\nmerge_segments = 0\n").unwrap();
+    let config = config.display().to_string();
+    let flags = ["--config", config.as_str()];
+    let mut cluster = Cluster::start_in(dir, 2, &flags, &[]).await;
+    let router = cluster.router.client().await;
+    create(&router, "g", 1, 2).await;
+
+    let first = ids("a", 5);
+    let first_rows = enroll(&router, "g", &first, 1).await; // batch 1: sealed
+    router.delete_subject("g", &first[0]).await.unwrap(); // batch 2: a deletion in a segment
+    let second = ids("b", 5);
+    let second_rows = enroll(&router, "g", &second, 2).await; // batch 3: sealed, the deletion re-logged
+    caught_up(&router, "g").await;
+
+    for restarted in 0..2 {
+        cluster.nodes[restarted].kill9();
+        cluster.nodes[restarted].restart();
+        caught_up(&router, "g").await;
+        let after = vec![format!("after-restart-{restarted}")];
+        let after_rows = enroll(&router, "g", &after, 10 + restarted as u64).await;
+        caught_up(&router, "g").await;
+        // Every replica, asked directly, holds what was acknowledged.
+        for n in &cluster.nodes {
+            let node = n.client().await;
+            let what = format!("{} after restarting {}", n.name, cluster.nodes[restarted].name);
+            for (id, row) in after.iter().zip(after_rows.chunks(DIM)) {
+                let r = node.identify("g.s0", row, DIM, 1, None).await.unwrap();
+                assert_eq!(
+                    r[0].candidates.first().map(|c| c.subject.as_str()),
+                    Some(id.as_str()),
+                    "{what}: the batch after the restart"
+                );
+            }
+            let e = node
+                .verify("g.s0", &first_rows[..DIM], &first[0], None)
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::NotFound, "{what}: the deleted subject: {e}");
+            let r = node.identify("g.s0", &second_rows, DIM, 1, None).await.unwrap();
+            for (id, res) in second.iter().zip(&r) {
+                assert_eq!(res.candidates[0].subject, *id, "{what}");
+            }
+            let info = node.get_gallery("g.s0").await.unwrap();
+            assert_eq!(info.subjects, (4 + 5 + restarted + 1) as u64, "{what}: subjects");
+        }
+    }
+}
+
+/// Remove every file or folder under `dir` whose name starts with `prefix`.
+fn remove_named(dir: &std::path::Path, prefix: &str) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = e.path();
+        if e.file_name().to_string_lossy().starts_with(prefix) {
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).unwrap();
+            } else {
+                std::fs::remove_file(&path).unwrap();
+            }
+            n += 1;
+        } else if path.is_dir() {
+            n += remove_named(&path, prefix);
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_cannot_be_opened_keeps_no_other_from_serving() {
+    if !etcd_available() {
+        return;
+    }
+    let mut cluster = Cluster::start(1, &["--checkpoint-every", "1"]).await;
+    let router = cluster.router.client().await;
+    let mut held = Vec::new();
+    for (i, g) in ["a", "b"].iter().enumerate() {
+        create(&router, g, 1, 1).await;
+        let mut all_ids = Vec::new();
+        let mut all_rows = Vec::new();
+        for b in 0..3 {
+            let batch = ids(&format!("{g}{b}"), 4);
+            all_rows.extend(enroll(&router, g, &batch, (i * 10 + b) as u64).await);
+            all_ids.extend(batch);
+        }
+        held.push((g.to_string(), all_ids, all_rows));
+    }
+    let etcd = etcd::Etcd::connect(&cluster.etcd.urls().split(',').map(str::to_owned).collect::<Vec<_>>()).unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "checkpoints of a and b, the logs before them deleted",
+        || async {
+            let mut ok = true;
+            for g in ["a", "b"] {
+                let cps = etcd.get_prefix(&format!("{}{g}/", keys::CHECKPOINTS)).await.unwrap().0;
+                let log = etcd.get_prefix(&keys::log_prefix(g, 0)).await.unwrap().0;
+                ok &= !cps.is_empty() && log.len() == 1;
+            }
+            ok
+        },
+    )
+    .await;
+    // The node loses its copy of `a`, and the object store loses `a`'s checkpoint: `a`
+    // cannot be opened again (its log before the checkpoint is gone too).
+    cluster.nodes[0].kill9();
+    let root = cluster.dir.path().to_path_buf();
+    assert!(remove_named(&root.join("n1"), "a.s0") >= 2, "a's replica and cursor");
+    let objects = root.join("objects").join("galleries");
+    let a_objects: Vec<_> = std::fs::read_dir(&objects)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("a-"))
+        .collect();
+    assert_eq!(a_objects.len(), 1);
+    assert!(remove_named(&a_objects[0].path(), "checkpoints") >= 1);
+    cluster.nodes[0].restart();
+    // Past the killed process's lease (its keys said it held both replicas).
+    tokio::time::sleep(Duration::from_secs(biogate::cluster::node::LEASE_TTL_S as u64 + 1)).await;
+
+    let (_, b_ids, b_rows) = &held[1];
+    caught_up(&router, "b").await;
+    holds_exactly(&router, "b", b_ids, b_rows, "b, next to an a that cannot be opened").await;
+    let a = router.get_gallery("a").await.unwrap();
+    assert_eq!(a.state, "NOT_SERVING", "{a:?}");
+    eventually(
+        Duration::from_secs(10),
+        "the node names the replica it cannot open",
+        || async { cluster.nodes[0].log().contains("opening a replica failed") },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_router_refuses_a_bad_multi_gallery_search_as_a_server_does() {
+    use biogate::client::pack;
+    use biogate::server::proto;
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(1, &[]).await;
+    let router = cluster.router.client().await;
+    let single_server = biogate::server::start(common::server::config(&cluster.dir.path().join("single")))
+        .await
+        .unwrap();
+    let single = common::server::connect(&single_server, None).await;
+    for g in ["a", "b"] {
+        create(&router, g, 1, 1).await;
+        single.create_gallery(g, DIM as u32, "f32").await.unwrap();
+    }
+    let probe = pack(&random_rows(&mut rng(3), 1, DIM));
+    let search = |g: &str| proto::GallerySearch {
+        gallery: g.into(),
+        k: 3,
+        threshold: None,
+    };
+    let nine: Vec<_> = (0..9).map(|i| search(if i % 2 == 0 { "a" } else { "b" })).collect();
+    let cases = [
+        ("nine galleries", "", 0, None, nine),
+        (
+            "a gallery twice",
+            "",
+            0,
+            None,
+            vec![search("a"), search("b"), search("a")],
+        ),
+        ("k beside galleries", "", 5, None, vec![search("a"), search("b")]),
+        (
+            "a threshold beside galleries",
+            "",
+            0,
+            Some(0.5),
+            vec![search("a"), search("b")],
+        ),
+        ("gallery beside galleries", "a", 0, None, vec![search("b")]),
+    ];
+    for (what, gallery, k, threshold, galleries) in cases {
+        let request = proto::IdentifyRequest {
+            gallery: gallery.into(),
+            probes: vec![probe.clone()],
+            k,
+            threshold,
+            galleries,
+            ..Default::default()
+        };
+        let from_router = router
+            .raw()
+            .identify(router.request(request.clone()))
+            .await
+            .unwrap_err();
+        let from_server = single.raw().identify(single.request(request)).await.unwrap_err();
+        assert_eq!(from_server.code(), Code::InvalidArgument, "{what}: {from_server}");
+        assert_eq!(
+            (from_router.code(), from_router.message()),
+            (from_server.code(), from_server.message()),
+            "{what}"
+        );
+    }
+}
