@@ -9,6 +9,9 @@
 //!   and reported itself caught up without it).
 //! - The router refuses a multi-gallery search exactly as a server does (at most 8
 //!   galleries, none twice, k and threshold per gallery only): one check for both.
+//! - A paused node (SIGSTOP) fails no search through the router: a read it does not
+//!   answer in time is hedged to the other replica (the latencies are printed for
+//!   RELIABILITY.md).
 //! - A replica that cannot be opened (its checkpoint lost from the object store) keeps
 //!   no other replica of its node from serving.
 //!
@@ -347,4 +350,52 @@ async fn the_router_refuses_a_bad_multi_gallery_search_as_a_server_does() {
             "{what}"
         );
     }
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_node_fails_no_search_through_the_router() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(2, &[]).await;
+    let router = cluster.router.client().await;
+    create(&router, "g", 2, 2).await;
+    let people = ids("p", 40);
+    let rows = enroll(&router, "g", &people, 5).await;
+    caught_up(&router, "g").await;
+    // Each search: one probe, rank 1 its own subject, answered within 1 s (the node's
+    // lease is 3 s: waiting it out would fail these).
+    let searches = |n: usize| {
+        let (router, people, rows) = (&router, &people, &rows);
+        async move {
+            let mut took = Vec::with_capacity(n);
+            for i in 0..n {
+                let who = i % people.len();
+                let began = std::time::Instant::now();
+                let r = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    router.identify("g", &rows[who * DIM..(who + 1) * DIM], DIM, 1, None),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("search {i} did not answer within 1 s"))
+                .unwrap_or_else(|e| panic!("search {i}: {e}"));
+                took.push(began.elapsed());
+                assert_eq!(r[0].candidates[0].subject, people[who], "search {i}");
+            }
+            took
+        }
+    };
+    let normal = p99(searches(200).await);
+    cluster.nodes[1].pause();
+    let paused = searches(200).await;
+    let (paused_p99, paused_max) = (p99(paused.clone()), *paused.iter().max().unwrap());
+    cluster.nodes[1].resume();
+    eprintln!(
+        "router searches, 2 shards x 2 replicas: p99 {normal:?} with both nodes; with one paused p99 {paused_p99:?}, max {paused_max:?}"
+    );
 }

@@ -28,7 +28,6 @@ use crate::template::{Dtype, check_dim};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -50,13 +49,22 @@ pub struct Router {
     etcd: Arc<Etcd>,
     view: Arc<View>,
     channels: Mutex<HashMap<String, Channel>>,
-    /// Nodes that failed to answer lately (until when): tried last.
+    /// Nodes that failed to answer lately, or were slow (until when): tried last.
     suspects: Mutex<HashMap<String, Instant>>,
-    turn: AtomicUsize,
+    /// How long the last successful replica reads took (the newest last), for the
+    /// hedging delay.
+    latencies: Mutex<std::collections::VecDeque<Duration>>,
 }
 
-/// How long a node that could not be reached is tried last.
+/// How long a node that could not be reached, or did not answer before another
+/// replica did, is tried last.
 const SUSPECT_FOR: Duration = Duration::from_secs(5);
+/// Replica reads remembered for the hedging delay.
+const LATENCIES_KEPT: usize = 512;
+/// The hedging delay's bounds, and its value before enough reads were seen.
+const HEDGE_MIN: Duration = Duration::from_millis(2);
+const HEDGE_MAX: Duration = Duration::from_millis(250);
+const HEDGE_UNTIL_MEASURED: Duration = Duration::from_millis(50);
 
 /// Whether a call failed before it reached the node (so nothing was done there, and a
 /// write may go to another replica): the client's own connection attempt was refused,
@@ -113,7 +121,7 @@ pub async fn start(urls: &[String], listen: SocketAddr, config: &Config) -> Resu
         view,
         channels: Mutex::new(HashMap::new()),
         suspects: Mutex::new(HashMap::new()),
-        turn: AtomicUsize::new(0),
+        latencies: Mutex::new(std::collections::VecDeque::with_capacity(LATENCIES_KEPT)),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -228,12 +236,13 @@ impl Router {
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
-    /// The serving replicas of a shard, starting at the next one in turn; nodes that
-    /// failed lately last.
+    /// The serving replicas of a shard, starting at a random one (each shard of each
+    /// search chosen on its own: a counter shared by all shards would give back-to-back
+    /// searches of a two-shard gallery the same replicas); nodes suspected lately last.
     fn replicas_in_turn(&self, g: &str, s: u32) -> Vec<(String, String)> {
         let mut serving = self.state(|st| st.serving(g, s));
         if !serving.is_empty() {
-            let turn = self.turn.fetch_add(1, Ordering::Relaxed) % serving.len();
+            let turn = rand::random::<u64>() as usize % serving.len();
             serving.rotate_left(turn);
             let now = Instant::now();
             let mut suspects = self.suspects.lock().expect("suspects lock");
@@ -299,25 +308,105 @@ impl Router {
         })
     }
 
-    /// Send `call` to a serving replica of shard `s`, then to the next on failure.
+    /// How long a replica read may go unanswered before the next replica is asked too:
+    /// the 95th percentile of recent reads (a paused or overloaded node then costs a
+    /// search about one more read, not its deadline).
+    fn hedge_delay(&self) -> Duration {
+        let latencies = self.latencies.lock().expect("latencies lock");
+        if latencies.len() < 20 {
+            return HEDGE_UNTIL_MEASURED;
+        }
+        let mut sorted: Vec<Duration> = latencies.iter().copied().collect();
+        sorted.sort_unstable();
+        sorted[sorted.len() * 95 / 100].clamp(HEDGE_MIN, HEDGE_MAX)
+    }
+
+    fn record_latency(&self, took: Duration) {
+        let mut latencies = self.latencies.lock().expect("latencies lock");
+        if latencies.len() == LATENCIES_KEPT {
+            latencies.pop_front();
+        }
+        latencies.push_back(took);
+    }
+
+    /// Send a read `call` to a serving replica of shard `s`; to the next one if it
+    /// fails, or (hedged) if it has not answered within [`Router::hedge_delay`]: the
+    /// first answer wins, the others are dropped, and a replica that lost the race is
+    /// tried last for a while. Reads only: a write is never sent twice.
     async fn on_replica<T, F, Fut>(&self, g: &str, s: u32, call: F) -> std::result::Result<T, Status>
     where
         F: Fn(BiogateClient<Channel>, String) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
     {
+        use futures_util::StreamExt;
         let local = keys::replica_name(g, s);
+        let mut replicas = self.replicas_in_turn(g, s).into_iter();
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
         let mut last = None;
-        for (node, address) in self.replicas_in_turn(g, s) {
-            match call(self.client(&address)?, local.clone()).await {
-                Ok(v) => return Ok(v),
-                Err(e) if worth_another_replica(&e) => {
-                    if e.code() == Code::Unavailable {
-                        self.suspect(&address);
+        let start = |node: String, address: String| {
+            let client = self.client(&address);
+            let future = client.map(|c| call(c, local.clone()));
+            async move {
+                let began = Instant::now();
+                let r = match future {
+                    Ok(f) => f.await,
+                    Err(e) => Err(e),
+                };
+                (node, address, began.elapsed(), r)
+            }
+        };
+        let mut asked: Vec<String> = Vec::new();
+        match replicas.next() {
+            Some((node, address)) => {
+                asked.push(address.clone());
+                in_flight.push(start(node, address));
+            }
+            None => {
+                return Err(Status::unavailable(format!(
+                    "shard {g}/{s} cannot be searched: {}",
+                    self.why_unserved(g, s)
+                )));
+            }
+        }
+        let mut hedge_at = tokio::time::Instant::now() + self.hedge_delay();
+        loop {
+            let more = replicas.len() > 0;
+            tokio::select! {
+                done = in_flight.next() => {
+                    let Some((node, address, took, r)) = done else { break };
+                    match r {
+                        Ok(v) => {
+                            self.record_latency(took);
+                            // The replicas asked before this one and still silent were slower.
+                            for a in asked.iter().filter(|a| **a != address) {
+                                self.suspect(a);
+                            }
+                            return Ok(v);
+                        }
+                        Err(e) if worth_another_replica(&e) => {
+                            if e.code() == Code::Unavailable {
+                                self.suspect(&address);
+                            }
+                            tracing::debug!(gallery = %g, shard = s, %node, error = %e.message(), "trying another replica");
+                            last = Some(format!("{node}: {}", e.message()));
+                            asked.retain(|a| *a != address);
+                            if let Some((node, address)) = replicas.next() {
+                                asked.push(address.clone());
+                                in_flight.push(start(node, address));
+                                hedge_at = tokio::time::Instant::now() + self.hedge_delay();
+                            }
+                        }
+                        Err(e) => return Err(as_gallery(e, &local, g)),
                     }
-                    tracing::debug!(gallery = %g, shard = s, %node, error = %e.message(), "trying another replica");
-                    last = Some(format!("{node}: {}", e.message()));
                 }
-                Err(e) => return Err(as_gallery(e, &local, g)),
+                _ = tokio::time::sleep_until(hedge_at), if more => {
+                    if let Some((node, address)) = replicas.next() {
+                        tracing::debug!(gallery = %g, shard = s, %node, "hedging a slow read to another replica");
+                        asked.push(address.clone());
+                        in_flight.push(start(node, address));
+                        hedge_at = tokio::time::Instant::now() + self.hedge_delay();
+                    }
+                }
             }
         }
         Err(Status::unavailable(format!(

@@ -172,6 +172,18 @@ impl Process {
         kill(&mut self.child);
     }
 
+    /// Send signal `name` (STOP, CONT, ...) to the running process.
+    pub fn signal(&self, name: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args([format!("-{name}"), c.id().to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "kill -{name} {}", c.id());
+        }
+    }
+
     pub async fn client(&self) -> Client {
         connect_when_up(self.port).await
     }
@@ -227,6 +239,15 @@ impl Node {
 
     pub fn kill9(&mut self) {
         self.process.kill9();
+    }
+
+    /// Stop the process where it is (SIGSTOP): a node that is slow, not gone.
+    pub fn pause(&self) {
+        self.process.signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.process.signal("CONT");
     }
 
     pub async fn client(&self) -> Client {
