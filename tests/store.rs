@@ -275,3 +275,41 @@ fn the_replicated_batch_is_logged_with_it_and_carried_through_seals_and_compacti
     let g = Gallery::open(crashed.path()).unwrap();
     assert_eq!((g.replicated_through(), g.info().unwrap().subjects), (Some(5), 4));
 }
+
+#[test]
+fn a_repair_that_lost_data_drops_the_replication_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Gallery::create(dir.path(), DIM, Dtype::F32).unwrap();
+    let rows = random_rows(&mut rng(6), 4, DIM);
+    for (i, batch) in [(0..2), (2..4)].into_iter().enumerate() {
+        let e: Vec<Enrollment> = batch
+            .map(|j| Enrollment {
+                subject: format!("m{j}"),
+                templates: rows[j * DIM..(j + 1) * DIM].to_vec(),
+            })
+            .collect();
+        g.apply_replicated(&e, &[], i as u64 + 1).unwrap();
+    }
+    drop(g);
+    // One byte of the first enrollment's templates flipped in the log.
+    let log = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .unwrap();
+    let mut bytes = std::fs::read(&log).unwrap();
+    let at = bytes.windows(2).position(|w| w == b"m0").unwrap() + 2 + 8;
+    bytes[at] ^= 0x55;
+    std::fs::write(&log, &bytes).unwrap();
+    let report = gallery::repair::repair(dir.path(), &Default::default()).unwrap();
+    assert!(!report.lost.is_empty(), "{report:?}");
+    assert!(
+        report.actions.iter().any(|a| a.contains("replication marks")),
+        "{report:?}"
+    );
+    // The batch marks no longer claim a state that lost an enrollment: a cluster node
+    // rebuilds this replica from its shard's log instead of trusting them.
+    let g = Gallery::open(dir.path()).unwrap();
+    assert_eq!(g.replicated_through(), None);
+}

@@ -157,6 +157,11 @@ impl Etcd {
                     tried.push(format!("{url}: {}", s.message()));
                 }
                 Ok(Err(s)) => {
+                    tried.push(format!("{url} refused it: {}", s.message()));
+                    // An earlier member may have taken the write without answering.
+                    if kind == Kind::Write && maybe_received {
+                        return Err(unknown(what, &tried));
+                    }
                     return Err(Error::Unavailable(format!(
                         "etcd {url} refused {what}: {}",
                         s.message()

@@ -444,7 +444,16 @@ impl Node {
             .and_then(|b| serde_json::from_slice(&b).ok());
         let existing = self.registry.get(&local).ok();
         let reuse = match (&existing, &cursor) {
-            (Some(entry), Some(c)) => c.created_ms == meta.created_ms && entry.problem().is_none(),
+            (Some(entry), Some(c)) => {
+                c.created_ms == meta.created_ms
+                    && entry.problem().is_none()
+                    // Without a replication mark (a replica from before it, or one a
+                    // repair stripped) only an unmoved log position proves the cursor:
+                    // anything else is rebuilt from the checkpoint and the shard's log.
+                    && entry
+                        .write(|gal| Ok(gal.replicated_through().is_some() || gal.log_position() == c.position))
+                        .unwrap_or(false)
+            }
             _ => false,
         };
         let (entry, applied) = if reuse {
@@ -453,13 +462,8 @@ impl Node {
             let (position, marked) = entry.write(|gal| Ok((gal.log_position(), gal.replicated_through())))?;
             // The gallery logs the batch it applied with the batch (one commit group):
             // that mark is the truth, whatever the cursor file says.
-            let applied = match marked {
-                Some(through) => through,
-                // A replica from before the mark: the cursor's position is all there is
-                // (the batch after it reached the disk if the log moved).
-                None if position == c.position => c.seq,
-                None => c.seq + 1,
-            };
+            // (Without a mark the position is the cursor's: checked above.)
+            let applied = marked.unwrap_or(c.seq);
             if applied != c.seq || position != c.position {
                 self.write_cursor(g, s, meta.created_ms, applied, position)?;
             }
@@ -485,8 +489,11 @@ impl Node {
                             return Err(e);
                         }
                     };
-                    tracing::info!(gallery = %g, shard = s, seq = cp.seq, files = cp.files.len(), "loaded the shard's checkpoint");
-                    (entry, cp.seq)
+                    // The files' own mark is the truth (a checkpoint staged after a
+                    // batch whose cursor write failed holds that batch too).
+                    let applied = entry.write(|gal| Ok(gal.replicated_through()))?.unwrap_or(cp.seq);
+                    tracing::info!(gallery = %g, shard = s, seq = applied, files = cp.files.len(), "loaded the shard's checkpoint");
+                    (entry, applied)
                 }
                 None => (self.registry.create(&local, meta.dim, meta.dtype)?, 0),
             };
@@ -578,7 +585,11 @@ impl Node {
         let seal_at = self.seal_log_rows;
         let position = tokio::task::spawn_blocking(move || {
             writer.write(|g| {
-                g.apply_replicated(&enrollments, &deletions, seq)?;
+                // Already applied (its cursor write failed after the batch's commit
+                // group reached the disk): applying it again would enroll it twice.
+                if g.replicated_through().is_none_or(|t| t < seq) {
+                    g.apply_replicated(&enrollments, &deletions, seq)?;
+                }
                 let position = g.log_position();
                 if g.log_rows() >= seal_at
                     && let Err(e) = g.seal_log()
@@ -810,7 +821,20 @@ impl Node {
                 // A failed compare can be this very commit, retried on another member
                 // after its first answer was lost: if the key holds this batch, it is
                 // committed (taking the next number would commit it twice).
-                Ok(_) if self.etcd.get(&key).await?.is_some_and(|kv| kv.value == value) => break seq,
+                Ok(_)
+                    if self
+                        .etcd
+                        .get(&key)
+                        .await
+                        .map_err(|e| {
+                            Error::OutcomeUnknown(format!(
+                                "the commit of batch {seq} of {local} was refused on a retry, and reading it back failed ({e}): it may or may not be committed"
+                            ))
+                        })?
+                        .is_some_and(|kv| kv.value == value) =>
+                {
+                    break seq;
+                }
                 Ok(_) => {
                     if self.view.read(|st| !st.galleries.contains_key(&r.gallery)) {
                         return Err(Error::NotFound(format!("gallery {:?} was dropped", r.gallery)));

@@ -51,9 +51,10 @@ pub struct Router {
     channels: Mutex<HashMap<String, Channel>>,
     /// Nodes that failed to answer lately, or were slow (until when): tried last.
     suspects: Mutex<HashMap<String, Instant>>,
-    /// How long the last successful replica reads took (the newest last), for the
-    /// hedging delay.
-    latencies: Mutex<std::collections::VecDeque<Duration>>,
+    /// How long the last successful reads of each replica name (`{g}.s{s}`) took (the
+    /// newest last), for its hedging delay: a large gallery's reads are not hedged by a
+    /// small one's.
+    latencies: Mutex<HashMap<String, std::collections::VecDeque<Duration>>>,
 }
 
 /// How long a node that could not be reached, or did not answer before another
@@ -67,15 +68,26 @@ const HEDGE_MAX: Duration = Duration::from_millis(250);
 const HEDGE_UNTIL_MEASURED: Duration = Duration::from_millis(50);
 
 /// Whether a call failed before it reached the node (so nothing was done there, and a
-/// write may go to another replica): the client's own connection attempt was refused,
-/// as its typed cause says. Never read from a message: a node's answer can carry the
-/// same words (its own etcd refusing it) after it did something.
+/// write may go to another replica): the client's own connection attempt failed
+/// (refused, no route, or the connector's timeout), as the local error chain under the
+/// status says. Never read from the status's message: a node's answer can carry the
+/// same words (its own etcd refusing it) after it did something, and an answer from a
+/// node has no local cause at all.
 fn never_reached(s: &Status) -> bool {
+    use std::io::ErrorKind;
     let mut cause = std::error::Error::source(s);
     while let Some(e) = cause {
         if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::ConnectionRefused
+            && matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable
+            )
         {
+            return true;
+        }
+        // hyper's connector names its own failures (a connect timeout among them):
+        // nothing was sent on a connection that never opened.
+        if e.to_string().starts_with("tcp connect error") {
             return true;
         }
         cause = e.source();
@@ -121,7 +133,7 @@ pub async fn start(urls: &[String], listen: SocketAddr, config: &Config) -> Resu
         view,
         channels: Mutex::new(HashMap::new()),
         suspects: Mutex::new(HashMap::new()),
-        latencies: Mutex::new(std::collections::VecDeque::with_capacity(LATENCIES_KEPT)),
+        latencies: Mutex::new(HashMap::new()),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -311,22 +323,23 @@ impl Router {
     /// How long a replica read may go unanswered before the next replica is asked too:
     /// the 95th percentile of recent reads (a paused or overloaded node then costs a
     /// search about one more read, not its deadline).
-    fn hedge_delay(&self) -> Duration {
+    fn hedge_delay(&self, local: &str) -> Duration {
         let latencies = self.latencies.lock().expect("latencies lock");
-        if latencies.len() < 20 {
+        let Some(recent) = latencies.get(local).filter(|l| l.len() >= 20) else {
             return HEDGE_UNTIL_MEASURED;
-        }
-        let mut sorted: Vec<Duration> = latencies.iter().copied().collect();
+        };
+        let mut sorted: Vec<Duration> = recent.iter().copied().collect();
         sorted.sort_unstable();
         sorted[sorted.len() * 95 / 100].clamp(HEDGE_MIN, HEDGE_MAX)
     }
 
-    fn record_latency(&self, took: Duration) {
+    fn record_latency(&self, local: &str, took: Duration) {
         let mut latencies = self.latencies.lock().expect("latencies lock");
-        if latencies.len() == LATENCIES_KEPT {
-            latencies.pop_front();
+        let recent = latencies.entry(local.to_owned()).or_default();
+        if recent.len() == LATENCIES_KEPT {
+            recent.pop_front();
         }
-        latencies.push_back(took);
+        recent.push_back(took);
     }
 
     /// Send a read `call` to a serving replica of shard `s`; to the next one if it
@@ -368,7 +381,7 @@ impl Router {
                 )));
             }
         }
-        let mut hedge_at = tokio::time::Instant::now() + self.hedge_delay();
+        let mut hedge_at = tokio::time::Instant::now() + self.hedge_delay(&local);
         loop {
             let more = replicas.len() > 0;
             tokio::select! {
@@ -376,9 +389,11 @@ impl Router {
                     let Some((node, address, took, r)) = done else { break };
                     match r {
                         Ok(v) => {
-                            self.record_latency(took);
-                            // The replicas asked before this one and still silent were slower.
-                            for a in asked.iter().filter(|a| **a != address) {
+                            self.record_latency(&local, took);
+                            // The replicas asked before this one and still silent were
+                            // slower (one asked after it merely had no time).
+                            let winner = asked.iter().position(|a| *a == address).unwrap_or(asked.len());
+                            for a in &asked[..winner] {
                                 self.suspect(a);
                             }
                             return Ok(v);
@@ -393,7 +408,7 @@ impl Router {
                             if let Some((node, address)) = replicas.next() {
                                 asked.push(address.clone());
                                 in_flight.push(start(node, address));
-                                hedge_at = tokio::time::Instant::now() + self.hedge_delay();
+                                hedge_at = tokio::time::Instant::now() + self.hedge_delay(&local);
                             }
                         }
                         Err(e) => return Err(as_gallery(e, &local, g)),
@@ -404,7 +419,7 @@ impl Router {
                         tracing::debug!(gallery = %g, shard = s, %node, "hedging a slow read to another replica");
                         asked.push(address.clone());
                         in_flight.push(start(node, address));
-                        hedge_at = tokio::time::Instant::now() + self.hedge_delay();
+                        hedge_at = tokio::time::Instant::now() + self.hedge_delay(&local);
                     }
                 }
             }

@@ -24,7 +24,7 @@ use super::files::{keep_aside, lock_dir, remove_orphans, write_segment_file};
 use super::manifest::{MANIFEST_COPY_FILE, MANIFEST_FILE, Manifest, SegmentEntry, segment_file_name, wal_file_name};
 use super::reader::{expected_log_header, identity_matches, open_segment};
 use super::segment::Segment;
-use super::wal::{self, WalHeader, WalWriter};
+use super::wal::{self, WalHeader, WalRecord, WalWriter};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use serde::Serialize;
@@ -196,9 +196,27 @@ pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
 
     // 3. The log.
     let log_path = dir.join(&original.wal);
-    if let Err(e) = wal::read(&log_path, &expected_log_header(&original)) {
+    let read = wal::read(&log_path, &expected_log_header(&original));
+    // A replica's log names the last replicated batch its state includes
+    // (`WalRecord::Applied`); after a loss that is no longer true, so the marks go and
+    // the replica is rebuilt from its shard's log instead of trusting them.
+    let marked_despite_loss = !report.lost.is_empty()
+        && read
+            .as_ref()
+            .is_ok_and(|l| l.records.iter().any(|r| matches!(r, WalRecord::Applied { .. })));
+    let rewrite = match read {
+        Err(e) => Some((e.to_string(), None)),
+        Ok(l) if marked_despite_loss => Some((
+            "its replication marks no longer describe the repaired state".to_owned(),
+            Some(l),
+        )),
+        Ok(_) => None,
+    };
+    if let Some((e, intact)) = rewrite {
         report.clean = false;
-        let (records, first_seq) = if log_path.exists() {
+        let (records, first_seq) = if let Some(l) = intact {
+            (l.records, l.header.first_seq)
+        } else if log_path.exists() {
             let s = wal::salvage(&log_path, original.dim)?;
             for lost in &s.lost {
                 report.lost.push(Loss {
@@ -207,6 +225,9 @@ pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
                     subject_verified: lost.subject_verified,
                     what: match (lost.kind, lost.seq) {
                         (Some("delete"), _) => "a deletion: the subject is searchable again; delete it again".into(),
+                        (Some("replication mark"), _) => {
+                            "a replication mark: a cluster replica is rebuilt from its shard's log".into()
+                        }
                         (_, Some(seq)) => {
                             format!("templates enrolled by log record {seq} (byte offset {})", lost.offset)
                         }
@@ -260,6 +281,20 @@ pub fn repair(dir: &Path, storage: &Storage) -> Result<RepairReport> {
             });
             (Vec::new(), 1)
         };
+        let had_marks = records.iter().any(|r| matches!(r, WalRecord::Applied { .. }));
+        let records: Vec<WalRecord> = if report.lost.is_empty() {
+            records
+        } else {
+            records
+                .into_iter()
+                .filter(|r| !matches!(r, WalRecord::Applied { .. }))
+                .collect()
+        };
+        if had_marks && !report.lost.is_empty() {
+            report
+                .actions
+                .push("dropped the log's replication marks: a cluster replica is rebuilt from its shard's log".into());
+        }
         let log_id = manifest.next_file_id;
         manifest.next_file_id += 1;
         let new_path = dir.join(wal_file_name(log_id));

@@ -778,7 +778,7 @@ impl Gallery {
         if let Some((segment, _)) = sealed {
             self.segments.push(SegmentView::new(segment));
         }
-        self.tombstones = records.len();
+        self.tombstones = records.iter().filter(|r| matches!(r, WalRecord::Delete { .. })).count();
         self.memtable = LogTable::new(self.manifest.dtype, self.manifest.dim);
         self.publish();
         self.remove_orphans();
