@@ -429,7 +429,9 @@ async fn server_with_failing_audit_write(data: &Path, nth: usize) -> ServerHandl
 async fn a_full_disk_under_the_audit_log_is_answered_truthfully() {
     let rows = random_rows(&mut rng(3), 4, DIM);
     // Audit writes: CreateGallery intent (0) and done (1); Enroll intent (2), done (3);
-    // Identify done (4).
+    // Identify done (4). Cases 2 and 3 enroll one message: a stream's messages are
+    // committed in groups as they arrive, each group with its own intent line, so
+    // several messages may take more lines than two.
     // 1. The enrollment's intent cannot be written: nothing is enrolled, and the
     //    client is told so.
     let data = tempfile::tempdir().unwrap();
@@ -450,9 +452,9 @@ async fn a_full_disk_under_the_audit_log_is_answered_truthfully() {
     let h = server_with_failing_audit_write(data.path(), 3).await;
     let c = connect(&h, None).await;
     create(&c, "g", "f32").await;
-    let done = c.enroll("g", &rows, DIM, &ids("s", 4)).await.unwrap();
-    assert_eq!(done.subjects, 4);
-    assert_eq!(info(&c, "g").await.unwrap().subjects, 4);
+    let done = c.enroll("g", &rows[..DIM], DIM, &ids("s", 1)).await.unwrap();
+    assert_eq!(done.subjects, 1);
+    assert_eq!(info(&c, "g").await.unwrap().subjects, 1);
     assert_eq!(metric(&metrics(&h).await, "biogate_audit_failures_total"), 1.0);
 
     // 3. A search whose line cannot be written: the answer is withheld.
@@ -460,7 +462,7 @@ async fn a_full_disk_under_the_audit_log_is_answered_truthfully() {
     let h3 = server_with_failing_audit_write(data3.path(), 4).await;
     let c3 = connect(&h3, None).await;
     create(&c3, "g", "f32").await;
-    c3.enroll("g", &rows, DIM, &ids("s", 4)).await.unwrap();
+    c3.enroll("g", &rows[..DIM], DIM, &ids("s", 1)).await.unwrap();
     let e = identify(&c3, "g", &rows[..DIM]).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(e.message().contains("withheld"), "{}", e.message());
