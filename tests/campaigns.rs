@@ -63,32 +63,37 @@ async fn connect(addr: &str) -> Client {
     panic!("server did not come up");
 }
 
+/// A server configuration in `work` (data in `work/data`, a free loopback port, the CPU
+/// backend, a default gallery `g` of `dtype`), with `more` settings (TOML; a table last).
+fn server_config(work: &std::path::Path, dtype: &str, more: &str) -> (std::path::PathBuf, u16) {
+    let data = work.join("data");
+    let port = common::server::free_port();
+    let config = work.join("biogate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\nlisten = \"127.0.0.1:{port}\"\nbackend = \"cpu\"\n\
+             default_gallery = {{ name = \"g\", dim = {DIM}, dtype = \"{dtype}\" }}\n{more}"
+        ),
+    )
+    .unwrap();
+    (config, port)
+}
+
 /// What the clients were told, per subject: Some(template) enrolled, None deleted.
 type Acked = BTreeMap<String, Option<Vec<f32>>>;
 
 #[test]
 #[ignore = "a long campaign: scripts/kill9-campaign.sh"]
 fn kill9_campaign() {
-    let trials: usize = std::env::var("BIOGATE_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let trials = common::env_number("BIOGATE_TRIALS", 200);
     let work = tempfile::tempdir().unwrap();
+    let (config, port) = server_config(
+        work.path(),
+        "i8",
+        "seal_log_rows = 40\n[audit]\nrotate_bytes = 1048576\n",
+    );
     let data = work.path().join("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = work.path().join("biogate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {data:?}\nlisten = \"127.0.0.1:{port}\"\nbackend = \"cpu\"\nseal_log_rows = 40\n\
-             default_gallery = {{ name = \"g\", dim = {DIM}, dtype = \"i8\" }}\n[audit]\nrotate_bytes = 1048576\n"
-        ),
-    )
-    .unwrap();
     let bin = env!("CARGO_BIN_EXE_biogate");
     let addr = format!("http://127.0.0.1:{port}");
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -238,10 +243,7 @@ fn kill9_campaign() {
 #[test]
 #[ignore = "a long campaign: scripts/log-tail-window.sh"]
 fn log_tail_window_campaign() {
-    let trials: usize = std::env::var("BIOGATE_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let trials = common::env_number("BIOGATE_TRIALS", 200);
     let bin = env!("CARGO_BIN_EXE_biogate");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut r = rng(7);
@@ -249,21 +251,8 @@ fn log_tail_window_campaign() {
     let mut buckets: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
     for trial in 0..trials {
         let work = tempfile::tempdir().unwrap();
+        let (config, port) = server_config(work.path(), "f32", "log_idle_ms = 50\n");
         let data = work.path().join("data");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = work.path().join("biogate.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = {data:?}\nlisten = \"127.0.0.1:{port}\"\nbackend = \"cpu\"\nlog_idle_ms = 50\n\
-                 default_gallery = {{ name = \"g\", dim = {DIM}, dtype = \"f32\" }}\n"
-            ),
-        )
-        .unwrap();
         let mut server = spawn(bin, &config);
         let c = rt.block_on(connect(&format!("http://127.0.0.1:{port}")));
         let rows = random_rows(&mut rng(trial as u64), 3, DIM);

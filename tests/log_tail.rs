@@ -178,13 +178,7 @@ mod server {
     use std::process::{Child, Command, Stdio};
     use std::time::Duration;
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
+    use common::server::free_port;
 
     fn serve(data: &Path, port: u16, extra: &str) -> Child {
         let config = data.join("test.toml");

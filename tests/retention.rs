@@ -687,10 +687,7 @@ fn an_expired_subject_enrolled_again_never_gets_its_old_templates_back() {
 #[test]
 #[ignore = "a measurement: BENCHMARKS.md, expired subjects"]
 fn expired_search_cost_probe() {
-    let expired: usize = std::env::var("BIOGATE_EXPIRED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let expired = common::env_number("BIOGATE_EXPIRED", 0);
     let (rows, dim) = (20_000, 64);
     let dir = tempfile::tempdir().unwrap();
     let mut g = Gallery::create(dir.path(), dim, Dtype::F32).unwrap();
@@ -711,10 +708,7 @@ fn expired_search_cost_probe() {
     assert_eq!(snapshot.live_subjects(), rows - expired);
     let probes = random_rows(&mut rng(10), 16, dim);
     let engine = Engine::cpu();
-    let searches: usize = std::env::var("BIOGATE_SEARCHES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
+    let searches = common::env_number("BIOGATE_SEARCHES", 8);
     for _ in 0..searches {
         engine
             .search(&snapshot, &probes, &SearchParams { k: 10, threshold: None })
