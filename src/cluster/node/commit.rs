@@ -1,0 +1,197 @@
+//! The write path: a batch committed to its shard's log in etcd (read back when an
+//! answer is lost), applied here, and made visible (ARCHITECTURE.md, "The commit order").
+
+use super::{APPLY_WAIT, Node, Replica, VISIBLE_WAIT, all_applied, gallery_exists};
+use crate::cluster::batch::{self, Op};
+use crate::cluster::etcd;
+use crate::cluster::keys::{self, LogEntry};
+use crate::error::{Error, Result};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+impl Node {
+    /// Commit `ops` to the log of the shard whose replica is `local`, and wait until
+    /// they are visible (the module's doc gives the order). Returns the batch's number.
+    pub async fn commit(&self, local: &str, ops: Vec<Op>) -> Result<u64> {
+        let r = self.replica_of_local(local).ok_or_else(|| {
+            Error::Unavailable(format!(
+                "{local}: this node does not hold that replica now (ask the router)"
+            ))
+        })?;
+        let meta = self.view.read(|st| st.galleries.get(&r.gallery).cloned());
+        let meta = meta.ok_or_else(|| Error::NotFound(format!("gallery {:?}", r.gallery)))?;
+        for (i, op) in ops.iter().enumerate() {
+            let owner = meta.shard_of(op.subject());
+            if owner != r.shard {
+                return Err(Error::invalid(format!(
+                    "operation {i}: subject {:?} belongs to shard {owner} of {:?}, not {}",
+                    op.subject(),
+                    r.gallery,
+                    r.shard
+                )));
+            }
+        }
+        let _one_at_a_time = r.commit.lock().await;
+        let n = self.batches.fetch_add(1, Ordering::Relaxed);
+        let object = format!(
+            "{}/{}-{}-{n}.bgb",
+            keys::batch_prefix(&r.gallery, r.created_ms, r.shard),
+            self.name,
+            crate::time_text::now_ms()
+        );
+        self.objects.put(&object, batch::encode(&ops)).await?;
+        let entry = LogEntry {
+            object,
+            ops: ops.len() as u32,
+            node: self.name.clone(),
+            gallery_created_ms: r.created_ms,
+        };
+        let value = keys::encode(&entry);
+        let seq = loop {
+            let head = self
+                .view
+                .read(|st| st.committed.get(&(r.gallery.clone(), r.shard)).copied().unwrap_or(0));
+            self.wait_applied(&r, head, APPLY_WAIT).await?;
+            self.check_deletions(&r, &ops)?;
+            let seq = head + 1;
+            let key = keys::log_key(&r.gallery, r.shard, seq);
+            // The previous batch must still be there (or, for the first, nothing must
+            // have been acknowledged): a writer whose view lags behind a deletion of the
+            // log's head can never commit a number already passed.
+            let follows = if seq > 1 {
+                etcd::present(&keys::log_key(&r.gallery, r.shard, seq - 1))
+            } else {
+                etcd::absent(&keys::visible_key(&r.gallery, r.shard))
+            };
+            let txn = etcd::TxnRequest {
+                compare: vec![etcd::absent(&key), follows, gallery_exists(&r.gallery)],
+                success: vec![etcd::put_op(&key, value.clone(), 0)],
+                failure: Vec::new(),
+            };
+            match self
+                .etcd
+                .txn(&format!("the commit of batch {seq} of {local}"), txn)
+                .await
+            {
+                Ok(t) if t.succeeded => break seq,
+                // A failed compare can be this very commit, retried on another member
+                // after its first answer was lost: if the key holds this batch, it is
+                // committed (taking the next number would commit it twice).
+                Ok(_)
+                    if self
+                        .etcd
+                        .get(&key)
+                        .await
+                        .map_err(|e| {
+                            Error::OutcomeUnknown(format!(
+                                "the commit of batch {seq} of {local} was refused on a retry, and reading it back failed ({e}): it may or may not be committed"
+                            ))
+                        })?
+                        .is_some_and(|kv| kv.value == value) =>
+                {
+                    break seq;
+                }
+                Ok(_) => {
+                    if self.view.read(|st| !st.galleries.contains_key(&r.gallery)) {
+                        return Err(Error::NotFound(format!("gallery {:?} was dropped", r.gallery)));
+                    }
+                    // Another writer took `seq`: wait to see it, then go again.
+                    let deadline = Instant::now() + APPLY_WAIT;
+                    let g = r.gallery.clone();
+                    let s = r.shard;
+                    self.view
+                        .wait_for(deadline, |st| {
+                            st.committed.get(&(g.clone(), s)).copied().unwrap_or(0) >= seq
+                        })
+                        .await;
+                }
+                Err(e) => {
+                    // Did it commit before the answer was lost? Only another batch at
+                    // the number proves it did not (the transaction asks the key to be
+                    // absent): absent, it may still commit, and that is unknown.
+                    return match self.etcd.get(&key).await {
+                        Ok(Some(kv)) if kv.value == value => break seq,
+                        Ok(Some(_)) => Err(Error::Unavailable(format!(
+                            "{e}; the batch was not committed (another took number {seq})"
+                        ))),
+                        Ok(None) | Err(_) => Err(Error::OutcomeUnknown(format!(
+                            "{e}; batch {seq} of {local} may or may not be committed: read before writing again"
+                        ))),
+                    };
+                }
+            }
+        };
+        // Committed: it takes effect whatever happens now. What is left is making it
+        // visible (searches must find it once it is acknowledged); if that fails, the
+        // answer is neither OK (a search could miss it) nor UNAVAILABLE (a client would
+        // send it again): the write happened, its visibility is unknown.
+        let committed = |e: Error| {
+            Error::OutcomeUnknown(format!(
+                "batch {seq} of {local} is committed and will be applied, but is not yet visible to every search: {e}"
+            ))
+        };
+        self.wait_applied(&r, seq, APPLY_WAIT).await.map_err(committed)?;
+        // Every live replica in the map, for a while; then whoever is behind is not
+        // searched until it catches up.
+        let (g, s) = (r.gallery.clone(), r.shard);
+        self.view
+            .wait_for(Instant::now() + VISIBLE_WAIT, |st| all_applied(st, &g, s, seq))
+            .await;
+        self.raise_visible(&g, s, seq).await.map_err(committed)?;
+        Ok(seq)
+    }
+
+    pub(super) fn check_deletions(&self, r: &Replica, ops: &[Op]) -> Result<()> {
+        let snapshot = r.entry.snapshot()?;
+        for op in ops {
+            if let Op::Delete { subject } = op
+                && !snapshot.has_subject(subject)
+            {
+                return Err(Error::NotFound(format!(
+                    "subject: {subject:?} is not enrolled in {:?}",
+                    r.gallery
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn wait_applied(&self, r: &Replica, seq: u64, wait: Duration) -> Result<()> {
+        let mut rx = r.applied.subscribe();
+        match tokio::time::timeout(wait, rx.wait_for(|a| *a >= seq)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::Unavailable(format!(
+                "replica {}.s{} has applied batch {} of {seq} after {wait:?}",
+                r.gallery,
+                r.shard,
+                *r.applied.borrow()
+            ))),
+        }
+    }
+
+    pub(super) async fn raise_visible(&self, g: &str, s: u32, seq: u64) -> Result<()> {
+        let key = keys::visible_key(g, s);
+        loop {
+            let (now, revision) = self
+                .view
+                .read(|st| st.visible.get(&(g.to_owned(), s)).copied().unwrap_or((0, 0)));
+            if now >= seq {
+                return Ok(());
+            }
+            let txn = etcd::TxnRequest {
+                compare: vec![etcd::unchanged_since(&key, revision)],
+                success: vec![etcd::put_op(&key, keys::encode(&seq), 0)],
+                failure: Vec::new(),
+            };
+            if self.etcd.txn(&format!("raising {key}"), txn).await?.succeeded {
+                return Ok(());
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            self.view
+                .wait_for(deadline, |st| {
+                    st.visible.get(&(g.to_owned(), s)).is_none_or(|v| v.1 != revision)
+                })
+                .await;
+        }
+    }
+}
