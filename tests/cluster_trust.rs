@@ -15,6 +15,9 @@
 //! - A replica that cannot be opened (its checkpoint lost from the object store) keeps
 //!   no other replica of its node from serving.
 //!
+//! - Writes keep flowing while a checkpoint uploads to a slow object store: no commit
+//!   waits on an upload (each once waited out every file's upload in the apply loop).
+//!
 //! They skip when etcd is not installed, unless BIOGATE_REQUIRE_ETCD=1 (as in CI).
 #![cfg(feature = "cli")]
 
@@ -22,9 +25,9 @@ mod common;
 
 use biogate::client::Client;
 use biogate::cluster::{etcd, keys};
-use common::cluster::{Cluster, etcd_available, eventually};
+use common::cluster::{Cluster, Node, etcd_available, eventually, wait_for_port};
 use common::{random_rows, rng};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tonic::Code;
 
 const DIM: usize = 16;
@@ -398,4 +401,54 @@ async fn a_paused_node_fails_no_search_through_the_router() {
     eprintln!(
         "router searches, 2 shards x 2 replicas: p99 {normal:?} with both nodes; with one paused p99 {paused_p99:?}, max {paused_max:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_keep_flowing_while_a_checkpoint_uploads() {
+    if !etcd_available() {
+        return;
+    }
+    // Every file upload takes 2.5 s more (a slow remote store); a checkpoint of a few
+    // files takes about 10 s.
+    let mut cluster = Cluster::start(0, &[]).await;
+    for name in ["n1", "n2"] {
+        let node = Node::start_with_env(
+            name,
+            cluster.dir.path(),
+            &cluster.etcd.urls(),
+            &["--checkpoint-every", "2"],
+            &[("BIOGATE_FAULT_SLOW_UPLOAD_MS", "2500")],
+        );
+        wait_for_port(node.port()).await;
+        cluster.nodes.push(node);
+    }
+    let router = cluster.router.client().await;
+    create(&router, "g", 1, 2).await;
+    let (mut all_ids, mut all_rows, mut took) = (Vec::new(), Vec::new(), Vec::new());
+    for b in 0..8 {
+        let batch = ids(&format!("b{b}"), 3);
+        let t = Instant::now();
+        all_rows.extend(enroll(&router, "g", &batch, 300 + b).await);
+        took.push(t.elapsed());
+        all_ids.extend(batch);
+    }
+    let slowest = took.iter().max().copied().unwrap();
+    println!("commits during checkpoints: {took:?}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a commit took {slowest:?} while a checkpoint uploaded: {took:?}"
+    );
+    // The checkpoints do get published, and the gallery holds every batch.
+    let etcd = etcd::Etcd::connect(&cluster.etcd.urls().split(',').map(str::to_owned).collect::<Vec<_>>()).unwrap();
+    eventually(Duration::from_secs(40), "a checkpoint of g", || async {
+        !etcd
+            .get_prefix(&format!("{}g/", keys::CHECKPOINTS))
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    })
+    .await;
+    caught_up(&router, "g").await;
+    holds_exactly(&router, "g", &all_ids, &all_rows, "after checkpoints").await;
 }

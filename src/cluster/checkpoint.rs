@@ -21,18 +21,50 @@ use super::objects::Objects;
 use crate::error::{Error, IoContext, Result};
 use crate::server::registry::GalleryEntry;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Checkpoint {
     /// The last batch it includes.
     pub seq: u64,
-    /// Where its files are in the object store.
+    /// Where the files it uploaded are in the object store.
     pub prefix: String,
     pub files: Vec<String>,
+    /// Files it did not upload because the checkpoint before it already had them (an
+    /// immutable segment of the same identity): file name -> object path.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub elsewhere: BTreeMap<String, String>,
+    /// The identity of each immutable file (segments: the gallery's id and the header's
+    /// CRC, which covers every byte), so the next checkpoint can reuse its object.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub identities: BTreeMap<String, String>,
     pub gallery_created_ms: i64,
     /// The node that took it.
     pub node: String,
+}
+
+impl Checkpoint {
+    /// Where file `f` of this checkpoint is in the object store.
+    pub fn object(&self, f: &str) -> String {
+        self.elsewhere
+            .get(f)
+            .cloned()
+            .unwrap_or_else(|| format!("{}/{f}", self.prefix))
+    }
+
+    /// Every object this checkpoint needs.
+    pub fn objects(&self) -> BTreeSet<String> {
+        self.files.iter().map(|f| self.object(f)).collect()
+    }
+}
+
+/// What a checkpoint's staging holds: its files, and the identities of the immutable ones.
+pub struct Staged {
+    pub files: Vec<String>,
+    pub identities: BTreeMap<String, String>,
+    /// The last batch the files hold (the replica's mark).
+    pub through: Option<u64>,
 }
 
 /// Where a checkpoint taken by `node` goes: named by its batch, its node and a random
@@ -48,8 +80,8 @@ pub fn prefix(g: &str, created_ms: i64, s: u32, seq: u64, node: &str, nonce: u64
 
 /// Seal `entry`'s log and put its files into `staging` (created here): immutable files
 /// hard-linked, the log (appended in place) copied. Runs under the writer lock, so the
-/// files are one consistent state. Returns the file names.
-pub fn stage(entry: &GalleryEntry, staging: &Path) -> Result<Vec<String>> {
+/// files are one consistent state.
+pub fn stage(entry: &GalleryEntry, staging: &Path) -> Result<Staged> {
     std::fs::create_dir_all(staging).ctx(|| format!("creating {}", staging.display()))?;
     entry.write(|g| {
         if let Err(e) = g.seal_log() {
@@ -77,14 +109,47 @@ pub fn stage(entry: &GalleryEntry, staging: &Path) -> Result<Vec<String>> {
             files.push(name);
         }
         files.sort();
-        Ok(files)
+        // The staged manifest names the segments and their identities.
+        let manifest = crate::gallery::manifest::Manifest::load(staging)?;
+        let identities = manifest
+            .segments
+            .iter()
+            .filter_map(|s| {
+                let crc = s.header_crc?;
+                Some((s.file.clone(), format!("{:016x}-{crc:08x}", manifest.gallery_id)))
+            })
+            .filter(|(f, _)| files.contains(f))
+            .collect();
+        Ok(Staged {
+            files,
+            identities,
+            through: g.replicated_through(),
+        })
     })
 }
 
-/// Upload the staged files under `prefix` (each in parts).
-pub async fn upload(objects: &Objects, staging: &Path, prefix: &str, files: &[String]) -> Result<()> {
-    for f in files {
-        objects.put_file(&format!("{prefix}/{f}"), &staging.join(f)).await?;
+/// Upload `cp`'s staged files under its prefix, except the immutable ones `older`
+/// already holds under the same identity (segments do not change): those it names
+/// where they are. Only `older`, the checkpoint published when this one began, is
+/// reused: its publication is what this one's must replace, so a checkpoint that
+/// deletes `older`'s objects can only be one whose publication made this one's fail.
+pub async fn upload(objects: &Objects, staging: &Path, cp: &mut Checkpoint, older: Option<&Checkpoint>) -> Result<()> {
+    for f in &cp.files {
+        let reusable = older.and_then(|o| {
+            let same =
+                o.files.contains(f) && o.identities.contains_key(f) && o.identities.get(f) == cp.identities.get(f);
+            same.then(|| o.object(f))
+        });
+        match reusable {
+            Some(object) => {
+                cp.elsewhere.insert(f.clone(), object);
+            }
+            None => {
+                objects
+                    .put_file(&format!("{}/{f}", cp.prefix), &staging.join(f))
+                    .await?
+            }
+        }
     }
     Ok(())
 }
@@ -99,7 +164,7 @@ pub async fn download(objects: &Objects, cp: &Checkpoint, into: &Path) -> Result
         if f.contains('/') || f.starts_with('.') {
             return Err(Error::Corrupt(format!("checkpoint {}: file name {f:?}", cp.prefix)));
         }
-        objects.get_file(&format!("{}/{f}", cp.prefix), &into.join(f)).await?;
+        objects.get_file(&cp.object(f), &into.join(f)).await?;
     }
     std::fs::File::open(into)
         .and_then(|d| d.sync_all())
@@ -115,6 +180,75 @@ pub fn staging_dir(cluster_dir: &Path, local: &str, what: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn checkpoint(prefix: &str, files: &[(&str, Option<&str>)]) -> Checkpoint {
+        Checkpoint {
+            seq: 1,
+            prefix: prefix.into(),
+            files: files.iter().map(|(f, _)| f.to_string()).collect(),
+            elsewhere: BTreeMap::new(),
+            identities: files
+                .iter()
+                .filter_map(|(f, id)| Some((f.to_string(), (*id)?.to_string())))
+                .collect(),
+            gallery_created_ms: 0,
+            node: "n1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_uploads_only_what_the_one_before_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = Objects::open(&format!("file://{}", dir.path().join("store").display())).unwrap();
+        let staging = dir.path().join("staging");
+        std::fs::create_dir_all(&staging).unwrap();
+        for f in ["MANIFEST", "seg-1.bgs", "seg-2.bgs", "seg-3.bgs", "wal-4.log"] {
+            std::fs::write(staging.join(f), f).unwrap();
+        }
+        // The one before: seg-1 and seg-2 (seg-2 since rewritten: another identity).
+        let mut older = checkpoint(
+            "a",
+            &[
+                ("MANIFEST", None),
+                ("seg-1.bgs", Some("g-1")),
+                ("seg-2.bgs", Some("g-2")),
+            ],
+        );
+        upload(&objects, &staging, &mut older, None).await.unwrap();
+        let mut cp = checkpoint(
+            "b",
+            &[
+                ("MANIFEST", None),
+                ("seg-1.bgs", Some("g-1")),
+                ("seg-2.bgs", Some("g-2b")),
+                ("seg-3.bgs", Some("g-3")),
+                ("wal-4.log", None),
+            ],
+        );
+        upload(&objects, &staging, &mut cp, Some(&older)).await.unwrap();
+        assert_eq!(
+            cp.elsewhere,
+            BTreeMap::from([("seg-1.bgs".to_string(), "a/seg-1.bgs".to_string())])
+        );
+        let listed = |p: &str| {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path().join("store").join(p))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(listed("b"), ["MANIFEST", "seg-2.bgs", "seg-3.bgs", "wal-4.log"]);
+        // Every file of the new one is where it says, and reads back.
+        let into = dir.path().join("loaded");
+        download(&objects, &cp, &into).await.unwrap();
+        for f in &cp.files {
+            assert_eq!(std::fs::read_to_string(into.join(f)).unwrap(), *f);
+        }
+        // What the older one alone needs is what its successor deletes.
+        let unused: Vec<String> = older.objects().difference(&cp.objects()).cloned().collect();
+        assert_eq!(unused, ["a/MANIFEST", "a/seg-2.bgs"]);
+    }
 
     #[test]
     fn two_nodes_checkpointing_one_batch_write_apart() {

@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! galleries/{g}-{created_ms}/{s}/batches/{node}-{ms}-{n}.bgb   one enrollment or deletion batch
-//! galleries/{g}-{created_ms}/{s}/checkpoints/{seq}/{file}      a replica's files (checkpoint.rs)
+//! galleries/{g}-{created_ms}/{s}/checkpoints/{seq}-{node}-{nonce}/{file}   a replica's files (checkpoint.rs)
 //! ```
+//!
+//! `BIOGATE_FAULT_SLOW_UPLOAD_MS` (fault injection, for tests) makes every file upload
+//! (a checkpoint's) take that much longer, as a slow remote store would.
 
 use crate::error::{Error, IoContext, Result};
 use object_store::path::Path;
@@ -22,6 +25,8 @@ const PARTS_IN_FLIGHT: usize = 4;
 pub struct Objects {
     store: Arc<dyn ObjectStore>,
     url: String,
+    /// Added to each file upload (`BIOGATE_FAULT_SLOW_UPLOAD_MS`).
+    upload_delay: std::time::Duration,
 }
 
 fn failed(what: &str, path: &str, e: object_store::Error) -> Error {
@@ -41,9 +46,14 @@ impl Objects {
         } else {
             Self::remote(url)?
         };
+        let upload_delay = std::env::var("BIOGATE_FAULT_SLOW_UPLOAD_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis);
         Ok(Objects {
             store,
             url: url.to_owned(),
+            upload_delay,
         })
     }
 
@@ -79,6 +89,9 @@ impl Objects {
     /// segment is never in memory whole), durably.
     pub async fn put_file(&self, path: &str, from: &std::path::Path) -> Result<()> {
         use tokio::io::AsyncReadExt;
+        if !self.upload_delay.is_zero() {
+            tokio::time::sleep(self.upload_delay).await;
+        }
         let upload = self
             .store
             .put_multipart(&Path::from(path))

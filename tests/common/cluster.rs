@@ -76,6 +76,11 @@ impl Etcd {
             .join(",")
     }
 
+    /// The members' client ports.
+    pub fn client_ports(&self) -> &[u16] {
+        &self.client_ports
+    }
+
     /// Start member `i` (again: it rejoins with its data).
     pub fn start_member(&mut self, i: usize) {
         let cluster: Vec<String> = self
@@ -127,6 +132,8 @@ impl Drop for Etcd {
 pub struct Process {
     pub port: u16,
     args: Vec<String>,
+    /// Environment variables it starts with.
+    env: Vec<(String, String)>,
     /// Where its stderr goes (appended across restarts); None: nowhere.
     log: Option<PathBuf>,
     child: Option<Child>,
@@ -134,10 +141,11 @@ pub struct Process {
 
 impl Process {
     /// `biogate ARGS --listen 127.0.0.1:PORT` on a free port.
-    fn start(args: Vec<String>, log: Option<PathBuf>) -> Process {
+    fn start(args: Vec<String>, env: Vec<(String, String)>, log: Option<PathBuf>) -> Process {
         let mut p = Process {
             port: free_port(),
             args,
+            env,
             log,
             child: None,
         };
@@ -161,6 +169,7 @@ impl Process {
             Command::new(env!("CARGO_BIN_EXE_biogate"))
                 .args(&self.args)
                 .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(stderr)
                 .spawn()
@@ -206,9 +215,19 @@ impl Node {
     /// Node `name` of the cluster in `etcd`, with more `serve` flags (e.g.
     /// `--checkpoint-every 3`).
     pub fn start(name: &str, root: &Path, etcd: &Etcd, more: &[&str]) -> Node {
+        Node::start_via(name, root, &etcd.urls(), more)
+    }
+
+    /// As [`Node::start`], reaching etcd at `etcd_urls` (proxies a test can cut).
+    pub fn start_via(name: &str, root: &Path, etcd_urls: &str, more: &[&str]) -> Node {
+        Node::start_with_env(name, root, etcd_urls, more, &[])
+    }
+
+    /// As [`Node::start_via`], with environment variables (fault injection).
+    pub fn start_with_env(name: &str, root: &Path, etcd_urls: &str, more: &[&str], env: &[(&str, &str)]) -> Node {
         let store = format!("file://{}", root.join("objects").display());
         let data = root.join(name);
-        let mut args: Vec<String> = ["serve", "--etcd", &etcd.urls(), "--store", &store, "--node", name]
+        let mut args: Vec<String> = ["serve", "--etcd", etcd_urls, "--store", &store, "--node", name]
             .iter()
             .map(|a| a.to_string())
             .collect();
@@ -224,7 +243,11 @@ impl Node {
         Node {
             name: name.to_owned(),
             log: log.clone(),
-            process: Process::start(args, Some(log)),
+            process: Process::start(
+                args,
+                env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                Some(log),
+            ),
         }
     }
 
@@ -253,13 +276,17 @@ impl Node {
     pub async fn client(&self) -> Client {
         self.process.client().await
     }
+
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
 }
 
 /// A `biogate router` process, with more flags.
 pub fn router(etcd: &Etcd, more: &[&str]) -> Process {
     let mut args = vec!["router".into(), "--etcd".into(), etcd.urls()];
     args.extend(more.iter().map(|a| a.to_string()));
-    Process::start(args, None)
+    Process::start(args, Vec::new(), None)
 }
 
 /// One cluster at a time: their timings (leases, kills) assume the two cores are theirs.

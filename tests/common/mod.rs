@@ -4,6 +4,8 @@
 
 #[cfg(feature = "cli")]
 pub mod cluster;
+#[cfg(feature = "cli")]
+pub mod etcd_proxy;
 #[cfg(feature = "server")]
 pub mod server;
 

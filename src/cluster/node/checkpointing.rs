@@ -1,57 +1,85 @@
-//! A node's checkpoints of the shards it holds first: staged under the writer lock,
-//! uploaded under a prefix of its own, published by transaction, then the log before
-//! them deleted (checkpoint.rs gives the layout).
+//! A node's checkpoints of the shards it holds first, in the background: staged under
+//! the writer lock, the files the last checkpoint lacks uploaded under a prefix of its
+//! own, published by a transaction at the revision the last one was read at, then the
+//! log before them and the last one's unused objects deleted (checkpoint.rs gives the
+//! layout).
 
 use super::{Node, Replica, gallery_exists};
 use crate::cluster::keys::{self, LogEntry};
 use crate::cluster::{checkpoint, etcd};
 use crate::error::{Error, IoContext, Result};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 impl Node {
-    /// Whether this node takes the shard's next checkpoint now: it is the first live
-    /// replica in the map, and `checkpoint_every` batches were applied since the last.
-    pub(super) fn checkpoint_due(&self, r: &Replica) -> bool {
+    /// Start a checkpoint of replica `r` in the background when it is due: this node is
+    /// the first live replica in the shard's map, `checkpoint_every` batches were
+    /// applied since the last checkpoint, and none of its own is under way. The apply
+    /// loop (and so every commit waiting on it) never waits for an upload.
+    pub(super) fn checkpoint_if_due(self: &Arc<Self>, r: &Arc<Replica>) {
+        let Some(older) = self.checkpoint_due(r) else {
+            return;
+        };
+        if r.checkpointing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (node, r) = (self.clone(), r.clone());
+        tokio::spawn(async move {
+            if let Err(e) = node.checkpoint(&r, older).await {
+                tracing::warn!(gallery = %r.gallery, shard = r.shard, error = %e, "taking a checkpoint failed; retrying later");
+            }
+            r.checkpointing.store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// When a checkpoint of `r` is due, the shard's published checkpoint and the
+    /// revision of its key, read together: the new one is published only if the key
+    /// is still at that revision (no checkpoint, older or newer, replaced in between).
+    fn checkpoint_due(&self, r: &Replica) -> Option<(Option<checkpoint::Checkpoint>, i64)> {
         let applied = *r.applied.borrow();
         self.view.read(|st| {
             let key = (r.gallery.clone(), r.shard);
             let first_live = st
                 .shard_map(&r.gallery, r.shard)
                 .and_then(|m| m.replicas.iter().find(|n| st.nodes.contains_key(*n)));
-            let last = st.checkpoints.get(&key).map_or(0, |c| c.0.seq);
-            first_live == Some(&self.name) && applied >= last + self.checkpoint_every
+            let current = st.checkpoints.get(&key);
+            let last = current.map_or(0, |c| c.0.seq);
+            (first_live == Some(&self.name) && applied >= last + self.checkpoint_every)
+                .then(|| current.map_or((None, 0), |c| (Some(c.0.clone()), c.1)))
         })
     }
 
-    /// Take a checkpoint of replica `r` at its applied batch, publish it, then delete
-    /// the log's batches every live replica has passed and the older checkpoint.
-    pub(super) async fn checkpoint(&self, r: &Replica) -> Result<()> {
-        let seq = *r.applied.borrow();
+    /// Take a checkpoint of replica `r` at its applied batch, publish it in place of
+    /// `older` (at its key's revision), then delete the log's batches every live
+    /// replica has passed and the objects of `older` the new one does not reuse.
+    async fn checkpoint(&self, r: &Replica, (older, revision): (Option<checkpoint::Checkpoint>, i64)) -> Result<()> {
         let local = keys::replica_name(&r.gallery, r.shard);
         let staging = checkpoint::staging_dir(&self.cursors, &local, "staging");
         if staging.exists() {
             std::fs::remove_dir_all(&staging).ctx(|| format!("removing {}", staging.display()))?;
         }
         let (entry, dir) = (r.entry.clone(), staging.clone());
-        let files = tokio::task::spawn_blocking(move || checkpoint::stage(&entry, &dir))
+        // Staged under the writer lock: the batch applied then is the one it holds.
+        let staged = tokio::task::spawn_blocking(move || checkpoint::stage(&entry, &dir))
             .await
             .map_err(|e| Error::Internal(format!("checkpoint task: {e}")))??;
-        let prefix = checkpoint::prefix(&r.gallery, r.created_ms, r.shard, seq, &self.name, rand::random());
-        let uploaded = checkpoint::upload(&self.objects, &staging, &prefix, &files).await;
-        let _ = std::fs::remove_dir_all(&staging);
-        uploaded?;
-        let cp = checkpoint::Checkpoint {
+        let Some(seq) = staged.through.filter(|s| older.as_ref().is_none_or(|o| *s > o.seq)) else {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Ok(()); // nothing newer than the published checkpoint
+        };
+        let mut cp = checkpoint::Checkpoint {
             seq,
-            prefix,
-            files,
+            prefix: checkpoint::prefix(&r.gallery, r.created_ms, r.shard, seq, &self.name, rand::random()),
+            files: staged.files,
+            elsewhere: Default::default(),
+            identities: staged.identities,
             gallery_created_ms: r.created_ms,
             node: self.name.clone(),
         };
+        let uploaded = checkpoint::upload(&self.objects, &staging, &mut cp, older.as_ref()).await;
+        let _ = std::fs::remove_dir_all(&staging);
+        uploaded?;
         let key = keys::checkpoint_key(&r.gallery, r.shard);
-        let (older, revision) = self.view.read(|st| {
-            st.checkpoints
-                .get(&(r.gallery.clone(), r.shard))
-                .map_or((None, 0), |c| (Some(c.0.clone()), c.1))
-        });
         let txn = etcd::TxnRequest {
             compare: vec![etcd::unchanged_since(&key, revision), gallery_exists(&r.gallery)],
             success: vec![etcd::put_op(&key, keys::encode(&cp), 0)],
@@ -78,13 +106,17 @@ impl Node {
             },
         };
         if !published {
-            // Another replica's checkpoint won: delete what this one alone wrote.
+            // Another checkpoint was published first: delete what this one alone wrote
+            // (what it reuses belongs to the one before).
             self.objects.delete_prefix(&cp.prefix).await?;
             return Ok(());
         }
         tracing::info!(gallery = %r.gallery, shard = r.shard, seq, files = cp.files.len(), "took a checkpoint");
-        if let Some(old) = older.filter(|o| o.prefix != cp.prefix) {
-            self.objects.delete_prefix(&old.prefix).await?;
+        if let Some(old) = older {
+            let kept = cp.objects();
+            for object in old.objects().difference(&kept) {
+                self.objects.delete(object).await?;
+            }
         }
         // The batches every live replica has applied (keeping the last one, which
         // numbers the next commit) are no longer needed.

@@ -81,6 +81,8 @@ struct Replica {
     /// One commit at a time from this node.
     commit: tokio::sync::Mutex<()>,
     tail: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// A checkpoint of it is under way (checkpointing.rs).
+    checkpointing: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Replica {
@@ -512,6 +514,7 @@ impl Node {
             applied: watch::channel(applied).0,
             commit: tokio::sync::Mutex::new(()),
             tail: Mutex::new(None),
+            checkpointing: Default::default(),
         }))
     }
 
@@ -526,20 +529,27 @@ impl Node {
     }
 
     /// Apply the shard's batches in order as they are committed.
-    async fn tail(node: std::sync::Weak<Node>, replica: std::sync::Weak<Replica>) {
-        let Some(mut changes) = node.upgrade().map(|n| n.view.changed()) else {
+    async fn tail(node_weak: std::sync::Weak<Node>, replica: std::sync::Weak<Replica>) {
+        let Some(mut changes) = node_weak.upgrade().map(|n| n.view.changed()) else {
             return;
         };
         let mut published = None;
         loop {
-            let (Some(node), Some(r)) = (node.upgrade(), replica.upgrade()) else {
+            let (Some(node), Some(r)) = (node_weak.upgrade(), replica.upgrade()) else {
                 return;
             };
             let at = *r.applied.borrow();
             let next = node.view.log_after(&r.gallery, r.shard, at);
             if next.first().is_some_and(|(first, _)| *first > at + 1) {
-                // The batches this replica needs were deleted after a checkpoint.
+                // The batches this replica needs were deleted after a checkpoint. Not at
+                // once: a view that has not yet seen the newer checkpoint would load the
+                // same one again.
                 tracing::warn!(gallery = %r.gallery, shard = r.shard, applied = at, "the log before the checkpoint is gone: reloading from the checkpoint");
+                drop((node, r));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let (Some(node), Some(r)) = (node_weak.upgrade(), replica.upgrade()) else {
+                    return;
+                };
                 node.forget(&r).await;
                 return;
             }
@@ -558,11 +568,8 @@ impl Node {
             if published != Some(now) && node.publish_applied(&r, now).await.is_ok() {
                 published = Some(now);
             }
-            if !failed
-                && node.checkpoint_due(&r)
-                && let Err(e) = node.checkpoint(&r).await
-            {
-                tracing::warn!(gallery = %r.gallery, shard = r.shard, error = %e, "taking a checkpoint failed; retrying later");
+            if !failed {
+                node.checkpoint_if_due(&r);
             }
             drop((node, r));
             if failed || published.is_none() {
