@@ -768,6 +768,63 @@ roles = ["admin"]
     assert_eq!((info.subjects, info.state.as_str()), (20, "SERVING"));
     let e = gate.delete_subject("t", &ids[0]).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    // The encounter reports check the token before saying the router keeps none.
+    let e = nobody.encounter_history(&ids[0]).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    let e = gate.overstays("72h", "").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let wrong = as_who(Some("not-a-token-0123456789")).await;
+    let e = wrong.identify("t", &rows[..DIM], DIM, 1, None).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+
+    // The router audits every call, refusals included, by caller name: never a token
+    // or a template.
+    let audit = cluster.router.audit_log();
+    let lines: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let line = |method: &str, caller: &str, outcome: &str| {
+        lines
+            .iter()
+            .any(|l| l["method"] == method && l["caller"] == caller && l["outcome"] == outcome)
+    };
+    for (method, caller, outcome) in [
+        ("ListGalleries", "-", "UNAUTHENTICATED"),
+        ("CreateGallery", "gate-A12", "PERMISSION_DENIED"),
+        ("CreateGallery", "ops", "ok"),
+        ("Enroll", "gate-A12", "PERMISSION_DENIED"),
+        ("Enroll", "officer-7", "ok"),
+        ("Identify", "gate-A12", "ok"),
+        ("Identify", "-", "UNAUTHENTICATED"),
+        ("GetGallery", "gate-A12", "ok"),
+        ("DeleteSubject", "gate-A12", "PERMISSION_DENIED"),
+        ("EncounterHistory", "-", "UNAUTHENTICATED"),
+        ("Overstays", "gate-A12", "PERMISSION_DENIED"),
+    ] {
+        assert!(
+            line(method, caller, outcome),
+            "no {method} {caller} {outcome} line in the router's audit log:\n{audit}"
+        );
+    }
+    let enrolled = lines
+        .iter()
+        .find(|l| l["method"] == "Enroll" && l["outcome"] == "ok")
+        .unwrap();
+    assert_eq!(enrolled["count"], 20, "{enrolled}");
+    assert_eq!(enrolled["subjects"][0][0], ids[0], "{enrolled}");
+    let identified = lines
+        .iter()
+        .find(|l| l["method"] == "Identify" && l["outcome"] == "ok")
+        .unwrap();
+    assert_eq!(identified["subjects"][0][0], ids[0], "{identified}");
+    assert_eq!(identified["gallery"], "t", "{identified}");
+    for secret in [
+        "gate-token-0123456789",
+        "officer-token-0123456789",
+        "admin-token-0123456789",
+        "not-a-token",
+    ] {
+        assert!(!audit.contains(secret), "a token in the router's audit log");
+    }
+    assert!(!audit.contains("templates"), "templates in the router's audit log");
 
     // The router answers grpc.health.v1, as a server does (no token needed).
     use tonic_health::pb::health_check_response::ServingStatus;

@@ -61,13 +61,17 @@ pub(crate) struct RouterArgs {
     /// `max_connections` and `handshake_timeout_ms` bound the router's connections.
     #[arg(long, env = "BIOGATE_CONFIG")]
     config: Option<PathBuf>,
+    /// Where the router's audit log lives (every call, refusals included).
+    #[arg(long, env = "BIOGATE_ROUTER_DATA_DIR", default_value = "./biogate-router")]
+    data_dir: PathBuf,
 }
 
 pub(crate) async fn router(a: RouterArgs) -> Result<()> {
-    let config = match &a.config {
+    let mut config = match &a.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    config.data_dir = a.data_dir;
     let handle = biogate::cluster::router::start(&a.etcd, a.listen, &config).await?;
     outln!("biogate router on {} (etcd {})", handle.addr, a.etcd.join(","));
     wait_for_signal().await;

@@ -172,7 +172,7 @@ fn check_threshold(t: Option<f32>) -> Result<(), Status> {
 }
 
 /// The galleries of a multi-gallery search, as the audit log names them.
-fn gallery_names(searches: &[proto::GallerySearch]) -> String {
+pub(crate) fn gallery_names(searches: &[proto::GallerySearch]) -> String {
     searches
         .iter()
         .map(|s| super::registry::echo_name(&s.gallery))
@@ -235,7 +235,7 @@ struct Audited {
     took_effect: bool,
 }
 
-fn audit_status(what: &str, e: std::io::Error) -> Status {
+pub(crate) fn audit_status(what: &str, e: std::io::Error) -> Status {
     if e.raw_os_error() == Some(crate::storage::ENOSPC) {
         Status::resource_exhausted(format!("audit log: {e}; {what}"))
     } else {

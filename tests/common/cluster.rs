@@ -137,6 +137,8 @@ pub struct Process {
     /// Where its stderr goes (appended across restarts); None: nowhere.
     log: Option<PathBuf>,
     child: Option<Child>,
+    /// A folder of its own (a router's `--data-dir`), kept across restarts.
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Process {
@@ -148,6 +150,7 @@ impl Process {
             env,
             log,
             child: None,
+            dir: None,
         };
         p.restart();
         p
@@ -195,6 +198,12 @@ impl Process {
 
     pub async fn client(&self) -> Client {
         connect_when_up(self.port).await
+    }
+
+    /// Its audit log (a router's, in its `--data-dir`), whole lines.
+    pub fn audit_log(&self) -> String {
+        let dir = self.dir.as_ref().expect("a process with a folder");
+        std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default()
     }
 }
 
@@ -282,11 +291,15 @@ impl Node {
     }
 }
 
-/// A `biogate router` process, with more flags.
+/// A `biogate router` process, with more flags, its audit log in a folder of its own.
 pub fn router(etcd: &Etcd, more: &[&str]) -> Process {
-    let mut args = vec!["router".into(), "--etcd".into(), etcd.urls()];
+    let dir = tempfile::Builder::new().prefix("router").tempdir().unwrap();
+    let mut args = vec!["router".into(), "--etcd".into(), etcd.urls(), "--data-dir".into()];
+    args.push(dir.path().display().to_string());
     args.extend(more.iter().map(|a| a.to_string()));
-    Process::start(args, Vec::new(), None)
+    let mut p = Process::start(args, Vec::new(), None);
+    p.dir = Some(dir);
+    p
 }
 
 /// One cluster at a time: their timings (leases, kills) assume the two cores are theirs.

@@ -11,6 +11,7 @@
 //!   transactions (and the gallery's objects deleted). GetGallery, ListGalleries: the
 //!   catalogue with each shard's replica health.
 
+mod audit;
 mod replicas;
 
 use super::etcd::{self, Etcd};
@@ -27,6 +28,7 @@ use crate::server::proto::biogate_server::{Biogate, BiogateServer};
 use crate::server::proto::{self};
 use crate::server::service::{decode_template, status_of, subject_field};
 use crate::template::{Dtype, check_dim};
+use audit::Audited;
 use replicas::never_reached;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -46,6 +48,8 @@ const CREATE_WAIT: Duration = Duration::from_secs(15);
 
 /// The router's state: the cluster view and a channel per node.
 pub struct Router {
+    /// Every call, refused or not (audit.rs).
+    audit: crate::server::audit::AuditLog,
     /// Who may do what (the `[[tokens]]` of `--config`; none: everyone, everything).
     /// The caller's token also travels on to the nodes, which check it again.
     auth: Auth,
@@ -80,10 +84,13 @@ impl RouterHandle {
 }
 
 /// Start a router on `listen`, following the cluster in the etcd at `urls`. From
-/// `config` it takes the `[[tokens]]` (none: authentication is off, as on a server) and
-/// the connection limits.
+/// `config` it takes the `[[tokens]]` (none: authentication is off, as on a server),
+/// the connection and message-size limits, and `data_dir` and `[audit]` for its audit
+/// log.
 pub async fn start(urls: &[String], listen: SocketAddr, config: &Config) -> Result<RouterHandle> {
     let auth = Auth::new(&config.tokens);
+    std::fs::create_dir_all(&config.data_dir).ctx(|| format!("creating {}", config.data_dir.display()))?;
+    let audit = crate::server::audit::AuditLog::open(&config.data_dir, &config.audit, Default::default())?;
     if !auth.enabled() && !listen.ip().is_loopback() {
         tracing::warn!(%listen, "no tokens configured: authentication is off (every caller has every role)");
     }
@@ -93,6 +100,7 @@ pub async fn start(urls: &[String], listen: SocketAddr, config: &Config) -> Resu
         tracing::warn!(etcd = %urls.join(","), "etcd did not answer yet; the router serves once it does");
     }
     let router = Arc::new(Router {
+        audit,
         auth,
         etcd,
         view,
@@ -105,8 +113,9 @@ pub async fn start(urls: &[String], listen: SocketAddr, config: &Config) -> Resu
         .ctx(|| format!("listening on {listen}"))?;
     let addr = listener.local_addr().ctx(|| "reading the bound address".into())?;
     let (stop, stopped) = oneshot::channel::<()>();
+    // The nodes' own limit: the router refuses what a node would.
     let service = BiogateServer::new(router)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // grpc.health.v1 (for load balancers) and reflection (for grpcurl), as on a server.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -419,8 +428,209 @@ impl Biogate for Arc<Router> {
         &self,
         request: Request<proto::IdentifyRequest>,
     ) -> std::result::Result<Response<proto::IdentifyResponse>, Status> {
+        let req = request.get_ref();
+        let call = self.begin(&request, "Identify", &audit::searched(&req.gallery, &req.galleries));
+        let probes = req.probes.len();
+        let r = self.routed_identify(request).await.map(|response| {
+            let results = response
+                .results
+                .iter()
+                .chain(response.galleries.iter().flat_map(|g| &g.results));
+            let audited = Audited::of_results(results, probes);
+            (response, audited)
+        });
+        self.finish(call, r).await
+    }
+
+    type IdentifyStreamStream = IdentifyStreamOut;
+
+    async fn identify_stream(
+        &self,
+        request: Request<Streaming<proto::IdentifyStreamRequest>>,
+    ) -> std::result::Result<Response<Self::IdentifyStreamStream>, Status> {
+        let call = self.begin(&request, "IdentifyStream", "");
+        match self.authorize(&request, Role::Identify, "IdentifyStream") {
+            Ok(auth) => Ok(self.routed_identify_stream(request, auth, call)),
+            Err(e) => self.finish(call, Err(e)).await,
+        }
+    }
+
+    async fn verify(
+        &self,
+        request: Request<proto::VerifyRequest>,
+    ) -> std::result::Result<Response<proto::VerifyResponse>, Status> {
+        let call = self.begin(&request, "Verify", &request.get_ref().gallery);
+        let subject = request.get_ref().subject.clone();
+        let r = self.routed_verify(request).await.map(|v| {
+            let audited = Audited {
+                subjects: vec![(subject, Some(v.score))],
+                count: 1,
+                took_effect: false,
+            };
+            (v, audited)
+        });
+        self.finish(call, r).await
+    }
+
+    async fn enroll(
+        &self,
+        request: Request<Streaming<proto::EnrollRequest>>,
+    ) -> std::result::Result<Response<proto::EnrollResponse>, Status> {
+        let call = self.begin(&request, "Enroll", "");
+        let mut subjects = Vec::new();
+        let r = self.routed_enroll(request, &mut subjects).await;
+        let audited = Audited {
+            count: subjects.len(),
+            subjects: subjects.into_iter().map(|s| (s, None)).collect(),
+            took_effect: r.is_ok(),
+        };
+        self.finish_with(call, r, audited).await
+    }
+
+    async fn delete_subject(
+        &self,
+        request: Request<proto::DeleteSubjectRequest>,
+    ) -> std::result::Result<Response<proto::DeleteSubjectResponse>, Status> {
+        let call = self.begin(&request, "DeleteSubject", &request.get_ref().gallery);
+        let subject = request.get_ref().subject.clone();
+        let r = self.routed_delete_subject(request).await;
+        let audited = Audited {
+            subjects: vec![(subject, None)],
+            count: 1,
+            took_effect: r.is_ok(),
+        };
+        self.finish_with(call, r, audited).await
+    }
+
+    async fn create_gallery(
+        &self,
+        request: Request<proto::CreateGalleryRequest>,
+    ) -> std::result::Result<Response<proto::GalleryInfo>, Status> {
+        let call = self.begin(&request, "CreateGallery", &request.get_ref().name);
+        let r = self.routed_create_gallery(request).await;
+        let audited = Audited {
+            took_effect: r.is_ok(),
+            ..Default::default()
+        };
+        self.finish_with(call, r, audited).await
+    }
+
+    async fn drop_gallery(
+        &self,
+        request: Request<proto::DropGalleryRequest>,
+    ) -> std::result::Result<Response<proto::DropGalleryResponse>, Status> {
+        let call = self.begin(&request, "DropGallery", &request.get_ref().name);
+        let r = self.routed_drop_gallery(request).await;
+        let audited = Audited {
+            took_effect: r.is_ok(),
+            ..Default::default()
+        };
+        self.finish_with(call, r, audited).await
+    }
+
+    async fn list_galleries(
+        &self,
+        request: Request<proto::ListGalleriesRequest>,
+    ) -> std::result::Result<Response<proto::ListGalleriesResponse>, Status> {
+        let call = self.begin(&request, "ListGalleries", "");
+        let r = self.routed_list_galleries(request).await.map(|l| {
+            let count = l.galleries.len();
+            (
+                l,
+                Audited {
+                    count,
+                    ..Default::default()
+                },
+            )
+        });
+        self.finish(call, r).await
+    }
+
+    async fn get_gallery(
+        &self,
+        request: Request<proto::GetGalleryRequest>,
+    ) -> std::result::Result<Response<proto::GalleryInfo>, Status> {
+        let call = self.begin(&request, "GetGallery", &request.get_ref().name);
+        let r = async {
+            let auth = self.authorize(&request, Role::Identify, "GetGallery")?;
+            Ok((self.info(&request.into_inner().name, &auth).await?, Audited::default()))
+        }
+        .await;
+        self.finish(call, r).await
+    }
+
+    async fn repair_gallery(
+        &self,
+        request: Request<proto::RepairGalleryRequest>,
+    ) -> std::result::Result<Response<proto::RepairGalleryResponse>, Status> {
+        let call = self.begin(&request, "RepairGallery", &request.get_ref().name);
+        let r = self.authorize(&request, Role::Admin, "RepairGallery").and_then(|_| {
+            Err(Status::failed_precondition(format!(
+                "gallery {:?}: a cluster replica is repaired on its node (RepairGallery of `{{gallery}}.s{{shard}}` there), or dropped there and reloaded from the object store",
+                request.get_ref().name
+            )))
+        });
+        self.finish(call, r).await
+    }
+
+    async fn compact_gallery(
+        &self,
+        request: Request<proto::CompactGalleryRequest>,
+    ) -> std::result::Result<Response<proto::CompactGalleryResponse>, Status> {
+        let call = self.begin(&request, "CompactGallery", &request.get_ref().name);
+        let r = self.routed_compact_gallery(request).await;
+        let audited = Audited {
+            took_effect: r.is_ok(),
+            ..Default::default()
+        };
+        self.finish_with(call, r, audited).await
+    }
+
+    // Encounters are kept by single servers; the token is still checked first, and
+    // the call audited.
+    async fn encounter_history(
+        &self,
+        request: Request<proto::EncounterHistoryRequest>,
+    ) -> std::result::Result<Response<proto::EncounterList>, Status> {
+        let call = self.begin(&request, "EncounterHistory", "");
+        let r = self
+            .authorize(&request, Role::Admin, "EncounterHistory")
+            .and_then(|_| Err(no_encounter_reports()));
+        self.finish(call, r).await
+    }
+
+    async fn overstays(
+        &self,
+        request: Request<proto::OverstaysRequest>,
+    ) -> std::result::Result<Response<proto::OverstayList>, Status> {
+        let call = self.begin(&request, "Overstays", "");
+        let r = self
+            .authorize(&request, Role::Admin, "Overstays")
+            .and_then(|_| Err(no_encounter_reports()));
+        self.finish(call, r).await
+    }
+
+    async fn encounter_stats(
+        &self,
+        request: Request<proto::EncounterStatsRequest>,
+    ) -> std::result::Result<Response<proto::EncounterStatsList>, Status> {
+        let call = self.begin(&request, "EncounterStats", "");
+        let r = self
+            .authorize(&request, Role::Admin, "EncounterStats")
+            .and_then(|_| Err(no_encounter_reports()));
+        self.finish(call, r).await
+    }
+}
+
+/// The calls' work, audited by the trait's methods above.
+impl Router {
+    async fn routed_identify(
+        &self,
+        request: Request<proto::IdentifyRequest>,
+    ) -> std::result::Result<proto::IdentifyResponse, Status> {
         let auth = self.authorize(&request, Role::Identify, "Identify")?;
         let req = request.into_inner();
+
         no_encounters(&req.encounter)?;
         if req.probes.is_empty() {
             return Err(Status::invalid_argument("probes: no probes given"));
@@ -444,24 +654,27 @@ impl Biogate for Arc<Router> {
                 })
                 .collect();
         }
-        Ok(Response::new(response))
+        Ok(response)
     }
 
-    type IdentifyStreamStream = IdentifyStreamOut;
-
-    async fn identify_stream(
-        &self,
+    /// Each message searched in a task of its own and answered (and audited, one line
+    /// each) as it completes.
+    fn routed_identify_stream(
+        self: &Arc<Self>,
         request: Request<Streaming<proto::IdentifyStreamRequest>>,
-    ) -> std::result::Result<Response<Self::IdentifyStreamStream>, Status> {
-        let auth = self.authorize(&request, Role::Identify, "IdentifyStream")?;
+        auth: Authorization,
+        call: audit::RouterCall,
+    ) -> Response<IdentifyStreamOut> {
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let router = self.clone();
+        let call = Arc::new(call);
         tokio::spawn(async move {
             while let Ok(Some(m)) = incoming.message().await {
                 let router = router.clone();
                 let tx = tx.clone();
                 let auth = auth.clone();
+                let call = call.clone();
                 tokio::spawn(async move {
                     let answer = async {
                         no_encounters(&m.encounter)?;
@@ -498,17 +711,18 @@ impl Biogate for Arc<Router> {
                             out.error_message = e.message().to_owned();
                         }
                     }
+                    let out = router.audit_stream_answer(&call, &m, out).await;
                     let _ = tx.send(Ok(out)).await;
                 });
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Response::new(Box::pin(ReceiverStream::new(rx)))
     }
 
-    async fn verify(
+    async fn routed_verify(
         &self,
         request: Request<proto::VerifyRequest>,
-    ) -> std::result::Result<Response<proto::VerifyResponse>, Status> {
+    ) -> std::result::Result<proto::VerifyResponse, Status> {
         let auth = self.authorize(&request, Role::Identify, "Verify")?;
         let req = request.into_inner();
         let (meta, s) = self.subject_shard(&req.gallery, &req.subject)?;
@@ -525,13 +739,15 @@ impl Biogate for Arc<Router> {
                 async move { client.verify(r).await.map(Response::into_inner) }
             })
             .await?;
-        Ok(Response::new(answer))
+        Ok(answer)
     }
 
-    async fn enroll(
+    /// Enroll; `subjects` gets the ids asked for (for the audit line).
+    async fn routed_enroll(
         &self,
         request: Request<Streaming<proto::EnrollRequest>>,
-    ) -> std::result::Result<Response<proto::EnrollResponse>, Status> {
+        subjects: &mut Vec<String>,
+    ) -> std::result::Result<proto::EnrollResponse, Status> {
         let auth = self.authorize(&request, Role::Enroll, "Enroll")?;
         let mut incoming = request.into_inner();
         // Check everything first: bad input changes nothing.
@@ -541,6 +757,7 @@ impl Biogate for Arc<Router> {
             let at = |s: Status| Status::new(s.code(), format!("message {index}: {}", s.message()));
             let meta = self.meta(&m.gallery).map_err(at)?;
             m.subject = subject_field(&m.subject).map_err(at)?;
+            subjects.push(m.subject.clone());
             if !m.expires_at.is_empty() {
                 return Err(at(Status::invalid_argument(
                     "expires_at: a cluster's galleries do not expire subjects yet",
@@ -577,7 +794,15 @@ impl Biogate for Arc<Router> {
                         gallery: name.clone(),
                         ..messages[i].clone()
                     }));
-                    match self.client(&address)?.enroll(with_authorization(stream, &auth)).await {
+                    let mut client = self.client(&address)?;
+                    let sent = client.enroll(with_authorization(stream, &auth));
+                    let Ok(answer) = tokio::time::timeout(replicas::WRITE_DEADLINE, sent).await else {
+                        return Err(Status::unknown(format!(
+                            "shard {g}/{s} (node {node}, {count} subjects): no answer within {:?}; the enrollment may or may not have taken effect",
+                            replicas::WRITE_DEADLINE
+                        )));
+                    };
+                    match answer {
                         Ok(r) => return Ok(r.into_inner()),
                         Err(e) if never_reached(&e) => {
                             self.suspect(&address);
@@ -624,13 +849,13 @@ impl Biogate for Arc<Router> {
                 ),
             ));
         }
-        Ok(Response::new(done))
+        Ok(done)
     }
 
-    async fn delete_subject(
+    async fn routed_delete_subject(
         &self,
         request: Request<proto::DeleteSubjectRequest>,
-    ) -> std::result::Result<Response<proto::DeleteSubjectResponse>, Status> {
+    ) -> std::result::Result<proto::DeleteSubjectResponse, Status> {
         let auth = self.authorize(&request, Role::Enroll, "DeleteSubject")?;
         let req = request.into_inner();
         let (_, s) = self.subject_shard(&req.gallery, &req.subject)?;
@@ -644,8 +869,17 @@ impl Biogate for Arc<Router> {
                 },
                 &auth,
             );
-            match self.client(&address)?.delete_subject(r).await {
-                Ok(r) => return Ok(r),
+            let mut client = self.client(&address)?;
+            let sent = client.delete_subject(r);
+            let Ok(answer) = tokio::time::timeout(replicas::WRITE_DEADLINE, sent).await else {
+                return Err(Status::unknown(format!(
+                    "shard {}/{s} (node {node}): no answer within {:?}; the deletion may or may not have taken effect",
+                    req.gallery,
+                    replicas::WRITE_DEADLINE
+                )));
+            };
+            match answer {
+                Ok(r) => return Ok(r.into_inner()),
                 Err(e) if never_reached(&e) => {
                     self.suspect(&address);
                     last = Some(format!("{node}: {}", e.message()));
@@ -660,10 +894,10 @@ impl Biogate for Arc<Router> {
         )))
     }
 
-    async fn create_gallery(
+    async fn routed_create_gallery(
         &self,
         request: Request<proto::CreateGalleryRequest>,
-    ) -> std::result::Result<Response<proto::GalleryInfo>, Status> {
+    ) -> std::result::Result<proto::GalleryInfo, Status> {
         let auth = self.authorize(&request, Role::Admin, "CreateGallery")?;
         let caller = self.auth.name_of(&request).unwrap_or_else(|| "anonymous".into());
         let req = request.into_inner();
@@ -748,13 +982,13 @@ impl Biogate for Arc<Router> {
                 st.galleries.contains_key(&name) && (0..shards).all(|s| !st.serving(&name, s).is_empty())
             })
             .await;
-        Ok(Response::new(self.info(&req.name, &auth).await?))
+        self.info(&req.name, &auth).await
     }
 
-    async fn drop_gallery(
+    async fn routed_drop_gallery(
         &self,
         request: Request<proto::DropGalleryRequest>,
-    ) -> std::result::Result<Response<proto::DropGalleryResponse>, Status> {
+    ) -> std::result::Result<proto::DropGalleryResponse, Status> {
         self.authorize(&request, Role::Admin, "DropGallery")?;
         let caller = self.auth.name_of(&request).unwrap_or_else(|| "anonymous".into());
         let g = request.into_inner().name;
@@ -796,13 +1030,13 @@ impl Biogate for Arc<Router> {
             }
         }
         tracing::info!(%caller, gallery = %g, "dropped a cluster gallery");
-        Ok(Response::new(proto::DropGalleryResponse {}))
+        Ok(proto::DropGalleryResponse {})
     }
 
-    async fn list_galleries(
+    async fn routed_list_galleries(
         &self,
         request: Request<proto::ListGalleriesRequest>,
-    ) -> std::result::Result<Response<proto::ListGalleriesResponse>, Status> {
+    ) -> std::result::Result<proto::ListGalleriesResponse, Status> {
         let auth = self.authorize(&request, Role::Identify, "ListGalleries")?;
         let names: Vec<String> = self.state(|st| st.galleries.keys().cloned().collect());
         let mut galleries = Vec::with_capacity(names.len());
@@ -813,32 +1047,13 @@ impl Biogate for Arc<Router> {
                 Err(e) => return Err(e),
             }
         }
-        Ok(Response::new(proto::ListGalleriesResponse { galleries }))
+        Ok(proto::ListGalleriesResponse { galleries })
     }
 
-    async fn get_gallery(
-        &self,
-        request: Request<proto::GetGalleryRequest>,
-    ) -> std::result::Result<Response<proto::GalleryInfo>, Status> {
-        let auth = self.authorize(&request, Role::Identify, "GetGallery")?;
-        Ok(Response::new(self.info(&request.into_inner().name, &auth).await?))
-    }
-
-    async fn repair_gallery(
-        &self,
-        request: Request<proto::RepairGalleryRequest>,
-    ) -> std::result::Result<Response<proto::RepairGalleryResponse>, Status> {
-        self.authorize(&request, Role::Admin, "RepairGallery")?;
-        Err(Status::failed_precondition(format!(
-            "gallery {:?}: a cluster replica is repaired on its node (RepairGallery of `{{gallery}}.s{{shard}}` there), or dropped there and reloaded from the object store",
-            request.into_inner().name
-        )))
-    }
-
-    async fn compact_gallery(
+    async fn routed_compact_gallery(
         &self,
         request: Request<proto::CompactGalleryRequest>,
-    ) -> std::result::Result<Response<proto::CompactGalleryResponse>, Status> {
+    ) -> std::result::Result<proto::CompactGalleryResponse, Status> {
         let auth = self.authorize(&request, Role::Admin, "CompactGallery")?;
         let g = request.into_inner().name;
         let meta = self.meta(&g)?;
@@ -852,10 +1067,16 @@ impl Biogate for Arc<Router> {
                     },
                     &auth,
                 );
-                let part = self
-                    .client(&address)?
-                    .compact_gallery(r)
+                let mut client = self.client(&address)?;
+                let sent = client.compact_gallery(r);
+                let part = tokio::time::timeout(replicas::WRITE_DEADLINE, sent)
                     .await
+                    .map_err(|_| {
+                        Status::unknown(format!(
+                            "shard {g}/{s} on {node}: no answer within {:?}; its compaction may or may not have run",
+                            replicas::WRITE_DEADLINE
+                        ))
+                    })?
                     .map_err(|e| Status::new(e.code(), format!("shard {g}/{s} on {node}: {}", e.message())))?
                     .into_inner();
                 if i > 0 {
@@ -867,28 +1088,7 @@ impl Biogate for Arc<Router> {
                 total.segments_after += part.segments_after;
             }
         }
-        Ok(Response::new(total))
-    }
-
-    async fn encounter_history(
-        &self,
-        _request: Request<proto::EncounterHistoryRequest>,
-    ) -> std::result::Result<Response<proto::EncounterList>, Status> {
-        Err(no_encounter_reports())
-    }
-
-    async fn overstays(
-        &self,
-        _request: Request<proto::OverstaysRequest>,
-    ) -> std::result::Result<Response<proto::OverstayList>, Status> {
-        Err(no_encounter_reports())
-    }
-
-    async fn encounter_stats(
-        &self,
-        _request: Request<proto::EncounterStatsRequest>,
-    ) -> std::result::Result<Response<proto::EncounterStatsList>, Status> {
-        Err(no_encounter_reports())
+        Ok(total)
     }
 }
 

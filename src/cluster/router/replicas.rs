@@ -18,6 +18,11 @@ const LATENCIES_KEPT: usize = 512;
 const HEDGE_MIN: Duration = Duration::from_millis(2);
 const HEDGE_MAX: Duration = Duration::from_millis(250);
 const HEDGE_UNTIL_MEASURED: Duration = Duration::from_millis(50);
+/// The longest a read waits for any replica of a shard.
+pub(super) const READ_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest a write waits for the node it went to: longer than the node's own
+/// waits (the apply, 30 s, and the replicas, 3 s), after which its outcome is unknown.
+pub(super) const WRITE_DEADLINE: Duration = Duration::from_secs(40);
 
 /// Whether a call failed before it reached the node (so nothing was done there, and a
 /// write may go to another replica): the client's own connection attempt failed
@@ -146,7 +151,21 @@ impl Router {
     /// fails, or (hedged) if it has not answered within [`Router::hedge_delay`]: the
     /// first answer wins, the others are dropped, and a replica that lost the race is
     /// tried last for a while. Reads only: a write is never sent twice.
+    /// Gives up after [`READ_DEADLINE`] (every replica paused or hung): UNAVAILABLE.
     pub(super) async fn on_replica<T, F, Fut>(&self, g: &str, s: u32, call: F) -> std::result::Result<T, Status>
+    where
+        F: Fn(BiogateClient<Channel>, String) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+    {
+        match tokio::time::timeout(READ_DEADLINE, self.on_replica_unbounded(g, s, call)).await {
+            Ok(r) => r,
+            Err(_) => Err(Status::unavailable(format!(
+                "shard {g}/{s}: no replica answered within {READ_DEADLINE:?}"
+            ))),
+        }
+    }
+
+    async fn on_replica_unbounded<T, F, Fut>(&self, g: &str, s: u32, call: F) -> std::result::Result<T, Status>
     where
         F: Fn(BiogateClient<Channel>, String) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
