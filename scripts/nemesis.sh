@@ -16,4 +16,4 @@ export BIOGATE_NEMESIS_SEED="${2:-1000}"
 export BIOGATE_NEMESIS_PER_CLUSTER="${PER_CLUSTER:-20}"
 export BIOGATE_NEMESIS_WINDOW_MS="${WINDOW_MS:-8000}"
 cargo test --release --test nemesis -- --nocapture 2>&1 \
-  | grep -E "nemesis|seed|panicked|test result"
+  | grep --line-buffered -E "nemesis|seed|panicked|test result"

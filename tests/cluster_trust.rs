@@ -452,3 +452,45 @@ async fn writes_keep_flowing_while_a_checkpoint_uploads() {
     caught_up(&router, "g").await;
     holds_exactly(&router, "g", &all_ids, &all_rows, "after checkpoints").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_whose_answers_are_lost_takes_effect_once() {
+    if !etcd_available() {
+        return;
+    }
+    // One node reaching etcd through proxies that hold etcd's answers back: its commit
+    // reaches etcd, the answer does not, and each retry on another member finds the
+    // number taken (by itself).
+    let mut cluster = Cluster::start(0, &[]).await;
+    let proxy = common::etcd_proxy::EtcdProxy::start(cluster.etcd.client_ports()).await;
+    let node = Node::start_via("n1", cluster.dir.path(), &proxy.urls(), &[]);
+    wait_for_port(node.port()).await;
+    cluster.nodes.push(node);
+    let router = cluster.router.client().await;
+    create(&router, "g", 1, 1).await;
+    let first = ids("a", 4);
+    let mut rows = enroll(&router, "g", &first, 400).await;
+    proxy.set(common::etcd_proxy::Mode::StallAnswers);
+    let second = ids("b", 4);
+    let second_rows = random_rows(&mut rng(401), second.len(), DIM);
+    let healer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        proxy.set(common::etcd_proxy::Mode::Pass);
+        proxy
+    });
+    let answer = router.enroll("g", &second_rows, DIM, &second).await;
+    let _proxy = healer.await.unwrap();
+    println!("the enrollment whose commit answers were held back: {answer:?}");
+    // Committed (etcd got the request): OK, or UNKNOWN; never a refusal a client
+    // would read as "nothing happened".
+    if let Err(e) = &answer {
+        assert_eq!(e.code(), Code::Unknown, "{e}");
+    }
+    caught_up(&router, "g").await;
+    rows.extend(second_rows);
+    let all: Vec<String> = first.iter().chain(&second).cloned().collect();
+    holds_exactly(&router, "g", &all, &rows, "after the lost answers").await;
+    // Once: as many rows as subjects (a second commit of the batch would double them).
+    let info = router.get_gallery("g").await.unwrap();
+    assert_eq!(info.rows, all.len() as u64, "rows: the batch was committed twice");
+}

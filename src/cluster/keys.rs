@@ -112,6 +112,15 @@ pub struct ShardMap {
     pub replicas: Vec<String>,
 }
 
+/// A replica's applied batch, as its node publishes it: with the gallery it belongs to,
+/// so a replica of a dropped gallery is never counted as serving one made again under
+/// its name. (Nodes before this published the bare number.)
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AppliedMark {
+    pub seq: u64,
+    pub gallery_created_ms: i64,
+}
+
 /// One committed batch of a shard's log.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LogEntry {
@@ -226,6 +235,9 @@ pub struct ClusterState {
     pub store: Option<String>,
     pub nodes: BTreeMap<String, NodeInfo>,
     pub galleries: BTreeMap<String, GalleryMeta>,
+    /// Gallery -> the revision its catalogue key was written at (it is written once):
+    /// which gallery of that name, when one is dropped and made again.
+    pub gallery_revisions: BTreeMap<String, i64>,
     pub shards: BTreeMap<(String, u32), (ShardMap, i64)>,
     /// (gallery, shard) -> node -> applied batch.
     pub applied: BTreeMap<(String, u32), BTreeMap<String, u64>>,

@@ -21,11 +21,18 @@ pub struct View {
     connected: AtomicBool,
 }
 
+/// Node -> (applied batch, the gallery's `created_ms` if the node said).
+type AppliedMarks = BTreeMap<String, (u64, Option<i64>)>;
+
 #[derive(Default)]
 struct Mirror {
     state: ClusterState,
     /// (gallery, shard) -> seq -> entry.
     log: BTreeMap<(String, u32), BTreeMap<u64, LogEntry>>,
+    /// (gallery, shard) -> node -> its applied batch and the gallery it belongs to
+    /// (None: published by an older node). `state.applied` holds the marks of the
+    /// gallery now in the catalogue.
+    applied_marks: BTreeMap<(String, u32), AppliedMarks>,
     version: u64,
 }
 
@@ -159,6 +166,26 @@ impl View {
 }
 
 impl Mirror {
+    /// `state.applied` for gallery `g`: the marks of the gallery now in the catalogue.
+    fn refresh_applied(&mut self, g: &str) {
+        let st = &mut self.state;
+        st.applied.retain(|(gallery, _), _| gallery != g);
+        let Some(created_ms) = st.galleries.get(g).map(|m| m.created_ms) else {
+            return;
+        };
+        for ((gallery, s), marks) in self.applied_marks.range((g.to_owned(), 0)..=(g.to_owned(), u32::MAX)) {
+            debug_assert_eq!(gallery, g);
+            let nodes: BTreeMap<String, u64> = marks
+                .iter()
+                .filter(|(_, (_, of))| of.is_none_or(|c| c == created_ms))
+                .map(|(n, (seq, _))| (n.clone(), *seq))
+                .collect();
+            if !nodes.is_empty() {
+                st.applied.insert((g.to_owned(), *s), nodes);
+            }
+        }
+    }
+
     fn apply(&mut self, kv: &KeyValue, deleted: bool) {
         let Ok(key) = std::str::from_utf8(&kv.key) else { return };
         if let Err(e) = self.apply_key(key, &kv.value, kv.mod_revision, deleted) {
@@ -183,10 +210,14 @@ impl Mirror {
         } else if let Some(g) = key.strip_prefix(keys::GALLERIES) {
             if deleted {
                 st.galleries.remove(g);
+                st.gallery_revisions.remove(g);
             } else {
                 st.galleries
                     .insert(g.to_owned(), keys::decode::<GalleryMeta>(key, value)?);
+                st.gallery_revisions.insert(g.to_owned(), revision);
             }
+            let g = g.to_owned();
+            self.refresh_applied(&g);
         } else if key.starts_with(keys::SHARDS) {
             let Some(id) = shard_id(&keys::parts(key, keys::SHARDS)) else {
                 return Ok(());
@@ -216,12 +247,19 @@ impl Mirror {
             let (Some(id), Some(node)) = (shard_id(&p), p.get(2)) else {
                 return Ok(());
             };
-            let nodes = st.applied.entry(id).or_default();
-            if deleted {
-                nodes.remove(*node);
+            let mark = if deleted {
+                None
+            } else if let Ok(m) = serde_json::from_slice::<keys::AppliedMark>(value) {
+                Some((m.seq, Some(m.gallery_created_ms)))
             } else {
-                nodes.insert((*node).to_owned(), keys::decode::<u64>(key, value)?);
-            }
+                Some((keys::decode::<u64>(key, value)?, None))
+            };
+            let nodes = self.applied_marks.entry(id.clone()).or_default();
+            match mark {
+                Some(m) => nodes.insert((*node).to_owned(), m),
+                None => nodes.remove(*node),
+            };
+            self.refresh_applied(&id.0);
         } else if key.starts_with(keys::CHECKPOINTS) {
             let Some(id) = shard_id(&keys::parts(key, keys::CHECKPOINTS)) else {
                 return Ok(());
@@ -242,5 +280,59 @@ impl Mirror {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::template::Dtype;
+
+    fn gallery(created_ms: i64) -> Vec<u8> {
+        keys::encode(&GalleryMeta {
+            dim: 4,
+            dtype: Dtype::F32,
+            shards: 1,
+            replicas: 2,
+            created_ms,
+            shard_hash: keys::ShardHash::Mixed,
+        })
+    }
+
+    fn mark(seq: u64, gallery_created_ms: i64) -> Vec<u8> {
+        keys::encode(&keys::AppliedMark {
+            seq,
+            gallery_created_ms,
+        })
+    }
+
+    #[test]
+    fn a_replica_of_a_dropped_gallery_never_counts_for_one_made_again() {
+        let mut m = Mirror::default();
+        let (g, n1, n2) = (
+            keys::gallery_key("fl"),
+            keys::applied_key("fl", 0, "n1"),
+            keys::applied_key("fl", 0, "n2"),
+        );
+        let applied = |m: &Mirror| m.state.applied.get(&("fl".to_owned(), 0)).cloned().unwrap_or_default();
+        // Marks may come before the gallery's key (a first read is in key order).
+        m.apply_key(&n1, &mark(3, 100), 1, false).unwrap();
+        assert!(applied(&m).is_empty());
+        m.apply_key(&g, &gallery(100), 2, false).unwrap();
+        assert_eq!(applied(&m), BTreeMap::from([("n1".to_owned(), 3)]));
+        // Dropped and made again: n1's late mark of the old gallery is not n1 serving
+        // the new one; n2's mark of the new one is.
+        m.apply_key(&g, &[], 3, true).unwrap();
+        m.apply_key(&g, &gallery(200), 4, false).unwrap();
+        m.apply_key(&n1, &mark(5, 100), 5, false).unwrap();
+        m.apply_key(&n2, &mark(0, 200), 6, false).unwrap();
+        assert_eq!(applied(&m), BTreeMap::from([("n2".to_owned(), 0)]));
+        assert!(m.state.serving("fl", 0).is_empty(), "no node is live in this test");
+        // An older node's bare number counts (it cannot say which gallery).
+        m.apply_key(&n1, b"7", 7, false).unwrap();
+        assert_eq!(
+            applied(&m),
+            BTreeMap::from([("n1".to_owned(), 7), ("n2".to_owned(), 0)])
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! log before them and the last one's unused objects deleted (checkpoint.rs gives the
 //! layout).
 
-use super::{Node, Replica, gallery_exists};
+use super::{Node, Replica};
 use crate::cluster::keys::{self, LogEntry};
 use crate::cluster::{checkpoint, etcd};
 use crate::error::{Error, IoContext, Result};
@@ -81,7 +81,7 @@ impl Node {
         uploaded?;
         let key = keys::checkpoint_key(&r.gallery, r.shard);
         let txn = etcd::TxnRequest {
-            compare: vec![etcd::unchanged_since(&key, revision), gallery_exists(&r.gallery)],
+            compare: vec![etcd::unchanged_since(&key, revision), self.same_gallery(r)?],
             success: vec![etcd::put_op(&key, keys::encode(&cp), 0)],
             failure: Vec::new(),
         };

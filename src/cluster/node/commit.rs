@@ -1,7 +1,7 @@
 //! The write path: a batch committed to its shard's log in etcd (read back when an
 //! answer is lost), applied here, and made visible (ARCHITECTURE.md, "The commit order").
 
-use super::{APPLY_WAIT, Node, Replica, VISIBLE_WAIT, all_applied, gallery_exists};
+use super::{APPLY_WAIT, Node, Replica, VISIBLE_WAIT, all_applied};
 use crate::cluster::batch::{self, Op};
 use crate::cluster::etcd;
 use crate::cluster::keys::{self, LogEntry};
@@ -64,7 +64,7 @@ impl Node {
                 etcd::absent(&keys::visible_key(&r.gallery, r.shard))
             };
             let txn = etcd::TxnRequest {
-                compare: vec![etcd::absent(&key), follows, gallery_exists(&r.gallery)],
+                compare: vec![etcd::absent(&key), follows, self.same_gallery(&r)?],
                 success: vec![etcd::put_op(&key, value.clone(), 0)],
                 failure: Vec::new(),
             };
@@ -92,9 +92,8 @@ impl Node {
                     break seq;
                 }
                 Ok(_) => {
-                    if self.view.read(|st| !st.galleries.contains_key(&r.gallery)) {
-                        return Err(Error::NotFound(format!("gallery {:?} was dropped", r.gallery)));
-                    }
+                    // Dropped (or made again) under it: the compare said so.
+                    self.same_gallery(&r)?;
                     // Another writer took `seq`: wait to see it, then go again.
                     let deadline = Instant::now() + APPLY_WAIT;
                     let g = r.gallery.clone();

@@ -268,7 +268,14 @@ impl Node {
     async fn publish_applied(&self, r: &Replica, seq: u64) -> Result<()> {
         let key = keys::applied_key(&r.gallery, r.shard, &self.name);
         self.etcd
-            .put(&key, keys::encode(&seq), self.lease.load(Ordering::Relaxed))
+            .put(
+                &key,
+                keys::encode(&keys::AppliedMark {
+                    seq,
+                    gallery_created_ms: r.created_ms,
+                }),
+                self.lease.load(Ordering::Relaxed),
+            )
             .await
     }
 
@@ -619,14 +626,21 @@ impl Node {
     /// Drop a replica here (its files and cursor); the next pass of the shard map opens
     /// it again, from the checkpoint.
     async fn forget(&self, r: &Replica) {
-        self.replicas
-            .lock()
-            .expect("replicas lock")
-            .remove(&(r.gallery.clone(), r.shard));
+        // Its applied key first, while it is still held (nothing opens it again yet,
+        // so this cannot delete the key of the replica that replaces it).
         let _ = self
             .etcd
             .delete(&keys::applied_key(&r.gallery, r.shard, &self.name))
             .await;
+        // Its files and its place together, under the lock the pass that opens
+        // replicas takes: once that pass sees the place empty, the files it finds are
+        // its own to load, never dropped by this afterwards.
+        let mut held = self.replicas.lock().expect("replicas lock");
+        let key = (r.gallery.clone(), r.shard);
+        if !held.get(&key).is_some_and(|h| std::ptr::eq(h.as_ref(), r)) {
+            return; // already replaced
+        }
+        held.remove(&key);
         if let Err(e) = self.drop_local(&r.gallery, r.shard) {
             tracing::error!(gallery = %r.gallery, shard = r.shard, error = %e, "dropping the replica to reload it");
         }
@@ -764,6 +778,23 @@ fn all_applied(st: &ClusterState, g: &str, s: u32, seq: u64) -> bool {
 }
 
 /// Compare: the gallery still exists.
+impl Node {
+    /// Compare: the gallery replica `r` belongs to is still the one in etcd: not
+    /// dropped, nor dropped and made again under its name (a commit or checkpoint of an
+    /// older gallery's replica must never land in a new one's keys, whose replicas
+    /// would then wait on it forever).
+    fn same_gallery(&self, r: &Replica) -> Result<etcd::pb::Compare> {
+        self.view.read(
+            |st| match (st.galleries.get(&r.gallery), st.gallery_revisions.get(&r.gallery)) {
+                (Some(meta), Some(revision)) if meta.created_ms == r.created_ms => {
+                    Ok(etcd::unchanged_since(&keys::gallery_key(&r.gallery), *revision))
+                }
+                _ => Err(Error::NotFound(format!("gallery {:?} was dropped", r.gallery))),
+            },
+        )
+    }
+}
+
 fn gallery_exists(g: &str) -> etcd::pb::Compare {
     etcd::present(&keys::gallery_key(g))
 }
