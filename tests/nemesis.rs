@@ -122,6 +122,10 @@ struct History {
     counts: BTreeMap<&'static str, u64>,
     /// How many instances of the churned gallery were made.
     made: u64,
+    /// A drop of the churned gallery's instance, or a creation of a new one, was asked
+    /// and not acknowledged (either may have taken effect).
+    unsure_drop: bool,
+    unsure_create: bool,
 }
 
 impl History {
@@ -332,12 +336,16 @@ async fn churner(routers: Routers, history: Shared, stop: Arc<AtomicBool>, seed:
                 Ok(Err(s)) if s.code() == Code::AlreadyExists => true, // an earlier unknown creation took
                 _ => exists(&c, CHURNED).await == Some(true),
             };
+            let mut h = history.lock().unwrap();
             if made {
-                let mut h = history.lock().unwrap();
                 h.count("create ok");
                 h.made += 1;
                 let n = h.made;
                 h.instances.insert(CHURNED.into(), format!("{CHURNED}#{n}"));
+                h.unsure_drop = false;
+                h.unsure_create = false;
+            } else {
+                h.unsure_create = true;
             }
             continue;
         }
@@ -360,10 +368,14 @@ async fn churner(routers: Routers, history: Shared, stop: Arc<AtomicBool>, seed:
                     Ok(Ok(())) => true,
                     _ => exists(&c, CHURNED).await == Some(false),
                 };
+                let mut h = history.lock().unwrap();
                 if dropped {
-                    let mut h = history.lock().unwrap();
                     h.count("drop ok");
                     h.instances.remove(CHURNED);
+                    h.unsure_drop = false;
+                    h.unsure_create = false;
+                } else {
+                    h.unsure_drop = true;
                 }
             }
         }
@@ -651,12 +663,17 @@ impl Run {
         for i in 1..=3 {
             let proxy = EtcdProxy::start(etcd.client_ports()).await;
             let flags = ["--checkpoint-every", "3", "--config", config.as_str()];
-            nodes.push(Node::start_via(&format!("n{i}"), dir.path(), &proxy.urls(), &flags));
+            let node = Node::start_via(&format!("n{i}"), dir.path(), &proxy.urls(), &flags);
+            // Listening before the next port is picked (free_port() would hand it out).
+            wait_for_port(node.port()).await;
+            nodes.push(node);
             proxies.push(proxy);
         }
-        let routers: Vec<Process> = (0..2).map(|_| router(&etcd, &[])).collect();
-        for port in routers.iter().map(|r| r.port).chain(nodes.iter().map(Node::port)) {
-            wait_for_port(port).await;
+        let mut routers: Vec<Process> = Vec::new();
+        for _ in 0..2 {
+            let r = router(&etcd, &[]);
+            wait_for_port(r.port).await;
+            routers.push(r);
         }
         let history = Shared::default();
         let c = common::cluster::connect_when_up(routers[0].port).await;
@@ -713,6 +730,9 @@ impl Run {
             c.await.unwrap();
         }
         let c = common::cluster::connect_when_up(ports.ports[0]).await;
+        if let Err(e) = self.settle_churned(&c).await {
+            return (faults, vec![e]);
+        }
         let galleries: Vec<String> = self.history.lock().unwrap().instances.keys().cloned().collect();
         if let Err(e) = settled(&c, &galleries, Duration::from_secs(60)).await {
             return (faults, vec![e]);
@@ -721,6 +741,41 @@ impl Run {
         let bad = check(&c, &self.history, &mut rng);
         self.history.lock().unwrap().searches.clear();
         (faults, bad)
+    }
+}
+
+impl Run {
+    /// The churned gallery's last drop or creation may have an unknown outcome: ask the
+    /// cluster which it was. It may be gone only after a drop was asked, there only
+    /// after a creation was; otherwise that is a violation.
+    async fn settle_churned(&self, c: &Client) -> Result<(), String> {
+        let mut there = None;
+        for _ in 0..100 {
+            there = exists(c, CHURNED).await;
+            if there.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let there = there.ok_or("nobody says whether fl exists")?;
+        let mut h = self.history.lock().unwrap();
+        let live = h.instances.get(CHURNED).cloned();
+        match (there, live) {
+            (false, Some(_)) if h.unsure_drop => {
+                h.instances.remove(CHURNED);
+            }
+            (false, Some(instance)) => return Err(format!("{instance} is gone, and no drop was asked")),
+            (true, None) if h.unsure_create => {
+                h.made += 1;
+                let n = h.made;
+                h.instances.insert(CHURNED.into(), format!("{CHURNED}#{n}"));
+            }
+            (true, None) => return Err(format!("{CHURNED} exists, and no creation was asked since its drop")),
+            _ => {}
+        }
+        h.unsure_drop = false;
+        h.unsure_create = false;
+        Ok(())
     }
 }
 

@@ -325,14 +325,18 @@ impl Cluster {
     pub async fn start_in(dir: tempfile::TempDir, nodes: usize, node_flags: &[&str], router_flags: &[&str]) -> Cluster {
         let turn = ONE_AT_A_TIME.lock().await;
         let etcd = Etcd::start(&dir.path().join("etcd"));
-        let nodes: Vec<Node> = (1..=nodes)
-            .map(|i| Node::start(&format!("n{i}"), dir.path(), &etcd, node_flags))
-            .collect();
+        // Each one listening before the next port is picked: until then, its port
+        // looks free to free_port() (a router given it would exit, its clients
+        // talking to the node).
+        let mut started = Vec::new();
+        for i in 1..=nodes {
+            let n = Node::start(&format!("n{i}"), dir.path(), &etcd, node_flags);
+            wait_for_port(n.process.port).await;
+            started.push(n);
+        }
+        let nodes = started;
         let router = router(&etcd, router_flags);
         wait_for_port(router.port).await;
-        for n in &nodes {
-            wait_for_port(n.process.port).await;
-        }
         Cluster {
             nodes,
             router,
