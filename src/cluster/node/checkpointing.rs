@@ -93,11 +93,31 @@ impl Node {
             Ok(t) if t.succeeded => true,
             // A failed compare can be this very transaction retried on another member
             // after its first answer was lost: only the key itself says.
-            Ok(_) => self
-                .etcd
-                .get(&key)
-                .await?
-                .is_some_and(|kv| kv.value == keys::encode(&cp)),
+            Ok(_) => {
+                let current = self.etcd.get(&key).await?;
+                if current.as_ref().is_some_and(|kv| kv.value == keys::encode(&cp)) {
+                    true
+                } else {
+                    // Not published now, but it may have been for a moment (this very
+                    // transaction's lost first answer) and a later checkpoint may reuse
+                    // its files: delete only what the current one does not name.
+                    let named = current
+                        .and_then(|kv| serde_json::from_slice::<checkpoint::Checkpoint>(&kv.value).ok())
+                        .map(|c| c.objects())
+                        .unwrap_or_default();
+                    let ours: Vec<String> = cp
+                        .files
+                        .iter()
+                        .filter(|f| !cp.elsewhere.contains_key(*f))
+                        .map(|f| cp.object(f))
+                        .filter(|o| !named.contains(o))
+                        .collect();
+                    for object in ours {
+                        self.objects.delete(&object).await?;
+                    }
+                    return Ok(());
+                }
+            }
             Err(e) => match self.etcd.get(&key).await {
                 Ok(kv) if kv.as_ref().is_some_and(|kv| kv.value == keys::encode(&cp)) => true,
                 // Not (yet) published: the files stay (a late commit would name them);
@@ -105,12 +125,7 @@ impl Node {
                 _ => return Err(e),
             },
         };
-        if !published {
-            // Another checkpoint was published first: delete what this one alone wrote
-            // (what it reuses belongs to the one before).
-            self.objects.delete_prefix(&cp.prefix).await?;
-            return Ok(());
-        }
+        debug_assert!(published);
         tracing::info!(gallery = %r.gallery, shard = r.shard, seq, files = cp.files.len(), "took a checkpoint");
         if let Some(old) = older {
             let kept = cp.objects();

@@ -626,6 +626,12 @@ impl Node {
     /// Drop a replica here (its files and cursor); the next pass of the shard map opens
     /// it again, from the checkpoint.
     async fn forget(&self, r: &Replica) {
+        let key = (r.gallery.clone(), r.shard);
+        let still_held =
+            |held: &HashMap<(String, u32), Arc<Replica>>| held.get(&key).is_some_and(|h| std::ptr::eq(h.as_ref(), r));
+        if !still_held(&self.replicas.lock().expect("replicas lock")) {
+            return; // already replaced: its applied key is the new one's
+        }
         // Its applied key first, while it is still held (nothing opens it again yet,
         // so this cannot delete the key of the replica that replaces it).
         let _ = self
@@ -636,8 +642,7 @@ impl Node {
         // replicas takes: once that pass sees the place empty, the files it finds are
         // its own to load, never dropped by this afterwards.
         let mut held = self.replicas.lock().expect("replicas lock");
-        let key = (r.gallery.clone(), r.shard);
-        if !held.get(&key).is_some_and(|h| std::ptr::eq(h.as_ref(), r)) {
+        if !still_held(&held) {
             return; // already replaced
         }
         held.remove(&key);

@@ -188,6 +188,19 @@ impl Router {
         self.view.read(f)
     }
 
+    /// The gallery's meta from etcd itself when this router's view lacks it: a router
+    /// whose view lags (just started, its watch re-reading) must not answer NOT_FOUND for
+    /// a gallery that exists (a client would drop nothing, or make it again).
+    async fn meta_confirmed(&self, g: &str) -> std::result::Result<GalleryMeta, Status> {
+        match self.meta(g) {
+            Ok(m) => Ok(m),
+            Err(not_found) => match self.etcd.get(&keys::gallery_key(g)).await.map_err(status_of)? {
+                Some(kv) => keys::decode::<GalleryMeta>(&keys::gallery_key(g), &kv.value).map_err(status_of),
+                None => Err(not_found),
+            },
+        }
+    }
+
     fn meta(&self, g: &str) -> std::result::Result<GalleryMeta, Status> {
         self.state(|st| st.galleries.get(g).cloned())
             .ok_or_else(|| Status::not_found(format!("gallery: {g:?} does not exist")))
@@ -329,7 +342,7 @@ impl Router {
     /// A gallery's info: the catalogue, the counts of one serving replica per shard,
     /// and every shard's health.
     async fn info(&self, g: &str, auth: &Authorization) -> std::result::Result<proto::GalleryInfo, Status> {
-        let meta = self.meta(g)?;
+        let meta = self.meta_confirmed(g).await?;
         let mut info = proto::GalleryInfo {
             name: g.to_owned(),
             dim: meta.dim as u32,
@@ -992,7 +1005,7 @@ impl Router {
         self.authorize(&request, Role::Admin, "DropGallery")?;
         let caller = self.auth.name_of(&request).unwrap_or_else(|| "anonymous".into());
         let g = request.into_inner().name;
-        let meta = self.meta(&g)?;
+        let meta = self.meta_confirmed(&g).await?;
         let key = keys::gallery_key(&g);
         let txn = etcd::TxnRequest {
             compare: vec![etcd::absent(&key)],
@@ -1068,15 +1081,10 @@ impl Router {
                     &auth,
                 );
                 let mut client = self.client(&address)?;
-                let sent = client.compact_gallery(r);
-                let part = tokio::time::timeout(replicas::WRITE_DEADLINE, sent)
+                // No deadline: a large shard's compaction may take long.
+                let part = client
+                    .compact_gallery(r)
                     .await
-                    .map_err(|_| {
-                        Status::unknown(format!(
-                            "shard {g}/{s} on {node}: no answer within {:?}; its compaction may or may not have run",
-                            replicas::WRITE_DEADLINE
-                        ))
-                    })?
                     .map_err(|e| Status::new(e.code(), format!("shard {g}/{s} on {node}: {}", e.message())))?
                     .into_inner();
                 if i > 0 {

@@ -18,11 +18,13 @@ const LATENCIES_KEPT: usize = 512;
 const HEDGE_MIN: Duration = Duration::from_millis(2);
 const HEDGE_MAX: Duration = Duration::from_millis(250);
 const HEDGE_UNTIL_MEASURED: Duration = Duration::from_millis(50);
-/// The longest a read waits for any replica of a shard.
-pub(super) const READ_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest a read waits for any replica of a shard (a hung cluster, not a slow
+/// search of a large batch).
+pub(super) const READ_DEADLINE: Duration = Duration::from_secs(60);
 /// The longest a write waits for the node it went to: longer than the node's own
-/// waits (the apply, 30 s, and the replicas, 3 s), after which its outcome is unknown.
-pub(super) const WRITE_DEADLINE: Duration = Duration::from_secs(40);
+/// waits (the previous batch applied, 30 s; this one, 30 s; the replicas, 3 s), after
+/// which its outcome is unknown.
+pub(super) const WRITE_DEADLINE: Duration = Duration::from_secs(75);
 
 /// Whether a call failed before it reached the node (so nothing was done there, and a
 /// write may go to another replica): the client's own connection attempt failed
