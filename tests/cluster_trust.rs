@@ -17,6 +17,8 @@
 //!
 //! - Writes keep flowing while a checkpoint uploads to a slow object store: no commit
 //!   waits on an upload (each once waited out every file's upload in the apply loop).
+//! - A commit paused across a drop leaves no visible mark for the next gallery of its
+//!   name (the nemesis found the next `fl` waiting forever on the dropped one's mark).
 //!
 //! They skip when etcd is not installed, unless BIOGATE_REQUIRE_ETCD=1 (as in CI).
 #![cfg(feature = "cli")]
@@ -493,4 +495,69 @@ async fn a_commit_whose_answers_are_lost_takes_effect_once() {
     // Once: as many rows as subjects (a second commit of the batch would double them).
     let info = router.get_gallery("g").await.unwrap();
     assert_eq!(info.rows, all.len() as u64, "rows: the batch was committed twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_paused_across_a_drop_leaves_nothing_for_the_next_gallery_of_its_name() {
+    if !etcd_available() {
+        return;
+    }
+    // The node's commits pause 3 s before raising their visible mark (as a node
+    // paused there would): the gallery is dropped, and made again, in between. The
+    // nemesis found this: the dropped gallery's mark was raised after the drop, and
+    // the next `fl`'s first commit (which asks for no mark) and its replicas (which
+    // waited for the mark's batch) waited forever.
+    let mut cluster = Cluster::start(0, &[]).await;
+    let node = Node::start_with_env(
+        "n1",
+        cluster.dir.path(),
+        &cluster.etcd.urls(),
+        &[],
+        &[("BIOGATE_FAULT_SLOW_VISIBLE_MS", "3000")],
+    );
+    wait_for_port(node.port()).await;
+    cluster.nodes.push(node);
+    let router = cluster.router.client().await;
+    create(&router, "fl", 1, 1).await;
+    let old = ids("old", 3);
+    let old_rows = random_rows(&mut rng(500), old.len(), DIM);
+    let paused = {
+        let router = router.clone();
+        let old = old.clone();
+        tokio::spawn(async move { router.enroll("fl", &old_rows, DIM, &old).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    router.drop_gallery("fl").await.expect("dropping fl");
+    // Its answer: the write may have taken effect in the dropped gallery, or not.
+    println!("the enrollment paused across the drop: {:?}", paused.await.unwrap());
+    router
+        .create_sharded_gallery("fl", DIM as u32, "f32", 1, 1)
+        .await
+        .expect("making fl again");
+    let new = ids("new", 4);
+    let new_rows = random_rows(&mut rng(501), new.len(), DIM);
+    let enrolled = tokio::time::timeout(Duration::from_secs(20), router.enroll("fl", &new_rows, DIM, &new)).await;
+    assert!(
+        matches!(enrolled, Ok(Ok(_))),
+        "the first enrollment into the new fl: {enrolled:?} (a mark left by the dropped fl?)"
+    );
+    caught_up(&router, "fl").await;
+    holds_exactly(&router, "fl", &new, &new_rows, "the new fl").await;
+    let etcd = etcd::Etcd::connect(&cluster.etcd.urls().split(',').map(str::to_owned).collect::<Vec<_>>()).unwrap();
+    let (marks, _) = etcd.get_prefix(&format!("{}fl/", keys::VISIBLE)).await.unwrap();
+    let marks: Vec<(String, u64)> = marks
+        .iter()
+        .map(|kv| {
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            let seq = keys::decode(&key, &kv.value).unwrap();
+            (key, seq)
+        })
+        .collect();
+    // The enrollment's messages may take one batch or more; the mark is the new log's.
+    let (log, _) = etcd.get_prefix(&keys::log_prefix("fl", 0)).await.unwrap();
+    assert_eq!(
+        marks,
+        vec![(keys::visible_key("fl", 0), log.len() as u64)],
+        "the new fl's visible marks"
+    );
 }

@@ -20,3 +20,14 @@ pub mod node;
 pub mod objects;
 pub mod router;
 pub mod view;
+
+/// A delay injected by the fault knob `var` (milliseconds in the environment; none
+/// when unset), for tests that need a slow part at a chosen place: a slow object store
+/// (`BIOGATE_FAULT_SLOW_UPLOAD_MS`, objects.rs), a commit paused before it raises its
+/// visible mark (`BIOGATE_FAULT_SLOW_VISIBLE_MS`, node/commit.rs).
+pub(crate) fn fault_delay(var: &str) -> std::time::Duration {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis)
+}

@@ -46,10 +46,7 @@ impl Objects {
         } else {
             Self::remote(url)?
         };
-        let upload_delay = std::env::var("BIOGATE_FAULT_SLOW_UPLOAD_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis);
+        let upload_delay = super::fault_delay("BIOGATE_FAULT_SLOW_UPLOAD_MS");
         Ok(Objects {
             store,
             url: url.to_owned(),

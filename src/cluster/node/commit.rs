@@ -136,7 +136,11 @@ impl Node {
         self.view
             .wait_for(Instant::now() + VISIBLE_WAIT, |st| all_applied(st, &g, s, seq))
             .await;
-        self.raise_visible(&g, s, seq).await.map_err(committed)?;
+        let paused = crate::cluster::fault_delay("BIOGATE_FAULT_SLOW_VISIBLE_MS");
+        if !paused.is_zero() {
+            tokio::time::sleep(paused).await;
+        }
+        self.raise_visible(&r, seq).await.map_err(committed)?;
         Ok(seq)
     }
 
@@ -168,7 +172,13 @@ impl Node {
         }
     }
 
-    pub(super) async fn raise_visible(&self, g: &str, s: u32, seq: u64) -> Result<()> {
+    /// Raise the visible mark of `r`'s shard to `seq`, only while `r`'s gallery is the
+    /// one in etcd: a commit of a gallery dropped under it (and perhaps made again
+    /// under its name) must never leave a mark behind, or the next gallery's first
+    /// commit (which asks for no mark) and its replicas (which wait for the mark's
+    /// batch) would wait forever.
+    async fn raise_visible(&self, r: &Replica, seq: u64) -> Result<()> {
+        let (g, s) = (r.gallery.as_str(), r.shard);
         let key = keys::visible_key(g, s);
         loop {
             let (now, revision) = self
@@ -177,18 +187,22 @@ impl Node {
             if now >= seq {
                 return Ok(());
             }
+            let same_gallery = self.same_gallery(r)?;
             let txn = etcd::TxnRequest {
-                compare: vec![etcd::unchanged_since(&key, revision)],
+                compare: vec![etcd::unchanged_since(&key, revision), same_gallery],
                 success: vec![etcd::put_op(&key, keys::encode(&seq), 0)],
                 failure: Vec::new(),
             };
             if self.etcd.txn(&format!("raising {key}"), txn).await?.succeeded {
                 return Ok(());
             }
+            // Raised by another writer, or the gallery dropped: wait to see which.
+            let gallery_revision = self.view.read(|st| st.gallery_revisions.get(g).copied());
             let deadline = Instant::now() + Duration::from_secs(2);
             self.view
                 .wait_for(deadline, |st| {
                     st.visible.get(&(g.to_owned(), s)).is_none_or(|v| v.1 != revision)
+                        || st.gallery_revisions.get(g).copied() != gallery_revision
                 })
                 .await;
         }

@@ -782,7 +782,6 @@ fn all_applied(st: &ClusterState, g: &str, s: u32, seq: u64) -> bool {
         .all(|(n, _)| applied.and_then(|a| a.get(n)).is_some_and(|&a| a >= seq))
 }
 
-/// Compare: the gallery still exists.
 impl Node {
     /// Compare: the gallery replica `r` belongs to is still the one in etcd: not
     /// dropped, nor dropped and made again under its name (a commit or checkpoint of an
@@ -800,6 +799,7 @@ impl Node {
     }
 }
 
+/// Compare: the gallery still exists.
 fn gallery_exists(g: &str) -> etcd::pb::Compare {
     etcd::present(&keys::gallery_key(g))
 }
