@@ -17,6 +17,13 @@
 //!
 //! - Writes keep flowing while a checkpoint uploads to a slow object store: no commit
 //!   waits on an upload (each once waited out every file's upload in the apply loop).
+//! - A router whose watch delivers late still reads what another router acknowledged
+//!   a moment before (a gallery made, subjects enrolled, the gallery dropped): each
+//!   read waits until its view reaches etcd's revision. The nemesis found a search of
+//!   a new `fl` answering a subject of the dropped one.
+//! - A node answers a read the router sent only from the replica the router chose: of
+//!   that gallery (not one dropped and made again under the name), and at least at the
+//!   shard's visible batch.
 //! - A commit paused across a drop leaves no visible mark for the next gallery of its
 //!   name (the nemesis found the next `fl` waiting forever on the dropped one's mark).
 //!
@@ -27,7 +34,7 @@ mod common;
 
 use biogate::client::Client;
 use biogate::cluster::{etcd, keys};
-use common::cluster::{Cluster, Node, etcd_available, eventually, wait_for_port};
+use common::cluster::{Cluster, Node, etcd_available, eventually, router_with_env, wait_for_port};
 use common::{random_rows, rng};
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -560,4 +567,102 @@ async fn a_commit_paused_across_a_drop_leaves_nothing_for_the_next_gallery_of_it
         vec![(keys::visible_key("fl", 0), log.len() as u64)],
         "the new fl's visible marks"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_router_whose_watch_lags_reads_what_another_router_acknowledged() {
+    if !etcd_available() {
+        return;
+    }
+    // Router `late` gets each watch answer 150 ms late (an overloaded process): without
+    // waiting for etcd's revision, it answered NOT_FOUND for a gallery another router
+    // had just made, and missed subjects another had just enrolled.
+    let cluster = Cluster::start(1, &[]).await;
+    let late = router_with_env(&cluster.etcd, &[], &[("BIOGATE_FAULT_SLOW_WATCH_MS", "150")]);
+    wait_for_port(late.port).await;
+    let (first, late_client) = (cluster.router.client().await, late.client().await);
+    for round in 0..3u64 {
+        let g = format!("w{round}");
+        create(&first, &g, 1, 1).await;
+        let found = late_client.get_gallery(&g).await;
+        assert!(
+            found.is_ok(),
+            "round {round}: {g} made through the other router: {found:?}"
+        );
+        let who = ids(&format!("r{round}"), 3);
+        let rows = enroll(&first, &g, &who, 600 + round).await;
+        let answers = late_client.identify(&g, &rows, DIM, 1, None).await;
+        let answers = answers.unwrap_or_else(|e| panic!("round {round}: searching {g} after the enrollment: {e}"));
+        for (id, r) in who.iter().zip(&answers) {
+            assert_eq!(
+                r.candidates.first().map(|c| c.subject.as_str()),
+                Some(id.as_str()),
+                "round {round}: enrolled through the other router"
+            );
+        }
+        first.drop_gallery(&g).await.unwrap();
+        let gone = late_client.identify(&g, &rows, DIM, 1, None).await;
+        assert_eq!(
+            gone.as_ref().map_err(|e| e.code()).err(),
+            Some(Code::NotFound),
+            "round {round}: {g} dropped through the other router: {gone:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_answers_a_routed_read_only_from_the_replica_the_router_chose() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(1, &[]).await;
+    let router = cluster.router.client().await;
+    create(&router, "g", 1, 1).await;
+    let who = ids("s", 3);
+    let rows = enroll(&router, "g", &who, 700).await;
+    let etcd = etcd::Etcd::connect(&cluster.etcd.urls().split(',').map(str::to_owned).collect::<Vec<_>>()).unwrap();
+    let meta: keys::GalleryMeta = {
+        let kv = etcd
+            .get(&keys::gallery_key("g"))
+            .await
+            .unwrap()
+            .expect("g's catalogue key");
+        keys::decode(&keys::gallery_key("g"), &kv.value).unwrap()
+    };
+    let node = cluster.nodes[0].client().await;
+    let identify = |created_ms: Option<i64>, applied: u64| {
+        let mut r = node.request(biogate::server::proto::IdentifyRequest {
+            gallery: keys::replica_name("g", 0),
+            probes: vec![rows[..DIM].iter().flat_map(|v| v.to_le_bytes()).collect()],
+            k: 1,
+            ..Default::default()
+        });
+        if let Some(c) = created_ms {
+            biogate::cluster::node::reads::expect(r.metadata_mut(), c, applied);
+        }
+        let mut raw = node.raw();
+        async move { raw.identify(r).await.map(|a| a.into_inner()) }
+    };
+    // The replica the router chose: answered.
+    let ok = identify(Some(meta.created_ms), 1)
+        .await
+        .expect("the replica the router chose");
+    assert_eq!(ok.results[0].candidates[0].subject, who[0]);
+    // Unmarked (a client talking to the node directly): answered.
+    identify(None, 0).await.expect("an unmarked read");
+    // Another gallery of the name (one dropped and made again): refused.
+    let other = identify(Some(meta.created_ms + 1), 1).await.unwrap_err();
+    assert_eq!(other.code(), Code::Unavailable, "{other}");
+    assert!(other.message().contains("another gallery"), "{other}");
+    // A batch the replica has not applied: refused.
+    let behind = identify(Some(meta.created_ms), 2).await.unwrap_err();
+    assert_eq!(behind.code(), Code::Unavailable, "{behind}");
+    assert!(behind.message().contains("has applied batch 1 of 2"), "{behind}");
+    // GetGallery is checked the same way.
+    let mut info = node.request(biogate::server::proto::GetGalleryRequest {
+        name: keys::replica_name("g", 0),
+    });
+    biogate::cluster::node::reads::expect(info.metadata_mut(), meta.created_ms + 1, 0);
+    let e = node.raw().get_gallery(info).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
 }

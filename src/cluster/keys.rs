@@ -55,6 +55,9 @@ pub fn log_key(g: &str, s: u32, seq: u64) -> String {
 pub fn applied_key(g: &str, s: u32, node: &str) -> String {
     format!("{APPLIED}{g}/{s:04}/{node}")
 }
+pub fn visible_prefix(g: &str) -> String {
+    format!("{VISIBLE}{g}/")
+}
 pub fn visible_key(g: &str, s: u32) -> String {
     format!("{VISIBLE}{g}/{s:04}")
 }

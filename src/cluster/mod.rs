@@ -24,7 +24,8 @@ pub mod view;
 /// A delay injected by the fault knob `var` (milliseconds in the environment; none
 /// when unset), for tests that need a slow part at a chosen place: a slow object store
 /// (`BIOGATE_FAULT_SLOW_UPLOAD_MS`, objects.rs), a commit paused before it raises its
-/// visible mark (`BIOGATE_FAULT_SLOW_VISIBLE_MS`, node/commit.rs).
+/// visible mark (`BIOGATE_FAULT_SLOW_VISIBLE_MS`, node/commit.rs), a watch that
+/// delivers late (`BIOGATE_FAULT_SLOW_WATCH_MS`, view.rs).
 pub(crate) fn fault_delay(var: &str) -> std::time::Duration {
     std::env::var(var)
         .ok()

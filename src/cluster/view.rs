@@ -2,6 +2,9 @@
 //! then followed by a watch. Nodes and routers read the shard map, membership and
 //! progress from it without asking etcd; a change wakes whoever waits on [`View::changed`].
 //!
+//! `BIOGATE_FAULT_SLOW_WATCH_MS` (fault injection, for tests) delays each watch answer
+//! by that much, as an overloaded process or network would.
+//!
 //! If etcd cannot be reached the copy keeps the last state it knew (searches go on with
 //! the last known map) and says so (`connected` false) until a member answers again;
 //! then it is read afresh and the watch resumes.
@@ -86,12 +89,16 @@ impl View {
         self.connected.store(true, Ordering::Relaxed);
         self.bump();
         let mut events = etcd.watch_prefix(keys::ROOT, revision + 1).await?;
+        let slow = super::fault_delay("BIOGATE_FAULT_SLOW_WATCH_MS");
         loop {
             let r = events
                 .message()
                 .await
                 .map_err(|s| crate::Error::Unavailable(format!("etcd watch: {}", s.message())))?
                 .ok_or_else(|| crate::Error::Unavailable("etcd watch ended".into()))?;
+            if !slow.is_zero() {
+                tokio::time::sleep(slow).await;
+            }
             if r.canceled {
                 return Err(crate::Error::Unavailable(format!(
                     "etcd watch cancelled: {}",

@@ -472,6 +472,19 @@ impl Service {
         self.cluster.get().cloned()
     }
 
+    /// On a cluster node, a read the router sent to replica `local` is answered only
+    /// by the replica the router chose (cluster/node/reads.rs): UNAVAILABLE otherwise,
+    /// and the router asks another.
+    fn check_replica_read<T>(&self, request: &Request<T>, local: &str) -> Result<(), Status> {
+        #[cfg(feature = "cluster")]
+        if let Some(node) = self.cluster.get() {
+            node.check_read(local, request.metadata()).map_err(status_of)?;
+        }
+        #[cfg(not(feature = "cluster"))]
+        let _ = (request, local);
+        Ok(())
+    }
+
     /// Refuse a catalogue change on a cluster node (the router makes them).
     fn not_on_a_node(&self) -> Result<(), Status> {
         #[cfg(feature = "cluster")]
@@ -924,6 +937,7 @@ impl Biogate for Arc<Service> {
         let r = async {
             self.admit(&mut call)?;
             self.authorize(&mut call, &request, Role::Identify)?;
+            self.check_replica_read(&request, &request.get_ref().gallery)?;
             let deadline = deadline_of(&request);
             let mut req = request.into_inner();
             // The context is checked before anything is searched.
@@ -1124,6 +1138,7 @@ impl Biogate for Arc<Service> {
         let r = async {
             self.admit(&mut call)?;
             self.authorize(&mut call, &request, Role::Identify)?;
+            self.check_replica_read(&request, &request.get_ref().gallery)?;
             let req = request.into_inner();
             check_threshold(req.threshold)?;
             let canonical = subject_field(&req.subject)?;
@@ -1353,6 +1368,7 @@ impl Biogate for Arc<Service> {
         let r = async {
             self.admit(&mut call)?;
             self.authorize(&mut call, &request, Role::Identify)?;
+            self.check_replica_read(&request, &request.get_ref().name)?;
             let entry = self.gallery(&request.get_ref().name)?;
             let status = blocking(move || Ok(entry.status())).await?;
             if status.problem == Some(super::registry::Problem::Dropped) {

@@ -293,11 +293,17 @@ impl Node {
 
 /// A `biogate router` process, with more flags, its audit log in a folder of its own.
 pub fn router(etcd: &Etcd, more: &[&str]) -> Process {
+    router_with_env(etcd, more, &[])
+}
+
+/// A router with environment variables (fault knobs).
+pub fn router_with_env(etcd: &Etcd, more: &[&str], env: &[(&str, &str)]) -> Process {
     let dir = tempfile::Builder::new().prefix("router").tempdir().unwrap();
     let mut args = vec!["router".into(), "--etcd".into(), etcd.urls(), "--data-dir".into()];
     args.push(dir.path().display().to_string());
     args.extend(more.iter().map(|a| a.to_string()));
-    let mut p = Process::start(args, Vec::new(), None);
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut p = Process::start(args, env, None);
     p.dir = Some(dir);
     p
 }

@@ -24,6 +24,7 @@
 
 mod checkpointing;
 mod commit;
+pub mod reads;
 
 use super::batch::{self, Op};
 use super::checkpoint;

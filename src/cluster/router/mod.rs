@@ -62,6 +62,8 @@ pub struct Router {
     /// newest last), for its hedging delay: a large gallery's reads are not hedged by a
     /// small one's.
     latencies: Mutex<HashMap<String, std::collections::VecDeque<Duration>>>,
+    /// Until when reads do not ask etcd for its revision (it did not answer lately).
+    etcd_missed: Mutex<Option<Instant>>,
 }
 
 /// A running router.
@@ -107,6 +109,7 @@ pub async fn start(urls: &[String], listen: SocketAddr, config: &Config) -> Resu
         channels: Mutex::new(HashMap::new()),
         suspects: Mutex::new(HashMap::new()),
         latencies: Mutex::new(HashMap::new()),
+        etcd_missed: Mutex::new(None),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -244,6 +247,8 @@ impl Router {
         authorization: Authorization,
         allow_partial: bool,
     ) -> std::result::Result<(Vec<Vec<proto::ProbeResult>>, Vec<String>), Status> {
+        let named: Vec<&str> = searches.iter().map(|s| s.gallery.as_str()).collect();
+        self.current_view(&named).await?;
         let mut metas: Vec<GalleryMeta> = Vec::with_capacity(searches.len());
         for search in searches {
             let meta = self.meta(&search.gallery)?;
@@ -268,14 +273,12 @@ impl Router {
                 let auth = authorization.clone();
                 let g = search.gallery.clone();
                 calls.push(async move {
-                    self.on_replica(&g, s, |mut client, local| {
-                        let mut r = Request::new(proto::IdentifyRequest {
-                            gallery: local,
+                    self.on_replica(&g, s, |mut client, read| {
+                        let message = proto::IdentifyRequest {
+                            gallery: read.local.clone(),
                             ..request.clone()
-                        });
-                        if let Some(a) = &auth {
-                            r.metadata_mut().insert("authorization", a.clone());
-                        }
+                        };
+                        let r = read.request(message, &auth);
                         async move { client.identify(r).await.map(Response::into_inner) }
                     })
                     .await
@@ -342,6 +345,7 @@ impl Router {
     /// A gallery's info: the catalogue, the counts of one serving replica per shard,
     /// and every shard's health.
     async fn info(&self, g: &str, auth: &Authorization) -> std::result::Result<proto::GalleryInfo, Status> {
+        self.current_view(&[g]).await?;
         let meta = self.meta_confirmed(g).await?;
         let mut info = proto::GalleryInfo {
             name: g.to_owned(),
@@ -356,8 +360,13 @@ impl Router {
         for s in 0..meta.shards {
             let health = self.state(|st| shard_health(st, g, s));
             match self
-                .on_replica(g, s, |mut client, local| {
-                    let r = with_authorization(proto::GetGalleryRequest { name: local }, auth);
+                .on_replica(g, s, |mut client, read| {
+                    let r = read.request(
+                        proto::GetGalleryRequest {
+                            name: read.local.clone(),
+                        },
+                        auth,
+                    );
                     async move { client.get_gallery(r).await.map(Response::into_inner) }
                 })
                 .await
@@ -738,13 +747,14 @@ impl Router {
     ) -> std::result::Result<proto::VerifyResponse, Status> {
         let auth = self.authorize(&request, Role::Identify, "Verify")?;
         let req = request.into_inner();
+        self.current_view(&[&req.gallery]).await?;
         let (meta, s) = self.subject_shard(&req.gallery, &req.subject)?;
         decode_template(&req.probe, meta.dim, "probe")?;
         let answer = self
-            .on_replica(&req.gallery, s, |mut client, local| {
-                let r = with_authorization(
+            .on_replica(&req.gallery, s, |mut client, read| {
+                let r = read.request(
                     proto::VerifyRequest {
-                        gallery: local,
+                        gallery: read.local.clone(),
                         ..req.clone()
                     },
                     &auth,

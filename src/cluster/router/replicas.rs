@@ -2,12 +2,13 @@
 //! nodes last; reads hedged to the next replica when the first is slow; writes moved
 //! to another replica only when the call provably never reached the node.
 
-use super::{Router, as_gallery, worth_another_replica};
+use super::{Authorization, Router, as_gallery, with_authorization, worth_another_replica};
 use crate::cluster::keys;
+use crate::cluster::node::reads;
 use crate::server::proto::biogate_client::BiogateClient;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::{Code, Request, Status};
 
 /// How long a node that could not be reached, or did not answer before another
 /// replica did, is tried last.
@@ -25,6 +26,29 @@ pub(super) const READ_DEADLINE: Duration = Duration::from_secs(60);
 /// waits (the previous batch applied, 30 s; this one, 30 s; the replicas, 3 s), after
 /// which its outcome is unknown.
 pub(super) const WRITE_DEADLINE: Duration = Duration::from_secs(75);
+/// How long a read waits for etcd before it goes on from the router's last known
+/// state, and for how long after such a miss reads do not ask again.
+const REVISION_READ: Duration = Duration::from_secs(1);
+/// How long a read waits for the router's view to catch up with what it read in etcd.
+const VIEW_CATCH_UP: Duration = Duration::from_secs(2);
+
+/// A read sent to one replica: its name on its node, and what the node checks before
+/// it answers (the gallery it belongs to, the batch it has applied: node/reads.rs).
+#[derive(Clone)]
+pub(super) struct ReplicaRead {
+    pub local: String,
+    created_ms: i64,
+    applied: u64,
+}
+
+impl ReplicaRead {
+    /// `message` for this replica, with the caller's token.
+    pub(super) fn request<T>(&self, message: T, auth: &Authorization) -> Request<T> {
+        let mut r = with_authorization(message, auth);
+        reads::expect(r.metadata_mut(), self.created_ms, self.applied);
+        r
+    }
+}
 
 /// Whether a call failed before it reached the node (so nothing was done there, and a
 /// write may go to another replica): the client's own connection attempt failed
@@ -55,11 +79,90 @@ pub(super) fn never_reached(s: &Status) -> bool {
 }
 
 impl Router {
+    /// Before a read of `galleries`: read from etcd (a quorum read) what a read must
+    /// not miss, each gallery's catalogue key and its shards' visible batches, and wait
+    /// until this router's view has them: a gallery just made or dropped through
+    /// another router, a batch just acknowledged. The replicas are then chosen from
+    /// the view, and each checks that it is of that gallery and at that batch before
+    /// it answers (node/reads.rs). A gallery etcd no longer has is NOT_FOUND.
+    ///
+    /// When etcd cannot answer (no quorum: then nothing can be acknowledged either),
+    /// the read goes on from the last known state, as it always has, and for
+    /// [`REVISION_READ`] later reads do not wait on etcd again. (A router cut off from
+    /// an etcd quorum that others still reach can then answer from an old state:
+    /// RELIABILITY.md, "The nemesis".)
+    pub(super) async fn current_view(&self, galleries: &[&str]) -> std::result::Result<(), Status> {
+        let now = Instant::now();
+        if self
+            .etcd_missed
+            .lock()
+            .expect("etcd missed lock")
+            .is_some_and(|until| until > now)
+        {
+            return Ok(());
+        }
+        let reads = galleries.iter().map(|g| async move {
+            let (key, prefix) = (keys::gallery_key(g), keys::visible_prefix(g));
+            let (meta, visible) = tokio::try_join!(self.etcd.get(&key), self.etcd.get_prefix(&prefix))?;
+            let meta = meta
+                .map(|kv| keys::decode::<keys::GalleryMeta>(&key, &kv.value))
+                .transpose()?;
+            let mut marks = Vec::new();
+            for kv in visible.0 {
+                let mark = String::from_utf8_lossy(&kv.key).into_owned();
+                let Some(s) = keys::parts(&mark, &prefix).first().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                marks.push((s, keys::decode::<u64>(&mark, &kv.value)?));
+            }
+            crate::Result::Ok((g.to_string(), meta.map(|m| m.created_ms), marks))
+        });
+        let read = tokio::time::timeout(REVISION_READ, futures_util::future::try_join_all(reads)).await;
+        let now_in_etcd = match read {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "etcd could not be read: reading from the last known cluster state");
+                *self.etcd_missed.lock().expect("etcd missed lock") = Some(Instant::now() + REVISION_READ);
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "etcd did not answer a read in {REVISION_READ:?}: reading from the last known cluster state"
+                );
+                *self.etcd_missed.lock().expect("etcd missed lock") = Some(Instant::now() + REVISION_READ);
+                return Ok(());
+            }
+        };
+        if let Some((g, _, _)) = now_in_etcd.iter().find(|(_, created, _)| created.is_none()) {
+            return Err(Status::not_found(format!("gallery: {g:?} does not exist")));
+        }
+        let caught_up = |st: &keys::ClusterState| {
+            now_in_etcd.iter().all(|(g, created, marks)| {
+                st.galleries.get(g).map(|m| m.created_ms) == *created
+                    && marks
+                        .iter()
+                        .all(|(s, seq)| st.visible.get(&(g.clone(), *s)).is_some_and(|v| v.0 >= *seq))
+            })
+        };
+        if self.view.wait_for(Instant::now() + VIEW_CATCH_UP, caught_up).await {
+            Ok(())
+        } else {
+            Err(Status::unavailable(format!(
+                "the router's view of {} has not caught up with etcd in {VIEW_CATCH_UP:?}",
+                galleries.join(", ")
+            )))
+        }
+    }
+
     /// The serving replicas of a shard, starting at a random one (each shard of each
     /// search chosen on its own: a counter shared by all shards would give back-to-back
     /// searches of a two-shard gallery the same replicas); nodes suspected lately last.
     pub(super) fn replicas_in_turn(&self, g: &str, s: u32) -> Vec<(String, String)> {
-        let mut serving = self.state(|st| st.serving(g, s));
+        self.in_turn(self.state(|st| st.serving(g, s)))
+    }
+
+    /// `serving` from a random one, nodes suspected lately last.
+    fn in_turn(&self, mut serving: Vec<(String, String)>) -> Vec<(String, String)> {
         if !serving.is_empty() {
             let turn = rand::random::<u64>() as usize % serving.len();
             serving.rotate_left(turn);
@@ -156,7 +259,7 @@ impl Router {
     /// Gives up after [`READ_DEADLINE`] (every replica paused or hung): UNAVAILABLE.
     pub(super) async fn on_replica<T, F, Fut>(&self, g: &str, s: u32, call: F) -> std::result::Result<T, Status>
     where
-        F: Fn(BiogateClient<Channel>, String) -> Fut,
+        F: Fn(BiogateClient<Channel>, ReplicaRead) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
     {
         match tokio::time::timeout(READ_DEADLINE, self.on_replica_unbounded(g, s, call)).await {
@@ -169,17 +272,28 @@ impl Router {
 
     async fn on_replica_unbounded<T, F, Fut>(&self, g: &str, s: u32, call: F) -> std::result::Result<T, Status>
     where
-        F: Fn(BiogateClient<Channel>, String) -> Fut,
+        F: Fn(BiogateClient<Channel>, ReplicaRead) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
     {
         use futures_util::StreamExt;
         let local = keys::replica_name(g, s);
-        let mut replicas = self.replicas_in_turn(g, s).into_iter();
+        let (replicas, read) = self.state(|st| {
+            let read = st.galleries.get(g).map(|meta| ReplicaRead {
+                local: local.clone(),
+                created_ms: meta.created_ms,
+                applied: st.visible.get(&(g.to_owned(), s)).map_or(0, |v| v.0),
+            });
+            (st.serving(g, s), read)
+        });
+        let Some(read) = read else {
+            return Err(Status::not_found(format!("gallery: {g:?} does not exist")));
+        };
+        let mut replicas = self.in_turn(replicas).into_iter();
         let mut in_flight = futures_util::stream::FuturesUnordered::new();
         let mut last = None;
         let start = |node: String, address: String| {
             let client = self.client(&address);
-            let future = client.map(|c| call(c, local.clone()));
+            let future = client.map(|c| call(c, read.clone()));
             async move {
                 let began = Instant::now();
                 let r = match future {
