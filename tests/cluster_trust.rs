@@ -24,6 +24,8 @@
 //! - A node answers a read the router sent only from the replica the router chose: of
 //!   that gallery (not one dropped and made again under the name), and at least at the
 //!   shard's visible batch.
+//! - A node cut off from etcd past its lease answers no read of its replicas (it may
+//!   be out of the cluster and behind), and answers again once it has renewed it.
 //! - A commit paused across a drop leaves no visible mark for the next gallery of its
 //!   name (the nemesis found the next `fl` waiting forever on the dropped one's mark).
 //!
@@ -643,21 +645,24 @@ async fn a_node_answers_a_routed_read_only_from_the_replica_the_router_chose() {
         let mut raw = node.raw();
         async move { raw.identify(r).await.map(|a| a.into_inner()) }
     };
+    // The enrollment's messages took one batch or more.
+    let at = router.get_gallery("g").await.unwrap().shard_health[0].committed;
     // The replica the router chose: answered.
-    let ok = identify(Some(meta.created_ms), 1)
+    let ok = identify(Some(meta.created_ms), at)
         .await
         .expect("the replica the router chose");
     assert_eq!(ok.results[0].candidates[0].subject, who[0]);
     // Unmarked (a client talking to the node directly): answered.
     identify(None, 0).await.expect("an unmarked read");
     // Another gallery of the name (one dropped and made again): refused.
-    let other = identify(Some(meta.created_ms + 1), 1).await.unwrap_err();
+    let other = identify(Some(meta.created_ms + 1), at).await.unwrap_err();
     assert_eq!(other.code(), Code::Unavailable, "{other}");
     assert!(other.message().contains("another gallery"), "{other}");
     // A batch the replica has not applied: refused.
-    let behind = identify(Some(meta.created_ms), 2).await.unwrap_err();
+    let behind = identify(Some(meta.created_ms), at + 1).await.unwrap_err();
     assert_eq!(behind.code(), Code::Unavailable, "{behind}");
-    assert!(behind.message().contains("has applied batch 1 of 2"), "{behind}");
+    let says = format!("has applied batch {at} of {}", at + 1);
+    assert!(behind.message().contains(&says), "{behind}");
     // GetGallery is checked the same way.
     let mut info = node.request(biogate::server::proto::GetGalleryRequest {
         name: keys::replica_name("g", 0),
@@ -665,4 +670,43 @@ async fn a_node_answers_a_routed_read_only_from_the_replica_the_router_chose() {
     biogate::cluster::node::reads::expect(info.metadata_mut(), meta.created_ms + 1, 0);
     let e = node.raw().get_gallery(info).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_cut_off_from_etcd_past_its_lease_answers_no_read() {
+    if !etcd_available() {
+        return;
+    }
+    let mut cluster = Cluster::start(0, &[]).await;
+    let proxy = common::etcd_proxy::EtcdProxy::start(cluster.etcd.client_ports()).await;
+    let node = Node::start_via("n1", cluster.dir.path(), &proxy.urls(), &[]);
+    wait_for_port(node.port()).await;
+    cluster.nodes.push(node);
+    let router = cluster.router.client().await;
+    create(&router, "g", 1, 1).await;
+    let who = ids("s", 3);
+    let rows = enroll(&router, "g", &who, 800).await;
+    let direct = cluster.nodes[0].client().await;
+    let local = keys::replica_name("g", 0);
+    let first = direct
+        .identify(&local, &rows[..DIM], DIM, 1, None)
+        .await
+        .expect("a direct read");
+    assert_eq!(first[0].candidates[0].subject, who[0]);
+    // Partitioned from etcd for longer than its 3 s lease: out of the cluster (its
+    // replica could be placed elsewhere, a drop go unseen), so it fences itself.
+    proxy.set(common::etcd_proxy::Mode::Cut);
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let fenced = direct.identify(&local, &rows[..DIM], DIM, 1, None).await;
+    let e = fenced.expect_err("a read from a node whose lease lapsed");
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("lease"), "{e}");
+    // Healed: it registers again and answers.
+    proxy.set(common::etcd_proxy::Mode::Pass);
+    eventually(Duration::from_secs(20), "the node answering again", || async {
+        direct.identify(&local, &rows[..DIM], DIM, 1, None).await.is_ok()
+    })
+    .await;
+    caught_up(&router, "g").await;
+    holds_exactly(&router, "g", &who, &rows, "after the partition").await;
 }

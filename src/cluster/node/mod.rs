@@ -114,6 +114,10 @@ pub struct Node {
     seal_log_rows: usize,
     checkpoint_every: u64,
     lease: AtomicI64,
+    /// Until when the lease surely holds (its time to live counted from before the
+    /// call that granted or renewed it): after that this node may already be out of
+    /// the cluster, and it answers no read of its replicas (reads.rs).
+    lease_until: Mutex<Instant>,
     replicas: Mutex<HashMap<(String, u32), Arc<Replica>>>,
     /// Nodes of the shard maps that are down, since when (while coordinating).
     missing_since: Mutex<HashMap<String, Instant>>,
@@ -165,6 +169,7 @@ impl Node {
             }
         }
         Self::claim_name(&etcd, &options.node, &address).await?;
+        let asked = Instant::now();
         let lease = etcd.grant_lease(LEASE_TTL_S).await?;
         let info = keys::NodeInfo {
             address: address.clone(),
@@ -186,6 +191,7 @@ impl Node {
             seal_log_rows,
             checkpoint_every: options.checkpoint_every.max(1),
             lease: AtomicI64::new(lease),
+            lease_until: Mutex::new(asked + Duration::from_secs(LEASE_TTL_S as u64)),
             replicas: Mutex::new(HashMap::new()),
             missing_since: Mutex::new(HashMap::new()),
             batches: AtomicU64::new(0),
@@ -236,8 +242,9 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(1000)).await;
             let Some(node) = node.upgrade() else { return };
             let lease = node.lease.load(Ordering::Relaxed);
+            let asked = Instant::now();
             match node.etcd.keep_alive(lease).await {
-                Ok(ttl) if ttl > 0 => {}
+                Ok(ttl) if ttl > 0 => node.lease_holds_until(asked + Duration::from_secs(ttl as u64)),
                 Ok(_) => {
                     tracing::warn!(node = %node.name, "the node's lease expired: registering again");
                     if let Err(e) = node.register_again().await {
@@ -250,8 +257,10 @@ impl Node {
     }
 
     async fn register_again(&self) -> Result<()> {
+        let asked = Instant::now();
         let lease = self.etcd.grant_lease(LEASE_TTL_S).await?;
         self.lease.store(lease, Ordering::Relaxed);
+        self.lease_holds_until(asked + Duration::from_secs(LEASE_TTL_S as u64));
         let info = keys::NodeInfo {
             address: self.address.clone(),
         };
@@ -264,6 +273,15 @@ impl Node {
             self.publish_applied(&r, at).await?;
         }
         Ok(())
+    }
+
+    fn lease_holds_until(&self, until: Instant) {
+        *self.lease_until.lock().expect("lease lock") = until;
+    }
+
+    /// Whether this node's lease surely still holds.
+    fn lease_holds(&self) -> bool {
+        Instant::now() < *self.lease_until.lock().expect("lease lock")
     }
 
     async fn publish_applied(&self, r: &Replica, seq: u64) -> Result<()> {
@@ -546,6 +564,11 @@ impl Node {
             let (Some(node), Some(r)) = (node_weak.upgrade(), replica.upgrade()) else {
                 return;
             };
+            // A replica no longer held (dropped, or replaced while a commit or a
+            // checkpoint still had it) is not tailed, nor checkpointed, any more.
+            if !node.is_held(&r) {
+                return;
+            }
             let at = *r.applied.borrow();
             let next = node.view.log_after(&r.gallery, r.shard, at);
             if next.first().is_some_and(|(first, _)| *first > at + 1) {
@@ -627,10 +650,7 @@ impl Node {
     /// Drop a replica here (its files and cursor); the next pass of the shard map opens
     /// it again, from the checkpoint.
     async fn forget(&self, r: &Replica) {
-        let key = (r.gallery.clone(), r.shard);
-        let still_held =
-            |held: &HashMap<(String, u32), Arc<Replica>>| held.get(&key).is_some_and(|h| std::ptr::eq(h.as_ref(), r));
-        if !still_held(&self.replicas.lock().expect("replicas lock")) {
+        if !self.is_held(r) {
             return; // already replaced: its applied key is the new one's
         }
         // Its applied key first, while it is still held (nothing opens it again yet,
@@ -642,14 +662,25 @@ impl Node {
         // Its files and its place together, under the lock the pass that opens
         // replicas takes: once that pass sees the place empty, the files it finds are
         // its own to load, never dropped by this afterwards.
+        let key = (r.gallery.clone(), r.shard);
         let mut held = self.replicas.lock().expect("replicas lock");
-        if !still_held(&held) {
+        if !held.get(&key).is_some_and(|h| std::ptr::eq(h.as_ref(), r)) {
             return; // already replaced
         }
         held.remove(&key);
         if let Err(e) = self.drop_local(&r.gallery, r.shard) {
             tracing::error!(gallery = %r.gallery, shard = r.shard, error = %e, "dropping the replica to reload it");
         }
+    }
+
+    /// Whether `r` is the replica this node holds for its shard (not one replaced).
+    fn is_held(&self, r: &Replica) -> bool {
+        let key = (r.gallery.clone(), r.shard);
+        self.replicas
+            .lock()
+            .expect("replicas lock")
+            .get(&key)
+            .is_some_and(|h| std::ptr::eq(h.as_ref(), r))
     }
 
     fn replica_of_local(&self, local: &str) -> Option<Arc<Replica>> {

@@ -9,6 +9,13 @@
 //! node answers only from that; otherwise UNAVAILABLE, and the router asks another
 //! replica. A read without the headers (a client talking to the node directly) is
 //! answered as before.
+//!
+//! A node whose lease may have lapsed (not renewed within its time to live, counted
+//! from before the renewal was asked) fences itself against direct clients: it answers
+//! no unmarked read of a replica until it has renewed it or registered again, since it
+//! may already be out of the cluster and behind (a drop, a commit it has not seen). A
+//! router's marked read is checked as above instead: when etcd has lost its quorum no
+//! node can renew its lease, and searches through the router go on.
 
 use super::Node;
 use crate::error::{Error, Result};
@@ -38,13 +45,26 @@ fn header<T: std::str::FromStr>(metadata: &MetadataMap, name: &str) -> Result<Op
 impl Node {
     /// Whether this node may answer a read of `local` marked by [`expect`]: it holds
     /// the replica, of that gallery, and has applied that batch.
+    /// An unmarked read of a replica (a client talking to the node, not through a
+    /// router) is refused while the node's lease may have lapsed: it may be out of the
+    /// cluster already, its replicas placed elsewhere and behind. A marked read is
+    /// checked against what the router read from etcd instead (and when etcd has no
+    /// quorum, so that no lease can be renewed, the router's reads still go on).
     pub fn check_read(&self, local: &str, metadata: &MetadataMap) -> Result<()> {
         let created_ms: Option<i64> = header(metadata, CREATED_MS)?;
         let applied: Option<u64> = header(metadata, APPLIED)?;
-        if created_ms.is_none() && applied.is_none() {
+        let replica = self.replica_of_local(local);
+        let marked = created_ms.is_some() || applied.is_some();
+        if replica.is_some() && !marked && !self.lease_holds() {
+            return Err(Error::Unavailable(format!(
+                "{local}: node {} could not renew its lease in time (etcd unreachable, or the node paused): it answers no read until it has",
+                self.name
+            )));
+        }
+        if !marked {
             return Ok(());
         }
-        let Some(r) = self.replica_of_local(local) else {
+        let Some(r) = replica else {
             return Err(Error::Unavailable(format!(
                 "{local}: node {} does not hold this replica now",
                 self.name
