@@ -809,6 +809,7 @@ roles = ["admin"]
         .find(|l| l["method"] == "Enroll" && l["outcome"] == "ok")
         .unwrap();
     assert_eq!(enrolled["count"], 20, "{enrolled}");
+    assert_eq!(enrolled["gallery"], "t", "{enrolled}");
     assert_eq!(enrolled["subjects"][0][0], ids[0], "{enrolled}");
     let identified = lines
         .iter()

@@ -322,7 +322,12 @@ impl Etcd {
             async move {
                 // The request stream stays open (a closed one cancels the watch).
                 let requests = tokio_stream::once(create).chain(tokio_stream::pending());
-                Ok(WatchClient::new(c).watch(requests).await?.into_inner())
+                // Ended by etcd when the member loses its leader (no quorum): the
+                // view then knows it no longer follows the cluster.
+                Ok(WatchClient::new(c)
+                    .watch(requiring_leader(requests))
+                    .await?
+                    .into_inner())
             }
         })
         .await

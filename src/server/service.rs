@@ -476,12 +476,16 @@ impl Service {
     /// by the replica the router chose (cluster/node/reads.rs): UNAVAILABLE otherwise,
     /// and the router asks another.
     fn check_replica_read<T>(&self, request: &Request<T>, local: &str) -> Result<(), Status> {
+        self.check_replica_read_of(request.metadata(), local)
+    }
+
+    fn check_replica_read_of(&self, metadata: &tonic::metadata::MetadataMap, local: &str) -> Result<(), Status> {
         #[cfg(feature = "cluster")]
         if let Some(node) = self.cluster.get() {
-            node.check_read(local, request.metadata()).map_err(status_of)?;
+            node.check_read(local, metadata).map_err(status_of)?;
         }
         #[cfg(not(feature = "cluster"))]
-        let _ = (request, local);
+        let _ = (metadata, local);
         Ok(())
     }
 
@@ -938,6 +942,9 @@ impl Biogate for Arc<Service> {
             self.admit(&mut call)?;
             self.authorize(&mut call, &request, Role::Identify)?;
             self.check_replica_read(&request, &request.get_ref().gallery)?;
+            for g in &request.get_ref().galleries {
+                self.check_replica_read(&request, &g.gallery)?;
+            }
             let deadline = deadline_of(&request);
             let mut req = request.into_inner();
             // The context is checked before anything is searched.
@@ -1028,6 +1035,7 @@ impl Biogate for Arc<Service> {
             return self.finish::<Self::IdentifyStreamStream>(opening, Err(s)).await;
         }
         let deadline = deadline_of(&request);
+        let metadata = request.metadata().clone();
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let service = self.clone();
@@ -1041,7 +1049,7 @@ impl Biogate for Arc<Service> {
                         break;
                     }
                 };
-                let (service, tx) = (service.clone(), tx.clone());
+                let (service, tx, metadata) = (service.clone(), tx.clone(), metadata.clone());
                 let many = !msg.galleries.is_empty();
                 let mut call = Call {
                     method: "IdentifyStream",
@@ -1059,6 +1067,10 @@ impl Biogate for Arc<Service> {
                     let probe = std::slice::from_ref(&msg.probe);
                     let r = async {
                         service.admit(&mut call)?;
+                        service.check_replica_read_of(&metadata, &msg.gallery)?;
+                        for g in &msg.galleries {
+                            service.check_replica_read_of(&metadata, &g.gallery)?;
+                        }
                         let context = match &msg.encounter {
                             Some(c) => {
                                 encounter_rpc::check_request_id(&msg.request_id, "request_id")?;

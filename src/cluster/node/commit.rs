@@ -180,7 +180,13 @@ impl Node {
     async fn raise_visible(&self, r: &Replica, seq: u64) -> Result<()> {
         let (g, s) = (r.gallery.as_str(), r.shard);
         let key = keys::visible_key(g, s);
+        let give_up = Instant::now() + APPLY_WAIT;
         loop {
+            if Instant::now() >= give_up {
+                return Err(Error::Unavailable(format!(
+                    "{key} was not raised to {seq} in {APPLY_WAIT:?}"
+                )));
+            }
             let (now, revision) = self
                 .view
                 .read(|st| st.visible.get(&(g.to_owned(), s)).copied().unwrap_or((0, 0)));
@@ -201,7 +207,7 @@ impl Node {
             let deadline = Instant::now() + Duration::from_secs(2);
             self.view
                 .wait_for(deadline, |st| {
-                    st.visible.get(&(g.to_owned(), s)).is_none_or(|v| v.1 != revision)
+                    st.visible.get(&(g.to_owned(), s)).map_or(0, |v| v.1) != revision
                         || st.gallery_revisions.get(g).copied() != gallery_revision
                 })
                 .await;

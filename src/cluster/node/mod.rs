@@ -259,14 +259,16 @@ impl Node {
     async fn register_again(&self) -> Result<()> {
         let asked = Instant::now();
         let lease = self.etcd.grant_lease(LEASE_TTL_S).await?;
-        self.lease.store(lease, Ordering::Relaxed);
-        self.lease_holds_until(asked + Duration::from_secs(LEASE_TTL_S as u64));
         let info = keys::NodeInfo {
             address: self.address.clone(),
         };
         self.etcd
             .put(&keys::node_key(&self.name), keys::encode(&info), lease)
             .await?;
+        // Only once it is registered under it (else the next pass renews a lease
+        // nothing is registered under, and never registers again).
+        self.lease.store(lease, Ordering::Relaxed);
+        self.lease_holds_until(asked + Duration::from_secs(LEASE_TTL_S as u64));
         let held: Vec<Arc<Replica>> = self.replicas.lock().expect("replicas lock").values().cloned().collect();
         for r in held {
             let at = *r.applied.borrow();
@@ -564,9 +566,11 @@ impl Node {
             let (Some(node), Some(r)) = (node_weak.upgrade(), replica.upgrade()) else {
                 return;
             };
-            // A replica no longer held (dropped, or replaced while a commit or a
-            // checkpoint still had it) is not tailed, nor checkpointed, any more.
-            if !node.is_held(&r) {
+            // A replica no longer held (dropped, or moved away while a commit or a
+            // checkpoint still had it) is not checkpointed any more, and not tailed
+            // once no commit waits on it (one that does waits for its batch applied).
+            let held = node.is_held(&r);
+            if !held && r.commit.try_lock().is_ok() {
                 return;
             }
             let at = *r.applied.borrow();
@@ -599,7 +603,7 @@ impl Node {
             if published != Some(now) && node.publish_applied(&r, now).await.is_ok() {
                 published = Some(now);
             }
-            if !failed {
+            if !failed && held {
                 node.checkpoint_if_due(&r);
             }
             drop((node, r));

@@ -14,7 +14,7 @@ pub(super) struct RouterCall {
     method: &'static str,
     peer: String,
     caller: String,
-    gallery: String,
+    pub(super) gallery: String,
 }
 
 /// What a call returned or affected, for its audit line.

@@ -62,8 +62,6 @@ pub struct Router {
     /// newest last), for its hedging delay: a large gallery's reads are not hedged by a
     /// small one's.
     latencies: Mutex<HashMap<String, std::collections::VecDeque<Duration>>>,
-    /// Until when reads do not ask etcd for its revision (it did not answer lately).
-    etcd_missed: Mutex<Option<Instant>>,
 }
 
 /// A running router.
@@ -109,7 +107,6 @@ pub async fn start(urls: &[String], listen: SocketAddr, config: &Config) -> Resu
         channels: Mutex::new(HashMap::new()),
         suspects: Mutex::new(HashMap::new()),
         latencies: Mutex::new(HashMap::new()),
-        etcd_missed: Mutex::new(None),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -272,8 +269,9 @@ impl Router {
                 };
                 let auth = authorization.clone();
                 let g = search.gallery.clone();
+                let created_ms = meta.created_ms;
                 calls.push(async move {
-                    self.on_replica(&g, s, |mut client, read| {
+                    self.on_replica(&g, created_ms, s, |mut client, read| {
                         let message = proto::IdentifyRequest {
                             gallery: read.local.clone(),
                             ..request.clone()
@@ -360,7 +358,7 @@ impl Router {
         for s in 0..meta.shards {
             let health = self.state(|st| shard_health(st, g, s));
             match self
-                .on_replica(g, s, |mut client, read| {
+                .on_replica(g, meta.created_ms, s, |mut client, read| {
                     let r = read.request(
                         proto::GetGalleryRequest {
                             name: read.local.clone(),
@@ -498,9 +496,12 @@ impl Biogate for Arc<Router> {
         &self,
         request: Request<Streaming<proto::EnrollRequest>>,
     ) -> std::result::Result<Response<proto::EnrollResponse>, Status> {
-        let call = self.begin(&request, "Enroll", "");
-        let mut subjects = Vec::new();
-        let r = self.routed_enroll(request, &mut subjects).await;
+        // The gallery is named by the messages, not the call: the line names every
+        // gallery the stream named (as a server's does).
+        let mut call = self.begin(&request, "Enroll", "");
+        let (mut subjects, mut galleries) = (Vec::new(), Vec::new());
+        let r = self.routed_enroll(request, &mut subjects, &mut galleries).await;
+        call.gallery = galleries.join(",");
         let audited = Audited {
             count: subjects.len(),
             subjects: subjects.into_iter().map(|s| (s, None)).collect(),
@@ -751,7 +752,7 @@ impl Router {
         let (meta, s) = self.subject_shard(&req.gallery, &req.subject)?;
         decode_template(&req.probe, meta.dim, "probe")?;
         let answer = self
-            .on_replica(&req.gallery, s, |mut client, read| {
+            .on_replica(&req.gallery, meta.created_ms, s, |mut client, read| {
                 let r = read.request(
                     proto::VerifyRequest {
                         gallery: read.local.clone(),
@@ -765,11 +766,13 @@ impl Router {
         Ok(answer)
     }
 
-    /// Enroll; `subjects` gets the ids asked for (for the audit line).
+    /// Enroll; `subjects` gets the ids asked for and `galleries` the galleries named,
+    /// each once (for the audit line).
     async fn routed_enroll(
         &self,
         request: Request<Streaming<proto::EnrollRequest>>,
         subjects: &mut Vec<String>,
+        galleries: &mut Vec<String>,
     ) -> std::result::Result<proto::EnrollResponse, Status> {
         let auth = self.authorize(&request, Role::Enroll, "Enroll")?;
         let mut incoming = request.into_inner();
@@ -778,6 +781,9 @@ impl Router {
         let mut index = 0usize;
         while let Some(mut m) = incoming.message().await? {
             let at = |s: Status| Status::new(s.code(), format!("message {index}: {}", s.message()));
+            if !galleries.contains(&m.gallery) {
+                galleries.push(m.gallery.clone());
+            }
             let meta = self.meta(&m.gallery).map_err(at)?;
             m.subject = subject_field(&m.subject).map_err(at)?;
             subjects.push(m.subject.clone());

@@ -26,9 +26,8 @@ pub(super) const READ_DEADLINE: Duration = Duration::from_secs(60);
 /// waits (the previous batch applied, 30 s; this one, 30 s; the replicas, 3 s), after
 /// which its outcome is unknown.
 pub(super) const WRITE_DEADLINE: Duration = Duration::from_secs(75);
-/// How long a read waits for etcd before it goes on from the router's last known
-/// state, and for how long after such a miss reads do not ask again.
-const REVISION_READ: Duration = Duration::from_secs(1);
+/// How long a read waits for etcd's answer to what it must not miss.
+const ETCD_READ: Duration = Duration::from_secs(2);
 /// How long a read waits for the router's view to catch up with what it read in etcd.
 const VIEW_CATCH_UP: Duration = Duration::from_secs(2);
 
@@ -84,21 +83,22 @@ impl Router {
     /// until this router's view has them: a gallery just made or dropped through
     /// another router, a batch just acknowledged. The replicas are then chosen from
     /// the view, and each checks that it is of that gallery and at that batch before
-    /// it answers (node/reads.rs). A gallery etcd no longer has is NOT_FOUND.
+    /// it answers (node/reads.rs). A gallery etcd does not have is NOT_FOUND; etcd not
+    /// answering while the view follows it is UNAVAILABLE.
     ///
-    /// When etcd cannot answer (no quorum: then nothing can be acknowledged either),
-    /// the read goes on from the last known state, as it always has, and for
-    /// [`REVISION_READ`] later reads do not wait on etcd again. (A router cut off from
-    /// an etcd quorum that others still reach can then answer from an old state:
-    /// RELIABILITY.md, "The nemesis".)
+    /// When the view has lost etcd (its watch requires a leader: no quorum, or no
+    /// member reachable), reads go on from the last known state, as they always have:
+    /// without a quorum nothing can be acknowledged either. (A router cut off from a
+    /// quorum that others still reach can then answer from an old state: RELIABILITY.md,
+    /// "The nemesis".)
     pub(super) async fn current_view(&self, galleries: &[&str]) -> std::result::Result<(), Status> {
-        let now = Instant::now();
-        if self
-            .etcd_missed
-            .lock()
-            .expect("etcd missed lock")
-            .is_some_and(|until| until > now)
-        {
+        for g in galleries {
+            // A name no gallery can have is not worth a read of etcd.
+            if g.len() > keys::MAX_GALLERY_NAME || crate::server::registry::check_gallery_name(g).is_err() {
+                return Err(Status::not_found(format!("gallery: {g:?} does not exist")));
+            }
+        }
+        if !self.view.connected() {
             return Ok(());
         }
         let reads = galleries.iter().map(|g| async move {
@@ -117,20 +117,18 @@ impl Router {
             }
             crate::Result::Ok((g.to_string(), meta.map(|m| m.created_ms), marks))
         });
-        let read = tokio::time::timeout(REVISION_READ, futures_util::future::try_join_all(reads)).await;
+        let read = tokio::time::timeout(ETCD_READ, futures_util::future::try_join_all(reads)).await;
         let now_in_etcd = match read {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "etcd could not be read: reading from the last known cluster state");
-                *self.etcd_missed.lock().expect("etcd missed lock") = Some(Instant::now() + REVISION_READ);
-                return Ok(());
+                return Err(Status::unavailable(format!(
+                    "the read could not be checked against etcd: {e}"
+                )));
             }
             Err(_) => {
-                tracing::warn!(
-                    "etcd did not answer a read in {REVISION_READ:?}: reading from the last known cluster state"
-                );
-                *self.etcd_missed.lock().expect("etcd missed lock") = Some(Instant::now() + REVISION_READ);
-                return Ok(());
+                return Err(Status::unavailable(format!(
+                    "the read could not be checked against etcd: no answer in {ETCD_READ:?}"
+                )));
             }
         };
         if let Some((g, _, _)) = now_in_etcd.iter().find(|(_, created, _)| created.is_none()) {
@@ -257,12 +255,21 @@ impl Router {
     /// first answer wins, the others are dropped, and a replica that lost the race is
     /// tried last for a while. Reads only: a write is never sent twice.
     /// Gives up after [`READ_DEADLINE`] (every replica paused or hung): UNAVAILABLE.
-    pub(super) async fn on_replica<T, F, Fut>(&self, g: &str, s: u32, call: F) -> std::result::Result<T, Status>
+    /// `created_ms` names the gallery the read is of (the one whose shard count and
+    /// dimension the caller used): a gallery of the name made since is not read.
+    pub(super) async fn on_replica<T, F, Fut>(
+        &self,
+        g: &str,
+        created_ms: i64,
+        s: u32,
+        call: F,
+    ) -> std::result::Result<T, Status>
     where
         F: Fn(BiogateClient<Channel>, ReplicaRead) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
     {
-        match tokio::time::timeout(READ_DEADLINE, self.on_replica_unbounded(g, s, call)).await {
+        let read = tokio::time::timeout(READ_DEADLINE, self.on_replica_unbounded(g, created_ms, s, call));
+        match read.await {
             Ok(r) => r,
             Err(_) => Err(Status::unavailable(format!(
                 "shard {g}/{s}: no replica answered within {READ_DEADLINE:?}"
@@ -270,7 +277,13 @@ impl Router {
         }
     }
 
-    async fn on_replica_unbounded<T, F, Fut>(&self, g: &str, s: u32, call: F) -> std::result::Result<T, Status>
+    async fn on_replica_unbounded<T, F, Fut>(
+        &self,
+        g: &str,
+        created_ms: i64,
+        s: u32,
+        call: F,
+    ) -> std::result::Result<T, Status>
     where
         F: Fn(BiogateClient<Channel>, ReplicaRead) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
@@ -278,15 +291,21 @@ impl Router {
         use futures_util::StreamExt;
         let local = keys::replica_name(g, s);
         let (replicas, read) = self.state(|st| {
-            let read = st.galleries.get(g).map(|meta| ReplicaRead {
-                local: local.clone(),
-                created_ms: meta.created_ms,
-                applied: st.visible.get(&(g.to_owned(), s)).map_or(0, |v| v.0),
-            });
+            let read = st
+                .galleries
+                .get(g)
+                .filter(|meta| meta.created_ms == created_ms)
+                .map(|_| ReplicaRead {
+                    local: local.clone(),
+                    created_ms,
+                    applied: st.visible.get(&(g.to_owned(), s)).map_or(0, |v| v.0),
+                });
             (st.serving(g, s), read)
         });
         let Some(read) = read else {
-            return Err(Status::not_found(format!("gallery: {g:?} does not exist")));
+            return Err(Status::unavailable(format!(
+                "gallery {g:?} was dropped, or dropped and made again, while it was read"
+            )));
         };
         let mut replicas = self.in_turn(replicas).into_iter();
         let mut in_flight = futures_util::stream::FuturesUnordered::new();
