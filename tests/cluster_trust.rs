@@ -26,6 +26,8 @@
 //!   shard's visible batch.
 //! - A node cut off from etcd past its lease answers no read of its replicas (it may
 //!   be out of the cluster and behind), and answers again once it has renewed it.
+//! - A checkpoint paused across a drop deletes nothing of the next gallery of its
+//!   name's log (the nemesis saw the next `fl`'s first batch deleted).
 //! - A commit paused across a drop leaves no visible mark for the next gallery of its
 //!   name (the nemesis found the next `fl` waiting forever on the dropped one's mark).
 //!
@@ -709,4 +711,52 @@ async fn a_node_cut_off_from_etcd_past_its_lease_answers_no_read() {
     .await;
     caught_up(&router, "g").await;
     holds_exactly(&router, "g", &who, &rows, "after the partition").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_paused_across_a_drop_deletes_nothing_of_the_next_gallery() {
+    if !etcd_available() {
+        return;
+    }
+    // Checkpoints every 2 batches, each pausing 4 s before it deletes the log it
+    // covers: `fl` is dropped and made again, and its first batch committed, in between.
+    let mut cluster = Cluster::start(0, &[]).await;
+    let node = Node::start_with_env(
+        "n1",
+        cluster.dir.path(),
+        &cluster.etcd.urls(),
+        &["--checkpoint-every", "2"],
+        &[("BIOGATE_FAULT_SLOW_LOG_DELETION_MS", "4000")],
+    );
+    wait_for_port(node.port()).await;
+    cluster.nodes.push(node);
+    let router = cluster.router.client().await;
+    let etcd = etcd::Etcd::connect(&cluster.etcd.urls().split(',').map(str::to_owned).collect::<Vec<_>>()).unwrap();
+    create(&router, "fl", 1, 1).await;
+    for b in 0..3 {
+        enroll(&router, "fl", &ids(&format!("old{b}"), 1), 900 + b).await;
+    }
+    eventually(Duration::from_secs(20), "a checkpoint of the first fl", || async {
+        etcd.get(&keys::checkpoint_key("fl", 0)).await.unwrap().is_some()
+    })
+    .await;
+    router.drop_gallery("fl").await.unwrap();
+    create(&router, "fl", 1, 1).await;
+    let new = ids("new", 1);
+    let rows = enroll(&router, "fl", &new, 950).await;
+    // The paused deletion has run by now.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (log, _) = etcd.get_prefix(&keys::log_prefix("fl", 0)).await.unwrap();
+    assert!(
+        etcd.get(&keys::log_key("fl", 0, 1)).await.unwrap().is_some(),
+        "the new fl's first batch was deleted from its log ({} batches left)",
+        log.len()
+    );
+    // And a replica made now (the node restarted without its files) gets it.
+    cluster.nodes[0].kill9();
+    std::fs::remove_dir_all(cluster.dir.path().join("n1")).unwrap();
+    cluster.nodes[0].restart();
+    wait_for_port(cluster.nodes[0].port()).await;
+    caught_up(&router, "fl").await;
+    holds_exactly(&router, "fl", &new, &rows, "the new fl, rebuilt").await;
 }

@@ -241,21 +241,6 @@ impl Etcd {
         Ok(())
     }
 
-    /// Delete the keys from `from` up to (not including) `to`.
-    pub async fn delete_range(&self, from: &str, to: &str) -> Result<i64> {
-        let req = pb::DeleteRangeRequest {
-            key: from.as_bytes().to_vec(),
-            range_end: to.as_bytes().to_vec(),
-        };
-        let r = self
-            .on_members(&format!("a deletion of {from}..{to}"), Kind::Write, |c| {
-                let req = requiring_leader(req.clone());
-                async move { KvClient::new(c).delete_range(req).await }
-            })
-            .await?;
-        Ok(r.into_inner().deleted)
-    }
-
     /// An atomic transaction (compare, then one list of operations or the other).
     pub async fn txn(&self, what: &str, req: TxnRequest) -> Result<TxnResponse> {
         let r = self
@@ -392,6 +377,16 @@ pub fn delete_op(key: &str) -> pb::RequestOp {
         request: Some(Op::RequestDeleteRange(pb::DeleteRangeRequest {
             key: key.as_bytes().to_vec(),
             range_end: Vec::new(),
+        })),
+    }
+}
+
+/// Operation: delete the keys from `from` up to (not including) `to`.
+pub fn delete_range_op(from: &str, to: &str) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(Op::RequestDeleteRange(pb::DeleteRangeRequest {
+            key: from.as_bytes().to_vec(),
+            range_end: to.as_bytes().to_vec(),
         })),
     }
 }

@@ -25,7 +25,9 @@ pub mod view;
 /// when unset), for tests that need a slow part at a chosen place: a slow object store
 /// (`BIOGATE_FAULT_SLOW_UPLOAD_MS`, objects.rs), a commit paused before it raises its
 /// visible mark (`BIOGATE_FAULT_SLOW_VISIBLE_MS`, node/commit.rs), a watch that
-/// delivers late (`BIOGATE_FAULT_SLOW_WATCH_MS`, view.rs).
+/// delivers late (`BIOGATE_FAULT_SLOW_WATCH_MS`, view.rs), a checkpoint paused before
+/// it deletes the log it covers (`BIOGATE_FAULT_SLOW_LOG_DELETION_MS`,
+/// node/checkpointing.rs).
 pub(crate) fn fault_delay(var: &str) -> std::time::Duration {
     std::env::var(var)
         .ok()

@@ -159,12 +159,26 @@ impl Node {
             .take_while(|(n, _)| *n <= floor)
             .collect();
         if let Some((first, _)) = gone.first() {
-            self.etcd
-                .delete_range(
+            // Only while the gallery is still this replica's: the keys are named by
+            // the gallery's name, and a gallery of the name made since has its own
+            // batches under them (the nemesis saw a late deletion take the first batch
+            // of the next `fl`, before one of its replicas had applied it).
+            let deletion = etcd::TxnRequest {
+                compare: vec![self.same_gallery(r)?],
+                success: vec![etcd::delete_range_op(
                     &keys::log_key(&r.gallery, r.shard, *first),
                     &keys::log_key(&r.gallery, r.shard, floor + 1),
-                )
-                .await?;
+                )],
+                failure: Vec::new(),
+            };
+            let paused = crate::cluster::fault_delay("BIOGATE_FAULT_SLOW_LOG_DELETION_MS");
+            if !paused.is_zero() {
+                tokio::time::sleep(paused).await;
+            }
+            let what = format!("deleting the log of {} shard {} up to {floor}", r.gallery, r.shard);
+            if !self.etcd.txn(&what, deletion).await?.succeeded {
+                return Err(Error::NotFound(format!("gallery {:?} was dropped", r.gallery)));
+            }
             for (_, e) in &gone {
                 self.objects.delete(&e.object).await?;
             }
