@@ -81,6 +81,8 @@ struct Replica {
     applied: watch::Sender<u64>,
     /// One commit at a time from this node.
     commit: tokio::sync::Mutex<()>,
+    /// One publication of its applied batch at a time.
+    publishing: tokio::sync::Mutex<()>,
     tail: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// A checkpoint of it is under way (checkpointing.rs).
     checkpointing: std::sync::atomic::AtomicBool,
@@ -271,8 +273,7 @@ impl Node {
         self.lease_holds_until(asked + Duration::from_secs(LEASE_TTL_S as u64));
         let held: Vec<Arc<Replica>> = self.replicas.lock().expect("replicas lock").values().cloned().collect();
         for r in held {
-            let at = *r.applied.borrow();
-            self.publish_applied(&r, at).await?;
+            self.publish_applied(&r).await?;
         }
         Ok(())
     }
@@ -286,7 +287,13 @@ impl Node {
         Instant::now() < *self.lease_until.lock().expect("lease lock")
     }
 
-    async fn publish_applied(&self, r: &Replica, seq: u64) -> Result<()> {
+    /// Publish the batch `r` has applied; returns it. One publication at a time per
+    /// replica, each reading the batch once it has its turn: a publication that read
+    /// an older batch can never land after a newer one (a node re-registering after a
+    /// pause once put batch 33 over the tail's 34, and the mark stayed at 33).
+    async fn publish_applied(&self, r: &Replica) -> Result<u64> {
+        let _one_at_a_time = r.publishing.lock().await;
+        let seq = *r.applied.borrow();
         let key = keys::applied_key(&r.gallery, r.shard, &self.name);
         self.etcd
             .put(
@@ -297,7 +304,8 @@ impl Node {
                 }),
                 self.lease.load(Ordering::Relaxed),
             )
-            .await
+            .await?;
+        Ok(seq)
     }
 
     /// Hold the replicas the shard map gives this node; place replicas while this node
@@ -383,7 +391,7 @@ impl Node {
                 .expect("replicas lock")
                 .insert((g.clone(), s), replica.clone());
             let at = *replica.applied.borrow();
-            if let Err(e) = self.publish_applied(&replica, at).await {
+            if let Err(e) = self.publish_applied(&replica).await {
                 // The tail publishes it again once etcd answers.
                 tracing::warn!(gallery = %g, shard = s, error = %e, "publishing a replica's applied batch");
             }
@@ -541,6 +549,7 @@ impl Node {
             entry,
             applied: watch::channel(applied).0,
             commit: tokio::sync::Mutex::new(()),
+            publishing: tokio::sync::Mutex::new(()),
             tail: Mutex::new(None),
             checkpointing: Default::default(),
         }))
@@ -600,8 +609,10 @@ impl Node {
                 }
             }
             let now = *r.applied.borrow();
-            if published != Some(now) && node.publish_applied(&r, now).await.is_ok() {
-                published = Some(now);
+            if published != Some(now)
+                && let Ok(seq) = node.publish_applied(&r).await
+            {
+                published = Some(seq);
             }
             if !failed && held {
                 node.checkpoint_if_due(&r);
