@@ -609,7 +609,16 @@ impl Node {
                 }
             }
             let now = *r.applied.borrow();
-            if published != Some(now)
+            // Published again when etcd holds another batch than this one: a put whose
+            // answer was lost can still land after a later one (the nemesis saw a mark
+            // stay at 100 while the replica had applied 103).
+            let mark = node.view.read(|st| {
+                st.applied
+                    .get(&(r.gallery.clone(), r.shard))
+                    .and_then(|a| a.get(&node.name))
+                    .copied()
+            });
+            if (published != Some(now) || mark.is_some_and(|m| m != now))
                 && let Ok(seq) = node.publish_applied(&r).await
             {
                 published = Some(seq);
