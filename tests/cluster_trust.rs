@@ -93,6 +93,15 @@ async fn holds_exactly(c: &Client, g: &str, ids: &[String], rows: &[f32], what: 
     }
 }
 
+/// A cluster of one node, `n1`, started with `flags` and `env` (fault knobs).
+async fn one_node_with(flags: &[&str], env: &[(&str, &str)]) -> Cluster {
+    let mut cluster = Cluster::start(0, &[]).await;
+    let node = Node::start_with_env("n1", cluster.dir.path(), &cluster.etcd.urls(), flags, env);
+    wait_for_port(node.port()).await;
+    cluster.nodes.push(node);
+    cluster
+}
+
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
 }
@@ -518,16 +527,7 @@ async fn a_commit_paused_across_a_drop_leaves_nothing_for_the_next_gallery_of_it
     // nemesis found this: the dropped gallery's mark was raised after the drop, and
     // the next `fl`'s first commit (which asks for no mark) and its replicas (which
     // waited for the mark's batch) waited forever.
-    let mut cluster = Cluster::start(0, &[]).await;
-    let node = Node::start_with_env(
-        "n1",
-        cluster.dir.path(),
-        &cluster.etcd.urls(),
-        &[],
-        &[("BIOGATE_FAULT_SLOW_VISIBLE_MS", "3000")],
-    );
-    wait_for_port(node.port()).await;
-    cluster.nodes.push(node);
+    let cluster = one_node_with(&[], &[("BIOGATE_FAULT_SLOW_VISIBLE_MS", "3000")]).await;
     let router = cluster.router.client().await;
     create(&router, "fl", 1, 1).await;
     let old = ids("old", 3);
@@ -579,7 +579,7 @@ async fn a_router_whose_watch_lags_reads_what_another_router_acknowledged() {
         return;
     }
     // Router `late` gets each watch answer 150 ms late (an overloaded process): without
-    // waiting for etcd's revision, it answered NOT_FOUND for a gallery another router
+    // reading etcd before a read, it answered NOT_FOUND for a gallery another router
     // had just made, and missed subjects another had just enrolled.
     let cluster = Cluster::start(1, &[]).await;
     let late = router_with_env(&cluster.etcd, &[], &[("BIOGATE_FAULT_SLOW_WATCH_MS", "150")]);
@@ -720,16 +720,11 @@ async fn a_checkpoint_paused_across_a_drop_deletes_nothing_of_the_next_gallery()
     }
     // Checkpoints every 2 batches, each pausing 4 s before it deletes the log it
     // covers: `fl` is dropped and made again, and its first batch committed, in between.
-    let mut cluster = Cluster::start(0, &[]).await;
-    let node = Node::start_with_env(
-        "n1",
-        cluster.dir.path(),
-        &cluster.etcd.urls(),
+    let mut cluster = one_node_with(
         &["--checkpoint-every", "2"],
         &[("BIOGATE_FAULT_SLOW_LOG_DELETION_MS", "4000")],
-    );
-    wait_for_port(node.port()).await;
-    cluster.nodes.push(node);
+    )
+    .await;
     let router = cluster.router.client().await;
     let etcd = etcd::Etcd::connect(&cluster.etcd.urls().split(',').map(str::to_owned).collect::<Vec<_>>()).unwrap();
     create(&router, "fl", 1, 1).await;
