@@ -5,10 +5,8 @@
 // tie-break rank of each row's subject (DEAD for deleted subjects: the tombstone mask),
 // `row_scales` the i8 dequantisation scale of each row.
 //
-// `lists_in` and `lists_out` hold candidate lists, `keep` slots each: the scan writes
-// one list per probe and block to `lists_in`; each merge level reads `lists` lists per
-// probe from `lists_in` and writes `out_lists` per probe to `lists_out` (the last level
-// writes the shard's result, the only thing read back).
+// Bindings 6 and 7 are the work buffers, declared by each module (lists.wgsl for the
+// fused scan and the merge, two_stage.wgsl for the GEMM and its selection).
 //
 // The host prepends the kernel shape as constants (see shaders.rs): WG (invocations per
 // workgroup), PROBE_TILE (probes per workgroup), CAP (candidate slots per probe in
@@ -26,8 +24,14 @@ struct Params {
     lists: u32,          // merge: lists per probe in lists_in
     fan: u32,            // merge: lists each workgroup merges
     out_lists: u32,      // merge: lists per probe written to lists_out
+    chunk_start: u32,    // two-stage: the chunk's first row in the shard
+    chunk_len: u32,      // two-stage: rows in the chunk
+    chunk_rows: u32,     // two-stage: rows per probe in the score buffer (its stride)
+    first_block: u32,    // two-stage: the list of the chunk's first segment
+    probes_padded: u32,  // two-stage: probes in the word-major probe buffer
     pad0: u32,
     pad1: u32,
+    pad2: u32,
 }
 
 // One selected row. `row == EMPTY` marks a slot with no candidate.
@@ -52,8 +56,6 @@ const ROUND: u32 = ROW_TILE / ROWS_PER_INV;
 @group(0) @binding(3) var<storage, read> row_scales: array<f32>;
 @group(0) @binding(4) var<storage, read> probes: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read> probe_scales: array<f32>;
-@group(0) @binding(6) var<storage, read_write> lists_in: array<Candidate>;
-@group(0) @binding(7) var<storage, read_write> lists_out: array<Candidate>;
 
 // Index in `gallery` of word 0 of `row`; word j is at tile_base(row) + j * TILE_ROWS.
 fn tile_base(row: u32) -> u32 {

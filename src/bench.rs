@@ -37,6 +37,8 @@ pub struct BenchRow {
     /// GPU: the gallery's upload (the first search's extra cost), if it happened here.
     pub upload_ms: Option<f64>,
     pub upload_gb_per_s: Option<f64>,
+    /// Which GPU kernels searched the batches (KernelTimes::path).
+    pub path: Option<&'static str>,
 }
 
 /// Time `engine` on `snapshot` for each batch size; every batch is repeated until
@@ -79,6 +81,7 @@ pub fn run(
         let bytes = (rows * row_stride(snapshot.dtype(), dim)) as f64;
         let ops = 2.0 * (rows * dim * batch) as f64;
         let scan = kernels.map(|k| k.scan.as_secs_f64()).filter(|&s| s > 0.0);
+        let merge = kernels.map(|k| k.merge.as_secs_f64()).filter(|&s| s > 0.0);
         out.push(BenchRow {
             backend: engine.backend_name().to_owned(),
             dtype: snapshot.dtype(),
@@ -91,11 +94,12 @@ pub fn run(
             gallery_gb_per_s: bytes / median / 1e9,
             tera_ops_per_s: ops / median / 1e12,
             scan_ms: scan.map(|s| s * 1e3),
-            merge_ms: kernels.map(|k| k.merge.as_secs_f64() * 1e3),
+            merge_ms: merge.map(|m| m * 1e3),
             scan_gb_per_s: scan.map(|s| bytes / s / 1e9),
             scan_tera_ops_per_s: scan.map(|s| ops / s / 1e12),
             upload_ms: upload.map(|u| u.time.as_secs_f64() * 1e3),
             upload_gb_per_s: upload.map(|u| u.bytes as f64 / u.time.as_secs_f64() / 1e9),
+            path: kernels.map(|k| k.path),
         });
     }
     Ok(out)
@@ -168,7 +172,7 @@ pub fn check_against_cpu(engine: &Engine, snapshot: &Snapshot, probes: &[f32], k
 /// gallery's upload before the first search.
 pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = format!(
-        "{:<7} {:<5} {:>10} {:>5} {:>6} {:>10} {:>12} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>10}\n",
+        "{:<7} {:<5} {:>10} {:>5} {:>6} {:>10} {:>12} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>10}  {}\n",
         "backend",
         "dtype",
         "rows",
@@ -182,12 +186,13 @@ pub fn format_table(rows: &[BenchRow]) -> String {
         "merge ms",
         "scan GB/s",
         "scan TOP/s",
-        "upload ms"
+        "upload ms",
+        "path"
     );
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
     for r in rows {
         s += &format!(
-            "{:<7} {:<5} {:>10} {:>5} {:>6} {:>10.3} {:>12.1} {:>8.2} {:>7.3} {:>8} {:>8} {:>8} {:>8} {:>10}\n",
+            "{:<7} {:<5} {:>10} {:>5} {:>6} {:>10.3} {:>12.1} {:>8.2} {:>7.3} {:>8} {:>8} {:>8} {:>8} {:>10}  {}\n",
             r.backend,
             r.dtype,
             r.rows,
@@ -202,6 +207,7 @@ pub fn format_table(rows: &[BenchRow]) -> String {
             opt(r.scan_gb_per_s, 1),
             opt(r.scan_tera_ops_per_s, 2),
             opt(r.upload_ms, 1),
+            r.path.unwrap_or("-"),
         );
     }
     s

@@ -8,7 +8,7 @@
 
 mod common;
 
-use biogate::engine::gpu::{GpuBackend, GpuOptions};
+use biogate::engine::gpu::{GpuBackend, GpuOptions, Pipeline};
 use biogate::error::GpuErrorKind;
 use biogate::gallery::{Enrollment, Gallery, ImportOptions};
 use biogate::npy::MemoryImport;
@@ -36,7 +36,10 @@ fn open_gpu() -> Option<Arc<GpuBackend>> {
     })
 }
 
-fn open_gpu_with(options: GpuOptions) -> Option<Arc<GpuBackend>> {
+/// `BIOGATE_GPU_COOPERATIVE=1` turns the tensor-core kernels on for every test (on a
+/// card that has them; lavapipe has none).
+fn open_gpu_with(mut options: GpuOptions) -> Option<Arc<GpuBackend>> {
+    options.cooperative |= std::env::var("BIOGATE_GPU_COOPERATIVE").as_deref() == Ok("1");
     {
         match GpuBackend::open(options) {
             Ok(Some(g)) => {
@@ -195,6 +198,10 @@ fn resident_copy_follows_enrollments_deletions_and_compaction() {
 #[test]
 fn many_templates_per_subject_and_ties() {
     let Some(engine) = gpu_engine() else { return };
+    ties_and_many_templates_per_subject(&engine);
+}
+
+fn ties_and_many_templates_per_subject(engine: &Engine) {
     for dtype in Dtype::ALL {
         let dim = 24;
         let dir = tempfile::tempdir().unwrap();
@@ -238,7 +245,7 @@ fn many_templates_per_subject_and_ties() {
         // k = 100 with 40 rows for one subject needs 3961 rows per probe kept: more than
         // workgroup memory holds, so that slab is scored on the CPU; k = 1 and 7 stay on
         // the GPU. Either way the answers are exact.
-        check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
+        check_engine(engine, &g.snapshot(), &model, &probes, dtype);
         let res = engine
             .search(&g.snapshot(), &twin, &SearchParams { k: 7, threshold: None })
             .unwrap();
@@ -255,9 +262,13 @@ fn many_templates_per_subject_and_ties() {
 
 #[test]
 fn large_k_over_a_tiny_gallery_fills_every_slot_with_nothing() {
-    // k = 100 over 3 rows: 97 slots per probe must come back empty, written by the
-    // kernels (result buffers are poisoned first; an unwritten slot fails the search).
     let Some(engine) = gpu_engine() else { return };
+    large_k_over_three_rows(&engine);
+}
+
+// k = 100 over 3 rows: 97 slots per probe must come back empty, written by the kernels
+// (result buffers are poisoned first; an unwritten slot fails the search).
+fn large_k_over_three_rows(engine: &Engine) {
     for dtype in Dtype::ALL {
         let dir = tempfile::tempdir().unwrap();
         let mut g = Gallery::create(dir.path(), 5, dtype).unwrap();
@@ -521,6 +532,98 @@ fn a_long_shard_with_padded_and_full_tiles_answers_like_the_cpu() {
                 let a: Vec<&str> = a.candidates.iter().map(|c| c.subject.as_str()).collect();
                 let b: Vec<&str> = b.candidates.iter().map(|c| c.subject.as_str()).collect();
                 assert_eq!(a, b, "{dtype}, batch {batch}, probe {q}");
+            }
+        }
+    }
+}
+
+/// Options that force the two-stage path (a GEMM into chunks of scores, then the
+/// selection) for every batch, with selection segments of 256 rows, chunks of two
+/// segments for a 128-probe batch (one for larger ones), merge trees of fan-in 3 and
+/// shards of 48 KiB: every gallery here spans several shards, chunks and segments.
+fn two_stage_options(runtime_checks: bool) -> GpuOptions {
+    GpuOptions {
+        max_shard_bytes: Some(48 * 1024),
+        pipeline: Pipeline::TwoStage,
+        select_rows: Some(256),
+        chunk_bytes: Some(2 * 256 * 128 * 4),
+        merge_fan: Some(3),
+        runtime_checks,
+        ..GpuOptions::default()
+    }
+}
+
+/// The two-stage path against the float64 reference (thresholds included) and the CPU
+/// engine (i8 bit for bit): odd dimensions, rows that fill no GEMM tile, batches of 1,
+/// 9 and 130 probes (a padded GEMM tile, and a second one), k from 1 to 100, several
+/// templates per subject, deletions in segments and the log, and a deletion between
+/// two searches.
+#[test]
+fn the_two_stage_path_matches_the_reference_and_the_cpu() {
+    let Some(gpu) = open_gpu_with(two_stage_options(false)) else {
+        return;
+    };
+    let engine = Engine::new(gpu.clone());
+    for dtype in Dtype::ALL {
+        for (dim, rows, batches) in [(17, 2057, &[1, 130][..]), (130, 300, &[9][..]), (5, 1, &[3][..])] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut g, mut model) = build(dir.path(), dim, dtype, rows, dim as u64 * 7 + rows as u64);
+            for &batch in batches {
+                let probes = random_rows(&mut rng(batch as u64 + 900), batch, dim);
+                check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
+                same_as_cpu(&engine, &g, &probes, dtype);
+            }
+            // The best subject of a probe equal to one of its templates, deleted: the
+            // next search must not find it (the resident tombstones are read at
+            // selection).
+            let victim = model.subjects()[model.subjects().len() / 2].clone();
+            let template = model.rows.iter().find(|(s, _)| *s == victim).unwrap().1.clone();
+            let params = SearchParams { k: 3, threshold: None };
+            let before = engine.search(&g.snapshot(), &template, &params).unwrap();
+            assert_eq!(before[0].candidates[0].subject, victim, "{dtype}, dim {dim}");
+            let path = gpu.last_kernel_times().map_or("", |t| t.path);
+            assert!(
+                path.starts_with("two-stage"),
+                "{dtype}, dim {dim}: the two-stage kernels searched, not {path:?}"
+            );
+            g.delete_subject(&victim).unwrap();
+            model.delete(&victim);
+            let after = engine.search(&g.snapshot(), &template, &params).unwrap();
+            assert!(
+                after[0].candidates.iter().all(|c| c.subject != victim),
+                "{dtype}, dim {dim}: a deleted subject was found"
+            );
+            check_engine(&engine, &g.snapshot(), &model, &template, dtype);
+        }
+    }
+    ties_and_many_templates_per_subject(&engine);
+    large_k_over_three_rows(&engine);
+}
+
+/// With wgpu's runtime checks (bounds checks, loop bounding) and zero-filled workgroup
+/// memory, as `BIOGATE_GPU_CHECKS=1` asks, both paths answer as without them (every
+/// other test runs the trusted kernels).
+#[test]
+fn the_kernels_answer_the_same_with_wgpu_runtime_checks() {
+    let fused = GpuOptions {
+        max_shard_bytes: Some(SHARD_BYTES),
+        pipeline: Pipeline::Fused,
+        runtime_checks: true,
+        ..GpuOptions::default()
+    };
+    for options in [fused, two_stage_options(true)] {
+        let Some(gpu) = open_gpu_with(options) else {
+            return;
+        };
+        let engine = Engine::new(gpu);
+        for dtype in Dtype::ALL {
+            let dim = 19;
+            let dir = tempfile::tempdir().unwrap();
+            let (g, model) = build(dir.path(), dim, dtype, 700, 23);
+            for batch in [1, 17] {
+                let probes = random_rows(&mut rng(batch as u64 + 70), batch, dim);
+                check_engine(&engine, &g.snapshot(), &model, &probes, dtype);
+                same_as_cpu(&engine, &g, &probes, dtype);
             }
         }
     }

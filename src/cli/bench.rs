@@ -153,23 +153,33 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
             a.dim,
         ),
     };
-    let mut all = Vec::new();
+    // Each dtype's rows are printed as soon as they are measured (a run cut short keeps
+    // them), after its check against the CPU engine.
+    if !a.json {
+        outln!("device: {device}");
+        out!("{}", bench::format_table(&[]));
+    }
     for &dtype in &a.dtypes {
         let snapshot = biogate::Snapshot::from_rows(&gallery, dim, dtype);
-        all.extend(bench::run(
-            &engine,
-            gpu.as_deref(),
-            &snapshot,
-            &probes,
-            &a.batches,
-            a.k,
-            min_time,
-        )?);
         if a.check {
             eprintln!("{}", bench::check_against_cpu(&engine, &snapshot, &probes, a.k)?);
         }
+        let rows = bench::run(&engine, gpu.as_deref(), &snapshot, &probes, &a.batches, a.k, min_time)?;
+        print_rows(&rows, a.json)?;
     }
-    print_bench(&device, &all, a.json)
+    Ok(())
+}
+
+fn print_rows(rows: &[bench::BenchRow], json: bool) -> Result<()> {
+    if json {
+        for r in rows {
+            outln!("{}", serde_json::to_string(r).expect("serialises"));
+        }
+    } else {
+        let table = bench::format_table(rows);
+        out!("{}", table.split_once('\n').map_or("", |(_, body)| body));
+    }
+    Ok(())
 }
 
 fn print_bench(device: &str, rows: &[bench::BenchRow], json: bool) -> Result<()> {

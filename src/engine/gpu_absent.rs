@@ -6,7 +6,7 @@ use crate::error::{Error, GpuErrorKind, Result};
 use crate::gallery::Slab;
 use std::convert::Infallible;
 
-pub use super::gpu_options::{GpuOptions, KernelTimes, Upload};
+pub use super::gpu_options::{GpuOptions, KernelTimes, Pipeline, Upload};
 
 /// A GPU backend that cannot exist in this build.
 pub struct GpuBackend {

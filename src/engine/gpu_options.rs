@@ -25,11 +25,41 @@ pub struct GpuOptions {
     /// tolerance rather than equal to the CPU engine's (checked on an H100: within
     /// 3.4e-5, near ties in another order).
     pub cooperative: bool,
+    /// How batches are searched (`BIOGATE_GPU_PIPELINE`): `auto` (default) takes the
+    /// two-stage path for batches of at least `gemm_min_batch` probes and the fused
+    /// scan below; `fused` and `twostage` force one for every batch.
+    pub pipeline: Pipeline,
+    /// Fewest probes a batch needs for `auto` to take the two-stage path (default 64,
+    /// `BIOGATE_GPU_GEMM_MIN_BATCH`).
+    pub gemm_min_batch: Option<usize>,
+    /// Bytes of one chunk's score buffer on the two-stage path (default 128 MiB, within
+    /// the device's binding limit; `BIOGATE_GPU_CHUNK_MB`).
+    pub chunk_bytes: Option<u64>,
+    /// Rows each selection workgroup of the two-stage path reduces (default 8,192; at
+    /// most 2,048 on a software adapter; `BIOGATE_GPU_SELECT_ROWS`, rounded up to a
+    /// multiple of 256).
+    pub select_rows: Option<usize>,
+    /// Compile the kernels with wgpu's runtime checks (bounds-checked indexing, loop
+    /// bounding) and zero-filled workgroup memory (`BIOGATE_GPU_CHECKS=1`). Off by
+    /// default: the kernels index only within what they bound and write every word of
+    /// workgroup memory before reading it, and the checks cost time on every access.
+    pub runtime_checks: bool,
+}
+
+/// Which kernels search a batch (see [`GpuOptions::pipeline`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pipeline {
+    #[default]
+    Auto,
+    /// The fused scan (product and selection in one kernel) for every batch.
+    Fused,
+    /// A GEMM into a chunk of scores, then a separate selection, for every batch.
+    TwoStage,
 }
 
 impl GpuOptions {
-    /// Defaults, with `BIOGATE_GPU_SHARD_BYTES` (largest shard in bytes) and
-    /// `BIOGATE_GPU_BLOCK_ROWS` (fewest rows per scan block) when set.
+    /// Defaults, with the `BIOGATE_GPU_*` variables named on each field when set (the
+    /// README lists them); a value a variable does not take is an error naming it.
     pub fn from_env() -> Result<GpuOptions> {
         let max_shard_bytes = positive_from_env("BIOGATE_GPU_SHARD_BYTES", "bytes")?;
         let min_rows_per_block = positive_from_env("BIOGATE_GPU_BLOCK_ROWS", "rows")?.map(|n| n as usize);
@@ -42,10 +72,37 @@ impl GpuOptions {
                 )));
             }
         };
+        let pipeline = match std::env::var("BIOGATE_GPU_PIPELINE").as_deref() {
+            Ok("auto") | Err(_) => Pipeline::Auto,
+            Ok("fused") => Pipeline::Fused,
+            Ok("twostage") => Pipeline::TwoStage,
+            Ok(v) => {
+                return Err(Error::invalid(format!(
+                    "BIOGATE_GPU_PIPELINE={v:?} must be auto, fused or twostage"
+                )));
+            }
+        };
+        let runtime_checks = match std::env::var("BIOGATE_GPU_CHECKS").as_deref() {
+            Ok("1") => true,
+            Ok("0") | Err(_) => false,
+            Ok(v) => {
+                return Err(Error::invalid(format!(
+                    "BIOGATE_GPU_CHECKS={v:?} must be 1 (wgpu's runtime checks on) or 0 (off)"
+                )));
+            }
+        };
+        let gemm_min_batch = positive_from_env("BIOGATE_GPU_GEMM_MIN_BATCH", "probes")?.map(|n| n as usize);
+        let chunk_bytes = positive_from_env("BIOGATE_GPU_CHUNK_MB", "MiB")?.map(|n| n << 20);
+        let select_rows = positive_from_env("BIOGATE_GPU_SELECT_ROWS", "rows")?.map(|n| n as usize);
         Ok(GpuOptions {
             max_shard_bytes,
             min_rows_per_block,
             cooperative,
+            pipeline,
+            gemm_min_batch,
+            chunk_bytes,
+            select_rows,
+            runtime_checks,
             ..GpuOptions::default()
         })
     }
@@ -66,6 +123,8 @@ fn positive_from_env(name: &str, unit: &str) -> Result<Option<u64>> {
 pub struct KernelTimes {
     pub scan: Duration,
     pub merge: Duration,
+    /// Which kernels searched the last batch: "fused", "two-stage" or "tensor cores".
+    pub path: &'static str,
 }
 
 /// What the last upload of a whole slab cost (the first search's extra time).

@@ -32,7 +32,7 @@ pub mod residency;
 pub mod shaders;
 
 use super::cpu::CpuBackend;
-pub use super::gpu_options::{GpuOptions, KernelTimes, Upload};
+pub use super::gpu_options::{GpuOptions, KernelTimes, Pipeline, Upload};
 use super::topk::{Hit, TopSubjects};
 use super::{Backend, EncodedProbes};
 use crate::error::{Error, GpuErrorKind, Result};
@@ -40,7 +40,7 @@ use crate::gallery::Slab;
 use crate::template::Dtype;
 use context::GpuContext;
 use residency::{Residency, Resident, ResidentSlab, Shard};
-use shaders::KernelShape;
+use shaders::{GEMM_PROBES, KernelShape, TWO_STAGE_WORKGROUP, TwoStageShape};
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -90,6 +90,14 @@ const SLOT_BYTES: u64 = 12;
 const BINDING_ALIGN: u64 = 256;
 /// Timestamps per submission: scan start and end, merge start and end.
 const QUERIES: u32 = 4;
+/// Fewest probes a batch needs for the two-stage path when the pipeline is `auto`.
+const GEMM_MIN_BATCH: usize = 64;
+/// Bytes of one chunk's score buffer on the two-stage path (two are used in turn).
+const CHUNK_BYTES: u64 = 128 << 20;
+/// Rows each selection workgroup of the two-stage path reduces: on a GPU, and at most
+/// on a software adapter (which loses results in workgroups that run long).
+const SELECT_ROWS: usize = 8192;
+const SOFTWARE_SELECT_ROWS: usize = 2048;
 
 /// Exact search on a GPU. Holds the device it searches on; a device that is lost
 /// (driver reset, hung GPU) is opened again and the search retried once.
@@ -124,6 +132,7 @@ struct State {
     layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
     kernels: HashMap<KernelShape, Kernels>,
+    two_stage: HashMap<TwoStageShape, TwoStageKernels>,
     groups: HashMap<GroupKey, wgpu::BindGroup>,
     /// `Residency::changes` when `groups` was last pruned.
     groups_seen: u64,
@@ -135,16 +144,45 @@ struct Kernels {
     poison: wgpu::ComputePipeline,
 }
 
+/// The two-stage path's kernels (two_stage.wgsl).
+struct TwoStageKernels {
+    gemm: wgpu::ComputePipeline,
+    select: wgpu::ComputePipeline,
+}
+
 /// What a cached bind group binds: a shard, a scratch set as it was (its buffers are
-/// replaced when they grow), and the regions of the work buffers.
+/// replaced when they grow), and the regions of the work buffers. The uniform block is
+/// bound with a dynamic offset, so one group serves every pass over the same regions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct GroupKey {
     shard: u64,
     scratch: u64,
     generation: u64,
-    params_at: u64,
-    input: (u64, u64),
-    output: (bool, u64, u64),
+    input: Region,
+    output: Region,
+}
+
+/// A work buffer of a scratch set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Work {
+    /// The candidate lists of scan blocks and merge levels.
+    Lists,
+    /// Every shard's results (copied to the readback buffer).
+    Best,
+    /// One of the two-stage path's two score buffers.
+    Scores(usize),
+}
+
+/// Where a binding points: a buffer, an offset and a size in bytes.
+type Region = (Work, u64, u64);
+
+/// Which kernel a dispatch runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Scan,
+    Gemm,
+    Select,
+    Merge,
 }
 
 impl GpuBackend {
@@ -262,7 +300,7 @@ impl Device {
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
                     ty: wgpu::BufferBindingType::Uniform,
-                    has_dynamic_offset: false,
+                    has_dynamic_offset: true,
                     min_binding_size: None,
                 },
                 count: None,
@@ -293,6 +331,7 @@ impl Device {
                 layout,
                 pipeline_layout,
                 kernels: HashMap::new(),
+                two_stage: HashMap::new(),
                 groups: HashMap::new(),
                 groups_seen: 0,
             }),
@@ -342,7 +381,7 @@ impl Device {
         while let Some(p) = in_flight.pop_front() {
             self.collect(p, slab, &mut tops, &mut times)?;
         }
-        *self.last_times.lock().unwrap_or_else(|p| p.into_inner()) = self.has_timestamps().then_some(times);
+        *self.last_times.lock().unwrap_or_else(|p| p.into_inner()) = Some(times);
         Ok(tops.into_iter().map(TopSubjects::into_sorted).collect())
     }
 
@@ -363,6 +402,7 @@ impl Device {
             layout,
             pipeline_layout,
             kernels,
+            two_stage,
             groups,
             groups_seen,
         } = &mut *state;
@@ -385,11 +425,29 @@ impl Device {
             );
             return Ok(None);
         };
+        let checks = self.options.runtime_checks;
         let kernels = match kernels.entry(shape) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(v) => v.insert(self.ctx.checked("compiling the kernels", || {
-                build_kernels(&self.ctx, pipeline_layout, &shape)
+                build_kernels(&self.ctx, pipeline_layout, &shape, checks)
             })?),
+        };
+        let wants_two_stage = match self.options.pipeline {
+            Pipeline::Fused => false,
+            Pipeline::TwoStage => true,
+            Pipeline::Auto => batch >= self.options.gemm_min_batch.unwrap_or(GEMM_MIN_BATCH),
+        };
+        let two_stage_shape = wants_two_stage
+            .then(|| TwoStageShape::choose(slab.dtype(), probes.len, keep, workgroup_limit, self.ctx.cooperative))
+            .flatten();
+        let two_stage_kernels = match two_stage_shape {
+            None => None,
+            Some(ts) => Some(&*match two_stage.entry(ts) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(v) => v.insert(self.ctx.checked("compiling the two-stage kernels", || {
+                    build_two_stage_kernels(&self.ctx, pipeline_layout, &ts, checks)
+                })?),
+            }),
         };
         if groups.len() > CACHED_GROUPS {
             groups.clear();
@@ -412,6 +470,7 @@ impl Device {
             resident,
             probes,
             shape,
+            two_stage_kernels.and(two_stage_shape),
             keep,
             floor,
             first,
@@ -423,6 +482,7 @@ impl Device {
                 ctx: &self.ctx,
                 layout,
                 kernels,
+                two_stage: two_stage_kernels,
                 groups,
                 resident,
                 plan: &plan,
@@ -453,6 +513,7 @@ impl Device {
             ));
         }
         let plan = &p.plan;
+        times.path = plan.path;
         let readback = p
             .scratch
             .readback
@@ -518,27 +579,62 @@ impl Device {
     }
 }
 
-fn build_kernels(ctx: &GpuContext, layout: &wgpu::PipelineLayout, shape: &KernelShape) -> Kernels {
-    let source = shape.source();
-    let module = ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+/// Compile `source` and make a pipeline of each of `entries`. Without `checks` the
+/// module is trusted (no bounds checks or loop bounding added by wgpu) and workgroup
+/// memory is not zero-filled: every kernel indexes only within what it bounds and
+/// writes every word of workgroup memory before reading it (`BIOGATE_GPU_CHECKS=1`
+/// restores both; the GPU tests run in both modes).
+fn pipelines<const N: usize>(
+    ctx: &GpuContext,
+    layout: &wgpu::PipelineLayout,
+    source: String,
+    entries: [&str; N],
+    checks: bool,
+) -> [wgpu::ComputePipeline; N] {
+    let desc = wgpu::ShaderModuleDescriptor {
         label: Some("biogate search"),
         source: wgpu::ShaderSource::Wgsl(source.into()),
-    });
-    let pipeline = |entry: &str| {
+    };
+    let module = if checks {
+        ctx.device.create_shader_module(desc)
+    } else {
+        // SAFETY: the kernels bound every index into a buffer by its length or by the
+        // rows and words the host sized the buffers for (layout.wgsl's `gallery_word`
+        // and `probe_raw`, the plans' regions), their loops end on uniform bounds, and
+        // the GPU tests run both modes against the CPU engine.
+        unsafe {
+            ctx.device
+                .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+        }
+    };
+    entries.map(|entry| {
         ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),
             layout: Some(layout),
             module: &module,
             entry_point: Some(entry),
-            compilation_options: Default::default(),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                zero_initialize_workgroup_memory: checks,
+                ..Default::default()
+            },
             cache: None,
         })
-    };
-    Kernels {
-        scan: pipeline("scan"),
-        merge: pipeline("merge"),
-        poison: pipeline("poison"),
-    }
+    })
+}
+
+fn build_kernels(ctx: &GpuContext, layout: &wgpu::PipelineLayout, shape: &KernelShape, checks: bool) -> Kernels {
+    let [scan, merge, poison] = pipelines(ctx, layout, shape.source(), ["scan", "merge", "poison"], checks);
+    Kernels { scan, merge, poison }
+}
+
+fn build_two_stage_kernels(
+    ctx: &GpuContext,
+    layout: &wgpu::PipelineLayout,
+    shape: &TwoStageShape,
+    checks: bool,
+) -> TwoStageKernels {
+    let [gemm, select] = pipelines(ctx, layout, shape.source(), ["gemm", "select_scores"], checks);
+    TwoStageKernels { gemm, select }
 }
 
 /// A selected row as the kernels write it.
@@ -564,7 +660,12 @@ struct Params {
     lists: u32,
     fan: u32,
     out_lists: u32,
-    pad: [u32; 2],
+    chunk_start: u32,
+    chunk_len: u32,
+    chunk_rows: u32,
+    first_block: u32,
+    probes_padded: u32,
+    pad: [u32; 3],
 }
 
 /// One batch of probes against every shard: how the work is cut and where each part's
@@ -584,29 +685,78 @@ struct Plan {
     scale_bytes: Vec<u8>,
     lists_bytes: u64,
     best_bytes: u64,
+    /// Bytes of each score buffer of the two-stage path (0 on the fused path).
+    scores_bytes: u64,
+    /// Which kernels search it (KernelTimes::path).
+    path: &'static str,
 }
 
 struct ShardPlan {
     shard: usize,
     first_row: usize,
     rows: u32,
-    scan: Pass,
+    /// The fused scan, or each chunk's GEMM and selection: every block's list.
+    scan: Vec<Pass>,
     levels: Vec<Pass>,
     /// Offset of its results in the `best` buffer.
     best_at: u64,
 }
 
-/// One dispatch: its uniform block, its workgroups, and the regions it reads and
-/// writes (`output.0`: in the `best` buffer rather than `lists`).
+/// One dispatch: its kernel, its uniform block, its workgroups, and the regions bound
+/// as `lists_in` (binding 6) and `lists_out` or `scores` (binding 7).
 struct Pass {
+    kernel: Kernel,
     params: usize,
     groups: (u32, u32),
-    input: (u64, u64),
-    output: (bool, u64, u64),
+    input: Region,
+    output: Region,
 }
 
 fn align(bytes: u64) -> u64 {
     bytes.div_ceil(BINDING_ALIGN) * BINDING_ALIGN
+}
+
+/// How the two-stage path cuts a shard: rows per selection segment and per chunk.
+#[derive(Clone, Copy, Debug)]
+struct Chunking {
+    shape: TwoStageShape,
+    segment_rows: usize,
+    chunk_rows: usize,
+}
+
+impl Chunking {
+    /// Segments of the options' length (at most `SOFTWARE_SELECT_ROWS` on a software
+    /// adapter, and long enough that a shard's lists fit `max_blocks`), as many per
+    /// chunk as the chunk's score buffer holds for `padded` probes; `None` when not even
+    /// one segment's scores fit a binding.
+    fn new(
+        options: &GpuOptions,
+        resident: &ResidentSlab,
+        software: bool,
+        shape: TwoStageShape,
+        padded: usize,
+        max_blocks: usize,
+        binding_limit: u64,
+    ) -> Option<Chunking> {
+        let most_rows = resident.shards.iter().map(|s| s.rows).max().unwrap_or(1).max(1);
+        let mut wanted = options.select_rows.unwrap_or(SELECT_ROWS);
+        if software {
+            wanted = wanted.min(SOFTWARE_SELECT_ROWS);
+        }
+        let unit = TWO_STAGE_WORKGROUP as usize;
+        let segment_rows = wanted.max(most_rows.div_ceil(max_blocks)).div_ceil(unit).max(1) * unit;
+        let score_row_bytes = padded as u64 * 4;
+        let chunk_bytes = options.chunk_bytes.unwrap_or(CHUNK_BYTES).min(binding_limit);
+        let segments_per_chunk = ((chunk_bytes / score_row_bytes) as usize / segment_rows)
+            .max(1)
+            .min(most_rows.div_ceil(segment_rows));
+        let chunk_rows = segments_per_chunk * segment_rows;
+        (chunk_rows as u64 * score_row_bytes <= binding_limit).then_some(Chunking {
+            shape,
+            segment_rows,
+            chunk_rows,
+        })
+    }
 }
 
 impl Plan {
@@ -617,17 +767,48 @@ impl Plan {
         resident: &ResidentSlab,
         probes: &EncodedProbes,
         shape: KernelShape,
+        two_stage: Option<TwoStageShape>,
         keep: usize,
         floor: f32,
         first: usize,
         count: usize,
     ) -> Plan {
-        let tile = shape.probe_tile() as usize;
+        let software = ctx.info.device_type == wgpu::DeviceType::Cpu;
+        let binding_limit = ctx
+            .limits
+            .max_storage_buffer_binding_size
+            .min(ctx.limits.max_buffer_size);
+        let max_blocks = |padded: usize, shards: usize| {
+            let results_bytes = (padded * keep) as u64 * SLOT_BYTES;
+            ((MAX_LIST_BYTES / shards.max(1) as u64).min(binding_limit) / results_bytes).clamp(1, u64::from(u16::MAX))
+                as usize
+        };
+        // The two-stage path pads the batch to whole GEMM tiles (a multiple of every
+        // merge tile); it gives way to the fused scan where a chunk cannot be bound.
+        let gemm_padded = count.div_ceil(GEMM_PROBES as usize) * GEMM_PROBES as usize;
+        let chunking = two_stage.and_then(|ts| {
+            Chunking::new(
+                options,
+                resident,
+                software,
+                ts,
+                gemm_padded,
+                max_blocks(gemm_padded, resident.shards.len()),
+                binding_limit,
+            )
+        });
+        let tile = if chunking.is_some() {
+            GEMM_PROBES as usize
+        } else {
+            shape.probe_tile() as usize
+        };
         let padded = count.div_ceil(tile) * tile;
-        let tiles = (padded / tile) as u32;
-        let (probe_bytes, probe_vec4s, scale_bytes) = encode_probes(probes, first, count, padded);
+        let merge_tiles = (padded / shape.probe_tile() as usize) as u32;
+        let split = chunking.is_some_and(|c| c.shape.cooperative && c.shape.dtype == Dtype::F16);
+        let (probe_bytes, probe_vec4s, scale_bytes) =
+            encode_probes(probes, first, count, padded, chunking.is_some(), split);
         let row_vec4s = (resident.stride / 16) as u32;
-        let target_workgroups = if ctx.info.device_type == wgpu::DeviceType::Cpu {
+        let target_workgroups = if software {
             TARGET_WORKGROUPS_PER_CPU_CORE * std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
             TARGET_WORKGROUPS
@@ -637,70 +818,118 @@ impl Plan {
             .min_rows_per_block
             .unwrap_or(MIN_ROWS_PER_BLOCK_PER_PROBE * tile);
         let results_bytes = (padded * keep) as u64 * SLOT_BYTES;
-        let binding_limit = ctx.limits.max_storage_buffer_binding_size;
-        let shard_count = resident.shards.len().max(1) as u64;
-        let max_blocks_by_memory =
-            ((MAX_LIST_BYTES / shard_count).min(binding_limit) / results_bytes).clamp(1, u64::from(u16::MAX)) as usize;
+        let max_blocks_by_memory = max_blocks(padded, resident.shards.len());
         let fan = options.merge_fan.unwrap_or(MERGE_CANDIDATES / keep).max(2);
+        let scores_bytes = chunking.map_or(0, |c| c.chunk_rows as u64 * padded as u64 * 4);
         let base = Params {
             row_vec4s,
             probe_vec4s,
             keep: keep as u32,
             floor: floor.max(f32::MIN),
+            probes_padded: padded as u32,
             ..Params::default()
         };
         let mut params = Vec::new();
         let mut lists_at = 0u64;
+        let mut chunks_so_far = 0usize;
         let mut shards = Vec::new();
         for (i, s) in resident.shards.iter().enumerate() {
             let best_at = i as u64 * align(results_bytes);
-            let wanted = target_workgroups.div_ceil(tiles as usize);
-            let mut blocks = wanted
-                .min(s.rows.div_ceil(min_rows_per_block.max(row_tile)))
-                .min(max_blocks_by_memory)
-                .max(1);
-            let most_rows = if ctx.info.device_type == wgpu::DeviceType::Cpu {
-                Some(options.max_rows_per_block.unwrap_or(SOFTWARE_MAX_ROWS_PER_BLOCK))
-            } else {
-                options.max_rows_per_block
+            let best = (Work::Best, best_at, results_bytes);
+            let (blocks, scan) = match chunking {
+                None => {
+                    let wanted = target_workgroups.div_ceil(padded / tile);
+                    let mut blocks = wanted
+                        .min(s.rows.div_ceil(min_rows_per_block.max(row_tile)))
+                        .min(max_blocks_by_memory)
+                        .max(1);
+                    let most_rows = if software {
+                        Some(options.max_rows_per_block.unwrap_or(SOFTWARE_MAX_ROWS_PER_BLOCK))
+                    } else {
+                        options.max_rows_per_block
+                    };
+                    if let Some(most) = most_rows {
+                        blocks = blocks.max(s.rows.div_ceil(most.max(1)).min(max_blocks_by_memory));
+                    }
+                    let rows_per_block = s.rows.div_ceil(blocks).div_ceil(row_tile) * row_tile;
+                    let blocks = s.rows.div_ceil(rows_per_block).max(1) as u32;
+                    let lists = (Work::Lists, lists_at, u64::from(blocks) * results_bytes);
+                    let scan = Pass {
+                        kernel: Kernel::Scan,
+                        params: params.len(),
+                        groups: (blocks, merge_tiles),
+                        input: lists,
+                        output: best,
+                    };
+                    params.push(Params {
+                        rows: s.rows as u32,
+                        blocks,
+                        rows_per_block: rows_per_block as u32,
+                        ..base
+                    });
+                    (blocks, vec![scan])
+                }
+                Some(c) => {
+                    let blocks = s.rows.div_ceil(c.segment_rows).max(1) as u32;
+                    let lists = (Work::Lists, lists_at, u64::from(blocks) * results_bytes);
+                    let mut passes = Vec::new();
+                    for chunk_start in (0..s.rows.max(1)).step_by(c.chunk_rows) {
+                        let chunk_len = (s.rows - chunk_start).min(c.chunk_rows);
+                        let scores = (Work::Scores(chunks_so_far % 2), 0, scores_bytes);
+                        chunks_so_far += 1;
+                        let at = params.len();
+                        params.push(Params {
+                            rows: s.rows as u32,
+                            blocks,
+                            rows_per_block: c.segment_rows as u32,
+                            chunk_start: chunk_start as u32,
+                            chunk_len: chunk_len as u32,
+                            chunk_rows: c.chunk_rows as u32,
+                            first_block: (chunk_start / c.segment_rows) as u32,
+                            ..base
+                        });
+                        let (tile_rows, tile_probes) = c.shape.gemm_tile();
+                        passes.push(Pass {
+                            kernel: Kernel::Gemm,
+                            params: at,
+                            groups: (
+                                (padded / tile_probes as usize) as u32,
+                                chunk_len.div_ceil(tile_rows as usize).max(1) as u32,
+                            ),
+                            input: lists,
+                            output: scores,
+                        });
+                        passes.push(Pass {
+                            kernel: Kernel::Select,
+                            params: at,
+                            groups: (chunk_len.div_ceil(c.segment_rows).max(1) as u32, count as u32),
+                            input: lists,
+                            output: scores,
+                        });
+                    }
+                    (blocks, passes)
+                }
             };
-            if let Some(most) = most_rows {
-                blocks = blocks.max(s.rows.div_ceil(most.max(1)).min(max_blocks_by_memory));
-            }
-            let rows_per_block = s.rows.div_ceil(blocks).div_ceil(row_tile) * row_tile;
-            let blocks = s.rows.div_ceil(rows_per_block).max(1) as u32;
-            let scan_bytes = u64::from(blocks) * results_bytes;
-            let scan = Pass {
-                params: params.len(),
-                groups: (blocks, tiles),
-                input: (lists_at, scan_bytes),
-                output: (true, best_at, results_bytes),
-            };
-            params.push(Params {
-                rows: s.rows as u32,
-                blocks,
-                rows_per_block: rows_per_block as u32,
-                ..base
-            });
-            lists_at += align(scan_bytes);
+            let mut input = scan[0].input;
+            lists_at += align(input.2);
             // The merge tree: `fan` lists into one per level, at least one level (it
             // writes the shard's results).
             let mut levels = Vec::new();
             let mut lists = blocks;
-            let mut input = scan.input;
             loop {
                 let out_lists = lists.div_ceil(fan as u32);
                 let out_bytes = u64::from(out_lists) * results_bytes;
                 let output = if out_lists == 1 {
-                    (true, best_at, results_bytes)
+                    best
                 } else {
                     let at = lists_at;
                     lists_at += align(out_bytes);
-                    (false, at, out_bytes)
+                    (Work::Lists, at, out_bytes)
                 };
                 levels.push(Pass {
+                    kernel: Kernel::Merge,
                     params: params.len(),
-                    groups: (out_lists, tiles),
+                    groups: (out_lists, merge_tiles),
                     input,
                     output,
                 });
@@ -713,7 +942,7 @@ impl Plan {
                 if out_lists == 1 {
                     break;
                 }
-                input = (output.1, output.2);
+                input = output;
                 lists = out_lists;
             }
             shards.push(ShardPlan {
@@ -737,6 +966,16 @@ impl Plan {
             probe_bytes,
             scale_bytes,
             lists_bytes: lists_at,
+            scores_bytes,
+            path: if chunking.is_some_and(|c| c.shape.cooperative) {
+                "two-stage, tensor cores"
+            } else if chunking.is_some() {
+                "two-stage"
+            } else if shape.cooperative {
+                "tensor cores"
+            } else {
+                "fused"
+            },
         }
     }
 
@@ -756,6 +995,8 @@ struct Scratch {
     scales: Option<wgpu::Buffer>,
     lists: Option<wgpu::Buffer>,
     best: Option<wgpu::Buffer>,
+    /// The two-stage path's score buffers, used by alternate chunks.
+    scores: [Option<wgpu::Buffer>; 2],
     params: Option<wgpu::Buffer>,
     readback: Option<wgpu::Buffer>,
     /// Timestamp queries (when the device has them) and where they are resolved.
@@ -775,6 +1016,7 @@ impl Scratch {
             scales: None,
             lists: None,
             best: None,
+            scores: [None, None],
             params: None,
             readback: None,
             queries: None,
@@ -824,6 +1066,7 @@ struct Job<'a> {
     ctx: &'a GpuContext,
     layout: &'a wgpu::BindGroupLayout,
     kernels: &'a Kernels,
+    two_stage: Option<&'a TwoStageKernels>,
     groups: &'a mut HashMap<GroupKey, wgpu::BindGroup>,
     resident: &'a ResidentSlab,
     plan: &'a Plan,
@@ -836,8 +1079,19 @@ struct Buffers {
     scales: wgpu::Buffer,
     lists: wgpu::Buffer,
     best: wgpu::Buffer,
+    scores: Vec<wgpu::Buffer>,
     params: wgpu::Buffer,
     no_scales: wgpu::Buffer,
+}
+
+impl Buffers {
+    fn work(&self, work: Work) -> &wgpu::Buffer {
+        match work {
+            Work::Lists => &self.lists,
+            Work::Best => &self.best,
+            Work::Scores(i) => &self.scores[i],
+        }
+    }
 }
 
 impl Job<'_> {
@@ -887,6 +1141,15 @@ impl Job<'_> {
                 plan.params.len() as u64 * BINDING_ALIGN,
                 U::UNIFORM | U::COPY_DST,
             ),
+            scores: if plan.scores_bytes == 0 {
+                Vec::new()
+            } else {
+                let [a, b] = &mut scratch.scores;
+                [a, b]
+                    .into_iter()
+                    .map(|slot| ensure(ctx, slot, g, "scores", plan.scores_bytes, U::STORAGE))
+                    .collect()
+            },
             no_scales: ensure(ctx, &mut scratch.no_scales, g, "no row scales", 16, U::STORAGE),
         };
         let readback = ensure(
@@ -945,7 +1208,7 @@ impl Job<'_> {
             for s in &plan.shards {
                 let last = s.levels.last().expect("at least one merge level");
                 let group = self.group(&buffers, s, last, id, generation);
-                cpass.set_bind_group(0, &group, &[]);
+                cpass.set_bind_group(0, &group, &[params_offset(last)]);
                 cpass.dispatch_workgroups(workgroups, 1, 1);
             }
         }
@@ -954,11 +1217,17 @@ impl Job<'_> {
                 label: Some("scan"),
                 timestamp_writes: writes(0),
             });
-            cpass.set_pipeline(&self.kernels.scan);
+            let mut current = None;
             for s in &plan.shards {
-                let group = self.group(&buffers, s, &s.scan, id, generation);
-                cpass.set_bind_group(0, &group, &[]);
-                cpass.dispatch_workgroups(s.scan.groups.0, s.scan.groups.1, 1);
+                for pass in &s.scan {
+                    if current != Some(pass.kernel) {
+                        cpass.set_pipeline(self.pipeline(pass.kernel));
+                        current = Some(pass.kernel);
+                    }
+                    let group = self.group(&buffers, s, pass, id, generation);
+                    cpass.set_bind_group(0, &group, &[params_offset(pass)]);
+                    cpass.dispatch_workgroups(pass.groups.0, pass.groups.1, 1);
+                }
             }
         }
         {
@@ -972,7 +1241,7 @@ impl Job<'_> {
                 for s in &plan.shards {
                     if let Some(pass) = s.levels.get(level) {
                         let group = self.group(&buffers, s, pass, id, generation);
-                        cpass.set_bind_group(0, &group, &[]);
+                        cpass.set_bind_group(0, &group, &[params_offset(pass)]);
                         cpass.dispatch_workgroups(pass.groups.0, pass.groups.1, 1);
                     }
                 }
@@ -992,6 +1261,16 @@ impl Job<'_> {
         (index, mapped)
     }
 
+    fn pipeline(&self, kernel: Kernel) -> &wgpu::ComputePipeline {
+        let two_stage = || self.two_stage.expect("a two-stage plan has its kernels");
+        match kernel {
+            Kernel::Scan => &self.kernels.scan,
+            Kernel::Merge => &self.kernels.merge,
+            Kernel::Gemm => &two_stage().gemm,
+            Kernel::Select => &two_stage().select,
+        }
+    }
+
     /// The bind group of one pass over one shard, made once and cached.
     fn group(
         &mut self,
@@ -1002,12 +1281,10 @@ impl Job<'_> {
         generation: u64,
     ) -> wgpu::BindGroup {
         let shard: &Shard = &self.resident.shards[s.shard];
-        let params_at = pass.params as u64 * BINDING_ALIGN;
         let key = GroupKey {
             shard: shard.id,
             scratch,
             generation,
-            params_at,
             input: pass.input,
             output: pass.output,
         };
@@ -1021,16 +1298,15 @@ impl Job<'_> {
                 size: std::num::NonZeroU64::new(size),
             })
         }
-        let out_buffer = if pass.output.0 { &buffers.best } else { &buffers.lists };
         let resources = [
-            region(&buffers.params, params_at, std::mem::size_of::<Params>() as u64),
+            region(&buffers.params, 0, std::mem::size_of::<Params>() as u64),
             shard.gallery.as_entire_binding(),
             shard.keys.as_entire_binding(),
             shard.scales.as_ref().unwrap_or(&buffers.no_scales).as_entire_binding(),
             buffers.probes.as_entire_binding(),
             buffers.scales.as_entire_binding(),
-            region(&buffers.lists, pass.input.0, pass.input.1),
-            region(out_buffer, pass.output.1, pass.output.2),
+            region(buffers.work(pass.input.0), pass.input.1, pass.input.2),
+            region(buffers.work(pass.output.0), pass.output.1, pass.output.2),
         ];
         let entries: Vec<wgpu::BindGroupEntry> = resources
             .into_iter()
@@ -1048,6 +1324,21 @@ impl Job<'_> {
         self.groups.insert(key, group.clone());
         group
     }
+}
+
+/// The power of two that brings `largest` (a probe's largest magnitude) into
+/// [2^14, 2^15), where an f16 has room to spare (1 for a zero probe).
+fn split_scale(largest: f32) -> f32 {
+    if !(largest.is_finite() && largest > 0.0) {
+        return 1.0;
+    }
+    let exponent = 14 - largest.log2().floor() as i32;
+    2f32.powi(exponent.clamp(-100, 100))
+}
+
+/// The dynamic offset of a pass's uniform block.
+fn params_offset(pass: &Pass) -> u32 {
+    (pass.params as u64 * BINDING_ALIGN) as u32
 }
 
 /// (probe within the batch, shard, slot) for every filled slot.
@@ -1097,20 +1388,33 @@ fn check_slots(
 }
 
 /// Probes `first..first + count` as the kernels read them, padded to `padded` probes
-/// with zeros: (probe words, vec4s per probe, probe scales).
-fn encode_probes(probes: &EncodedProbes, first: usize, count: usize, padded: usize) -> (Vec<u8>, u32, Vec<u8>) {
+/// with zeros: (probe words, vec4s per probe, probe scales). `word_major` (the GEMM's
+/// layout) puts word w of every probe together: probe p's word w at w * padded + p.
+/// `split` (f16 on the tensor cores, gemm_coop.wgsl) makes each float probe's scale the
+/// power of two 2^s that brings its largest entry into [2^14, 2^15).
+fn encode_probes(
+    probes: &EncodedProbes,
+    first: usize,
+    count: usize,
+    padded: usize,
+    word_major: bool,
+    split: bool,
+) -> (Vec<u8>, u32, Vec<u8>) {
     let len = probes.len;
     let mut scales = vec![0.0f32; padded];
     scales[..count].copy_from_slice(&probes.scales[first..first + count]);
-    match probes.dtype {
+    if split {
+        for (q, scale) in scales.iter_mut().enumerate() {
+            let row = (q < count).then(|| &probes.values[(first + q) * len..(first + q + 1) * len]);
+            let largest = row.map_or(0.0, |r| r.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+            *scale = split_scale(largest);
+        }
+    }
+    let (bytes, per_word): (Vec<u8>, usize) = match probes.dtype {
         Dtype::F32 | Dtype::F16 => {
             let mut values = vec![0.0f32; padded * len];
             values[..count * len].copy_from_slice(&probes.values[first * len..(first + count) * len]);
-            (
-                bytemuck::cast_slice(&values).to_vec(),
-                (len / 4) as u32,
-                bytemuck::cast_slice(&scales).to_vec(),
-            )
+            (bytemuck::cast_slice(&values).to_vec(), 4)
         }
         Dtype::I8 => {
             let mut values = vec![0i8; padded * len];
@@ -1120,13 +1424,24 @@ fn encode_probes(probes: &EncodedProbes, first: usize, count: usize, padded: usi
             {
                 *dst = src as i8;
             }
-            (
-                bytemuck::cast_slice(&values).to_vec(),
-                (len / 16) as u32,
-                bytemuck::cast_slice(&scales).to_vec(),
-            )
+            (bytemuck::cast_slice(&values).to_vec(), 16)
         }
-    }
+    };
+    let words = len / per_word;
+    let bytes = if word_major {
+        let mut out = vec![0u8; bytes.len()];
+        for p in 0..padded {
+            for w in 0..words {
+                let from = (p * words + w) * 16;
+                let to = (w * padded + p) * 16;
+                out[to..to + 16].copy_from_slice(&bytes[from..from + 16]);
+            }
+        }
+        out
+    } else {
+        bytes
+    };
+    (bytes, words as u32, bytemuck::cast_slice(&scales).to_vec())
 }
 
 impl Backend for GpuBackend {

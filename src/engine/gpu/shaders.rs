@@ -18,6 +18,10 @@ const SCORE_I8: &str = include_str!("../../../shaders/score_i8.wgsl");
 const SCAN: &str = include_str!("../../../shaders/scan.wgsl");
 const SCAN_COOP: &str = include_str!("../../../shaders/scan_coop.wgsl");
 const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
+const LISTS: &str = include_str!("../../../shaders/lists.wgsl");
+const TWO_STAGE: &str = include_str!("../../../shaders/two_stage.wgsl");
+const GEMM: &str = include_str!("../../../shaders/gemm.wgsl");
+const GEMM_COOP: &str = include_str!("../../../shaders/gemm_coop.wgsl");
 
 /// Invocations per workgroup.
 pub const WORKGROUP: u32 = 64;
@@ -219,27 +223,239 @@ impl KernelShape {
         );
         if self.cooperative {
             return format!(
-                "enable f16;\nenable wgpu_cooperative_matrix;\n\n{prelude}\n{LAYOUT}\n{SELECT}\n{SCAN_COOP}\n{MERGE}"
+                "enable f16;\nenable wgpu_cooperative_matrix;\n\n{prelude}\n{LAYOUT}\n{LISTS}\n{SELECT}\n{SCAN_COOP}\n{MERGE}"
             );
         }
-        let score = match self.dtype {
-            Dtype::F32 => format!("{SCORE_F32}\n{SCORE_FLOAT}"),
-            Dtype::F16 => format!("{SCORE_F16}\n{SCORE_FLOAT}"),
-            Dtype::I8 => SCORE_I8.to_owned(),
-        };
+        let score = score_source(self.dtype);
         format!(
             "{prelude}\
              const PROBES_PER_INV: u32 = {}u;\n\
              const SLICE: u32 = {}u;\n\
              const STAGE_ROWS: bool = {};\n\
              const ROW_SLOTS: u32 = {}u;\n\n\
-             {LAYOUT}\n{SELECT}\n{score}\n{SCAN}\n{}\n{MERGE}",
+             {LAYOUT}\n{LISTS}\n{SELECT}\n{score}\n{SCAN}\n{}\n{MERGE}",
             b.probes_per_inv,
             self.slice,
             b.stage_rows(),
             self.row_slots(),
             self.unrolled(),
         )
+    }
+}
+
+/// The arithmetic of one storage dtype (score_*.wgsl).
+fn score_source(dtype: Dtype) -> String {
+    match dtype {
+        Dtype::F32 => format!("{SCORE_F32}\n{SCORE_FLOAT}"),
+        Dtype::F16 => format!("{SCORE_F16}\n{SCORE_FLOAT}"),
+        Dtype::I8 => SCORE_I8.to_owned(),
+    }
+}
+
+/// Invocations per workgroup of the two-stage kernels (two_stage.wgsl).
+pub const TWO_STAGE_WORKGROUP: u32 = 256;
+/// Rows and probes of one GEMM workgroup's tile; each of its 16 x 16 invocations holds
+/// 8 x 8 scores.
+const GEMM_ROWS: u32 = 128;
+pub const GEMM_PROBES: u32 = 128;
+/// Probe words (vec4) staged per k-step: 16 floats, or 64 i8.
+const GEMM_KW: u32 = 4;
+/// Rows and probes of the register block.
+const GEMM_REG: u32 = 8;
+/// Invocations per workgroup of the tensor-core GEMM (four subgroups of 32 on NVIDIA),
+/// and its tile: rows x probes, 16 output blocks of 16 x 16.
+const COOP_GEMM_WORKGROUP: u32 = 128;
+const COOP_ROWS: u32 = 64;
+const COOP_PROBES: u32 = 64;
+/// Most dimensions i8 rows may have on the tensor cores (every partial sum of a dot
+/// product stays an integer below 2^24, exact in f32).
+pub const COOP_I8_MAX_DIM: usize = 1024;
+
+/// The compile-time shape of a two-stage module (two_stage.wgsl): the GEMM writes a
+/// chunk of scores, the selection keeps `keep` per probe and segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TwoStageShape {
+    pub dtype: Dtype,
+    /// Candidate slots of the selection: a power of two >= keep + its round.
+    pub cap: u32,
+    /// The product on the tensor cores (gemm_coop.wgsl; f16 and i8) rather than the
+    /// SIMT cores (gemm.wgsl).
+    pub cooperative: bool,
+}
+
+impl TwoStageShape {
+    /// The shape keeping `keep` candidates per probe within `workgroup_limit` bytes of
+    /// workgroup memory; `None` when they do not fit (the fused scan takes the batch).
+    /// With `cooperative` (the adapter has f16 cooperative matrices and the user turned
+    /// them on), f16 galleries, and i8 ones of at most [`COOP_I8_MAX_DIM`] dimensions,
+    /// take the tensor-core product.
+    pub fn choose(
+        dtype: Dtype,
+        dim: usize,
+        keep: usize,
+        workgroup_limit: u32,
+        cooperative: bool,
+    ) -> Option<TwoStageShape> {
+        let cap = u32::try_from(keep)
+            .ok()?
+            .checked_add(TWO_STAGE_WORKGROUP)?
+            .next_power_of_two();
+        let cooperative = cooperative
+            && match dtype {
+                Dtype::F16 => true,
+                Dtype::I8 => dim <= COOP_I8_MAX_DIM,
+                Dtype::F32 => false,
+            };
+        // The tensor cores' staging needs more workgroup memory than the SIMT product:
+        // where it does not fit, the SIMT product takes the batch.
+        [cooperative, false]
+            .into_iter()
+            .map(|cooperative| TwoStageShape {
+                dtype,
+                cap,
+                cooperative,
+            })
+            .find(|shape| shape.workgroup_bytes() <= workgroup_limit)
+    }
+
+    /// Workgroup memory of the larger of the two kernels, in bytes.
+    pub fn workgroup_bytes(&self) -> u32 {
+        let gemm = if self.cooperative {
+            COOP_ROWS * 16 * 2 + 2 * 16 * COOP_PROBES * 2 + (COOP_ROWS + 16) * (COOP_PROBES + 4) * 4
+        } else {
+            GEMM_KW * (GEMM_ROWS + GEMM_PROBES) * 16
+        };
+        let select = self.cap * SLOT_BYTES + 8 + 4;
+        gemm.max(select)
+    }
+
+    /// Rows and probes of one GEMM workgroup's tile.
+    pub fn gemm_tile(&self) -> (u32, u32) {
+        if self.cooperative {
+            (COOP_ROWS, COOP_PROBES)
+        } else {
+            (GEMM_ROWS, GEMM_PROBES)
+        }
+    }
+
+    /// The module's WGSL source (entry points `gemm` and `select_scores`).
+    pub fn source(&self) -> String {
+        let prelude = format!(
+            "const WG: u32 = {TWO_STAGE_WORKGROUP}u;\n\
+             const PROBE_TILE: u32 = 1u;\n\
+             const CAP: u32 = {}u;\n\
+             const ROW_TILE: u32 = {TWO_STAGE_WORKGROUP}u;\n\
+             const ROWS_PER_INV: u32 = 1u;\n\
+             const GEMM_ROWS: u32 = {GEMM_ROWS}u;\n\
+             const GEMM_PROBES: u32 = {GEMM_PROBES}u;\n\
+             const KW: u32 = {GEMM_KW}u;\n",
+            self.cap,
+        );
+        if self.cooperative {
+            return format!(
+                "enable f16;\nenable wgpu_cooperative_matrix;\n\n{prelude}\
+                 const GEMM_WG: u32 = {COOP_GEMM_WORKGROUP}u;\n\
+                 const COOP_ROWS: u32 = {COOP_ROWS}u;\n\
+                 const COOP_PROBES: u32 = {COOP_PROBES}u;\n\
+                 const COOP_I8: bool = {};\n\n{LAYOUT}\n{SELECT}\n{}\n{TWO_STAGE}\n{GEMM_COOP}",
+                self.dtype == Dtype::I8,
+                score_source(self.dtype),
+            );
+        }
+        format!(
+            "{prelude}\n{LAYOUT}\n{SELECT}\n{}\n{TWO_STAGE}\n{GEMM}\n{}",
+            score_source(self.dtype),
+            self.unrolled()
+        )
+    }
+
+    /// Probe words per row word (f16 rows meet f32 probes).
+    fn probe_words(&self) -> u32 {
+        if self.dtype == Dtype::F16 { 2 } else { 1 }
+    }
+
+    /// two_stage.wgsl's `load_step`, `store_step`, `gemm_step` and `gemm_write`, every
+    /// loop written out.
+    fn unrolled(&self) -> String {
+        use std::fmt::Write;
+        let wg = TWO_STAGE_WORKGROUP;
+        let row_words = GEMM_KW / self.probe_words() * GEMM_ROWS / wg;
+        let probe_words = GEMM_KW * GEMM_PROBES / wg;
+        let mut f = String::from("// Generated (shaders.rs, TwoStageShape::unrolled).\nstruct StepWords {\n");
+        for i in 0..row_words {
+            let _ = writeln!(f, "    r{i}: vec4<u32>,");
+        }
+        for i in 0..probe_words {
+            let _ = writeln!(f, "    q{i}: Word,");
+        }
+        f.push_str(
+            "}\n\nfn load_step(lid: u32, r0: u32, probe0: u32, k0: u32) -> StepWords {\n    var s: StepWords;\n",
+        );
+        for i in 0..row_words {
+            let _ = writeln!(
+                f,
+                "    s.r{i} = gallery_word(r0 + (lid + {o}u) % GEMM_ROWS, params.rows, k0 / PW + (lid + {o}u) / GEMM_ROWS);",
+                o = i * wg
+            );
+        }
+        for i in 0..probe_words {
+            let _ = writeln!(
+                f,
+                "    s.q{i} = probe_word(probe_word_major(probe0 + (lid + {o}u) % GEMM_PROBES, k0 + (lid + {o}u) / GEMM_PROBES));",
+                o = i * wg
+            );
+        }
+        f.push_str("    return s;\n}\n\nfn store_step(lid: u32, s: StepWords) {\n");
+        for i in 0..row_words {
+            let _ = writeln!(f, "    let t{i} = lid + {}u;", i * wg);
+            for h in 0..self.probe_words() {
+                let _ = writeln!(
+                    f,
+                    "    step_rows[((t{i} / GEMM_ROWS) * PW + {h}u) * GEMM_ROWS + t{i} % GEMM_ROWS] = widen(s.r{i}, {h}u);"
+                );
+            }
+        }
+        for i in 0..probe_words {
+            let _ = writeln!(f, "    step_probes[lid + {}u] = s.q{i};", i * wg);
+        }
+        f.push_str(
+            "}\n\nfn gemm_step(acc_in: array<Acc, GEMM_BLOCK>, tx: u32, ty: u32) -> array<Acc, GEMM_BLOCK> {\n    var acc = acc_in;\n",
+        );
+        for w in 0..GEMM_KW {
+            for i in 0..GEMM_REG {
+                let _ = writeln!(f, "    let a{w}_{i} = step_rows[{}u + tx];", w * GEMM_ROWS + 16 * i);
+            }
+            for j in 0..GEMM_REG {
+                let _ = writeln!(f, "    let b{w}_{j} = step_probes[{}u + ty];", w * GEMM_PROBES + 16 * j);
+            }
+            for i in 0..GEMM_REG {
+                for j in 0..GEMM_REG {
+                    let a = i * GEMM_REG + j;
+                    let _ = writeln!(f, "    acc[{a}] = fma_word(acc[{a}], a{w}_{i}, b{w}_{j});");
+                }
+            }
+        }
+        f.push_str(
+            "    return acc;\n}\n\nfn gemm_write(acc: array<Acc, GEMM_BLOCK>, r0: u32, probe0: u32, tx: u32, ty: u32) {\n\
+             \x20   let end = min(params.chunk_start + params.chunk_len, params.rows);\n",
+        );
+        for j in 0..GEMM_REG {
+            let _ = writeln!(f, "    let p{j} = probe0 + ty + {}u;", 16 * j);
+        }
+        for i in 0..GEMM_REG {
+            let _ = writeln!(f, "    let row{i} = r0 + tx + {}u;", 16 * i);
+            let _ = writeln!(f, "    if row{i} < end {{");
+            for j in 0..GEMM_REG {
+                let _ = writeln!(
+                    f,
+                    "        scores[p{j} * params.chunk_rows + row{i} - params.chunk_start] = to_score(acc[{}], row{i}, p{j});",
+                    i * GEMM_REG + j
+                );
+            }
+            f.push_str("    }\n");
+        }
+        f.push_str("}\n");
+        f
     }
 }
 
@@ -330,44 +546,46 @@ mod tests {
     use wgpu::naga;
 
     fn validate(shape: &KernelShape) {
-        let source = shape.source();
-        let module = naga::front::wgsl::parse_str(&source)
-            .unwrap_or_else(|e| panic!("{shape:?}: {}", e.emit_to_string(&source)));
+        validate_source(&format!("{shape:?}"), &shape.source(), &["scan", "merge", "poison"]);
+    }
+
+    fn validate_source(what: &str, source: &str, entries: &[&str]) {
+        let module =
+            naga::front::wgsl::parse_str(source).unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(source)));
         naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
             .validate(&module)
-            .unwrap_or_else(|e| panic!("{shape:?}: {}", e.emit_to_string(&source)));
-        for entry in ["scan", "merge", "poison"] {
+            .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(source)));
+        for entry in entries {
             assert!(
-                module.entry_points.iter().any(|e| e.name == entry),
-                "{shape:?}: no {entry}"
+                module.entry_points.iter().any(|e| e.name == *entry),
+                "{what}: no {entry}"
             );
         }
     }
 
-    /// The tensor-core scan cannot run on lavapipe: it must at least parse and validate
-    /// (with the capabilities it needs) for every selection size.
+    /// Every two-stage module parses and validates, and fits 16 KiB of workgroup
+    /// memory for the usual selection sizes.
     #[test]
-    fn the_cooperative_matrix_shader_validates() {
-        for keep in [1, 10, 100, 200] {
-            let shape = KernelShape::choose(Dtype::F16, 256, keep, 65536, true).unwrap();
-            assert!(shape.cooperative, "keep {keep}");
-            assert!(shape.workgroup_bytes() <= 65536);
-            validate(&shape);
+    fn every_two_stage_shader_validates() {
+        for dtype in Dtype::ALL {
+            for cooperative in [false, true] {
+                for keep in [1, 10, 100, 700] {
+                    let shape = TwoStageShape::choose(dtype, 512, keep, 32768, cooperative).unwrap();
+                    assert_eq!(shape.cooperative, cooperative && dtype != Dtype::F32, "{dtype}");
+                    assert!(shape.cap as usize >= keep + TWO_STAGE_WORKGROUP as usize);
+                    validate_source(&format!("{shape:?}"), &shape.source(), &["gemm", "select_scores"]);
+                }
+                // The SIMT path fits the 16 KiB every adapter has; the tensor cores'
+                // staging of 64 x 64 scores needs more (NVIDIA has 48 KiB).
+                let in_16k = TwoStageShape::choose(dtype, 512, 100, 16384, cooperative).unwrap();
+                assert!(!in_16k.cooperative, "{dtype}");
+                assert!(TwoStageShape::choose(dtype, 512, 3000, 32768, cooperative).is_none());
+            }
         }
-        let big = KernelShape::choose(Dtype::F16, 256, 900, 65536, true).unwrap();
+        let wide = TwoStageShape::choose(Dtype::I8, 1040, 10, 32768, true).unwrap();
         assert!(
-            !big.cooperative,
-            "16 probes x 1024 slots do not fit: the plain scan takes it"
-        );
-        let plain = KernelShape::choose(Dtype::F16, 8, 10, 65536, true).unwrap();
-        assert!(
-            !plain.cooperative,
-            "a batch that cannot fill a 16-probe tile stays on the plain scan"
-        );
-        assert!(
-            !KernelShape::choose(Dtype::I8, 256, 10, 65536, true)
-                .unwrap()
-                .cooperative
+            !wide.cooperative,
+            "i8 sums past 1024 dimensions may not be exact in f32: SIMT"
         );
     }
 
