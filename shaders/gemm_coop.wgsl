@@ -7,7 +7,7 @@
 // nothing assumes a subgroup size (cooperative operations run in uniform control flow).
 // Every 16 dimensions the rows and probes are staged in workgroup memory as f16.
 //
-// As exact as the SIMT path:
+// Precision:
 // - i8: every i8 value is exact in f16, every product exact in f32, and for dimensions
 //   up to 1024 every partial sum is an integer below 2^24, so the accumulator holds the
 //   i32 dot product and the score f32(raw) * (probe_scale * row_scale) is the CPU

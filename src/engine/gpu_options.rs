@@ -63,36 +63,43 @@ impl GpuOptions {
     pub fn from_env() -> Result<GpuOptions> {
         let max_shard_bytes = positive_from_env("BIOGATE_GPU_SHARD_BYTES", "bytes")?;
         let min_rows_per_block = positive_from_env("BIOGATE_GPU_BLOCK_ROWS", "rows")?.map(|n| n as usize);
-        let cooperative = match std::env::var("BIOGATE_GPU_COOPERATIVE").as_deref() {
-            Ok("1") => true,
-            Ok("0") | Err(_) => false,
-            Ok(v) => {
+        let cooperative = match env_text("BIOGATE_GPU_COOPERATIVE")?.as_deref() {
+            Some("1") => true,
+            Some("0") | None => false,
+            Some(v) => {
                 return Err(Error::invalid(format!(
                     "BIOGATE_GPU_COOPERATIVE={v:?} must be 1 (on) or 0 (off)"
                 )));
             }
         };
-        let pipeline = match std::env::var("BIOGATE_GPU_PIPELINE").as_deref() {
-            Ok("auto") | Err(_) => Pipeline::Auto,
-            Ok("fused") => Pipeline::Fused,
-            Ok("twostage") => Pipeline::TwoStage,
-            Ok(v) => {
+        let pipeline = match env_text("BIOGATE_GPU_PIPELINE")?.as_deref() {
+            Some("auto") | None => Pipeline::Auto,
+            Some("fused") => Pipeline::Fused,
+            Some("twostage") => Pipeline::TwoStage,
+            Some(v) => {
                 return Err(Error::invalid(format!(
                     "BIOGATE_GPU_PIPELINE={v:?} must be auto, fused or twostage"
                 )));
             }
         };
-        let runtime_checks = match std::env::var("BIOGATE_GPU_CHECKS").as_deref() {
-            Ok("1") => true,
-            Ok("0") | Err(_) => false,
-            Ok(v) => {
+        let runtime_checks = match env_text("BIOGATE_GPU_CHECKS")?.as_deref() {
+            Some("1") => true,
+            Some("0") | None => false,
+            Some(v) => {
                 return Err(Error::invalid(format!(
                     "BIOGATE_GPU_CHECKS={v:?} must be 1 (wgpu's runtime checks on) or 0 (off)"
                 )));
             }
         };
         let gemm_min_batch = positive_from_env("BIOGATE_GPU_GEMM_MIN_BATCH", "probes")?.map(|n| n as usize);
-        let chunk_bytes = positive_from_env("BIOGATE_GPU_CHUNK_MB", "MiB")?.map(|n| n << 20);
+        let chunk_bytes = match positive_from_env("BIOGATE_GPU_CHUNK_MB", "MiB")? {
+            Some(mib) => Some(mib.checked_mul(1 << 20).ok_or_else(|| {
+                Error::invalid(format!(
+                    "BIOGATE_GPU_CHUNK_MB={mib} is more bytes than a buffer can have"
+                ))
+            })?),
+            None => None,
+        };
         let select_rows = positive_from_env("BIOGATE_GPU_SELECT_ROWS", "rows")?.map(|n| n as usize);
         Ok(GpuOptions {
             max_shard_bytes,
@@ -108,13 +115,22 @@ impl GpuOptions {
     }
 }
 
+/// The environment variable `name`, if set; an error naming it when it is not text.
+fn env_text(name: &str) -> Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(v)) => Err(Error::invalid(format!("{name}={v:?} is not text"))),
+    }
+}
+
 /// A positive whole number from the environment variable `name`, if set.
 fn positive_from_env(name: &str, unit: &str) -> Result<Option<u64>> {
-    match std::env::var(name) {
-        Ok(v) => Ok(Some(v.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
+    match env_text(name)? {
+        Some(v) => Ok(Some(v.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
             Error::invalid(format!("{name}={v:?} is not a positive number of {unit}"))
         })?)),
-        Err(_) => Ok(None),
+        None => Ok(None),
     }
 }
 
