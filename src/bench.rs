@@ -167,11 +167,11 @@ pub fn check_against_cpu(engine: &Engine, snapshot: &Snapshot, probes: &[f32], k
     ))
 }
 
-/// The table as text. The GPU's own columns (from timestamp queries): the scan and
-/// merge passes' time, what the scan achieved (GB/s of gallery, TOP/s), and the
-/// gallery's upload before the first search.
-pub fn format_table(rows: &[BenchRow]) -> String {
-    let mut s = format!(
+/// The table's header line. The GPU's own columns (from timestamp queries): the scan
+/// and merge passes' time, what the scan achieved (GB/s of gallery, TOP/s), the
+/// gallery's upload before the first search, and the kernels that ran.
+pub fn table_header() -> String {
+    format!(
         "{:<7} {:<5} {:>10} {:>5} {:>6} {:>10} {:>12} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>10}  {}\n",
         "backend",
         "dtype",
@@ -188,27 +188,28 @@ pub fn format_table(rows: &[BenchRow]) -> String {
         "scan TOP/s",
         "upload ms",
         "path"
-    );
+    )
+}
+
+/// One row of the table under [`table_header`].
+pub fn table_row(r: &BenchRow) -> String {
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
-    for r in rows {
-        s += &format!(
-            "{:<7} {:<5} {:>10} {:>5} {:>6} {:>10.3} {:>12.1} {:>8.2} {:>7.3} {:>8} {:>8} {:>8} {:>8} {:>10}  {}\n",
-            r.backend,
-            r.dtype,
-            r.rows,
-            r.dim,
-            r.batch,
-            r.batch_ms,
-            r.probes_per_s,
-            r.gallery_gb_per_s,
-            r.tera_ops_per_s,
-            opt(r.scan_ms, 3),
-            opt(r.merge_ms, 3),
-            opt(r.scan_gb_per_s, 1),
-            opt(r.scan_tera_ops_per_s, 2),
-            opt(r.upload_ms, 1),
-            r.path.unwrap_or("-"),
-        );
-    }
-    s
+    format!(
+        "{:<7} {:<5} {:>10} {:>5} {:>6} {:>10.3} {:>12.1} {:>8.2} {:>7.3} {:>8} {:>8} {:>8} {:>8} {:>10}  {}\n",
+        r.backend,
+        r.dtype,
+        r.rows,
+        r.dim,
+        r.batch,
+        r.batch_ms,
+        r.probes_per_s,
+        r.gallery_gb_per_s,
+        r.tera_ops_per_s,
+        opt(r.scan_ms, 3),
+        opt(r.merge_ms, 3),
+        opt(r.scan_gb_per_s, 1),
+        opt(r.scan_tera_ops_per_s, 2),
+        opt(r.upload_ms, 1),
+        r.path.unwrap_or("-"),
+    )
 }

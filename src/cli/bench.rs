@@ -136,7 +136,8 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         if a.check {
             eprintln!("{}", bench::check_against_cpu(&engine, &snapshot, &probes, a.k)?);
         }
-        return print_bench(&device, &rows, a.json);
+        print_header(&device, a.json)?;
+        return print_rows(&rows, a.json);
     }
     let (gallery, probes, dim) = match (&a.gallery_npy, &a.probes_npy) {
         (Some(g), Some(p)) => {
@@ -155,10 +156,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
     };
     // Each dtype's rows are printed as soon as they are measured (a run cut short keeps
     // them), after its check against the CPU engine.
-    if !a.json {
-        outln!("device: {device}");
-        out!("{}", bench::format_table(&[]));
-    }
+    print_header(&device, a.json)?;
     for &dtype in &a.dtypes {
         let snapshot = biogate::Snapshot::from_rows(&gallery, dim, dtype);
         if a.check {
@@ -176,20 +174,18 @@ fn print_rows(rows: &[bench::BenchRow], json: bool) -> Result<()> {
             outln!("{}", serde_json::to_string(r).expect("serialises"));
         }
     } else {
-        let table = bench::format_table(rows);
-        out!("{}", table.split_once('\n').map_or("", |(_, body)| body));
+        for r in rows {
+            out!("{}", bench::table_row(r));
+        }
     }
     Ok(())
 }
 
-fn print_bench(device: &str, rows: &[bench::BenchRow], json: bool) -> Result<()> {
-    if json {
-        for r in rows {
-            outln!("{}", serde_json::to_string(r).expect("serialises"));
-        }
-    } else {
+/// The device and the table's header (nothing for JSON, one object per row).
+fn print_header(device: &str, json: bool) -> Result<()> {
+    if !json {
         outln!("device: {device}");
-        out!("{}", bench::format_table(rows));
+        out!("{}", bench::table_header());
     }
     Ok(())
 }

@@ -63,15 +63,7 @@ impl GpuOptions {
     pub fn from_env() -> Result<GpuOptions> {
         let max_shard_bytes = positive_from_env("BIOGATE_GPU_SHARD_BYTES", "bytes")?;
         let min_rows_per_block = positive_from_env("BIOGATE_GPU_BLOCK_ROWS", "rows")?.map(|n| n as usize);
-        let cooperative = match env_text("BIOGATE_GPU_COOPERATIVE")?.as_deref() {
-            Some("1") => true,
-            Some("0") | None => false,
-            Some(v) => {
-                return Err(Error::invalid(format!(
-                    "BIOGATE_GPU_COOPERATIVE={v:?} must be 1 (on) or 0 (off)"
-                )));
-            }
-        };
+        let cooperative = switch_from_env("BIOGATE_GPU_COOPERATIVE", "on")?;
         let pipeline = match env_text("BIOGATE_GPU_PIPELINE")?.as_deref() {
             Some("auto") | None => Pipeline::Auto,
             Some("fused") => Pipeline::Fused,
@@ -82,15 +74,7 @@ impl GpuOptions {
                 )));
             }
         };
-        let runtime_checks = match env_text("BIOGATE_GPU_CHECKS")?.as_deref() {
-            Some("1") => true,
-            Some("0") | None => false,
-            Some(v) => {
-                return Err(Error::invalid(format!(
-                    "BIOGATE_GPU_CHECKS={v:?} must be 1 (wgpu's runtime checks on) or 0 (off)"
-                )));
-            }
-        };
+        let runtime_checks = switch_from_env("BIOGATE_GPU_CHECKS", "wgpu's runtime checks on")?;
         let gemm_min_batch = positive_from_env("BIOGATE_GPU_GEMM_MIN_BATCH", "probes")?.map(|n| n as usize);
         let chunk_bytes = match positive_from_env("BIOGATE_GPU_CHUNK_MB", "MiB")? {
             Some(mib) => Some(mib.checked_mul(1 << 20).ok_or_else(|| {
@@ -124,6 +108,16 @@ fn env_text(name: &str) -> Result<Option<String>> {
     }
 }
 
+/// A 0/1 switch from the environment variable `name` (off when unset); `on` says what 1
+/// means, in the error for any other value.
+fn switch_from_env(name: &str, on: &str) -> Result<bool> {
+    match env_text(name)?.as_deref() {
+        Some("1") => Ok(true),
+        Some("0") | None => Ok(false),
+        Some(v) => Err(Error::invalid(format!("{name}={v:?} must be 1 ({on}) or 0 (off)"))),
+    }
+}
+
 /// A positive whole number from the environment variable `name`, if set.
 fn positive_from_env(name: &str, unit: &str) -> Result<Option<u64>> {
     match env_text(name)? {
@@ -139,7 +133,8 @@ fn positive_from_env(name: &str, unit: &str) -> Result<Option<u64>> {
 pub struct KernelTimes {
     pub scan: Duration,
     pub merge: Duration,
-    /// Which kernels searched the last batch: "fused", "two-stage" or "tensor cores".
+    /// Which kernels searched the last batch: "fused", "tensor cores" (the fused scan on
+    /// them), "two-stage" or "two-stage, tensor cores".
     pub path: &'static str,
 }
 
