@@ -755,3 +755,38 @@ async fn a_checkpoint_paused_across_a_drop_deletes_nothing_of_the_next_gallery()
     caught_up(&router, "fl").await;
     holds_exactly(&router, "fl", &new, &rows, "the new fl, rebuilt").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_whose_applied_mark_is_gone_publishes_it_again() {
+    if !etcd_available() {
+        return;
+    }
+    // The nemesis (seeds 6062, 6100) saw a replica of a re-created `fl` stay out of
+    // service for good: its applied mark was gone from etcd (taken with the lease it
+    // was put under while its node was paused, or by a late deletion of the dropped
+    // gallery's mark, which has the same key), and the replica, having published that
+    // batch once, never published it again.
+    let cluster = Cluster::start(1, &[]).await;
+    let router = cluster.router.client().await;
+    create(&router, "g", 1, 1).await;
+    let who = ids("s", 3);
+    let rows = enroll(&router, "g", &who, 1100).await;
+    caught_up(&router, "g").await;
+    let etcd = etcd::Etcd::connect(&cluster.etcd.urls().split(',').map(str::to_owned).collect::<Vec<_>>()).unwrap();
+    let mark = keys::applied_key("g", 0, "n1");
+    assert!(etcd.get(&mark).await.unwrap().is_some(), "n1's applied mark of g");
+    etcd.delete(&mark).await.unwrap();
+    // No write follows: only the replica noticing its mark gone brings it back.
+    caught_up(&router, "g").await;
+    assert!(
+        etcd.get(&mark).await.unwrap().is_some(),
+        "n1's applied mark of g, published again"
+    );
+    holds_exactly(&router, "g", &who, &rows, "after the mark was deleted").await;
+    // The same through a lease: paused past it, the node's marks went with it.
+    cluster.nodes[0].pause();
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    cluster.nodes[0].resume();
+    caught_up(&router, "g").await;
+    holds_exactly(&router, "g", &who, &rows, "after the node's lease expired").await;
+}

@@ -169,7 +169,7 @@ impl Process {
             None => Stdio::null(),
         };
         self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_biogate"))
+            Command::new(biogate_bin())
                 .args(&self.args)
                 .args(["--listen", &format!("127.0.0.1:{}", self.port)])
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -384,5 +384,14 @@ where
     while !ready().await {
         assert!(Instant::now() < deadline, "not within {within:?}: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The binary the cluster runs: this build's, or `BIOGATE_TEST_BIN` (a campaign runs a
+/// copy so that rebuilding the tree does not change the binary under a running campaign).
+pub fn biogate_bin() -> std::path::PathBuf {
+    match std::env::var_os("BIOGATE_TEST_BIN") {
+        Some(path) => path.into(),
+        None => env!("CARGO_BIN_EXE_biogate").into(),
     }
 }

@@ -10,6 +10,11 @@ use crate::cluster::{checkpoint, etcd};
 use crate::error::{Error, IoContext, Result};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// The wait after a failed checkpoint, doubled with each failure in a row up to the max.
+const CHECKPOINT_RETRY: Duration = Duration::from_millis(500);
+const CHECKPOINT_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Node {
     /// Start a checkpoint of replica `r` in the background when it is due: this node is
@@ -20,13 +25,30 @@ impl Node {
         let Some(older) = self.checkpoint_due(r) else {
             return;
         };
+        if Instant::now() < r.checkpoint_backoff.lock().expect("backoff lock").1 {
+            return;
+        }
         if r.checkpointing.swap(true, Ordering::SeqCst) {
             return;
         }
         let (node, r) = (self.clone(), r.clone());
         tokio::spawn(async move {
-            if let Err(e) = node.checkpoint(&r, older).await {
-                tracing::warn!(gallery = %r.gallery, shard = r.shard, error = %e, "taking a checkpoint failed; retrying later");
+            let outcome = node.checkpoint(&r, older).await;
+            {
+                // Each failure doubles the wait before the next try (a checkpoint seals
+                // the log and stages every file: not something to repeat on every pass
+                // of the apply loop while etcd or the store is away).
+                let mut backoff = r.checkpoint_backoff.lock().expect("backoff lock");
+                match &outcome {
+                    Ok(()) => *backoff = (0, Instant::now()),
+                    Err(e) => {
+                        let wait = CHECKPOINT_RETRY
+                            .saturating_mul(1 << backoff.0.min(6))
+                            .min(CHECKPOINT_RETRY_MAX);
+                        tracing::warn!(gallery = %r.gallery, shard = r.shard, error = %e, retry_in = ?wait, "taking a checkpoint failed");
+                        *backoff = (backoff.0 + 1, Instant::now() + wait);
+                    }
+                }
             }
             r.checkpointing.store(false, Ordering::SeqCst);
         });
@@ -179,7 +201,16 @@ impl Node {
             if !self.etcd.txn(&what, deletion).await?.succeeded {
                 return Err(Error::NotFound(format!("gallery {:?} was dropped", r.gallery)));
             }
-            for (_, e) in &gone {
+            // Never an object a batch after the floor names (a batch's object is its
+            // own by construction; this keeps a committed batch appliable even if two
+            // entries ever named one).
+            let kept: std::collections::BTreeSet<String> = self
+                .view
+                .log_after(&r.gallery, r.shard, floor)
+                .into_iter()
+                .map(|(_, e)| e.object)
+                .collect();
+            for (_, e) in gone.iter().filter(|(_, e)| !kept.contains(&e.object)) {
                 self.objects.delete(&e.object).await?;
             }
             tracing::info!(gallery = %r.gallery, shard = r.shard, batches = gone.len(), up_to = floor, "deleted the log before the checkpoint");

@@ -86,6 +86,8 @@ struct Replica {
     tail: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// A checkpoint of it is under way (checkpointing.rs).
     checkpointing: std::sync::atomic::AtomicBool,
+    /// Checkpoints failed in a row, and when the next may start (checkpointing.rs).
+    checkpoint_backoff: Mutex<(u32, Instant)>,
 }
 
 impl Drop for Replica {
@@ -272,8 +274,12 @@ impl Node {
         self.lease.store(lease, Ordering::Relaxed);
         self.lease_holds_until(asked + Duration::from_secs(LEASE_TTL_S as u64));
         let held: Vec<Arc<Replica>> = self.replicas.lock().expect("replicas lock").values().cloned().collect();
+        // Each one (a replica of a gallery dropped meanwhile keeps no other's mark
+        // from being published); the apply loops publish whatever fails here again.
         for r in held {
-            self.publish_applied(&r).await?;
+            if let Err(e) = self.publish_applied(&r).await {
+                tracing::warn!(gallery = %r.gallery, shard = r.shard, error = %e, "publishing a replica's applied batch");
+            }
         }
         Ok(())
     }
@@ -293,18 +299,31 @@ impl Node {
     /// pause once put batch 33 over the tail's 34, and the mark stayed at 33).
     async fn publish_applied(&self, r: &Replica) -> Result<u64> {
         let _one_at_a_time = r.publishing.lock().await;
+        // A replica dropped (or replaced) shares its key with the one that replaces it:
+        // a late publication of the old one would overwrite the new one's mark.
+        if !self.is_held(r) {
+            return Err(Error::NotFound(format!(
+                "replica {}.s{} is no longer held here",
+                r.gallery, r.shard
+            )));
+        }
         let seq = *r.applied.borrow();
         let key = keys::applied_key(&r.gallery, r.shard, &self.name);
-        self.etcd
-            .put(
-                &key,
-                keys::encode(&keys::AppliedMark {
-                    seq,
-                    gallery_created_ms: r.created_ms,
-                }),
-                self.lease.load(Ordering::Relaxed),
-            )
-            .await?;
+        // Only while its gallery is the one in etcd: a mark put after a drop would
+        // stay behind the dropped gallery (under this node's lease, for as long as it
+        // lives).
+        let mark = keys::encode(&keys::AppliedMark {
+            seq,
+            gallery_created_ms: r.created_ms,
+        });
+        let txn = etcd::TxnRequest {
+            compare: vec![self.same_gallery(r)?],
+            success: vec![etcd::put_op(&key, mark, self.lease.load(Ordering::Relaxed))],
+            failure: Vec::new(),
+        };
+        if !self.etcd.txn(&format!("a write of {key}"), txn).await?.succeeded {
+            return Err(Error::NotFound(format!("gallery {:?} was dropped", r.gallery)));
+        }
         Ok(seq)
     }
 
@@ -552,6 +571,7 @@ impl Node {
             publishing: tokio::sync::Mutex::new(()),
             tail: Mutex::new(None),
             checkpointing: Default::default(),
+            checkpoint_backoff: Mutex::new((0, Instant::now())),
         }))
     }
 
@@ -609,16 +629,19 @@ impl Node {
                 }
             }
             let now = *r.applied.borrow();
-            // Published again when etcd holds another batch than this one: a put whose
-            // answer was lost can still land after a later one (the nemesis saw a mark
-            // stay at 100 while the replica had applied 103).
+            // Published again whenever etcd holds another batch than this one, or none:
+            // a put whose answer was lost can still land after a later one (the nemesis
+            // saw a mark stay at 100 while the replica had applied 103), and the mark
+            // goes with the lease it was put under (a node paused past its lease) or
+            // under a late deletion of a dropped gallery's replica of the same name
+            // (the nemesis saw a replica of a re-created `fl` never serve, its mark gone).
             let mark = node.view.read(|st| {
                 st.applied
                     .get(&(r.gallery.clone(), r.shard))
                     .and_then(|a| a.get(&node.name))
                     .copied()
             });
-            if (published != Some(now) || mark.is_some_and(|m| m != now))
+            if (published != Some(now) || (held && node.view.connected() && mark != Some(now)))
                 && let Ok(seq) = node.publish_applied(&r).await
             {
                 published = Some(seq);
