@@ -15,5 +15,13 @@ export BIOGATE_NEMESIS_SCHEDULES="${1:-100}"
 export BIOGATE_NEMESIS_SEED="${2:-1000}"
 export BIOGATE_NEMESIS_PER_CLUSTER="${PER_CLUSTER:-20}"
 export BIOGATE_NEMESIS_WINDOW_MS="${WINDOW_MS:-8000}"
-cargo test --release --test nemesis -- --nocapture 2>&1 \
+# The campaign runs copies of the binaries, so rebuilding the tree meanwhile changes
+# nothing under it (a node restarted by the nemesis runs the build the campaign began with).
+copy="$(mktemp -d "${TMPDIR:-/tmp}/biogate-nemesis.XXXXXX")"
+test_bin="$(cargo test --release --test nemesis --no-run --message-format=json 2>/dev/null \
+  | grep -o '"executable":"[^"]*nemesis-[^"]*"' | tail -1 | cut -d'"' -f4)"
+cp "$test_bin" "$copy/nemesis"
+cp target/release/biogate "$copy/biogate"
+echo "nemesis campaign on $(git rev-parse --short HEAD), binaries copied to $copy"
+BIOGATE_TEST_BIN="$copy/biogate" "$copy/nemesis" --nocapture 2>&1 \
   | grep --line-buffered -E "nemesis|seed|panicked|test result"

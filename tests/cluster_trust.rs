@@ -30,6 +30,12 @@
 //!   name's log (the nemesis saw the next `fl`'s first batch deleted).
 //! - A commit paused across a drop leaves no visible mark for the next gallery of its
 //!   name (the nemesis found the next `fl` waiting forever on the dropped one's mark).
+//! - A replica whose applied mark is gone from etcd (deleted, or taken with the lease
+//!   it was put under) publishes it again (the nemesis found replicas of a re-created
+//!   `fl` never serving again).
+//! - A commit whose answer was lost, refused on its retry after the batch had been
+//!   applied and its log key deleted, takes effect once (the nemesis found the batch
+//!   committed again under the next number, and the shard wedged).
 //!
 //! They skip when etcd is not installed, unless BIOGATE_REQUIRE_ETCD=1 (as in CI).
 #![cfg(feature = "cli")]
@@ -157,7 +163,14 @@ async fn dropping_a_gallery_leaves_the_galleries_its_name_begins_whole() {
     }
 
     // Nothing of `fl` is left in etcd (no checkpoint for a gallery made again).
-    for prefix in [keys::CHECKPOINTS, keys::SHARDS, keys::LOG, keys::VISIBLE, keys::APPLIED] {
+    for prefix in [
+        keys::CHECKPOINTS,
+        keys::SHARDS,
+        keys::LOG,
+        keys::VISIBLE,
+        keys::APPLIED,
+        keys::COMMITTED,
+    ] {
         let left = etcd.get_prefix(&format!("{prefix}fl/")).await.unwrap().0;
         assert!(left.is_empty(), "{prefix}fl/ still has {} keys", left.len());
     }
@@ -789,4 +802,86 @@ async fn a_replica_whose_applied_mark_is_gone_publishes_it_again() {
     cluster.nodes[0].resume();
     caught_up(&router, "g").await;
     holds_exactly(&router, "g", &who, &rows, "after the node's lease expired").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_refused_on_a_retry_after_its_batch_was_deleted_takes_effect_once() {
+    if !etcd_available() {
+        return;
+    }
+    // The nemesis (seed 8108) saw one batch committed twice: its commit took effect,
+    // the answer was lost, and before the retry on another member was refused the
+    // batch had been applied and its log key deleted after a checkpoint; reading the
+    // key back found nothing, the commit took the refusal for another writer's and
+    // committed the batch again under the next number, whose object went with the
+    // first's: the shard wedged. Here the answer of the commit of `lost` is lost until
+    // its key is gone (BIOGATE_FAULT_LOSE_COMMIT_ANSWER), a checkpoint after every
+    // batch, and the other replica commits the batch after it.
+    let mut cluster = Cluster::start(0, &[]).await;
+    let urls = cluster.etcd.urls();
+    for name in ["n1", "n2"] {
+        let node = Node::start_with_env(
+            name,
+            cluster.dir.path(),
+            &urls,
+            &["--checkpoint-every", "1"],
+            &[("BIOGATE_FAULT_LOSE_COMMIT_ANSWER", "lost")],
+        );
+        wait_for_port(node.port()).await;
+        cluster.nodes.push(node);
+    }
+    let router = cluster.router.client().await;
+    create(&router, "g", 1, 2).await;
+    let first = ids("a", 1);
+    let mut rows = enroll(&router, "g", &first, 1200).await;
+    let lost_rows = random_rows(&mut rng(1201), 1, DIM);
+    let lost = {
+        let (router, lost_rows) = (router.clone(), lost_rows.clone());
+        tokio::spawn(async move { router.enroll("g", &lost_rows, DIM, &["lost".to_string()]).await })
+    };
+    // Batch 2 is `lost`'s: the other node commits batch 3.
+    let etcd = etcd::Etcd::connect(&urls.split(',').map(str::to_owned).collect::<Vec<_>>()).unwrap();
+    let waited = Instant::now();
+    let committer = loop {
+        if let Some(kv) = etcd.get(&keys::log_key("g", 0, 2)).await.unwrap() {
+            let entry: keys::LogEntry = keys::decode(&keys::log_key("g", 0, 2), &kv.value).unwrap();
+            break entry.node;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "lost was not committed as batch 2"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let other = cluster
+        .nodes
+        .iter()
+        .find(|n| n.name != committer)
+        .expect("the other node");
+    let after = ids("b", 1);
+    let after_rows = random_rows(&mut rng(1202), 1, DIM);
+    other
+        .client()
+        .await
+        .enroll(&keys::replica_name("g", 0), &after_rows, DIM, &after)
+        .await
+        .expect("the batch after lost's, on the other replica");
+    let answer = tokio::time::timeout(Duration::from_secs(60), lost)
+        .await
+        .expect("lost's enrollment answered")
+        .unwrap();
+    answer.expect("lost's enrollment: committed once, and answered OK");
+    rows.extend(lost_rows);
+    rows.extend(after_rows);
+    let all: Vec<String> = first
+        .iter()
+        .chain(&["lost".to_string()])
+        .chain(&after)
+        .cloned()
+        .collect();
+    caught_up(&router, "g").await;
+    holds_exactly(&router, "g", &all, &rows, "after the refused retry").await;
+    let info = router.get_gallery("g").await.unwrap();
+    assert_eq!(info.rows, all.len() as u64, "rows: the batch was committed twice");
+    assert_eq!(info.shard_health[0].committed, 3, "one batch each");
 }

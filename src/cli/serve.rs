@@ -119,7 +119,7 @@ pub(crate) async fn run(a: ServeArgs) -> Result<()> {
             advertise: a.advertise,
             checkpoint_every: a.checkpoint_every,
         };
-        biogate::server::start_node(config, options).await?
+        biogate::cluster::node::start_node(config, options).await?
     };
     let scheme = "http";
     outln!(

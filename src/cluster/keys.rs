@@ -31,6 +31,7 @@ pub const LOG: &str = "/biogate/log/";
 pub const APPLIED: &str = "/biogate/applied/";
 pub const VISIBLE: &str = "/biogate/visible/";
 pub const CHECKPOINTS: &str = "/biogate/checkpoints/";
+pub const COMMITTED: &str = "/biogate/committed/";
 
 /// Most shards a gallery may have.
 pub const MAX_SHARDS: u32 = 1024;
@@ -58,6 +59,20 @@ pub fn applied_key(g: &str, s: u32, node: &str) -> String {
 pub fn visible_prefix(g: &str) -> String {
     format!("{VISIBLE}{g}/")
 }
+/// The last batch a node committed to a shard (node/commit.rs): how a commit whose
+/// answer was lost learns, exactly, whether and where it took effect.
+pub fn committed_key(g: &str, s: u32, node: &str) -> String {
+    format!("{COMMITTED}{g}/{s:04}/{node}")
+}
+
+/// The value at [`committed_key`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LastCommit {
+    /// The batch's object (unique to one commit).
+    pub object: String,
+    pub seq: u64,
+}
+
 pub fn visible_key(g: &str, s: u32) -> String {
     format!("{VISIBLE}{g}/{s:04}")
 }

@@ -6,6 +6,8 @@
 //! [`service::Service`] (admission, auth, validation) -> [`batcher`] (one engine
 //! thread, coalesced batches) -> `Engine::search` -> audit line -> response. Beside it,
 //! the [`supervisor`] verifies and scrubs the galleries and keeps per-gallery health.
+//! Writes go to the galleries, or, on a cluster node, through the [`replication`] the
+//! cluster gave the server when it started (`cluster::node::start_node`).
 
 pub mod audit;
 pub mod auth;
@@ -16,6 +18,7 @@ pub mod encounters;
 pub mod metrics;
 pub mod read_ahead;
 pub mod registry;
+pub mod replication;
 pub mod retention;
 pub mod search_request;
 pub mod service;
@@ -97,8 +100,8 @@ pub struct ServerHandle {
     _supervisor: supervisor::Supervisor,
     _retention: BackgroundTask,
     _gallery_retention: BackgroundTask,
-    #[cfg(feature = "cluster")]
-    node: Option<Arc<crate::cluster::node::Node>>,
+    /// A cluster node's write path, left on shutdown.
+    replication: Option<Arc<dyn replication::Replication>>,
 }
 
 impl ServerHandle {
@@ -107,9 +110,8 @@ impl ServerHandle {
     /// still running end first, and each log's final length is recorded, so that a cut
     /// of a log after a clean stop is always recognised.
     pub async fn shutdown(mut self) -> Result<()> {
-        #[cfg(feature = "cluster")]
-        if let Some(node) = self.node.take() {
-            node.leave().await;
+        if let Some(replication) = self.replication.take() {
+            let _ = replication.leave().await;
         }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -141,18 +143,18 @@ pub async fn start_with(config: Config, storage: crate::storage::Storage) -> Res
     start_inner(config, storage, None).await
 }
 
-/// Start serving `config` as a node of the cluster `cluster` (`serve --etcd`).
-#[cfg(feature = "cluster")]
-pub async fn start_node(config: Config, cluster: crate::cluster::node::ClusterOptions) -> Result<ServerHandle> {
-    start_inner(config, crate::storage::Storage::default(), Some(cluster)).await
+/// Start serving `config` with the write path `join` gives once the server listens
+/// (a cluster node: `cluster::node::start_node`). It holds only the galleries that
+/// write path opens (no default gallery).
+pub async fn start_replicated(config: Config, join: replication::Join) -> Result<ServerHandle> {
+    start_inner(config, crate::storage::Storage::default(), Some(join)).await
 }
 
-#[cfg(feature = "cluster")]
-type ClusterChoice = Option<crate::cluster::node::ClusterOptions>;
-#[cfg(not(feature = "cluster"))]
-type ClusterChoice = Option<std::convert::Infallible>;
-
-async fn start_inner(config: Config, storage: crate::storage::Storage, cluster: ClusterChoice) -> Result<ServerHandle> {
+async fn start_inner(
+    config: Config,
+    storage: crate::storage::Storage,
+    join: Option<replication::Join>,
+) -> Result<ServerHandle> {
     config.validate()?;
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir).ctx(|| format!("creating {}", config.data_dir.display()))?;
@@ -163,7 +165,7 @@ async fn start_inner(config: Config, storage: crate::storage::Storage, cluster: 
     let registry = Arc::new(registry::Registry::open(&config.data_dir, storage.clone())?);
     // A cluster node holds only the replicas the shard map gives it.
     if registry.is_empty()
-        && cluster.is_none()
+        && join.is_none()
         && let Some(d) = &config.default_gallery
     {
         registry.create(&d.name, d.dim, d.dtype)?;
@@ -208,10 +210,8 @@ async fn start_inner(config: Config, storage: crate::storage::Storage, cluster: 
         auth,
         config: config.clone(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_requests_in_flight)),
-        #[cfg(feature = "cluster")]
-        cluster: std::sync::OnceLock::new(),
+        replication: std::sync::OnceLock::new(),
     });
-    #[cfg(feature = "cluster")]
     let service_for_node = service.clone();
 
     let keepalive =
@@ -262,33 +262,20 @@ async fn start_inner(config: Config, storage: crate::storage::Storage, cluster: 
         .await
         .ctx(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr().ctx(|| "reading the bound address".into())?;
-    #[cfg(feature = "cluster")]
-    let node = match cluster {
-        Some(options) => {
-            let advertise = match &options.advertise {
-                Some(a) => a.clone(),
-                None if addr.ip().is_unspecified() => {
-                    return Err(Error::Config(format!(
-                        "listening on {addr}: give --advertise HOST:PORT, the address other nodes and routers reach this one at"
-                    )));
-                }
-                None => addr.to_string(),
-            };
-            let node = crate::cluster::node::Node::join(
-                &options,
-                advertise,
-                registry.clone(),
-                &config.data_dir,
-                config.seal_log_rows,
-            )
+    let replication = match join {
+        Some(join) => {
+            let replication = join(replication::Joining {
+                registry: registry.clone(),
+                addr,
+                data_dir: config.data_dir.clone(),
+                seal_log_rows: config.seal_log_rows,
+            })
             .await?;
-            let _ = service_for_node.cluster.set(node.clone());
-            Some(node)
+            let _ = service_for_node.replication.set(replication.clone());
+            Some(replication)
         }
         None => None,
     };
-    #[cfg(not(feature = "cluster"))]
-    let _ = cluster;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (metrics_stop_tx, metrics_stop_rx) = oneshot::channel::<()>();
     let metrics_addr = match config.metrics_listen {
@@ -335,8 +322,7 @@ async fn start_inner(config: Config, storage: crate::storage::Storage, cluster: 
         _supervisor: supervisor,
         _retention: retention,
         _gallery_retention: gallery_retention,
-        #[cfg(feature = "cluster")]
-        node,
+        replication,
     })
 }
 

@@ -17,6 +17,7 @@ use super::metrics::{Metrics, Refusal};
 use super::proto;
 use super::proto::biogate_server::Biogate;
 use super::registry::{GalleryEntry, GalleryStatus, Registry};
+use super::replication::{Replication, Write};
 use super::search_request;
 use crate::encounters::{EncounterLog, EncounterStore, StatsBy};
 use crate::engine::{Engine, ProbeResult};
@@ -45,9 +46,8 @@ pub struct Service {
     /// One permit per call being handled (`max_requests_in_flight`).
     pub in_flight: Arc<Semaphore>,
     /// Set when this server is a node of a cluster (`serve --etcd`): writes to its
-    /// replicas go through the shard's log.
-    #[cfg(feature = "cluster")]
-    pub cluster: std::sync::OnceLock<Arc<crate::cluster::node::Node>>,
+    /// replicas go through the shard's log (replication.rs).
+    pub replication: std::sync::OnceLock<Arc<dyn Replication>>,
 }
 
 /// Map a library error to a gRPC status. Messages keep file names but not the server's
@@ -465,11 +465,10 @@ impl Service {
 
     /// A gallery by name; an expired one is NOT_FOUND (it answers nothing and is
     /// dropped at the next purge).
-    /// The cluster this server is a node of, if any: then every write goes through a
-    /// shard's log (`Node::commit`), never straight to a local gallery.
-    #[cfg(feature = "cluster")]
-    fn cluster_node(&self) -> Option<Arc<crate::cluster::node::Node>> {
-        self.cluster.get().cloned()
+    /// The write path of the cluster this server is a node of, if any: then every
+    /// write goes through a shard's log, never straight to a local gallery.
+    fn replication(&self) -> Option<Arc<dyn Replication>> {
+        self.replication.get().cloned()
     }
 
     /// On a cluster node, a read the router sent to replica `local` is answered only
@@ -480,22 +479,18 @@ impl Service {
     }
 
     fn check_replica_read_of(&self, metadata: &tonic::metadata::MetadataMap, local: &str) -> Result<(), Status> {
-        #[cfg(feature = "cluster")]
-        if let Some(node) = self.cluster.get() {
-            node.check_read(local, metadata).map_err(status_of)?;
+        if let Some(replication) = self.replication.get() {
+            replication.check_read(local, metadata).map_err(status_of)?;
         }
-        #[cfg(not(feature = "cluster"))]
-        let _ = (metadata, local);
         Ok(())
     }
 
     /// Refuse a catalogue change on a cluster node (the router makes them).
     fn not_on_a_node(&self) -> Result<(), Status> {
-        #[cfg(feature = "cluster")]
-        if let Some(node) = self.cluster.get() {
+        if let Some(replication) = self.replication.get() {
             return Err(Status::failed_precondition(format!(
                 "this server is node {:?} of a cluster: create and drop galleries through `biogate router`",
-                node.name
+                replication.node_name()
             )));
         }
         Ok(())
@@ -755,9 +750,8 @@ impl Service {
                 };
                 let batch: Vec<Enrollment> = valid[at..end].iter().map(|v| v.2.clone()).collect();
                 let expires: Vec<Option<i64>> = valid[at..end].iter().map(|v| v.3).collect();
-                let any_expiry = valid[at..end].iter().any(|v| !v.1.expires_at.is_empty());
                 let committed = self
-                    .commit_enrollments(&group_call, &gallery, batch, expires, any_expiry, templates)
+                    .commit_enrollments(&group_call, &gallery, batch, expires, templates)
                     .await;
                 if let Err(s) = committed {
                     let s = Status::new(s.code(), format!("{}; {}", s.message(), enrolled(&done)));
@@ -803,30 +797,19 @@ impl Service {
         gallery: &Arc<GalleryEntry>,
         batch: Vec<Enrollment>,
         expires: Vec<Option<i64>>,
-        any_expiry: bool,
         templates: usize,
     ) -> Result<usize, Status> {
         let subjects: Vec<&str> = batch.iter().map(|e| e.subject.as_str()).collect();
         self.intent(call, &subjects, templates).await?;
-        #[cfg(feature = "cluster")]
-        if let Some(node) = self.cluster_node() {
-            if any_expiry {
-                return Err(Status::invalid_argument(
-                    "expires_at: a cluster's galleries do not expire subjects yet",
-                ));
-            }
-            let ops = batch
+        if let Some(replication) = self.replication() {
+            let writes = batch
                 .into_iter()
-                .map(|e| crate::cluster::batch::Op::Enroll {
-                    subject: e.subject,
-                    templates: e.templates,
-                })
+                .zip(expires)
+                .map(|(enrollment, expires_at)| Write::Enroll { enrollment, expires_at })
                 .collect();
-            node.commit(&gallery.name, ops).await.map_err(status_of)?;
+            replication.commit(&gallery.name, writes).await.map_err(status_of)?;
             return Ok(templates);
         }
-        #[cfg(not(feature = "cluster"))]
-        let _ = any_expiry;
         let writer = gallery.clone();
         let seal_at = self.config.seal_log_rows;
         blocking(move || {
@@ -1233,10 +1216,7 @@ impl Biogate for Arc<Service> {
             let entry = self.gallery(&req.gallery)?;
             // A cluster replica may be behind: the commit checks the subject once it has
             // caught up with the shard's log.
-            #[cfg(feature = "cluster")]
-            let replicated = self.cluster_node();
-            #[cfg(not(feature = "cluster"))]
-            let replicated: Option<()> = None;
+            let replicated = self.replication();
             if replicated.is_none() && !entry.snapshot().map_err(status_of)?.has_subject(&req.subject) {
                 return Err(Status::not_found(format!(
                     "subject: {:?} is not enrolled in {:?}",
@@ -1245,15 +1225,12 @@ impl Biogate for Arc<Service> {
             }
             self.intent(&call, &[req.subject.as_str()], 1).await?;
             let subject = req.subject.clone();
-            #[cfg(feature = "cluster")]
-            if let Some(node) = replicated {
-                let op = crate::cluster::batch::Op::Delete { subject };
-                node.commit(&entry.name, vec![op]).await.map_err(status_of)?;
+            if let Some(replication) = replicated {
+                let write = Write::Delete { subject };
+                replication.commit(&entry.name, vec![write]).await.map_err(status_of)?;
             } else {
                 blocking(move || entry.write(|g| g.delete_subject(&subject))).await?;
             }
-            #[cfg(not(feature = "cluster"))]
-            blocking(move || entry.write(|g| g.delete_subject(&subject))).await?;
             Ok((
                 proto::DeleteSubjectResponse {},
                 Audited {
@@ -1585,8 +1562,7 @@ mod tests {
             auth: Arc::new(Auth::new(&[])),
             in_flight: Arc::new(Semaphore::new(config.max_requests_in_flight)),
             config,
-            #[cfg(feature = "cluster")]
-            cluster: std::sync::OnceLock::new(),
+            replication: std::sync::OnceLock::new(),
         })
     }
 

@@ -47,6 +47,13 @@ impl Node {
             gallery_created_ms: r.created_ms,
         };
         let value = keys::encode(&entry);
+        // Where this node's last commit to the shard went: each attempt asks it to be
+        // unchanged and moves it, so once one attempt took effect (at whatever number)
+        // no other can, and reading it back says exactly where (a log key can be gone
+        // by then: the nemesis saw a batch applied, its key deleted after a checkpoint
+        // and the commit, its answer lost, taking it for another writer's and
+        // committing it again under the next number).
+        let last_key = keys::committed_key(&r.gallery, r.shard, &self.name);
         let seq = loop {
             let head = self
                 .view
@@ -55,6 +62,16 @@ impl Node {
             self.check_deletions(&r, &ops)?;
             let seq = head + 1;
             let key = keys::log_key(&r.gallery, r.shard, seq);
+            // Known from this replica's last commit (or refusal) here; read when not.
+            let known = *r.last_commit.lock().expect("last commit lock");
+            let last_revision = match known {
+                Some(revision) => revision,
+                None => {
+                    let revision = self.etcd.get(&last_key).await?.map_or(0, |kv| kv.mod_revision);
+                    *r.last_commit.lock().expect("last commit lock") = Some(revision);
+                    revision
+                }
+            };
             // The previous batch must still be there (or, for the first, nothing must
             // have been acknowledged): a writer whose view lags behind a deletion of the
             // log's head can never commit a number already passed.
@@ -63,36 +80,55 @@ impl Node {
             } else {
                 etcd::absent(&keys::visible_key(&r.gallery, r.shard))
             };
+            let mark = keys::encode(&keys::LastCommit {
+                object: entry.object.clone(),
+                seq,
+            });
             let txn = etcd::TxnRequest {
-                compare: vec![etcd::absent(&key), follows, self.same_gallery(&r)?],
-                success: vec![etcd::put_op(&key, value.clone(), 0)],
+                compare: vec![
+                    etcd::absent(&key),
+                    follows,
+                    self.same_gallery(&r)?,
+                    etcd::unchanged_since(&last_key, last_revision),
+                ],
+                success: vec![etcd::put_op(&key, value.clone(), 0), etcd::put_op(&last_key, mark, 0)],
                 failure: Vec::new(),
             };
-            match self
-                .etcd
-                .txn(&format!("the commit of batch {seq} of {local}"), txn)
-                .await
-            {
-                Ok(t) if t.succeeded => break seq,
-                // A failed compare can be this very commit, retried on another member
-                // after its first answer was lost: if the key holds this batch, it is
-                // committed (taking the next number would commit it twice).
-                Ok(_)
-                    if self
-                        .etcd
-                        .get(&key)
-                        .await
-                        .map_err(|e| {
-                            Error::OutcomeUnknown(format!(
-                                "the commit of batch {seq} of {local} was refused on a retry, and reading it back failed ({e}): it may or may not be committed"
-                            ))
-                        })?
-                        .is_some_and(|kv| kv.value == value) =>
-                {
+            let what = format!("the commit of batch {seq} of {local}");
+            let mut answer = self.etcd.txn(&what, txn.clone()).await;
+            if answer.as_ref().is_ok_and(|t| t.succeeded) && lose_the_answer(&ops) {
+                // Fault injection: the answer lost, and the transaction sent again once
+                // the batch's key is gone (applied, and deleted after a checkpoint), as
+                // the etcd client does on the next member after a timeout.
+                let gone_by = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < gone_by && self.etcd.get(&key).await.ok().flatten().is_some() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                answer = self.etcd.txn(&what, txn).await;
+            }
+            // Unknown until an answer says.
+            *r.last_commit.lock().expect("last commit lock") = None;
+            match answer {
+                Ok(t) if t.succeeded => {
+                    *r.last_commit.lock().expect("last commit lock") = t.header.map(|h| h.revision);
                     break seq;
                 }
+                // A failed compare can be this very commit, retried on another member
+                // after its first answer was lost: the last-commit key says.
                 Ok(_) => {
-                    // Dropped (or made again) under it: the compare said so.
+                    let now = self.etcd.get(&last_key).await.map_err(|e| {
+                        Error::OutcomeUnknown(format!(
+                            "the commit of batch {seq} of {local} was refused on a retry, and reading it back failed ({e}): it may or may not be committed"
+                        ))
+                    })?;
+                    *r.last_commit.lock().expect("last commit lock") =
+                        Some(now.as_ref().map_or(0, |kv| kv.mod_revision));
+                    if let Some(at) = now.and_then(|kv| self.commit_of(&kv.value, &entry.object)) {
+                        break at;
+                    }
+                    // Not committed, and no attempt of it can be any more (each asked
+                    // for the last-commit key as it was). Dropped (or made again) under
+                    // it: the compare said so.
                     self.same_gallery(&r)?;
                     // Another writer took `seq`: wait to see it, then go again.
                     let deadline = Instant::now() + APPLY_WAIT;
@@ -105,15 +141,21 @@ impl Node {
                         .await;
                 }
                 Err(e) => {
-                    // Did it commit before the answer was lost? Only another batch at
-                    // the number proves it did not (the transaction asks the key to be
-                    // absent): absent, it may still commit, and that is unknown.
+                    // Did it commit before the answer was lost? The last-commit key
+                    // says if it did; only another batch at the number proves it did
+                    // not (the transaction asks the key to be absent): absent, it may
+                    // still commit, and that is unknown.
+                    if let Ok(Some(kv)) = self.etcd.get(&last_key).await
+                        && let Some(at) = self.commit_of(&kv.value, &entry.object)
+                    {
+                        break at;
+                    }
                     return match self.etcd.get(&key).await {
                         Ok(Some(kv)) if kv.value == value => break seq,
                         Ok(Some(_)) => Err(Error::Unavailable(format!(
                             "{e}; the batch was not committed (another took number {seq})"
                         ))),
-                        Ok(None) | Err(_) => Err(Error::OutcomeUnknown(format!(
+                        _ => Err(Error::OutcomeUnknown(format!(
                             "{e}; batch {seq} of {local} may or may not be committed: read before writing again"
                         ))),
                     };
@@ -142,6 +184,14 @@ impl Node {
         }
         self.raise_visible(&r, seq).await.map_err(committed)?;
         Ok(seq)
+    }
+
+    /// The number `object` was committed at, if the last-commit key's `value` names it.
+    fn commit_of(&self, value: &[u8], object: &str) -> Option<u64> {
+        serde_json::from_slice::<keys::LastCommit>(value)
+            .ok()
+            .filter(|c| c.object == object)
+            .map(|c| c.seq)
     }
 
     pub(super) fn check_deletions(&self, r: &Replica, ops: &[Op]) -> Result<()> {
@@ -213,4 +263,11 @@ impl Node {
                 .await;
         }
     }
+}
+
+/// Fault injection for tests: `BIOGATE_FAULT_LOSE_COMMIT_ANSWER=SUBJECT` loses the
+/// answer of each commit whose first operation names SUBJECT (commit.rs sends it again
+/// once its key is gone).
+fn lose_the_answer(ops: &[Op]) -> bool {
+    std::env::var("BIOGATE_FAULT_LOSE_COMMIT_ANSWER").is_ok_and(|s| ops.first().is_some_and(|op| op.subject() == s))
 }

@@ -8,8 +8,10 @@
 //! 2. this replica catches up to the last batch it knows of, and checks the batch
 //!    against that state (a deletion names an enrolled subject);
 //! 3. it is committed as `/biogate/log/{g}/{s}/{seq}` for the next `seq` by an etcd
-//!    transaction that succeeds only if that key does not exist yet (another writer
-//!    took it: catch up, check again, take the next);
+//!    transaction that succeeds only if that key does not exist yet and this node's
+//!    last-commit key is as read before (another writer took the number: catch up,
+//!    check again, take the next; a refused retry of this very batch is told by that
+//!    key, which the transaction moves to it);
 //! 4. it is applied here, then on every live replica in the shard map (each reports
 //!    `/biogate/applied/...`), for up to `VISIBLE_WAIT`;
 //! 5. `/biogate/visible/{g}/{s}` is raised to `seq`, and the caller is answered.
@@ -25,6 +27,9 @@
 mod checkpointing;
 mod commit;
 pub mod reads;
+mod write_path;
+
+pub use write_path::start_node;
 
 use super::batch::{self, Op};
 use super::checkpoint;
@@ -88,6 +93,8 @@ struct Replica {
     checkpointing: std::sync::atomic::AtomicBool,
     /// Checkpoints failed in a row, and when the next may start (checkpointing.rs).
     checkpoint_backoff: Mutex<(u32, Instant)>,
+    /// The revision of this node's last-commit key of the shard, when known (commit.rs).
+    last_commit: Mutex<Option<i64>>,
 }
 
 impl Drop for Replica {
@@ -572,6 +579,7 @@ impl Node {
             tail: Mutex::new(None),
             checkpointing: Default::default(),
             checkpoint_backoff: Mutex::new((0, Instant::now())),
+            last_commit: Mutex::new(None),
         }))
     }
 

@@ -1036,6 +1036,7 @@ impl Router {
                 etcd::delete_prefix_op(&format!("{}{g}/", keys::VISIBLE)),
                 etcd::delete_prefix_op(&format!("{}{g}/", keys::APPLIED)),
                 etcd::delete_prefix_op(&format!("{}{g}/", keys::CHECKPOINTS)),
+                etcd::delete_prefix_op(&format!("{}{g}/", keys::COMMITTED)),
             ],
         };
         let r = self
