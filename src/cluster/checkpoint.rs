@@ -16,48 +16,12 @@
 //! replicas, and before the last batch, are deleted, as are older checkpoints.
 //! A replica that finds the batches it needs deleted reloads from the checkpoint.
 
-use super::keys;
+use super::keys::{self, Checkpoint};
 use super::objects::Objects;
 use crate::error::{Error, IoContext, Result};
 use crate::server::registry::GalleryEntry;
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Checkpoint {
-    /// The last batch it includes.
-    pub seq: u64,
-    /// Where the files it uploaded are in the object store.
-    pub prefix: String,
-    pub files: Vec<String>,
-    /// Files it did not upload because the checkpoint before it already had them (an
-    /// immutable segment of the same identity): file name -> object path.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub elsewhere: BTreeMap<String, String>,
-    /// The identity of each immutable file (segments: the gallery's id and the header's
-    /// CRC, which covers every byte), so the next checkpoint can reuse its object.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub identities: BTreeMap<String, String>,
-    pub gallery_created_ms: i64,
-    /// The node that took it.
-    pub node: String,
-}
-
-impl Checkpoint {
-    /// Where file `f` of this checkpoint is in the object store.
-    pub fn object(&self, f: &str) -> String {
-        self.elsewhere
-            .get(f)
-            .cloned()
-            .unwrap_or_else(|| format!("{}/{f}", self.prefix))
-    }
-
-    /// Every object this checkpoint needs.
-    pub fn objects(&self) -> BTreeSet<String> {
-        self.files.iter().map(|f| self.object(f)).collect()
-    }
-}
 
 /// What a checkpoint's staging holds: its files, and the identities of the immutable ones.
 pub struct Staged {

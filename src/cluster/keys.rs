@@ -19,7 +19,7 @@
 use crate::error::{Error, Result};
 use crate::template::Dtype;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub const ROOT: &str = "/biogate/";
 pub const STORE: &str = "/biogate/store";
@@ -71,6 +71,42 @@ pub struct LastCommit {
     /// The batch's object (unique to one commit).
     pub object: String,
     pub seq: u64,
+}
+
+/// The value at [`checkpoint_key`]: a shard's latest checkpoint (taken by checkpoint.rs).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Checkpoint {
+    /// The last batch it includes.
+    pub seq: u64,
+    /// Where the files it uploaded are in the object store.
+    pub prefix: String,
+    pub files: Vec<String>,
+    /// Files it did not upload because the checkpoint before it already had them (an
+    /// immutable segment of the same identity): file name -> object path.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub elsewhere: BTreeMap<String, String>,
+    /// The identity of each immutable file (segments: the gallery's id and the header's
+    /// CRC, which covers every byte), so the next checkpoint can reuse its object.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub identities: BTreeMap<String, String>,
+    pub gallery_created_ms: i64,
+    /// The node that took it.
+    pub node: String,
+}
+
+impl Checkpoint {
+    /// Where file `f` of this checkpoint is in the object store.
+    pub fn object(&self, f: &str) -> String {
+        self.elsewhere
+            .get(f)
+            .cloned()
+            .unwrap_or_else(|| format!("{}/{f}", self.prefix))
+    }
+
+    /// Every object this checkpoint needs.
+    pub fn objects(&self) -> BTreeSet<String> {
+        self.files.iter().map(|f| self.object(f)).collect()
+    }
 }
 
 pub fn visible_key(g: &str, s: u32) -> String {
@@ -263,7 +299,7 @@ pub struct ClusterState {
     /// (gallery, shard) -> the last committed batch.
     pub committed: BTreeMap<(String, u32), u64>,
     /// (gallery, shard) -> its latest checkpoint, and the key's revision.
-    pub checkpoints: BTreeMap<(String, u32), (super::checkpoint::Checkpoint, i64)>,
+    pub checkpoints: BTreeMap<(String, u32), (Checkpoint, i64)>,
     pub coordinator: Option<String>,
 }
 

@@ -57,7 +57,7 @@ impl Node {
     /// When a checkpoint of `r` is due, the shard's published checkpoint and the
     /// revision of its key, read together: the new one is published only if the key
     /// is still at that revision (no checkpoint, older or newer, replaced in between).
-    fn checkpoint_due(&self, r: &Replica) -> Option<(Option<checkpoint::Checkpoint>, i64)> {
+    fn checkpoint_due(&self, r: &Replica) -> Option<(Option<keys::Checkpoint>, i64)> {
         let applied = *r.applied.borrow();
         self.view.read(|st| {
             let key = (r.gallery.clone(), r.shard);
@@ -74,7 +74,7 @@ impl Node {
     /// Take a checkpoint of replica `r` at its applied batch, publish it in place of
     /// `older` (at its key's revision), then delete the log's batches every live
     /// replica has passed and the objects of `older` the new one does not reuse.
-    async fn checkpoint(&self, r: &Replica, (older, revision): (Option<checkpoint::Checkpoint>, i64)) -> Result<()> {
+    async fn checkpoint(&self, r: &Replica, (older, revision): (Option<keys::Checkpoint>, i64)) -> Result<()> {
         let local = keys::replica_name(&r.gallery, r.shard);
         let staging = checkpoint::staging_dir(&self.cursors, &local, "staging");
         if staging.exists() {
@@ -89,7 +89,7 @@ impl Node {
             let _ = std::fs::remove_dir_all(&staging);
             return Ok(()); // nothing newer than the published checkpoint
         };
-        let mut cp = checkpoint::Checkpoint {
+        let mut cp = keys::Checkpoint {
             seq,
             prefix: checkpoint::prefix(&r.gallery, r.created_ms, r.shard, seq, &self.name, rand::random()),
             files: staged.files,
@@ -124,7 +124,7 @@ impl Node {
                     // transaction's lost first answer) and a later checkpoint may reuse
                     // its files: delete only what the current one does not name.
                     let named = current
-                        .and_then(|kv| serde_json::from_slice::<checkpoint::Checkpoint>(&kv.value).ok())
+                        .and_then(|kv| serde_json::from_slice::<keys::Checkpoint>(&kv.value).ok())
                         .map(|c| c.objects())
                         .unwrap_or_default();
                     let ours: Vec<String> = cp

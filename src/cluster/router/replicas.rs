@@ -2,13 +2,26 @@
 //! nodes last; reads hedged to the next replica when the first is slow; writes moved
 //! to another replica only when the call provably never reached the node.
 
-use super::{Authorization, Router, as_gallery, with_authorization, worth_another_replica};
+use super::{Authorization, Router, with_authorization};
 use crate::cluster::keys;
 use crate::cluster::node::reads;
 use crate::server::proto::biogate_client::BiogateClient;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
+
+/// Whether trying another replica may help.
+pub(super) fn worth_another_replica(s: &Status) -> bool {
+    !matches!(
+        s.code(),
+        Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied | Code::OutOfRange
+    )
+}
+
+/// Put the gallery's name back where a node named its replica (`g.s3` -> `g`).
+pub(super) fn as_gallery(s: Status, local: &str, g: &str) -> Status {
+    Status::new(s.code(), s.message().replace(local, g))
+}
 
 /// How long a node that could not be reached, or did not answer before another
 /// replica did, is tried last.
