@@ -1,7 +1,9 @@
 //! The nemesis (issue 24): a cluster on loopback (three etcd members, three nodes, two
 //! routers) under clients that enroll, delete, identify, create and drop galleries,
 //! while a nemesis driven by a seed kill -9s and restarts nodes, routers and etcd
-//! members, pauses nodes (SIGSTOP), and cuts or stalls a node's etcd connections.
+//! members, pauses nodes (SIGSTOP), cuts or stalls a node's etcd connections, and
+//! fills a node's disk (each node's data folder is a small tmpfs of its own, when the
+//! test may mount one: root; otherwise it says so and leaves that fault out).
 //! Every call is recorded as invoked, then ok, failed or unknown; a checker then holds
 //! the history against a model:
 //!
@@ -29,6 +31,8 @@ use common::{env_number, random_rows, unit};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -391,6 +395,7 @@ enum Fault {
     StallEtcd(usize),
     KillRouter(usize),
     KillEtcdMember(usize),
+    FillDisk(usize),
 }
 
 struct Processes {
@@ -398,6 +403,85 @@ struct Processes {
     proxies: Vec<EtcdProxy>,
     nodes: Vec<Node>,
     routers: Vec<Process>,
+    disks: Disks,
+}
+
+/// Each node's data folder on a tmpfs of its own, so that filling it fills only that
+/// node's disk. Mounting needs root; without it there are no disks to fill.
+struct Disks {
+    mounted: Vec<PathBuf>,
+    /// Left mounted when the test ends (a failed schedule's folder is kept to read).
+    keep: bool,
+    /// The full-disk errors the filled node had logged before its disk was filled.
+    full_before: usize,
+}
+
+/// The filler's name in a node's data folder (the node opens only `galleries/` and its
+/// audit folder).
+const FILLER: &str = "nemesis-filler";
+
+impl Disks {
+    fn mount(root: &Path, nodes: &[&str]) -> Disks {
+        let mut disks = Disks {
+            mounted: Vec::new(),
+            keep: false,
+            full_before: 0,
+        };
+        for n in nodes {
+            let dir = root.join(n);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"])
+                .arg(&dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !mounted {
+                println!("nemesis: cannot mount a tmpfs (not root?): no full disks in this run");
+                disks.unmount();
+                return disks;
+            }
+            disks.mounted.push(dir);
+        }
+        disks
+    }
+
+    fn available(&self) -> bool {
+        !self.mounted.is_empty()
+    }
+
+    /// Write zeros into node `i`'s disk until it is full.
+    fn fill(&self, i: usize) {
+        let mut f = std::fs::File::create(self.mounted[i].join(FILLER)).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => panic!("filling {}: {e}", self.mounted[i].display()),
+            }
+        }
+    }
+
+    fn free(&self, i: usize) {
+        std::fs::remove_file(self.mounted[i].join(FILLER)).unwrap();
+    }
+
+    fn unmount(&mut self) {
+        for dir in self.mounted.drain(..) {
+            // Lazily: a node killed a moment ago may still hold a file open.
+            let _ = std::process::Command::new("umount").arg("-l").arg(&dir).status();
+        }
+    }
+}
+
+impl Drop for Disks {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.unmount();
+        }
+    }
 }
 
 impl Processes {
@@ -409,17 +493,34 @@ impl Processes {
             Fault::StallEtcd(i) => self.proxies[i].set(Mode::StallAnswers),
             Fault::KillRouter(i) => self.routers[i].kill9(),
             Fault::KillEtcdMember(i) => self.etcd.kill_member(i),
+            Fault::FillDisk(i) => {
+                self.disks.full_before = full_disk_errors(&self.nodes[i]);
+                self.disks.fill(i);
+            }
         }
     }
-    fn heal(&mut self, f: Fault) {
+    /// Heal `f`; for a full disk, how many of the node's writes it refused (as logged).
+    fn heal(&mut self, f: Fault) -> String {
+        if let Fault::FillDisk(i) = f {
+            self.disks.free(i);
+            let refused = full_disk_errors(&self.nodes[i]) - self.disks.full_before;
+            return format!(" ({refused} writes refused)");
+        }
         match f {
             Fault::KillNode(i) => self.nodes[i].restart(),
             Fault::PauseNode(i) => self.nodes[i].resume(),
             Fault::CutEtcd(i) | Fault::StallEtcd(i) => self.proxies[i].set(Mode::Pass),
             Fault::KillRouter(i) => self.routers[i].restart(),
             Fault::KillEtcdMember(i) => self.etcd.start_member(i),
+            Fault::FillDisk(_) => {}
         }
+        String::new()
     }
+}
+
+/// How many times the node logged a full disk (ENOSPC), across its restarts.
+fn full_disk_errors(node: &Node) -> usize {
+    node.log().matches("os error 28").count()
 }
 
 /// Inject faults from `seed` for `window`; returns the processes and the faults.
@@ -430,12 +531,13 @@ async fn nemesis(mut p: Processes, window: Duration, seed: u64) -> (Processes, V
     while start.elapsed() < window {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1000))).await;
         let node = rng.random_range(0..p.nodes.len());
-        let f = match rng.random_range(0..6) {
+        let f = match rng.random_range(0..7) {
             0 => Fault::KillNode(node),
             1 => Fault::PauseNode(node),
             2 => Fault::CutEtcd(node),
             3 => Fault::StallEtcd(node),
             4 => Fault::KillRouter(rng.random_range(0..p.routers.len())),
+            6 if p.disks.available() => Fault::FillDisk(node),
             _ => Fault::KillEtcdMember(rng.random_range(0..3)),
         };
         // Mostly short; sometimes past a node's lease (3 s).
@@ -446,8 +548,8 @@ async fn nemesis(mut p: Processes, window: Duration, seed: u64) -> (Processes, V
         });
         p.apply(f);
         tokio::time::sleep(hold).await;
-        p.heal(f);
-        faults.push(format!("{f:?} {} ms", hold.as_millis()));
+        let note = p.heal(f);
+        faults.push(format!("{f:?} {} ms{note}", hold.as_millis()));
     }
     (p, faults)
 }
@@ -646,9 +748,10 @@ fn futures_block<F: std::future::Future>(f: F) -> F::Output {
 
 /// One cluster: its processes, and the history across its schedules.
 struct Run {
-    dir: tempfile::TempDir,
+    /// Dropped first: the processes killed and the disks unmounted before the folder goes.
     processes: Option<Processes>,
     history: Shared,
+    dir: tempfile::TempDir,
 }
 
 impl Run {
@@ -658,6 +761,7 @@ impl Run {
         std::fs::write(&config, format!("seal_log_rows = {seal_rows}\nmerge_segments = 2\n")).unwrap();
         let config = config.display().to_string();
         let etcd = Etcd::start(&dir.path().join("etcd"));
+        let disks = Disks::mount(dir.path(), &["n1", "n2", "n3"]);
         let mut proxies = Vec::new();
         let mut nodes = Vec::new();
         for i in 1..=3 {
@@ -690,6 +794,7 @@ impl Run {
                 proxies,
                 nodes,
                 routers,
+                disks,
             }),
             history,
         }
@@ -820,7 +925,10 @@ async fn nemesis_schedules_keep_every_acknowledged_operation_and_answer_exactly(
             }
             failures.push(format!("seed {seed}: {}", bad[0]));
             // Start over: the next schedule should not inherit this one's damage.
-            if let Some(r) = run.take() {
+            if let Some(mut r) = run.take() {
+                if let Some(p) = r.processes.as_mut() {
+                    p.disks.keep = true;
+                }
                 let logs = r.dir.keep();
                 println!("  seed {seed}: the cluster's folder is kept at {}", logs.display());
             }
