@@ -1,9 +1,10 @@
 //! The write path: a batch committed to its shard's log in etcd (read back when an
 //! answer is lost), applied here, and made visible (ARCHITECTURE.md, "The commit order").
 
-use super::{APPLY_WAIT, Node, Replica, VISIBLE_WAIT, all_applied};
+use super::{APPLY_WAIT, Node, Replica, VISIBLE_WAIT};
 use crate::cluster::batch::{self, Op};
 use crate::cluster::etcd;
+use crate::cluster::keys::ClusterState;
 use crate::cluster::keys::{self, LogEntry};
 use crate::error::{Error, Result};
 use std::sync::atomic::Ordering;
@@ -270,4 +271,14 @@ impl Node {
 /// once its key is gone).
 fn lose_the_answer(ops: &[Op]) -> bool {
     std::env::var("BIOGATE_FAULT_LOSE_COMMIT_ANSWER").is_ok_and(|s| ops.first().is_some_and(|op| op.subject() == s))
+}
+
+/// Whether every replica that serves searches (live, in the map, caught up to the
+/// visible batch) has applied `seq`. Replicas still catching up are not waited for:
+/// they are not searched until they pass the visible batch.
+fn all_applied(st: &ClusterState, g: &str, s: u32, seq: u64) -> bool {
+    let applied = st.applied.get(&(g.to_owned(), s));
+    st.serving(g, s)
+        .iter()
+        .all(|(n, _)| applied.and_then(|a| a.get(n)).is_some_and(|&a| a >= seq))
 }

@@ -26,20 +26,21 @@
 
 mod checkpointing;
 mod commit;
+mod coordination;
 mod membership;
 pub mod reads;
+mod tail;
 mod write_path;
 
+pub use coordination::next_replicas;
 pub use write_path::start_node;
 
-use super::batch::{self, Op};
 use super::checkpoint;
 use super::etcd::{self, Etcd};
-use super::keys::{self, ClusterState, GalleryMeta, LogEntry};
+use super::keys::{self, GalleryMeta};
 use super::objects::Objects;
 use super::view::View;
 use crate::error::{Error, IoContext, Result};
-use crate::gallery::Enrollment;
 use crate::server::registry::{GalleryEntry, Registry};
 use crate::storage::Storage;
 use serde::{Deserialize, Serialize};
@@ -507,141 +508,6 @@ impl Node {
             .write_file_atomically(&self.cursor_path(g, s), &serde_json::to_vec(&c).expect("cursor"))
     }
 
-    /// Apply the shard's batches in order as they are committed.
-    async fn tail(node_weak: std::sync::Weak<Node>, replica: std::sync::Weak<Replica>) {
-        let Some(mut changes) = node_weak.upgrade().map(|n| n.view.changed()) else {
-            return;
-        };
-        let mut published = None;
-        loop {
-            let (Some(node), Some(r)) = (node_weak.upgrade(), replica.upgrade()) else {
-                return;
-            };
-            // A replica no longer held (dropped, or moved away while a commit or a
-            // checkpoint still had it) is not checkpointed any more, and not tailed
-            // once no commit waits on it (one that does waits for its batch applied).
-            let held = node.is_held(&r);
-            if !held && r.commit.try_lock().is_ok() {
-                return;
-            }
-            let at = *r.applied.borrow();
-            let next = node.view.log_after(&r.gallery, r.shard, at);
-            if next.first().is_some_and(|(first, _)| *first > at + 1) {
-                // The batches this replica needs were deleted after a checkpoint. Not at
-                // once: a view that has not yet seen the newer checkpoint would load the
-                // same one again.
-                tracing::warn!(gallery = %r.gallery, shard = r.shard, applied = at, "the log before the checkpoint is gone: reloading from the checkpoint");
-                drop((node, r));
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let (Some(node), Some(r)) = (node_weak.upgrade(), replica.upgrade()) else {
-                    return;
-                };
-                node.forget(&r).await;
-                return;
-            }
-            let mut failed = false;
-            for (seq, entry) in next {
-                if seq != *r.applied.borrow() + 1 || entry.gallery_created_ms != r.created_ms {
-                    break;
-                }
-                if let Err(e) = node.apply(&r, seq, &entry).await {
-                    tracing::error!(gallery = %r.gallery, shard = r.shard, seq, error = %e, "applying a batch failed; retrying");
-                    failed = true;
-                    break;
-                }
-            }
-            let now = *r.applied.borrow();
-            // Published again whenever etcd holds another batch than this one, or none:
-            // a put whose answer was lost can still land after a later one (the nemesis
-            // saw a mark stay at 100 while the replica had applied 103), and the mark
-            // goes with the lease it was put under (a node paused past its lease) or
-            // under a late deletion of a dropped gallery's replica of the same name
-            // (the nemesis saw a replica of a re-created `fl` never serve, its mark gone).
-            let mark = node.view.read(|st| {
-                st.applied
-                    .get(&(r.gallery.clone(), r.shard))
-                    .and_then(|a| a.get(&node.name))
-                    .copied()
-            });
-            if (published != Some(now) || (held && node.view.connected() && mark != Some(now)))
-                && let Ok(seq) = node.publish_applied(&r).await
-            {
-                published = Some(seq);
-            }
-            if !failed && held {
-                node.checkpoint_if_due(&r);
-            }
-            drop((node, r));
-            if failed || published.is_none() {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            } else {
-                let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
-            }
-        }
-    }
-
-    async fn apply(&self, r: &Replica, seq: u64, entry: &LogEntry) -> Result<()> {
-        let bytes = self.objects.get(&entry.object).await?;
-        let ops = batch::decode(&bytes, &entry.object)?;
-        let mut enrollments = Vec::new();
-        let mut deletions = Vec::new();
-        for op in ops {
-            match op {
-                Op::Enroll { subject, templates } => enrollments.push(Enrollment { subject, templates }),
-                Op::Delete { subject } => deletions.push(subject),
-            }
-        }
-        let writer = r.entry.clone();
-        let seal_at = self.seal_log_rows;
-        let position = tokio::task::spawn_blocking(move || {
-            writer.write(|g| {
-                // Already applied (its cursor write failed after the batch's commit
-                // group reached the disk): applying it again would enroll it twice.
-                if g.replicated_through().is_none_or(|t| t < seq) {
-                    g.apply_replicated(&enrollments, &deletions, seq)?;
-                }
-                let position = g.log_position();
-                if g.log_rows() >= seal_at
-                    && let Err(e) = g.seal_log()
-                {
-                    tracing::error!(gallery = %g.dir().display(), error = %e, "sealing the log failed");
-                }
-                Ok(position)
-            })
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("apply task: {e}")))??;
-        self.write_cursor(&r.gallery, r.shard, r.created_ms, seq, position)?;
-        r.applied.send_replace(seq);
-        Ok(())
-    }
-
-    /// Drop a replica here (its files and cursor); the next pass of the shard map opens
-    /// it again, from the checkpoint.
-    async fn forget(&self, r: &Replica) {
-        if !self.is_held(r) {
-            return; // already replaced: its applied key is the new one's
-        }
-        // Its applied key first, while it is still held (nothing opens it again yet,
-        // so this cannot delete the key of the replica that replaces it).
-        let _ = self
-            .etcd
-            .delete(&keys::applied_key(&r.gallery, r.shard, &self.name))
-            .await;
-        // Its files and its place together, under the lock the pass that opens
-        // replicas takes: once that pass sees the place empty, the files it finds are
-        // its own to load, never dropped by this afterwards.
-        let key = (r.gallery.clone(), r.shard);
-        let mut held = self.replicas.lock().expect("replicas lock");
-        if !held.get(&key).is_some_and(|h| std::ptr::eq(h.as_ref(), r)) {
-            return; // already replaced
-        }
-        held.remove(&key);
-        if let Err(e) = self.drop_local(&r.gallery, r.shard) {
-            tracing::error!(gallery = %r.gallery, shard = r.shard, error = %e, "dropping the replica to reload it");
-        }
-    }
-
     /// Whether `r` is the replica this node holds for its shard (not one replaced).
     fn is_held(&self, r: &Replica) -> bool {
         let key = (r.gallery.clone(), r.shard);
@@ -666,124 +532,6 @@ impl Node {
         self.replica_of_local(local).is_some()
     }
 
-    /// While this node is the coordinator (it holds `/biogate/coordinator` under its
-    /// lease), keep each shard's replicas where [`keys::placement`] puts them among the
-    /// live nodes and those down for less than [`REPLACE_AFTER`]. A node placed anew is
-    /// added first; the replicas it replaces are removed only once every placed replica
-    /// has caught up, so a shard never has fewer serving replicas than before.
-    async fn coordinate(&self) -> Result<()> {
-        let (coordinator, connected) = (self.view.read(|st| st.coordinator.clone()), self.view.connected());
-        if !connected {
-            return Ok(());
-        }
-        match coordinator {
-            Some(c) if c == self.name => {}
-            Some(_) => return Ok(()),
-            None => {
-                let lease = self.lease.load(Ordering::Relaxed);
-                let txn = etcd::TxnRequest {
-                    compare: vec![etcd::absent(keys::COORDINATOR)],
-                    success: vec![etcd::put_op(keys::COORDINATOR, self.name.as_bytes().to_vec(), lease)],
-                    failure: Vec::new(),
-                };
-                if !self.etcd.txn("taking the coordinator key", txn).await?.succeeded {
-                    return Ok(());
-                }
-                tracing::info!(node = %self.name, "coordinating replica placement");
-            }
-        }
-        let now = Instant::now();
-        let changes = self.view.read(|st| {
-            let live = st.live_nodes();
-            let mut out = Vec::new();
-            if live.is_empty() {
-                return out;
-            }
-            // A node that went down a moment ago (a restart) keeps its place for
-            // REPLACE_AFTER: its replicas wait for it instead of being rebuilt elsewhere.
-            let mut missing = self.missing_since.lock().expect("missing lock");
-            missing.retain(|n, _| !st.nodes.contains_key(n));
-            for (map, _) in st.shards.values() {
-                for n in &map.replicas {
-                    if !st.nodes.contains_key(n) {
-                        missing.entry(n.clone()).or_insert(now);
-                    }
-                }
-            }
-            let mut placeable = live.clone();
-            placeable.extend(
-                missing
-                    .iter()
-                    .filter(|(_, since)| now.duration_since(**since) < REPLACE_AFTER)
-                    .map(|(n, _)| n.clone()),
-            );
-            placeable.sort();
-            let live = placeable;
-            for (g, meta) in &st.galleries {
-                for s in 0..meta.shards {
-                    let (current, revision) = st.shards.get(&(g.clone(), s)).cloned().unwrap_or_default();
-                    let next = next_replicas(st, g, s, meta.replicas, &live, &current.replicas);
-                    if next != current.replicas {
-                        out.push((g.clone(), s, next, revision));
-                    }
-                }
-            }
-            out
-        });
-        for (g, s, replicas, revision) in changes {
-            let key = keys::shard_key(&g, s);
-            let txn = etcd::TxnRequest {
-                compare: vec![etcd::unchanged_since(&key, revision), gallery_exists(&g)],
-                success: vec![etcd::put_op(
-                    &key,
-                    keys::encode(&keys::ShardMap {
-                        replicas: replicas.clone(),
-                    }),
-                    0,
-                )],
-                failure: Vec::new(),
-            };
-            if self.etcd.txn(&format!("placing {key}"), txn).await?.succeeded {
-                tracing::info!(gallery = %g, shard = s, replicas = %replicas.join(","), "placed replicas");
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The shard map's next replica list: the placement's nodes added to the current ones;
-/// once every placed node has caught up, the placement alone.
-pub fn next_replicas(
-    st: &ClusterState,
-    g: &str,
-    s: u32,
-    replicas: u32,
-    live: &[String],
-    current: &[String],
-) -> Vec<String> {
-    let want = keys::placement(g, s, replicas, live);
-    let visible = st.visible.get(&(g.to_owned(), s)).map_or(0, |v| v.0);
-    let applied = st.applied.get(&(g.to_owned(), s));
-    let ready = |n: &String| applied.and_then(|a| a.get(n)).is_some_and(|&a| a >= visible);
-    if want.iter().all(ready) {
-        return want;
-    }
-    let mut next = current.to_vec();
-    next.extend(want.into_iter().filter(|n| !current.contains(n)));
-    next
-}
-
-/// Whether every replica that serves searches (live, in the map, caught up to the
-/// visible batch) has applied `seq`. Replicas still catching up are not waited for:
-/// they are not searched until they pass the visible batch.
-fn all_applied(st: &ClusterState, g: &str, s: u32, seq: u64) -> bool {
-    let applied = st.applied.get(&(g.to_owned(), s));
-    st.serving(g, s)
-        .iter()
-        .all(|(n, _)| applied.and_then(|a| a.get(n)).is_some_and(|&a| a >= seq))
-}
-
-impl Node {
     /// Compare: the gallery replica `r` belongs to is still the one in etcd: not
     /// dropped, nor dropped and made again under its name (a commit or checkpoint of an
     /// older gallery's replica must never land in a new one's keys, whose replicas
@@ -798,9 +546,4 @@ impl Node {
             },
         )
     }
-}
-
-/// Compare: the gallery still exists.
-fn gallery_exists(g: &str) -> etcd::pb::Compare {
-    etcd::present(&keys::gallery_key(g))
 }
