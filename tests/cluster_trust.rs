@@ -36,6 +36,9 @@
 //! - A commit whose answer was lost, refused on its retry after the batch had been
 //!   applied and its log key deleted, takes effect once (the nemesis found the batch
 //!   committed again under the next number, and the shard wedged).
+//! - A router whose view lost etcd (its member died) while the other members hold a
+//!   quorum serves no stale read: it asks them, and waits for its view (the nemesis
+//!   found a new `fl` answering a subject of the dropped one).
 //!
 //! They skip when etcd is not installed, unless BIOGATE_REQUIRE_ETCD=1 (as in CI).
 #![cfg(feature = "cli")]
@@ -884,4 +887,75 @@ async fn a_commit_refused_on_a_retry_after_its_batch_was_deleted_takes_effect_on
     let info = router.get_gallery("g").await.unwrap();
     assert_eq!(info.rows, all.len() as u64, "rows: the batch was committed twice");
     assert_eq!(info.shard_health[0].committed, 3, "one batch each");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_router_whose_etcd_member_dies_serves_no_stale_read() {
+    if !etcd_available() {
+        return;
+    }
+    // Router `r1` follows etcd through member 0 (its first URL), and once its view has
+    // lost etcd it waits 30 s before following again (the moment after a member dies,
+    // made long). The nemesis (seed 20094) saw such a router answer a search of a new
+    // `fl` with a subject of the dropped one: with its view lost it answered from the
+    // last known state, while members 1 and 2 still held a quorum.
+    let mut cluster = Cluster::start(0, &[]).await;
+    let n1 = Node::start_via("n1", cluster.dir.path(), &cluster.etcd.urls(), &[]);
+    wait_for_port(n1.port()).await;
+    cluster.nodes.push(n1);
+    let proxy = common::etcd_proxy::EtcdProxy::start(cluster.etcd.client_ports()).await;
+    let n2 = Node::start_via("n2", cluster.dir.path(), &proxy.urls(), &[]);
+    wait_for_port(n2.port()).await;
+    cluster.nodes.push(n2);
+    let r1 = router_with_env(&cluster.etcd, &[], &[("BIOGATE_FAULT_SLOW_VIEW_RECONNECT_MS", "30000")]);
+    wait_for_port(r1.port).await;
+    let (router, stale) = (cluster.router.client().await, r1.client().await);
+    create(&router, "g", 1, 2).await;
+    let who = ids("s", 2);
+    let rows = enroll(&router, "g", &who, 900).await;
+    let probe = &rows[..DIM];
+    let before = stale
+        .identify("g", probe, DIM, 1, None)
+        .await
+        .expect("r1 before the faults");
+    assert_eq!(before[0].candidates[0].subject, who[0]);
+    // r1's view loses etcd; then n2 is cut off (its lease lapses, unseen by r1), and
+    // who[0] is deleted through the other router (committed by n1 alone).
+    cluster.etcd.kill_member(0);
+    proxy.set(common::etcd_proxy::Mode::Cut);
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    eventually(Duration::from_secs(20), "the deletion acknowledged", || async {
+        router.delete_subject("g", &who[0]).await.is_ok()
+    })
+    .await;
+    // Every search through r1 now either fails or answers without who[0]: n2 still
+    // holds it, and r1's last known state still counts n2 as serving.
+    let mut refused = 0;
+    for attempt in 0..8 {
+        match stale.identify("g", probe, DIM, 1, None).await {
+            Ok(answer) => {
+                let top = answer[0].candidates.first().map(|c| c.subject.clone());
+                assert_ne!(
+                    top.as_deref(),
+                    Some(who[0].as_str()),
+                    "search {attempt} through r1 answered a subject whose deletion was acknowledged"
+                );
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e}");
+                refused += 1;
+            }
+        }
+    }
+    println!("r1 with its view lost: {refused} of 8 searches UNAVAILABLE, none stale");
+    // Once r1 follows etcd again it answers, without who[0].
+    cluster.etcd.start_member(0);
+    proxy.set(common::etcd_proxy::Mode::Pass);
+    eventually(Duration::from_secs(60), "r1 answering again", || async {
+        stale
+            .identify("g", probe, DIM, 1, None)
+            .await
+            .is_ok_and(|a| a[0].candidates.first().is_none_or(|c| c.subject != who[0]))
+    })
+    .await;
 }

@@ -49,17 +49,24 @@ impl View {
             connected: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&view);
+        // Fault injection for tests: how much longer a view that lost etcd waits before
+        // following it again (the moments after a member dies, made long).
+        let slow_reconnect = super::fault_delay("BIOGATE_FAULT_SLOW_VIEW_RECONNECT_MS");
         tokio::spawn(async move {
             loop {
                 let Some(view) = weak.upgrade() else { return };
-                if let Err(e) = view.follow(&etcd).await {
+                let lost = view.follow(&etcd).await.err();
+                if let Some(e) = &lost {
                     if view.connected.swap(false, Ordering::Relaxed) {
-                        tracing::warn!(error = %e, "lost etcd: serving from the last known cluster state");
+                        tracing::warn!(error = %e, "lost etcd: following it again");
                     }
                     view.bump();
                 }
                 drop(view);
                 tokio::time::sleep(Duration::from_millis(200)).await;
+                if lost.is_some() && !slow_reconnect.is_zero() {
+                    tokio::time::sleep(slow_reconnect).await;
+                }
             }
         });
         let mut rx = view.changed();

@@ -62,6 +62,9 @@ pub struct Router {
     /// newest last), for its hedging delay: a large gallery's reads are not hedged by a
     /// small one's.
     latencies: Mutex<HashMap<String, std::collections::VecDeque<Duration>>>,
+    /// When a read last found etcd unreachable while the view had lost it too (reads
+    /// then go on from the last known state for a moment, replicas.rs).
+    etcd_unreachable_at: Mutex<Option<Instant>>,
 }
 
 /// A running router.
@@ -107,6 +110,7 @@ pub async fn start(urls: &[String], listen: SocketAddr, config: &Config) -> Resu
         channels: Mutex::new(HashMap::new()),
         suspects: Mutex::new(HashMap::new()),
         latencies: Mutex::new(HashMap::new()),
+        etcd_unreachable_at: Mutex::new(None),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -41,6 +41,9 @@ pub(super) const READ_DEADLINE: Duration = Duration::from_secs(60);
 pub(super) const WRITE_DEADLINE: Duration = Duration::from_secs(75);
 /// How long a read waits for etcd's answer to what it must not miss.
 const ETCD_READ: Duration = Duration::from_secs(2);
+/// How long reads go on from the last known state, without asking etcd, after a read
+/// found it unreachable while the view had lost it too.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(1);
 /// How long a read waits for the router's view to catch up with what it read in etcd.
 const VIEW_CATCH_UP: Duration = Duration::from_secs(2);
 
@@ -99,11 +102,15 @@ impl Router {
     /// it answers (node/reads.rs). A gallery etcd does not have is NOT_FOUND; etcd not
     /// answering while the view follows it is UNAVAILABLE.
     ///
-    /// When the view has lost etcd (its watch requires a leader: no quorum, or no
-    /// member reachable), reads go on from the last known state, as they always have:
-    /// without a quorum nothing can be acknowledged either. (A router cut off from a
-    /// quorum that others still reach can then answer from an old state: RELIABILITY.md,
-    /// "The nemesis".)
+    /// The view losing etcd (its member died, say) does not skip this: the read goes to
+    /// the other members, and waits for the view to follow again and catch up (the
+    /// nemesis saw a router whose watched member was killed answer, in the moment
+    /// before its view followed another, from a replica of a gallery dropped and made
+    /// again: a stale answer while the other members held a quorum). Only when etcd
+    /// does not answer either (no quorum this router can reach) do reads go on from the
+    /// last known state, for [`UNREACHABLE_FOR`] before etcd is asked again: without a
+    /// quorum nothing can be acknowledged either. (A router cut off from a quorum that
+    /// others still reach can then answer from an old state: RELIABILITY.md.)
     pub(super) async fn current_view(&self, galleries: &[&str]) -> std::result::Result<(), Status> {
         for g in galleries {
             // A name no gallery can have is not worth a read of etcd.
@@ -111,7 +118,8 @@ impl Router {
                 return Err(Status::not_found(format!("gallery: {g:?} does not exist")));
             }
         }
-        if !self.view.connected() {
+        let following = self.view.connected();
+        if !following && self.etcd_unreachable_lately() {
             return Ok(());
         }
         let reads = galleries.iter().map(|g| async move {
@@ -133,6 +141,10 @@ impl Router {
         let read = tokio::time::timeout(ETCD_READ, futures_util::future::try_join_all(reads)).await;
         let now_in_etcd = match read {
             Ok(Ok(r)) => r,
+            Ok(Err(_)) | Err(_) if !following => {
+                *self.etcd_unreachable_at.lock().expect("etcd_unreachable_at lock") = Some(Instant::now());
+                return Ok(());
+            }
             Ok(Err(e)) => {
                 return Err(Status::unavailable(format!(
                     "the read could not be checked against etcd: {e}"
@@ -163,6 +175,15 @@ impl Router {
                 galleries.join(", ")
             )))
         }
+    }
+
+    /// Whether a read found etcd unreachable, with the view lost too, in the last
+    /// [`UNREACHABLE_FOR`].
+    fn etcd_unreachable_lately(&self) -> bool {
+        self.etcd_unreachable_at
+            .lock()
+            .expect("etcd_unreachable_at lock")
+            .is_some_and(|at| at.elapsed() < UNREACHABLE_FOR)
     }
 
     /// The serving replicas of a shard, starting at a random one (each shard of each
