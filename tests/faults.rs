@@ -156,3 +156,57 @@ fn every_fault_point_of_every_write_is_a_clear_error_and_loses_nothing() {
     }
     assert!(tally.values().sum::<usize>() > 200);
 }
+
+/// A gallery creation that fails part way (ENOSPC at each of its writes in turn) leaves
+/// nothing under the name: the name can be created again, or given prepared files (a
+/// cluster node loading a shard's checkpoint). The nemesis (seed 10139) saw a node whose
+/// disk filled while it made a replica never serve that replica again: the half-made
+/// folder stayed, and every later load of the shard's checkpoint failed to move into
+/// its place ("Directory not empty").
+#[cfg(feature = "server")]
+#[test]
+fn a_creation_that_fails_part_way_leaves_nothing_under_the_name() {
+    use biogate::server::registry::Registry;
+    let work = tempfile::tempdir().unwrap();
+    let counter = FaultPlan::counting();
+    let registry = Registry::open(&work.path().join("count"), Storage::with_faults(counter.clone())).unwrap();
+    let opening = counter.seen();
+    registry.create("g", DIM, Dtype::F32).unwrap();
+    let points = counter.seen() - opening;
+    assert!(points >= 4, "a creation makes {points} storage calls");
+    let mut failed = 0;
+    for i in 0..points {
+        for then in ["create again", "adopt prepared files"] {
+            let data = work.path().join(format!("case-{i}-{}", then.len()));
+            let plan = FaultPlan::fail(opening + i, ENOSPC, false);
+            let registry = Registry::open(&data, Storage::with_faults(plan)).unwrap();
+            let case = format!("ENOSPC at call {i} of a creation, then {then}");
+            if registry.create("g", DIM, Dtype::F32).is_ok() {
+                continue; // a fault the creation does not depend on
+            }
+            failed += 1;
+            assert!(
+                !registry.root().join("g").exists(),
+                "{case}: a folder stayed under the name"
+            );
+            let entry = match then {
+                "create again" => registry.create("g", DIM, Dtype::F32),
+                _ => {
+                    let prepared = registry.root().join(".loading-g");
+                    let mut g = Gallery::create(&prepared, DIM, Dtype::F32).unwrap();
+                    g.enroll(&[Enrollment {
+                        subject: "s1".into(),
+                        templates: random_rows(&mut rng(3), 1, DIM),
+                    }])
+                    .unwrap();
+                    drop(g);
+                    registry.adopt("g", &prepared)
+                }
+            }
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+            let subjects = entry.snapshot().unwrap().counts().subjects;
+            assert_eq!(subjects, u64::from(then != "create again"), "{case}");
+        }
+    }
+    assert!(failed > 0, "no fault failed a creation");
+}

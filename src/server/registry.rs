@@ -461,7 +461,19 @@ impl Registry {
         if self.get(name).is_ok() {
             return Err(Error::AlreadyExists(format!("gallery {name:?}")));
         }
-        let (entry, made) = make(self.root.join(name))?;
+        // A name no gallery is served from has no folder: one there is what a creation
+        // or a drop that failed part way left (a full disk), and it would stand in the
+        // way of every later creation under the name. (Every folder found at start is
+        // served, damaged ones as not serving.)
+        let dir = self.root.join(name);
+        if dir.exists() {
+            self.remove_unserved(name, &dir);
+        }
+        let (entry, made) = make(dir.clone()).inspect_err(|_| {
+            if dir.exists() {
+                self.remove_unserved(name, &dir);
+            }
+        })?;
         let entry = Arc::new(entry);
         self.galleries
             .write()
@@ -492,6 +504,29 @@ impl Registry {
         match entry.problem() {
             Some(p) => Err(Error::Corrupt(format!("gallery {name:?}: {}", p.reason()))),
             None => Ok(entry),
+        }
+    }
+
+    /// Remove `dir`, gallery `name`'s folder, which no gallery is served from: moved
+    /// aside first, as a drop does, so that a crash never leaves half of it in place.
+    fn remove_unserved(&self, name: &str, dir: &Path) {
+        let trash = self.root.join(format!(
+            ".dropped-{name}-{}-{}",
+            std::process::id(),
+            crate::storage::utc_timestamp()
+        ));
+        let moved = self
+            .storage
+            .rename(dir, &trash)
+            .and_then(|()| self.storage.sync_dir(&self.root));
+        match moved.map(|()| std::fs::remove_dir_all(&trash)) {
+            Ok(Ok(())) => tracing::info!(gallery = %name, "removed what a failed creation or drop left"),
+            Ok(Err(e)) => {
+                tracing::error!(dir = %trash.display(), error = %e, "could not remove a folder no gallery is served from; the next start does")
+            }
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "could not move aside a folder no gallery is served from")
+            }
         }
     }
 
