@@ -1,7 +1,7 @@
 //! Corruption campaign (seeded, reproducible): byte flips, zeroed pages, truncations
 //! and deletions of every file kind (MANIFEST, its copy, segments, the log) of galleries
 //! of every dtype, 234 cases. Each case is tried as a reader would (search through the
-//! engine, rows verified first) and as an operator would (open the writer and `check`;
+//! engine, each chunk of rows checked as it is first scored) and as an operator would (open the writer and `check`;
 //! on an error, `repair`, then open and `check` again).
 //!
 //! Outcomes: a clean error, or the answers served exactly as before the damage. A
@@ -447,4 +447,73 @@ fn cut_logs_swapped_segments_and_rows_written_in_place_are_never_served() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// A first search checks each chunk of a segment's rows as it scores it (issue 25): on
+/// segments of several chunks, of every dtype, it answers exactly what a search of the
+/// rows verified beforehand answers and leaves them verified; a byte flipped in the
+/// first, a middle or the last (partial) chunk gives no answer and the error `check`
+/// gives, naming the same chunk and rows, and every later search the same.
+#[test]
+fn a_first_search_checks_every_chunk_it_scores_and_answers_only_when_all_check_out() {
+    const WIDE: usize = 1031;
+    let work = tempfile::tempdir().unwrap();
+    let probes = random_rows(&mut rng(31), 7, WIDE);
+    let params = SearchParams { k: 12, threshold: None };
+    for dtype in Dtype::ALL {
+        let golden = work.path().join(format!("wide-{dtype}"));
+        let (g, _) = build(&golden, WIDE, dtype, 6000, 41);
+        drop(g);
+        let snapshot = gallery::open_snapshot(&golden).unwrap();
+        let segments = snapshot.segments();
+        let seg = &segments[0].segment;
+        assert!(
+            seg.rows() as u64 > 2 * seg.chunk_rows(),
+            "{dtype}: a segment of several chunks"
+        );
+        assert!(seg.rows_unverified(), "{dtype}: a fresh mapping is not verified");
+        let first = Engine::cpu().search(&snapshot, &probes, &params).unwrap();
+        assert!(
+            segments.iter().all(|v| !v.segment.rows_unverified()),
+            "{dtype}: the first search verified every segment it scored"
+        );
+        let verified_first = gallery::open_snapshot(&golden).unwrap();
+        verified_first.ensure_verified().unwrap();
+        let plain = Engine::cpu().search(&verified_first, &probes, &params).unwrap();
+        assert_eq!(first, plain, "{dtype}: checking while scoring changes no answer");
+
+        // Row `row` of the first segment, found in its file by its bytes.
+        let file = seg.path().to_owned();
+        let slab = snapshot.slabs()[0];
+        let bytes = std::fs::read(&file).unwrap();
+        let offset_of = |row: usize| {
+            let needle = slab.row(row);
+            bytes
+                .windows(needle.len())
+                .position(|w| w == needle)
+                .expect("the row's bytes are in the file")
+        };
+        let chunk = seg.chunk_rows() as usize;
+        let last_row = seg.rows() - 1;
+        for row in [3, chunk + chunk / 2, last_row] {
+            let dir = work.path().join("flipped");
+            let _ = std::fs::remove_dir_all(&dir);
+            copy_dir(&golden, &dir);
+            let at = offset_of(row) + 1;
+            let target = dir.join(file.file_name().unwrap());
+            let mut damaged = std::fs::read(&target).unwrap();
+            damaged[at] ^= 0x10;
+            std::fs::write(&target, damaged).unwrap();
+            let expected = gallery::check(&dir).unwrap_err().to_string();
+            let which = format!("chunk {}", row / chunk);
+            assert!(expected.contains(&which), "{dtype} row {row}: check says {expected}");
+            let snapshot = gallery::open_snapshot(&dir).unwrap();
+            for attempt in ["first", "second"] {
+                let e = Engine::cpu()
+                    .search(&snapshot, &probes, &params)
+                    .expect_err("a damaged chunk gives no answer");
+                assert_eq!(e.to_string(), expected, "{dtype} row {row}, {attempt} search");
+            }
+        }
+    }
 }

@@ -1,14 +1,17 @@
 //! The CPU backend: exact, multi-threaded (rayon), SIMD where the CPU has it, and
 //! batch-aware. The gallery is walked in cache-sized blocks of rows; every probe of the
 //! batch is scored against a block while it is hot in cache, four probes per pass,
-//! so a batch costs far less than its probes one at a time. It is also the oracle the
-//! GPU backend is tested against.
+//! so a batch costs far less than its probes one at a time. A segment searched for the
+//! first time is checked against its checksums in the same pass, chunk by chunk, and
+//! answers only if every chunk checks out. It is also the oracle the GPU backend is
+//! tested against.
 
 use super::kernels::{Isa, tile_f16, tile_f32, tile_i8};
 use super::topk::{Hit, TopSubjects};
 use super::{Backend, EncodedProbes};
 use crate::error::Result;
-use crate::gallery::Slab;
+use crate::gallery::segment::Segment;
+use crate::gallery::{Slab, SubjectIds};
 use crate::template::{Dtype, i8_score};
 use rayon::prelude::*;
 
@@ -105,6 +108,48 @@ impl CpuBackend {
 }
 
 impl CpuBackend {
+    /// As the plain scan, over a segment whose rows were never verified: in parallel
+    /// over its checksummed chunks, each chunk hashed block by block just before the
+    /// block is scored (its bytes are then read from memory once). `None` if a chunk's
+    /// checksum does not match: then nothing scored is used.
+    fn scan_verifying(
+        &self,
+        slab: &Slab<'_>,
+        segment: &Segment,
+        probes: &EncodedProbes,
+        k: usize,
+        floor: f32,
+    ) -> Option<Vec<TopSubjects>> {
+        let rows = slab.rows();
+        let chunk = (segment.chunk_rows() as usize).max(1);
+        let block = (BLOCK_BYTES / slab.stride()).clamp(4, chunk.max(4));
+        let fresh = || vec![TopSubjects::new(k, floor); probes.count];
+        (0..rows.div_ceil(chunk))
+            .into_par_iter()
+            .try_fold(
+                || (fresh(), Scratch::default()),
+                |(mut tops, mut scratch), c| {
+                    let (first, end) = (c * chunk, ((c + 1) * chunk).min(rows));
+                    let mut crc = crc32fast::Hasher::new();
+                    for start in (first..end).step_by(block) {
+                        let stop = (start + block).min(end);
+                        crc.update(slab.rows_bytes(start..stop));
+                        self.scan_block(slab, probes, start, stop, &mut tops, &mut scratch);
+                    }
+                    segment
+                        .chunk_checks_out(c as u64, crc.finalize())
+                        .then_some((tops, scratch))
+                },
+            )
+            .map(|done| done.map(|(tops, _)| tops))
+            .try_reduce(fresh, |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    x.merge(y);
+                }
+                Some(a)
+            })
+    }
+
     /// Score one probe against the given rows of a slab with the same kernels a search
     /// uses, so that 1:1 verification agrees bit for bit with identification.
     pub fn score_rows(&self, slab: &Slab<'_>, probes: &EncodedProbes, probe: usize, rows: &[usize]) -> Vec<f32> {
@@ -157,6 +202,19 @@ impl Backend for CpuBackend {
     }
 
     fn search_slab(&self, slab: &Slab<'_>, probes: &EncodedProbes, k: usize, floor: f32) -> Result<Vec<Vec<Hit>>> {
+        if let SubjectIds::Segment(segment) = slab.ids()
+            && segment.rows_unverified()
+        {
+            segment.verify_metadata()?;
+            if let Some(tops) = self.scan_verifying(slab, segment, probes, k, floor) {
+                segment.rows_checked_by_search()?;
+                return Ok(tops.into_iter().map(TopSubjects::into_sorted).collect());
+            }
+            // A chunk did not check out: nothing scored is used. Verifying the whole
+            // segment names the first bad chunk and keeps it as the damage; should it
+            // pass (the bytes changed under the scan), the rows are scanned again.
+            segment.ensure_verified()?;
+        }
         let rows = slab.rows();
         let block = (BLOCK_BYTES / slab.stride()).max(4);
         let blocks = rows.div_ceil(block);
@@ -179,5 +237,9 @@ impl Backend for CpuBackend {
                 a
             });
         Ok(tops.into_iter().map(TopSubjects::into_sorted).collect())
+    }
+
+    fn verifies_rows(&self) -> bool {
+        true
     }
 }

@@ -36,6 +36,13 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// See the trait docs.
     fn search_slab(&self, slab: &Slab<'_>, probes: &EncodedProbes, k: usize, floor: f32) -> Result<Vec<Vec<Hit>>>;
+    /// Whether `search_slab` checks a segment's rows that were never verified against
+    /// their checksums itself, answering nothing from them unless every chunk checks
+    /// out (the CPU checks each chunk as it scores it, so a first search reads the rows
+    /// once). Otherwise the engine verifies them before the search.
+    fn verifies_rows(&self) -> bool {
+        false
+    }
 }
 
 /// Probes prepared for one storage dtype: normalised, zero padded to the row length,
@@ -256,9 +263,13 @@ impl Engine {
             return Err(snapshot.expiry().gallery_expired_error());
         }
         let expired: std::collections::HashSet<&str> = snapshot.expired_live(now).into_iter().collect();
-        // Damaged rows are never scored: each segment's checksums are verified before
-        // its rows are first read (once), and a read that faulted fails the search.
-        snapshot.ensure_verified()?;
+        // Damaged rows never give an answer: each segment's metadata is verified before
+        // anything is read, its rows before they are first scored or as they are (once;
+        // see `Backend::verifies_rows`), and a read that faulted fails the search.
+        snapshot.verify_metadata()?;
+        if !self.backend.verifies_rows() {
+            snapshot.ensure_verified()?;
+        }
         let floor = params.threshold.unwrap_or(f32::NEG_INFINITY);
         let slabs = snapshot.slabs();
         let mut per_slab = Vec::with_capacity(slabs.len());

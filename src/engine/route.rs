@@ -20,7 +20,7 @@ use super::gpu::{GpuBackend, GpuOptions};
 use super::topk::Hit;
 use super::{Backend, EncodedProbes, Engine};
 use crate::error::{Error, GpuErrorKind, Result};
-use crate::gallery::Slab;
+use crate::gallery::{Slab, SubjectIds};
 use crate::template::Dtype;
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
@@ -245,6 +245,11 @@ impl Backend for AutoBackend {
         let waiting = retry().get(&uid).is_some_and(|&at| Instant::now() < at);
         if self.prefers_gpu(slab.dtype(), slab.rows(), probes.len, probes.count) && !waiting && !failed().contains(&uid)
         {
+            // The GPU does not check rows as it scores them: a segment never verified is
+            // verified first (the CPU below checks it as it scores).
+            if let SubjectIds::Segment(segment) = slab.ids() {
+                segment.ensure_verified()?;
+            }
             match self.gpu.search_slab(slab, probes, k, floor) {
                 Ok(hits) => {
                     retry().remove(&uid);
@@ -266,6 +271,10 @@ impl Backend for AutoBackend {
             }
         }
         self.cpu.search_slab(slab, probes, k, floor)
+    }
+
+    fn verifies_rows(&self) -> bool {
+        true
     }
 }
 

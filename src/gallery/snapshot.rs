@@ -396,6 +396,12 @@ impl Snapshot {
         self.segments.iter().try_for_each(|v| v.segment.ensure_verified())
     }
 
+    /// Verify each segment's metadata (scales, subjects, the subject index) before any
+    /// of it is used (a no-op once done).
+    pub fn verify_metadata(&self) -> crate::error::Result<()> {
+        self.segments.iter().try_for_each(|v| v.segment.verify_metadata())
+    }
+
     /// After reading rows: an error if a read faulted because a file was truncated
     /// under the process (cheap unless such a fault ever happened).
     pub fn check_reads(&self) -> crate::error::Result<()> {

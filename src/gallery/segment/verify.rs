@@ -1,5 +1,6 @@
 //! Checking a segment's bytes: its metadata and rows against their checksums before
-//! anything is scored (once per process), by `check` and the scrub, after the file was
+//! anything is scored (once per process; the CPU search checks each chunk of rows as it
+//! first scores it), by `check` and the scrub, after the file was
 //! written in place under the process, and as the GPU upload copies them. The first
 //! damage found is kept, and every later use is refused with it.
 
@@ -67,6 +68,30 @@ impl Segment {
         }
         self.check()?;
         self.meta_verified.store(true, Ordering::Release);
+        self.rows_verified.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether the rows still wait for their first verification. A search may then check
+    /// each chunk as it scores it ([`Segment::chunk_checks_out`]) instead of reading
+    /// every row twice, and answer only once every chunk has
+    /// ([`Segment::rows_checked_by_search`]).
+    pub fn rows_unverified(&self) -> bool {
+        !self.rows_verified.load(Ordering::Acquire)
+    }
+
+    /// Whether `crc`, computed by a search over chunk `i`'s bytes as it scored them,
+    /// is the chunk's checksum.
+    pub fn chunk_checks_out(&self, i: u64, crc: u32) -> bool {
+        self.chunk_crcs().get(i as usize) == Some(&crc)
+    }
+
+    /// A search checked every chunk while scoring it (and the metadata before): the
+    /// rows count as verified, as after [`Segment::ensure_verified`]. A search that
+    /// found a chunk that did not check out calls `ensure_verified` instead, which
+    /// names the first bad chunk and keeps it as the damage.
+    pub fn rows_checked_by_search(&self) -> Result<()> {
+        self.check_mapping()?;
         self.rows_verified.store(true, Ordering::Release);
         Ok(())
     }
