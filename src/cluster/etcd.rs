@@ -82,7 +82,7 @@ fn never_proposed(s: &tonic::Status) -> bool {
     false
 }
 
-/// A write request: refused at once by a member without a leader.
+/// A request refused at once by a member without a leader (a write, a linearizable read).
 fn requiring_leader<T>(message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut()
@@ -186,9 +186,11 @@ impl Etcd {
             key: key.as_bytes().to_vec(),
             ..Default::default()
         };
+        // A member without a leader cannot answer a linearizable read: it refuses at once
+        // (instead of holding the read until its timeout), and the next member is asked.
         let r = self
             .on_members(&format!("a read of {key}"), Kind::Repeatable, |c| {
-                let req = req.clone();
+                let req = requiring_leader(req.clone());
                 async move { KvClient::new(c).range(req).await }
             })
             .await?;
@@ -204,7 +206,7 @@ impl Etcd {
         };
         let r = self
             .on_members(&format!("a read of {prefix}*"), Kind::Repeatable, |c| {
-                let req = req.clone();
+                let req = requiring_leader(req.clone());
                 async move { KvClient::new(c).range(req).await }
             })
             .await?

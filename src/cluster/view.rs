@@ -12,7 +12,7 @@
 use super::etcd::{Etcd, KeyValue, pb};
 use super::keys::{self, ClusterState, GalleryMeta, LogEntry, NodeInfo, ShardMap};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -22,6 +22,8 @@ pub struct View {
     mirror: RwLock<Mirror>,
     changed: watch::Sender<u64>,
     connected: AtomicBool,
+    /// How many times it began following etcd.
+    follows: AtomicU64,
 }
 
 /// Node -> (applied batch, the gallery's `created_ms` if the node said).
@@ -47,6 +49,7 @@ impl View {
             mirror: RwLock::new(Mirror::default()),
             changed: watch::channel(0).0,
             connected: AtomicBool::new(false),
+            follows: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&view);
         // Fault injection for tests: how much longer a view that lost etcd waits before
@@ -93,6 +96,7 @@ impl View {
             m.version = mirror.version;
             *mirror = m;
         }
+        self.follows.fetch_add(1, Ordering::Relaxed);
         self.connected.store(true, Ordering::Relaxed);
         self.bump();
         let mut events = etcd.watch_prefix(keys::ROOT, revision + 1).await?;
@@ -139,6 +143,12 @@ impl View {
     /// Whether the copy is following etcd now.
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// How many times the copy began following etcd (read it all, then watched): a
+    /// change says it followed etcd again since.
+    pub fn follows(&self) -> u64 {
+        self.follows.load(Ordering::Relaxed)
     }
 
     /// Told of every change.

@@ -62,9 +62,10 @@ pub struct Router {
     /// newest last), for its hedging delay: a large gallery's reads are not hedged by a
     /// small one's.
     latencies: Mutex<HashMap<String, std::collections::VecDeque<Duration>>>,
-    /// When a read last found etcd unreachable while the view had lost it too (reads
-    /// then go on from the last known state for a moment, replicas.rs).
-    etcd_unreachable_at: Mutex<Option<Instant>>,
+    /// When a read last found etcd unreachable while the view had lost it too, and how
+    /// many times the view had followed etcd then (reads go on from the last known state
+    /// for a moment, unless the view follows etcd again meanwhile: replicas.rs).
+    etcd_unreachable_at: Mutex<Option<(Instant, u64)>>,
 }
 
 /// A running router.

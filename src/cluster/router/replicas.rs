@@ -138,11 +138,21 @@ impl Router {
             }
             crate::Result::Ok((g.to_string(), meta.map(|m| m.created_ms), marks))
         });
-        let read = tokio::time::timeout(ETCD_READ, futures_util::future::try_join_all(reads)).await;
+        // A view that lost etcd may have lost its member: time for every member to be
+        // asked in turn (each gets CALL_TIMEOUT), so that one that hangs is not taken for
+        // etcd being unreachable.
+        let budget = if following {
+            ETCD_READ
+        } else {
+            ETCD_READ * self.etcd.urls().len() as u32
+        };
+        let read = tokio::time::timeout(budget, futures_util::future::try_join_all(reads)).await;
         let now_in_etcd = match read {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) | Err(_) if !following => {
-                *self.etcd_unreachable_at.lock().expect("etcd_unreachable_at lock") = Some(Instant::now());
+            // No member answered (each unreachable, or without a leader), or not in time.
+            Ok(Err(crate::Error::Unavailable(_))) | Err(_) if !following => {
+                *self.etcd_unreachable_at.lock().expect("etcd_unreachable_at lock") =
+                    Some((Instant::now(), self.view.follows()));
                 return Ok(());
             }
             Ok(Err(e)) => {
@@ -178,12 +188,12 @@ impl Router {
     }
 
     /// Whether a read found etcd unreachable, with the view lost too, in the last
-    /// [`UNREACHABLE_FOR`].
+    /// [`UNREACHABLE_FOR`], and the view has not followed etcd again since.
     fn etcd_unreachable_lately(&self) -> bool {
         self.etcd_unreachable_at
             .lock()
             .expect("etcd_unreachable_at lock")
-            .is_some_and(|at| at.elapsed() < UNREACHABLE_FOR)
+            .is_some_and(|(at, follows)| at.elapsed() < UNREACHABLE_FOR && follows == self.view.follows())
     }
 
     /// The serving replicas of a shard, starting at a random one (each shard of each
