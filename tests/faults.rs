@@ -209,4 +209,25 @@ fn a_creation_that_fails_part_way_leaves_nothing_under_the_name() {
         }
     }
     assert!(failed > 0, "no fault failed a creation");
+    // A folder under the name that holds a gallery (copied in by hand while the server
+    // runs, say) is never removed: the creation refuses it, and its files stay.
+    let data = work.path().join("copied-in");
+    let registry = Registry::open(&data, Storage::default()).unwrap();
+    let mut g = Gallery::create(&registry.root().join("h"), DIM, Dtype::F32).unwrap();
+    g.enroll(&[Enrollment {
+        subject: "kept".into(),
+        templates: random_rows(&mut rng(4), 1, DIM),
+    }])
+    .unwrap();
+    drop(g);
+    let refused = registry
+        .create("h", DIM, Dtype::F32)
+        .err()
+        .expect("a creation over a gallery's files");
+    assert!(matches!(refused, Error::AlreadyExists(_)), "{refused}");
+    assert_eq!(
+        content(&registry.root().join("h")).len(),
+        1,
+        "the gallery's files stayed"
+    );
 }

@@ -377,6 +377,12 @@ pub fn check_gallery_name(name: &str) -> Result<()> {
     }
 }
 
+/// Whether `dir` holds a gallery (a manifest, or its copy).
+fn holds_a_gallery(dir: &Path) -> bool {
+    use crate::gallery::manifest::{MANIFEST_COPY_FILE, MANIFEST_FILE};
+    dir.join(MANIFEST_FILE).exists() || dir.join(MANIFEST_COPY_FILE).exists()
+}
+
 impl Registry {
     /// Open every gallery under `data_dir/galleries`; one that fails is kept as not serving.
     pub fn open(data_dir: &Path, storage: Storage) -> Result<Registry> {
@@ -461,16 +467,18 @@ impl Registry {
         if self.get(name).is_ok() {
             return Err(Error::AlreadyExists(format!("gallery {name:?}")));
         }
-        // A name no gallery is served from has no folder: one there is what a creation
-        // or a drop that failed part way left (a full disk), and it would stand in the
-        // way of every later creation under the name. (Every folder found at start is
-        // served, damaged ones as not serving.)
+        // A folder under a name no gallery is served from, without a manifest, is what a
+        // creation that failed part way left (a full disk): it would stand in the way of
+        // every later one under the name. One with a manifest is a gallery (a drop that
+        // failed, files copied in by hand): never removed here, the creation refuses it.
         let dir = self.root.join(name);
-        if dir.exists() {
+        if dir.exists() && !holds_a_gallery(&dir) {
             self.remove_unserved(name, &dir);
         }
+        let existed = dir.exists();
         let (entry, made) = make(dir.clone()).inspect_err(|_| {
-            if dir.exists() {
+            // What this make itself left, whatever it is.
+            if !existed && dir.exists() {
                 self.remove_unserved(name, &dir);
             }
         })?;
@@ -509,23 +517,24 @@ impl Registry {
 
     /// Remove `dir`, gallery `name`'s folder, which no gallery is served from: moved
     /// aside first, as a drop does, so that a crash never leaves half of it in place.
+    /// (Only what a failed creation left: see [`Registry::add`].)
     fn remove_unserved(&self, name: &str, dir: &Path) {
         let trash = self.root.join(format!(
             ".dropped-{name}-{}-{}",
             std::process::id(),
             crate::storage::utc_timestamp()
         ));
-        let moved = self
-            .storage
-            .rename(dir, &trash)
-            .and_then(|()| self.storage.sync_dir(&self.root));
-        match moved.map(|()| std::fs::remove_dir_all(&trash)) {
-            Ok(Ok(())) => tracing::info!(gallery = %name, "removed what a failed creation or drop left"),
-            Ok(Err(e)) => {
-                tracing::error!(dir = %trash.display(), error = %e, "could not remove a folder no gallery is served from; the next start does")
-            }
+        if let Err(e) = self.storage.rename(dir, &trash) {
+            tracing::error!(dir = %dir.display(), error = %e, "could not move aside what a failed creation left");
+            return;
+        }
+        if let Err(e) = self.storage.sync_dir(&self.root) {
+            tracing::warn!(dir = %self.root.display(), error = %e, "could not sync the galleries folder");
+        }
+        match std::fs::remove_dir_all(&trash) {
+            Ok(()) => tracing::info!(gallery = %name, "removed what a failed creation left"),
             Err(e) => {
-                tracing::error!(dir = %dir.display(), error = %e, "could not move aside a folder no gallery is served from")
+                tracing::error!(dir = %trash.display(), error = %e, "could not remove what a failed creation left; the next start does")
             }
         }
     }
@@ -572,7 +581,15 @@ impl Registry {
             std::process::id(),
             crate::storage::utc_timestamp()
         ));
-        self.storage.rename(dir, &trash)?;
+        if let Err(e) = self.storage.rename(dir, &trash) {
+            // Still under its name: kept in the map (closed, refusing every use) so that
+            // the drop can be asked again, and no creation is made over its files.
+            self.galleries
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_owned(), entry.clone());
+            return Err(e);
+        }
         self.storage.sync_dir(&self.root)?;
         if let Err(e) = std::fs::remove_dir_all(&trash) {
             tracing::error!(dir = %trash.display(), error = %e, "could not remove a dropped gallery; the next start does");
