@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What verifying the rows before they are scored costs a one-shot `identify`:
+# What verifying the rows costs a one-shot `identify` (checked as they are first scored):
 # the same command with and without --no-verify, page cache warm and cold (dropping the
 # cache needs root; skipped otherwise). Results go into BENCHMARKS.md ("Verification").
 #

@@ -464,6 +464,24 @@ fn damage_is_refused_by_identify_and_repaired_by_the_repair_verb() {
         &["identify", p(&g), "--probes", p(&probes), "--backend", "cpu"],
         "row data checksum mismatch",
     );
+    // The rows are checked as they are first scored: no candidate list is printed, and
+    // the error names the chunk and rows `gallery check` names.
+    let refused = biogate(&["identify", p(&g), "--probes", p(&probes), "--backend", "cpu"]);
+    assert!(
+        refused.stdout.is_empty(),
+        "a candidate list was printed from damaged rows"
+    );
+    let check = biogate(&["gallery", "check", p(&g)]);
+    let check_says = String::from_utf8_lossy(&check.stderr);
+    let chunk = check_says
+        .split("checksum mismatch")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("check names the chunk");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains(chunk),
+        "identify and check name the same chunk and rows ({chunk:?})"
+    );
     // ...unless told not to verify (then the damaged row is scored: the user's choice).
     ok(&[
         "identify",

@@ -30,8 +30,8 @@ pub(crate) struct IdentifyArgs {
     backend: BackendChoice,
     #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
     format: OutputFormat,
-    /// Score the rows without verifying their checksums first (faster on a cold
-    /// gallery; a damaged row would then be scored silently).
+    /// Score the rows without checking their checksums (each chunk is otherwise checked
+    /// as it is first scored; a damaged row would then be scored silently).
     #[arg(long)]
     no_verify: bool,
 }
